@@ -1,0 +1,3 @@
+"""zmq-exporter: ZeroMQ socket-monitor events as exact Prometheus/OpenTelemetry metrics."""
+
+__version__ = "0.1.0"

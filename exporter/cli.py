@@ -1,0 +1,94 @@
+"""`zmq-exporter` command line, in the style of the Prometheus exporters."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import platform
+import signal
+import sys
+import threading
+from types import FrameType
+
+import zmq
+
+from exporter import __version__
+from exporter.config import ConfigError, load_config
+
+DEFAULT_LISTEN = ":19555"
+log = logging.getLogger("zmq_exporter")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="zmq-exporter",
+        description="Exports ZeroMQ socket-monitor events as Prometheus metrics.",
+    )
+    p.add_argument("--config.file", dest="config_file", default="config/zmq-exporter.yml",
+                   metavar="PATH", help="YAML file listing the sockets (default: %(default)s)")
+    p.add_argument("--config.check", dest="config_check", action="store_true",
+                   help="validate the config file and exit (0 valid, 1 invalid)")
+    p.add_argument("--web.listen-address", dest="listen_address", default=DEFAULT_LISTEN,
+                   metavar="HOST:PORT",
+                   help="address for /metrics and the web endpoints (default: %(default)s)")
+    p.add_argument("--web.telemetry-path", dest="telemetry_path", default="/metrics",
+                   metavar="PATH", help="path of the metrics endpoint (default: %(default)s)")
+    p.add_argument("--log.level", dest="log_level", default="info",
+                   choices=["debug", "info", "warn", "error"],
+                   help="minimum level of log lines (default: %(default)s)")
+    p.add_argument("--log.format", dest="log_format", default="logfmt",
+                   choices=["logfmt", "json"], help="log line format (default: %(default)s)")
+    p.add_argument("--version", action="version", version=version_text())
+    return p
+
+
+def version_text() -> str:
+    return (
+        f"zmq-exporter {__version__} (pyzmq {zmq.pyzmq_version()}, libzmq "
+        f"{zmq.zmq_version()}, python {platform.python_version()})"
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from exporter.logs import setup_logging
+
+    setup_logging("warning" if args.log_level == "warn" else args.log_level, args.log_format)
+    try:
+        settings = load_config(args.config_file)
+    except ConfigError as err:
+        print(f"zmq-exporter: {err}", file=sys.stderr)
+        return 1
+    if args.config_check:
+        print(f"{args.config_file}: OK ({len(settings.sockets)} sockets)")
+        return 0
+    if not args.telemetry_path.startswith("/"):
+        print("zmq-exporter: --web.telemetry-path must start with '/'", file=sys.stderr)
+        return 1
+
+    from exporter.daemon import Daemon
+
+    try:
+        daemon = Daemon(settings, args.listen_address, args.telemetry_path)
+    except (ValueError, OSError) as err:
+        print(f"zmq-exporter: cannot listen on {args.listen_address}: {err}", file=sys.stderr)
+        return 1
+
+    stop = threading.Event()
+
+    def on_stop(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    def on_hup(signum: int, frame: FrameType | None) -> None:
+        threading.Thread(target=daemon.reload, name="zmq-exporter-reload").start()
+
+    signal.signal(signal.SIGTERM, on_stop)
+    signal.signal(signal.SIGINT, on_stop)
+    signal.signal(signal.SIGHUP, on_hup)
+    daemon.start()
+    log.info("zmq-exporter started", extra={"version": __version__,
+                                            "config": args.config_file})
+    stop.wait()
+    log.info("shutting down")
+    daemon.stop()
+    return 0

@@ -1,0 +1,259 @@
+"""Read, validate and resolve a config file into `Settings`: the one place a config enters.
+
+Every error becomes a `ConfigError` naming file, line and key path; nothing here starts
+sockets, so a bad file changes nothing.
+"""
+
+from __future__ import annotations
+
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+import pydantic
+import zmq
+
+from exporter.config.errors import ConfigError, Path
+from exporter.config.model import Config, GlobalConfig, LimitsConfig, SocketConfig, SocketOptions
+from exporter.config.yamlnodes import line_of, load_with_lines
+from exporter.events import ALL_EVENTS_MASK, EVENT_BY_NAME, Event
+
+
+@dataclass(frozen=True)
+class SocketSpec:
+    """One socket as the daemon creates it: globals merged in, key files read."""
+
+    name: str
+    socket_type: str
+    binds: tuple[str, ...]
+    connects: tuple[str, ...]
+    options: SocketOptions
+    labels: dict[str, str]
+    events_mask: int
+    curve_secretkey: bytes | None = field(default=None, repr=False)
+
+
+@dataclass(frozen=True)
+class Settings:
+    file: str
+    sockets: tuple[SocketSpec, ...]
+    global_: GlobalConfig
+    limits: LimitsConfig
+    # The validated model, for sections read by other parts (OTLP, ...).
+    model: Config = field(repr=False, compare=False)
+
+
+def load_config(file: str) -> Settings:
+    try:
+        with open(file, encoding="utf-8") as handle:
+            text = handle.read()
+    except OSError as err:
+        raise ConfigError(file, None, (), f"cannot read config: {err.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(file, None, (), "config is not valid UTF-8") from None
+    return parse_config(text, file)
+
+
+def parse_config(text: str, file: str) -> Settings:
+    data, lines = load_with_lines(text, file)
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(file, 1, (), "the top level must be a mapping with a `sockets:` list")
+    try:
+        model = Config.model_validate(data)
+    except pydantic.ValidationError as err:
+        first = err.errors(include_url=False)[0]
+        path = tuple(first["loc"])
+        raise ConfigError(file, line_of(lines, path), path, _message(first)) from None
+    return _resolve(model, file, lines)
+
+
+def _resolve(model: Config, file: str, lines: dict[Path, int]) -> Settings:
+    def fail(path: Path, message: str) -> typing.NoReturn:
+        raise ConfigError(file, line_of(lines, path), path, message)
+
+    if len(model.sockets) > model.limits.max_sockets:
+        fail(
+            ("sockets",),
+            f"{len(model.sockets)} sockets configured, more than limits.max_sockets "
+            f"({model.limits.max_sockets})",
+        )
+    seen: dict[str, int] = {}
+    specs = []
+    for index, sock in enumerate(model.sockets):
+        here: Path = ("sockets", index)
+        if sock.name in seen:
+            fail((*here, "name"), f"duplicate socket name {sock.name!r} (first at sockets"
+                 f"[{seen[sock.name]}])")
+        seen[sock.name] = index
+        specs.append(_resolve_socket(sock, model.global_, here, fail))
+    return Settings(file, tuple(specs), model.global_, model.limits, model)
+
+
+def _resolve_socket(
+    sock: SocketConfig,
+    defaults: GlobalConfig,
+    here: Path,
+    fail: typing.Callable[[Path, str], typing.NoReturn],
+) -> SocketSpec:
+    if not sock.bind and not sock.connect:
+        fail(here, f"socket {sock.name!r} has neither `bind` nor `connect` endpoints")
+    for role, endpoints in (("bind", sock.bind), ("connect", sock.connect)):
+        for index, endpoint in enumerate(endpoints):
+            if endpoints.index(endpoint) != index:
+                fail((*here, role, index), f"duplicate endpoint {endpoint!r}")
+    merged = defaults.options.model_copy(update=sock.options.model_dump(exclude_none=True))
+    opts: Path = (*here, "options")
+    if merged.subscribe is not None and sock.type != "SUB":
+        fail((*opts, "subscribe"), f"`subscribe` applies only to SUB sockets, not {sock.type}")
+    secret = _curve(merged, opts, fail)
+    names = sock.events if sock.events is not None else defaults.events
+    return SocketSpec(
+        name=sock.name,
+        socket_type=sock.type,
+        binds=tuple(sock.bind),
+        connects=tuple(sock.connect),
+        options=merged,
+        labels={**defaults.labels, **sock.labels},
+        events_mask=_events_mask(names),
+        curve_secretkey=secret,
+    )
+
+
+def _curve(
+    options: SocketOptions,
+    opts: Path,
+    fail: typing.Callable[[Path, str], typing.NoReturn],
+) -> bytes | None:
+    wants_curve = options.curve_server or options.curve_serverkey or options.curve_secretkey_file
+    if not wants_curve:
+        return None
+    if not zmq.has("curve"):
+        fail(opts, "CURVE options given, but this libzmq was built without CURVE")
+    if options.curve_secretkey_file is None:
+        fail(opts, "CURVE needs `curve_secretkey_file` (the socket's own secret key)")
+    if options.curve_server and options.curve_serverkey:
+        fail((*opts, "curve_serverkey"), "a CURVE server takes no `curve_serverkey`")
+    if not options.curve_server and not options.curve_serverkey:
+        fail(opts, "a CURVE client needs `curve_serverkey` (or set `curve_server: true`)")
+    path = options.curve_secretkey_file
+    try:
+        with open(path, encoding="utf-8") as handle:
+            text = handle.read()
+    except (OSError, UnicodeDecodeError) as err:
+        reason = err.strerror if isinstance(err, OSError) else "not UTF-8 text"
+        fail((*opts, "curve_secretkey_file"), f"cannot read key file {path!r}: {reason}")
+    secret = _parse_secret_key(text)
+    if secret is None:
+        # Never echo the file's content: it is a secret.
+        fail(
+            (*opts, "curve_secretkey_file"),
+            f"key file {path!r} holds no Z85 CURVE secret key (expected 40 Z85 characters "
+            "or a ZPL certificate with secret-key = \"...\")",
+        )
+    for key in ("curve_publickey", "curve_serverkey"):
+        value = getattr(options, key)
+        if value is not None and not _valid_z85_public(value):
+            fail((*opts, key), "not a valid Z85-encoded CURVE key")
+    return secret
+
+
+_ZPL_SECRET = re.compile(r'secret-key\s*=\s*"([^"]{40})"')
+_Z85 = re.compile(r"^[0-9a-zA-Z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}$")
+
+
+def _parse_secret_key(text: str) -> bytes | None:
+    stripped = text.strip()
+    match = _ZPL_SECRET.search(text)
+    candidate = match.group(1) if match else stripped
+    if not _Z85.match(candidate):
+        return None
+    try:
+        zmq.curve_public(candidate.encode())
+    except (zmq.ZMQError, ValueError):
+        return None
+    return candidate.encode()
+
+
+def _valid_z85_public(key: str) -> bool:
+    return bool(_Z85.match(key))
+
+
+def _events_mask(names: list[str]) -> int:
+    if "all" in names:
+        return ALL_EVENTS_MASK
+    mask = int(Event.MONITOR_STOPPED)  # always: it resets the connection gauges
+    for name in names:
+        mask |= int(EVENT_BY_NAME[name])
+    return mask
+
+
+# ---------------------------------------------------------------------------------------
+# pydantic error -> one readable message
+
+_TYPE_WORDS = {
+    "string_type": "a string",
+    "int_type": "an integer",
+    "int_from_float": "an integer",
+    "bool_type": "true or false",
+    "list_type": "a list",
+    "dict_type": "a mapping",
+    "model_type": "a mapping",
+    "model_attributes_type": "a mapping",
+    "float_type": "a number",
+}
+
+
+def _message(error: Any) -> str:
+    kind = error["type"]
+    value = error.get("input")
+    if kind == "extra_forbidden":
+        allowed = _allowed_keys(tuple(error["loc"][:-1]))
+        hint = f" (expected one of: {', '.join(allowed)})" if allowed else ""
+        return f"unknown key{hint}"
+    if kind == "missing":
+        return "required key is missing"
+    if kind in _TYPE_WORDS:
+        return f"expected {_TYPE_WORDS[kind]}, got {_describe(value)}"
+    message = str(error["msg"])
+    return message.removeprefix("Value error, ")
+
+
+def _describe(value: object) -> str:
+    if value is None:
+        return "nothing (null)"
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    return f"{type(value).__name__} {value!r}"
+
+
+def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
+    """The keys a mapping at `loc` accepts, found by walking the model classes."""
+    model: Any = Config
+    for part in loc:
+        if isinstance(part, int):
+            continue
+        fields = model.model_fields
+        name = next((n for n, f in fields.items() if (f.alias or n) == part), None)
+        if name is None:
+            return []
+        model = _model_in(fields[name].annotation)
+        if model is None:
+            return []
+    return [f.alias or n for n, f in model.model_fields.items()]
+
+
+def _model_in(annotation: Any) -> type[pydantic.BaseModel] | None:
+    if isinstance(annotation, type) and issubclass(annotation, pydantic.BaseModel):
+        return annotation
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is not None:
+        for arg in typing.get_args(annotation):
+            found = _model_in(arg)
+            if found is not None:
+                return found
+    return None

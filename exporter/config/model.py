@@ -1,0 +1,141 @@
+"""The YAML schema, as pydantic models. Only shape and per-value checks live here;
+checks across keys (duplicate names, CURVE pairs, key files) are in `exporter.config.load`.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated
+
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
+
+from exporter.config.durations import parse_duration
+from exporter.endpoints import parse_endpoint
+from exporter.events import EVENT_BY_NAME
+
+SOCKET_TYPES = (
+    "ROUTER", "DEALER", "PUB", "SUB", "REQ", "REP",
+    "PUSH", "PULL", "PAIR", "XPUB", "XSUB", "STREAM",
+)  # fmt: skip
+
+# Label names the exporter sets itself; a configured label may not shadow them.
+RESERVED_LABELS = frozenset(
+    {"socket", "endpoint", "type", "reason", "errno", "error", "event", "instance", "job"}
+)
+_LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
+
+
+def _socket_type(value: str) -> str:
+    upper = value.upper()
+    if upper not in SOCKET_TYPES:
+        raise ValueError(
+            f"unknown socket type {value!r} (expected one of {', '.join(SOCKET_TYPES)})"
+        )
+    return upper
+
+
+def _bind_endpoint(value: str) -> str:
+    parse_endpoint(value, "bind")
+    return value
+
+
+def _connect_endpoint(value: str) -> str:
+    parse_endpoint(value, "connect")
+    return value
+
+
+def _event_name(value: str) -> str:
+    name = value.lower()
+    if name != "all" and name not in EVENT_BY_NAME:
+        raise ValueError(
+            f"unknown event {value!r} (expected 'all' or one of {', '.join(EVENT_BY_NAME)})"
+        )
+    return name
+
+
+def _labels(value: dict[str, str]) -> dict[str, str]:
+    for name in value:
+        if not _LABEL_NAME.match(name) or name.startswith("__"):
+            raise ValueError(f"invalid label name {name!r} (expected [a-zA-Z_][a-zA-Z0-9_]*)")
+        if name in RESERVED_LABELS:
+            raise ValueError(f"label name {name!r} is reserved by the exporter")
+    return value
+
+
+def _z85_key(value: str) -> str:
+    if len(value) != 40:
+        raise ValueError("expected a Z85-encoded CURVE key of 40 characters")
+    return value
+
+
+Duration = Annotated[float, BeforeValidator(parse_duration)]
+SocketType = Annotated[str, AfterValidator(_socket_type)]
+BindEndpoint = Annotated[str, AfterValidator(_bind_endpoint)]
+ConnectEndpoint = Annotated[str, AfterValidator(_connect_endpoint)]
+EventName = Annotated[str, AfterValidator(_event_name)]
+Labels = Annotated[dict[str, str], AfterValidator(_labels)]
+Z85Key = Annotated[str, AfterValidator(_z85_key)]
+NonNegativeInt = Annotated[int, Field(ge=0)]
+PositiveInt = Annotated[int, Field(gt=0)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class SocketOptions(_Strict):
+    """Socket options; each maps to one ZMQ_* option (see `exporter.sockets`)."""
+
+    reconnect_ivl: Duration | None = None
+    reconnect_ivl_max: Duration | None = None
+    heartbeat_ivl: Duration | None = None
+    heartbeat_timeout: Duration | None = None
+    heartbeat_ttl: Duration | None = None
+    handshake_ivl: Duration | None = None
+    linger: Duration | None = None
+    tcp_keepalive: bool | None = None
+    tcp_keepalive_idle: Duration | None = None
+    tcp_keepalive_intvl: Duration | None = None
+    tcp_keepalive_cnt: PositiveInt | None = None
+    sndhwm: NonNegativeInt | None = None
+    rcvhwm: NonNegativeInt | None = None
+    backlog: PositiveInt | None = None
+    ipv6: bool | None = None
+    immediate: bool | None = None
+    routing_id: str | None = None
+    subscribe: list[str] | None = None
+    curve_server: bool | None = None
+    curve_secretkey_file: str | None = None
+    curve_publickey: Z85Key | None = None
+    curve_serverkey: Z85Key | None = None
+
+
+class SocketConfig(_Strict):
+    name: str = Field(min_length=1, max_length=128)
+    type: SocketType
+    bind: list[BindEndpoint] = []
+    connect: list[ConnectEndpoint] = []
+    options: SocketOptions = SocketOptions()
+    labels: Labels = {}
+    events: list[EventName] | None = None
+
+
+class GlobalConfig(_Strict):
+    labels: Labels = {}
+    options: SocketOptions = SocketOptions()
+    events: list[EventName] = ["all"]
+    # A bind that fails at run time (EADDRINUSE, EACCES) is retried with exponential
+    # backoff between these two intervals.
+    bind_retry_interval: Duration = 1.0
+    bind_retry_max_interval: Duration = 30.0
+
+
+class LimitsConfig(_Strict):
+    max_sockets: PositiveInt = 1000
+    max_series: PositiveInt = 200_000
+
+
+class Config(_Strict):
+    global_: GlobalConfig = Field(GlobalConfig(), alias="global")
+    limits: LimitsConfig = LimitsConfig()
+    sockets: list[SocketConfig] = []

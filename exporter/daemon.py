@@ -1,0 +1,109 @@
+"""Wires config -> engine -> renderers -> web, and owns reload and shutdown."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator
+
+from prometheus_client import PLATFORM_COLLECTOR, PROCESS_COLLECTOR
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from exporter.config import ConfigError, Settings, load_config
+from exporter.engine import Engine
+from exporter.render.prometheus import StateCollector
+from exporter.render.status import render_status
+from exporter.web import WebApp, WebServer
+
+log = logging.getLogger("zmq_exporter")
+
+APPLY_TIMEOUT = 30.0
+
+
+class Daemon:
+    def __init__(self, settings: Settings, listen_address: str, telemetry_path: str) -> None:
+        self.config_file = settings.file
+        self.engine = Engine()
+        self._reload_lock = threading.Lock()
+        self.last_reload_successful = True
+        self.last_reload_success_time = time.time()
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(StateCollector(self.engine.snapshot))
+        self.registry.register(_ReloadCollector(self))
+        self.registry.register(PROCESS_COLLECTOR)
+        self.registry.register(PLATFORM_COLLECTOR)
+        app = WebApp(
+            registry=self.registry,
+            telemetry_path=telemetry_path,
+            is_ready=lambda: self.engine.snapshot().ready,
+            landing_page=lambda: render_status(self.engine.snapshot(), telemetry_path),
+            reload=self.reload,
+        )
+        self._initial = settings
+        self.web = WebServer(app, listen_address)
+
+    def start(self) -> None:
+        self.engine.start()
+        result = self.engine.apply(self._initial).result(APPLY_TIMEOUT)
+        log.info("sockets started", extra={"sockets": len(result.added)})
+        self.web.start()
+        log.info("listening", extra={"port": self.web.port})
+
+    def reload(self) -> tuple[bool, str]:
+        """Load the config file again and apply the difference; on any error keep the
+        running config. Returns (ok, message)."""
+        with self._reload_lock:
+            try:
+                settings = load_config(self.config_file)
+            except ConfigError as err:
+                self.last_reload_successful = False
+                log.error("reload failed; keeping the running config", extra={"err": str(err)})
+                return False, str(err)
+            try:
+                result = self.engine.apply(settings).result(APPLY_TIMEOUT)
+            except Exception as err:  # a socket that cannot be created, for example
+                self.last_reload_successful = False
+                log.error("reload failed while applying", extra={"err": repr(err)})
+                return False, f"{self.config_file}: cannot apply: {err}"
+            self.last_reload_successful = True
+            self.last_reload_success_time = time.time()
+            message = (
+                f"reloaded {self.config_file}: added {result.added}, removed {result.removed}, "
+                f"recreated {result.recreated}, unchanged {len(result.unchanged)}"
+            )
+            log.info("config reloaded", extra={"added": result.added, "removed": result.removed,
+                                                "recreated": result.recreated})
+            return True, message
+
+    def stop(self) -> None:
+        self.web.stop()
+        self.engine.stop()
+
+
+class _ReloadCollector(Collector):
+    def __init__(self, daemon: Daemon) -> None:
+        self._daemon = daemon
+
+    def collect(self) -> Iterator[Metric]:
+        ok = Metric(
+            "zmq_exporter_config_last_reload_successful",
+            "Whether the last configuration reload attempt was successful.",
+            "gauge",
+        )
+        ok.add_sample(
+            "zmq_exporter_config_last_reload_successful", {},
+            1 if self._daemon.last_reload_successful else 0,
+        )
+        stamp = Metric(
+            "zmq_exporter_config_last_reload_success_timestamp_seconds",
+            "Timestamp of the last successful configuration reload.",
+            "gauge",
+        )
+        stamp.add_sample(
+            "zmq_exporter_config_last_reload_success_timestamp_seconds", {},
+            self._daemon.last_reload_success_time,
+        )
+        yield ok
+        yield stamp

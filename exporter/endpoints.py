@@ -1,0 +1,122 @@
+"""Endpoint syntax, and mapping monitor event endpoints back to configured ones.
+
+libzmq does not report endpoints as configured: a bind reports the resolved address
+(`tcp://*:5555` -> `tcp://0.0.0.0:5555`, `tcp://127.0.0.1:*` -> the chosen port),
+BIND_FAILED drops the scheme (`127.0.0.1:5555`), and connect-side strings drift between
+`localhost` and `127.0.0.1` (libzmq #4056). Label values must be the configured strings,
+so `EndpointMap` translates. It is pure data: the I/O layer feeds it resolved addresses.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Literal
+
+Role = Literal["bind", "connect"]
+TRANSPORTS = ("tcp", "ipc", "inproc")
+
+# Endpoint label value of events that belong to no configured endpoint (for example
+# MONITOR_STOPPED, which names none). Bounded by construction.
+SOCKET_WIDE = ""
+UNMAPPED = "unmapped"
+
+_IPC_PATH_MAX = 107  # sizeof(sockaddr_un.sun_path) - 1 on Linux
+_HOSTNAME = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_.\-]*[A-Za-z0-9_])?$")
+_IPV6 = re.compile(r"^\[[0-9A-Fa-f:.%A-Za-z]+\]$")
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    transport: str
+    address: str  # everything after "://"
+    host: str = ""
+    port: str = ""  # "*" for an ephemeral bind port
+
+
+def parse_endpoint(text: str, role: Role) -> Endpoint:
+    """Parse and check one endpoint; ValueError says what is wrong."""
+    if "://" not in text:
+        raise ValueError(f"malformed endpoint {text!r}: expected transport://address")
+    transport, address = text.split("://", 1)
+    if transport not in TRANSPORTS:
+        raise ValueError(
+            f"malformed endpoint {text!r}: unsupported transport {transport!r} "
+            f"(expected one of {', '.join(TRANSPORTS)})"
+        )
+    if not address:
+        raise ValueError(f"malformed endpoint {text!r}: empty address")
+    if transport == "ipc":
+        if len(address.encode()) > _IPC_PATH_MAX:
+            raise ValueError(f"malformed endpoint {text!r}: ipc path longer than 107 bytes")
+        if address == "*" and role == "connect":
+            raise ValueError(f"malformed endpoint {text!r}: cannot connect to ipc://*")
+        return Endpoint(transport, address)
+    if transport == "inproc":
+        return Endpoint(transport, address)
+    return _parse_tcp(text, address, role)
+
+
+def _parse_tcp(text: str, address: str, role: Role) -> Endpoint:
+    target = address
+    if role == "connect" and ";" in address:  # "source;destination" form of zmq_connect
+        source, target = address.split(";", 1)
+        _split_host_port(text, source, "bind")
+    host, port = _split_host_port(text, target, role)
+    return Endpoint("tcp", address, host, port)
+
+
+def _split_host_port(text: str, address: str, role: Role) -> tuple[str, str]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"malformed endpoint {text!r}: expected tcp://host:port")
+    if port == "*":
+        if role == "connect":
+            raise ValueError(f"malformed endpoint {text!r}: a connect needs a numeric port")
+    elif not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"malformed endpoint {text!r}: port {port!r} is not 1-65535")
+    if host == "*":
+        if role == "connect":
+            raise ValueError(f"malformed endpoint {text!r}: cannot connect to host '*'")
+    elif not (_HOSTNAME.match(host) or _IPV6.match(host)):
+        raise ValueError(f"malformed endpoint {text!r}: bad host {host!r}")
+    return host, port
+
+
+@dataclass
+class EndpointMap:
+    """Maps endpoint strings seen in monitor events to configured endpoint strings."""
+
+    binds: tuple[str, ...]
+    connects: tuple[str, ...]
+    _exact: dict[str, str] = field(default_factory=dict)
+    _by_port: dict[tuple[str, str], str | None] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        for configured in (*self.binds, *self.connects):
+            self._exact[configured] = configured
+            # BIND_FAILED reports the address without "tcp://" or "ipc://".
+            self._exact.setdefault(configured.split("://", 1)[1], configured)
+        for configured in self.connects:
+            if configured.startswith("tcp://"):
+                key = ("tcp", configured.rsplit(":", 1)[1])
+                # Two connects to the same port on different hosts are ambiguous: None.
+                self._by_port[key] = None if key in self._by_port else configured
+
+    def add_resolved(self, resolved: str, configured: str) -> None:
+        """Record what a bind resolved to (socket.last_endpoint right after bind())."""
+        self._exact[resolved] = configured
+        self._exact.setdefault(resolved.split("://", 1)[-1], configured)
+
+    def lookup(self, seen: str) -> str:
+        if not seen:
+            return SOCKET_WIDE
+        found = self._exact.get(seen)
+        if found is not None:
+            return found
+        # Connect-side drift (localhost <-> 127.0.0.1): match on transport and port.
+        if seen.startswith("tcp://"):
+            found = self._by_port.get(("tcp", seen.rsplit(":", 1)[1]))
+            if found is not None:
+                return found
+        return UNMAPPED

@@ -1,0 +1,141 @@
+"""Creating configured sockets, attaching monitors that can never stall the context,
+and tearing both down in the one safe order.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import zmq
+
+from exporter.config import SocketSpec
+from exporter.config.durations import to_millis
+from exporter.config.model import SocketOptions
+
+_monitor_ids = itertools.count(1)
+
+# Socket types whose inbound messages we can read and drop without a send/recv state
+# machine. Draining keeps a peer that sends to the sidecar from filling queues.
+DRAINABLE = frozenset({"ROUTER", "DEALER", "SUB", "XSUB", "XPUB", "PULL", "PAIR", "STREAM"})
+
+
+@dataclass
+class MonitoredSocket:
+    spec: SocketSpec
+    socket: zmq.Socket[bytes]
+    monitor: zmq.Socket[bytes]  # our end of the monitor PAIR
+    monitor_fd: int
+    socket_fd: int | None  # set when inbound messages are drained
+    closed: bool = False
+
+
+def open_socket(ctx: zmq.Context[zmq.Socket[bytes]], spec: SocketSpec) -> MonitoredSocket:
+    """Create the socket, set its options and attach its monitor. No bind/connect yet:
+    the monitor must be connected before the first event or the event is lost."""
+    sock = ctx.socket(getattr(zmq, spec.socket_type))
+    try:
+        _set_options(sock, spec.options, spec.curve_secretkey)
+        monitor = _attach_monitor(ctx, sock, spec.events_mask)
+    except BaseException:
+        sock.close(linger=0)
+        raise
+    drain = spec.socket_type in DRAINABLE
+    return MonitoredSocket(
+        spec=spec,
+        socket=sock,
+        monitor=monitor,
+        monitor_fd=monitor.getsockopt(zmq.FD),
+        socket_fd=sock.getsockopt(zmq.FD) if drain else None,
+    )
+
+
+def _attach_monitor(
+    ctx: zmq.Context[zmq.Socket[bytes]], sock: zmq.Socket[bytes], mask: int
+) -> zmq.Socket[bytes]:
+    # A unique address on every attach: reusing an inproc monitor address hangs
+    # (libzmq #1315). RCVHWM=0 before connect makes the monitor pipe unbounded, so an
+    # event burst queues in memory instead of blocking the context's I/O thread
+    # (get_monitor_socket() keeps the default HWM and stalls every socket after ~2,300).
+    addr = f"inproc://zmq-exporter.monitor.{os.getpid()}.{next(_monitor_ids)}"
+    sock.monitor(addr, mask)
+    pair = ctx.socket(zmq.PAIR)
+    try:
+        pair.setsockopt(zmq.RCVHWM, 0)
+        pair.setsockopt(zmq.LINGER, 0)
+        pair.connect(addr)
+    except BaseException:
+        pair.close(linger=0)
+        sock.disable_monitor()
+        raise
+    return pair
+
+
+def close_socket(managed: MonitoredSocket) -> None:
+    """disable_monitor, close the monitor PAIR, close the socket - in that order, or the
+    I/O thread can block for ever (libzmq #3575, pyzmq #1554)."""
+    if managed.closed:
+        return
+    managed.closed = True
+    try:
+        managed.socket.disable_monitor()
+    except zmq.ZMQError:
+        pass
+    managed.monitor.close(linger=0)
+    managed.socket.close(linger=0)
+
+
+def _set_options(sock: zmq.Socket[bytes], o: SocketOptions, secret: bytes | None) -> None:
+    durations_ms: list[tuple[float | None, int]] = [
+        (o.reconnect_ivl, zmq.RECONNECT_IVL),
+        (o.reconnect_ivl_max, zmq.RECONNECT_IVL_MAX),
+        (o.heartbeat_ivl, zmq.HEARTBEAT_IVL),
+        (o.heartbeat_timeout, zmq.HEARTBEAT_TIMEOUT),
+        (o.heartbeat_ttl, zmq.HEARTBEAT_TTL),
+        (o.handshake_ivl, zmq.HANDSHAKE_IVL),
+    ]
+    for value, option in durations_ms:
+        if value is not None:
+            sock.setsockopt(option, to_millis(value))
+    # Linger defaults to 0 here (libzmq's default, infinite, would hold shutdown).
+    sock.setsockopt(zmq.LINGER, to_millis(o.linger) if o.linger is not None else 0)
+    durations_s: list[tuple[float | None, int]] = [
+        (o.tcp_keepalive_idle, zmq.TCP_KEEPALIVE_IDLE),
+        (o.tcp_keepalive_intvl, zmq.TCP_KEEPALIVE_INTVL),
+    ]
+    for value, option in durations_s:
+        if value is not None:
+            sock.setsockopt(option, max(1, round(value)))
+    integers: list[tuple[int | bool | None, int]] = [
+        (o.tcp_keepalive, zmq.TCP_KEEPALIVE),
+        (o.tcp_keepalive_cnt, zmq.TCP_KEEPALIVE_CNT),
+        (o.sndhwm, zmq.SNDHWM),
+        (o.rcvhwm, zmq.RCVHWM),
+        (o.backlog, zmq.BACKLOG),
+        (o.ipv6, zmq.IPV6),
+        (o.immediate, zmq.IMMEDIATE),
+    ]
+    for flag, option in integers:
+        if flag is not None:
+            sock.setsockopt(option, int(flag))
+    if o.routing_id is not None:
+        sock.setsockopt(zmq.ROUTING_ID, o.routing_id.encode())
+    for prefix in o.subscribe or ():
+        sock.setsockopt(zmq.SUBSCRIBE, prefix.encode())
+    if secret is not None:
+        _set_curve(sock, o, secret)
+
+
+def _set_curve(sock: zmq.Socket[bytes], o: SocketOptions, secret: bytes) -> None:
+    set_bytes: Callable[[int, bytes], None] = sock.setsockopt
+    if o.curve_server:
+        sock.setsockopt(zmq.CURVE_SERVER, 1)
+        set_bytes(zmq.CURVE_SECRETKEY, secret)
+        return
+    public = o.curve_publickey.encode() if o.curve_publickey else zmq.curve_public(secret)
+    assert o.curve_serverkey is not None  # checked by the config loader
+    set_bytes(zmq.CURVE_SERVERKEY, o.curve_serverkey.encode())
+    set_bytes(zmq.CURVE_PUBLICKEY, public)
+    set_bytes(zmq.CURVE_SECRETKEY, secret)

@@ -1,0 +1,211 @@
+"""The pure reducer: monitor events in, exact counters and gauges out.
+
+No sockets, no clocks, no locks: callers pass the time and serialise access. Everything
+the renderers (Prometheus, OTLP, status page) show is read from a `Snapshot` of this state.
+
+Two traps shape it (see shared/zmq-monitor-facts.md):
+- Live connections are the *set* of live fds per endpoint, never +1/-1 arithmetic:
+  CLOSED fires for failed connects and for listeners too, and a socket closed by its own
+  application sends MONITOR_STOPPED instead of DISCONNECTED for each connection.
+- Endpoints are mapped back to the configured strings (`EndpointMap`).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from exporter.endpoints import SOCKET_WIDE, EndpointMap, Role
+from exporter.events import (
+    ERRNO_EVENTS,
+    HANDSHAKE_FAILURES,
+    Event,
+    errno_name,
+    handshake_error,
+)
+
+# Counters carried by every endpoint of a role, created at 0 before any event happens so
+# that rate() and increase() see the first event (client_golang #296).
+BIND_COUNTERS = (
+    Event.LISTENING,
+    Event.ACCEPTED,
+    Event.CLOSED,
+    Event.DISCONNECTED,
+    Event.HANDSHAKE_SUCCEEDED,
+)
+CONNECT_COUNTERS = (
+    Event.CONNECTED,
+    Event.CONNECT_DELAYED,
+    Event.CONNECT_RETRIED,
+    Event.CLOSED,
+    Event.DISCONNECTED,
+    Event.HANDSHAKE_SUCCEEDED,
+)
+
+
+@dataclass
+class EndpointState:
+    role: Role | None  # None: an endpoint label we did not configure (SOCKET_WIDE, UNMAPPED)
+    counts: Counter[Event] = field(default_factory=Counter)
+    # (event, errno label) for BIND_FAILED / ACCEPT_FAILED / CLOSE_FAILED
+    errno_counts: Counter[tuple[Event, str]] = field(default_factory=Counter)
+    # (reason, error label) for HANDSHAKE_FAILED_*
+    handshake_failures: Counter[tuple[str, str]] = field(default_factory=Counter)
+    live_fds: set[int] = field(default_factory=set)
+    listener_fd: int | None = None
+    reconnect_interval_ms: int = 0
+    last_event: Event | None = None
+    last_event_time: float = 0.0
+
+    def __post_init__(self) -> None:
+        for event in _initial_counters(self.role):
+            self.counts[event] = 0
+
+
+def _initial_counters(role: Role | None) -> tuple[Event, ...]:
+    if role == "bind":
+        return BIND_COUNTERS
+    if role == "connect":
+        return CONNECT_COUNTERS
+    return ()
+
+
+@dataclass
+class SocketState:
+    name: str
+    socket_type: str
+    labels: dict[str, str]
+    endpoint_map: EndpointMap
+    endpoints: dict[str, EndpointState] = field(default_factory=dict)
+    unknown_events: Counter[int] = field(default_factory=Counter)
+    # A failed bind() emits CLOSED with an empty endpoint, then BIND_FAILED naming the
+    # endpoint; we hold the CLOSED until the BIND_FAILED tells us where it belongs.
+    pending_closed: int = 0
+    events: int = 0
+
+    def __post_init__(self) -> None:
+        for configured in self.endpoint_map.binds:
+            self.endpoints[configured] = EndpointState("bind")
+        for configured in self.endpoint_map.connects:
+            self.endpoints.setdefault(configured, EndpointState("connect"))
+
+    def endpoint(self, label: str) -> EndpointState:
+        state = self.endpoints.get(label)
+        if state is None:
+            state = self.endpoints[label] = EndpointState(None)
+        return state
+
+
+def apply_event(sock: SocketState, event_id: int, value: int, seen: str, now: float) -> None:
+    """Reduce one monitor event of `sock` into its state."""
+    sock.events += 1
+    try:
+        event = Event(event_id)
+    except ValueError:
+        # New ids appear between libzmq versions (pyzmq #1180): count, never crash.
+        sock.unknown_events[event_id] += 1
+        return
+    label = sock.endpoint_map.lookup(seen)
+
+    if event is Event.CLOSED and label == SOCKET_WIDE:
+        sock.pending_closed += 1
+        return
+    if sock.pending_closed and event is not Event.BIND_FAILED:
+        sock.endpoint(SOCKET_WIDE).counts[Event.CLOSED] += sock.pending_closed
+        sock.pending_closed = 0
+
+    if event is Event.MONITOR_STOPPED:
+        # The socket closed: its connections and listeners are gone, without
+        # DISCONNECTED/CLOSED events for them.
+        for state in sock.endpoints.values():
+            state.live_fds.clear()
+            state.listener_fd = None
+        target = sock.endpoint(SOCKET_WIDE)
+        target.counts[event] += 1
+        _touch(target, event, now)
+        return
+
+    state = sock.endpoint(label)
+    state.counts[event] += 1
+    _touch(state, event, now)
+
+    if event in (Event.CONNECTED, Event.ACCEPTED):
+        state.live_fds.add(value)
+    elif event is Event.DISCONNECTED:
+        state.live_fds.discard(value)
+    elif event is Event.LISTENING:
+        state.listener_fd = value
+    elif event is Event.CLOSED:
+        if state.listener_fd == value:
+            state.listener_fd = None
+    elif event is Event.CONNECT_RETRIED:
+        state.reconnect_interval_ms = value
+    elif event in ERRNO_EVENTS:
+        state.errno_counts[(event, errno_name(value))] += 1
+        if event is Event.BIND_FAILED:
+            state.listener_fd = None
+            if sock.pending_closed:
+                state.counts[Event.CLOSED] += sock.pending_closed
+                sock.pending_closed = 0
+    elif event in HANDSHAKE_FAILURES:
+        state.handshake_failures[(HANDSHAKE_FAILURES[event], handshake_error(event, value))] += 1
+
+
+def _touch(state: EndpointState, event: Event, now: float) -> None:
+    state.last_event = event
+    state.last_event_time = now
+
+
+# ---------------------------------------------------------------------------------------
+# Snapshots: plain immutable copies taken under the caller's lock and rendered outside it.
+
+
+@dataclass(frozen=True)
+class EndpointSnapshot:
+    endpoint: str
+    role: Role | None
+    counts: dict[Event, int]
+    errno_counts: dict[tuple[Event, str], int]
+    handshake_failures: dict[tuple[str, str], int]
+    connections: int
+    listening: bool
+    reconnect_interval_ms: int
+    last_event: Event | None
+    last_event_time: float
+
+
+@dataclass(frozen=True)
+class SocketSnapshot:
+    name: str
+    socket_type: str
+    labels: dict[str, str]
+    endpoints: tuple[EndpointSnapshot, ...]
+    unknown_events: dict[int, int]
+    events: int
+
+
+def snapshot_socket(sock: SocketState) -> SocketSnapshot:
+    # A CLOSED still waiting for its BIND_FAILED is left out: showing it socket-wide now
+    # and under its endpoint later would make a counter go down.
+    return SocketSnapshot(
+        name=sock.name,
+        socket_type=sock.socket_type,
+        labels=sock.labels,
+        endpoints=tuple(
+            EndpointSnapshot(
+                endpoint=label,
+                role=state.role,
+                counts=dict(state.counts),
+                errno_counts=dict(state.errno_counts),
+                handshake_failures=dict(state.handshake_failures),
+                connections=len(state.live_fds),
+                listening=state.listener_fd is not None,
+                reconnect_interval_ms=state.reconnect_interval_ms,
+                last_event=state.last_event,
+                last_event_time=state.last_event_time,
+            )
+            for label, state in sock.endpoints.items()
+        ),
+        unknown_events=dict(sock.unknown_events),
+        events=sock.events,
+    )
