@@ -24,20 +24,47 @@ def build_parser() -> argparse.ArgumentParser:
         prog="zmq-exporter",
         description="Exports ZeroMQ socket-monitor events as Prometheus metrics.",
     )
-    p.add_argument("--config.file", dest="config_file", default="config/zmq-exporter.yml",
-                   metavar="PATH", help="YAML file listing the sockets (default: %(default)s)")
-    p.add_argument("--config.check", dest="config_check", action="store_true",
-                   help="validate the config file and exit (0 valid, 1 invalid)")
-    p.add_argument("--web.listen-address", dest="listen_address", default=DEFAULT_LISTEN,
-                   metavar="HOST:PORT",
-                   help="address for /metrics and the web endpoints (default: %(default)s)")
-    p.add_argument("--web.telemetry-path", dest="telemetry_path", default="/metrics",
-                   metavar="PATH", help="path of the metrics endpoint (default: %(default)s)")
-    p.add_argument("--log.level", dest="log_level", default="info",
-                   choices=["debug", "info", "warn", "error"],
-                   help="minimum level of log lines (default: %(default)s)")
-    p.add_argument("--log.format", dest="log_format", default="logfmt",
-                   choices=["logfmt", "json"], help="log line format (default: %(default)s)")
+    p.add_argument(
+        "--config.file",
+        dest="config_file",
+        default="config/zmq-exporter.yml",
+        metavar="PATH",
+        help="YAML file listing the sockets (default: %(default)s)",
+    )
+    p.add_argument(
+        "--config.check",
+        dest="config_check",
+        action="store_true",
+        help="validate the config file and exit (0 valid, 1 invalid)",
+    )
+    p.add_argument(
+        "--web.listen-address",
+        dest="listen_address",
+        default=DEFAULT_LISTEN,
+        metavar="HOST:PORT",
+        help="address for /metrics and the web endpoints (default: %(default)s)",
+    )
+    p.add_argument(
+        "--web.telemetry-path",
+        dest="telemetry_path",
+        default="/metrics",
+        metavar="PATH",
+        help="path of the metrics endpoint (default: %(default)s)",
+    )
+    p.add_argument(
+        "--log.level",
+        dest="log_level",
+        default="info",
+        choices=["debug", "info", "warn", "error"],
+        help="minimum level of log lines (default: %(default)s)",
+    )
+    p.add_argument(
+        "--log.format",
+        dest="log_format",
+        default="logfmt",
+        choices=["logfmt", "json"],
+        help="log line format (default: %(default)s)",
+    )
     p.add_argument("--version", action="version", version=version_text())
     return p
 
@@ -86,8 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, on_stop)
     signal.signal(signal.SIGHUP, on_hup)
     daemon.start()
-    log.info("zmq-exporter started", extra={"version": __version__,
-                                            "config": args.config_file})
+    log.info("zmq-exporter started", extra={"version": __version__, "config": args.config_file})
     stop.wait()
     log.info("shutting down")
     daemon.stop()

@@ -73,8 +73,14 @@ class Daemon:
                 f"reloaded {self.config_file}: added {result.added}, removed {result.removed}, "
                 f"recreated {result.recreated}, unchanged {len(result.unchanged)}"
             )
-            log.info("config reloaded", extra={"added": result.added, "removed": result.removed,
-                                                "recreated": result.recreated})
+            log.info(
+                "config reloaded",
+                extra={
+                    "added": result.added,
+                    "removed": result.removed,
+                    "recreated": result.recreated,
+                },
+            )
             return True, message
 
     def stop(self) -> None:
@@ -93,7 +99,8 @@ class _ReloadCollector(Collector):
             "gauge",
         )
         ok.add_sample(
-            "zmq_exporter_config_last_reload_successful", {},
+            "zmq_exporter_config_last_reload_successful",
+            {},
             1 if self._daemon.last_reload_successful else 0,
         )
         stamp = Metric(
@@ -102,7 +109,8 @@ class _ReloadCollector(Collector):
             "gauge",
         )
         stamp.add_sample(
-            "zmq_exporter_config_last_reload_success_timestamp_seconds", {},
+            "zmq_exporter_config_last_reload_success_timestamp_seconds",
+            {},
             self._daemon.last_reload_success_time,
         )
         yield ok

@@ -9,6 +9,7 @@ which copies under a lock that the engine holds only while reducing a batch of e
 
 from __future__ import annotations
 
+import contextlib
 import heapq
 import itertools
 import logging
@@ -173,10 +174,8 @@ class Engine:
         self._drain_ready()
 
     def _run_commands(self) -> None:
-        try:
+        with contextlib.suppress(BlockingIOError):
             os.eventfd_read(self._wake_fd)
-        except BlockingIOError:
-            pass
         while True:
             try:
                 command = self._commands.get_nowait()
@@ -367,20 +366,22 @@ class Engine:
                 level,
                 "%s failed; retrying with backoff",
                 role,
-                extra={"socket": managed.spec.name, "endpoint": endpoint,
-                       "err": str(err.strerror), "attempt": attempt, "retry_in": delay},
+                extra={
+                    "socket": managed.spec.name,
+                    "endpoint": endpoint,
+                    "err": str(err.strerror),
+                    "attempt": attempt,
+                    "retry_in": delay,
+                },
             )
-            self._schedule(
-                delay, lambda: self._attach(managed, state, role, endpoint, settings)
-            )
+            self._schedule(delay, lambda: self._attach(managed, state, role, endpoint, settings))
             return
         attempts = self._retry_attempts.pop(key, 0)
         log.log(
             logging.INFO if attempts else logging.DEBUG,
             "%s succeeded",
             role,
-            extra={"socket": managed.spec.name, "endpoint": endpoint,
-                   "failed_attempts": attempts},
+            extra={"socket": managed.spec.name, "endpoint": endpoint, "failed_attempts": attempts},
         )
 
     def _shutdown(self) -> ApplyResult:

@@ -18,27 +18,43 @@ class EventCounter:
 
 EVENT_COUNTERS: tuple[EventCounter, ...] = (
     EventCounter(Event.CONNECTED, "zmq_connected", "Connections established by connect()."),
-    EventCounter(Event.CONNECT_DELAYED, "zmq_connect_delayed",
-                 "Asynchronous connects in progress (EINPROGRESS)."),
-    EventCounter(Event.CONNECT_RETRIED, "zmq_connect_retried",
-                 "Reconnect attempts scheduled after a failed or lost connection."),
-    EventCounter(Event.LISTENING, "zmq_listening",
-                 "Successful binds (a listener was opened)."),
-    EventCounter(Event.BIND_FAILED, "zmq_bind_failed", "Failed bind() attempts.",
-                 errno_label=True),
+    EventCounter(
+        Event.CONNECT_DELAYED,
+        "zmq_connect_delayed",
+        "Asynchronous connects in progress (EINPROGRESS).",
+    ),
+    EventCounter(
+        Event.CONNECT_RETRIED,
+        "zmq_connect_retried",
+        "Reconnect attempts scheduled after a failed or lost connection.",
+    ),
+    EventCounter(Event.LISTENING, "zmq_listening", "Successful binds (a listener was opened)."),
+    EventCounter(Event.BIND_FAILED, "zmq_bind_failed", "Failed bind() attempts.", errno_label=True),
     EventCounter(Event.ACCEPTED, "zmq_accepted", "Connections accepted on a bound endpoint."),
-    EventCounter(Event.ACCEPT_FAILED, "zmq_accept_failed", "Failed accept() calls.",
-                 errno_label=True),
-    EventCounter(Event.CLOSED, "zmq_closed",
-                 "Closed fds: listeners, failed connect attempts and connections."),
-    EventCounter(Event.CLOSE_FAILED, "zmq_close_failed", "Failed close() calls.",
-                 errno_label=True),
-    EventCounter(Event.DISCONNECTED, "zmq_disconnected",
-                 "Connections that ended (one TCP/IPC connection, not the whole socket)."),
-    EventCounter(Event.MONITOR_STOPPED, "zmq_monitor_stopped",
-                 "Monitors stopped (the socket was closed by its owner)."),
-    EventCounter(Event.HANDSHAKE_SUCCEEDED, "zmq_handshake_succeeded",
-                 "ZMTP handshakes completed (security mechanism included)."),
+    EventCounter(
+        Event.ACCEPT_FAILED, "zmq_accept_failed", "Failed accept() calls.", errno_label=True
+    ),
+    EventCounter(
+        Event.CLOSED,
+        "zmq_closed",
+        "Closed fds: listeners, failed connect attempts and connections.",
+    ),
+    EventCounter(Event.CLOSE_FAILED, "zmq_close_failed", "Failed close() calls.", errno_label=True),
+    EventCounter(
+        Event.DISCONNECTED,
+        "zmq_disconnected",
+        "Connections that ended (one TCP/IPC connection, not the whole socket).",
+    ),
+    EventCounter(
+        Event.MONITOR_STOPPED,
+        "zmq_monitor_stopped",
+        "Monitors stopped (the socket was closed by its owner).",
+    ),
+    EventCounter(
+        Event.HANDSHAKE_SUCCEEDED,
+        "zmq_handshake_succeeded",
+        "ZMTP handshakes completed (security mechanism included).",
+    ),
 )
 
 HANDSHAKE_FAILED = "zmq_handshake_failed"

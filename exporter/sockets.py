@@ -4,6 +4,7 @@ and tearing both down in the one safe order.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 from collections.abc import Callable
@@ -47,8 +48,8 @@ def open_socket(ctx: zmq.Context[zmq.Socket[bytes]], spec: SocketSpec) -> Monito
         spec=spec,
         socket=sock,
         monitor=monitor,
-        monitor_fd=monitor.getsockopt(zmq.FD),
-        socket_fd=sock.getsockopt(zmq.FD) if drain else None,
+        monitor_fd=int(monitor.getsockopt(zmq.FD)),
+        socket_fd=int(sock.getsockopt(zmq.FD)) if drain else None,
     )
 
 
@@ -79,10 +80,8 @@ def close_socket(managed: MonitoredSocket) -> None:
     if managed.closed:
         return
     managed.closed = True
-    try:
+    with contextlib.suppress(zmq.ZMQError):
         managed.socket.disable_monitor()
-    except zmq.ZMQError:
-        pass
     managed.monitor.close(linger=0)
     managed.socket.close(linger=0)
 

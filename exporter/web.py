@@ -32,7 +32,9 @@ class WebApp:
     def __post_init__(self) -> None:
         self._scrape_slots = threading.BoundedSemaphore(self.max_concurrent_scrapes)
 
-    def metrics(self, accept: str | None, accept_encoding: str | None) -> tuple[int, dict[str, str], bytes]:
+    def metrics(
+        self, accept: str | None, accept_encoding: str | None
+    ) -> tuple[int, dict[str, str], bytes]:
         if not self._scrape_slots.acquire(blocking=False):
             return 503, {"Content-Type": "text/plain"}, b"too many concurrent scrapes\n"
         try:
@@ -60,8 +62,9 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = 64
 
-    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler],
-                 app: WebApp) -> None:
+    def __init__(
+        self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], app: WebApp
+    ) -> None:
         host = address[0]
         self.address_family = socket.AF_INET6 if ":" in host or host == "" else socket.AF_INET
         self.app = app
@@ -96,8 +99,11 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 self._send(503, {"Content-Type": "text/plain"}, b"Not ready\n")
         elif path == "/-/reload":
-            self._send(405, {"Content-Type": "text/plain", "Allow": "POST"},
-                       b"This endpoint requires a POST request.\n")
+            self._send(
+                405,
+                {"Content-Type": "text/plain", "Allow": "POST"},
+                b"This endpoint requires a POST request.\n",
+            )
         elif path == "/":
             body = app.landing_page().encode()
             self._send(200, {"Content-Type": "text/html; charset=utf-8"}, body)
@@ -107,12 +113,12 @@ class _Handler(BaseHTTPRequestHandler):
     def do_POST(self) -> None:
         path = self.path.split("?", 1)[0]
         if path != "/-/reload":
-            self._send(405, {"Content-Type": "text/plain", "Allow": "GET, HEAD"},
-                       b"Method not allowed\n")
+            self._send(
+                405, {"Content-Type": "text/plain", "Allow": "GET, HEAD"}, b"Method not allowed\n"
+            )
             return
         ok, message = self.server.app.reload()
-        self._send(200 if ok else 500, {"Content-Type": "text/plain"},
-                   message.encode() + b"\n")
+        self._send(200 if ok else 500, {"Content-Type": "text/plain"}, message.encode() + b"\n")
 
     def _send(self, status: int, headers: dict[str, str], body: bytes) -> None:
         self.send_response(status)

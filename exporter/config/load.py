@@ -86,8 +86,10 @@ def _resolve(model: Config, file: str, lines: dict[Path, int]) -> Settings:
     for index, sock in enumerate(model.sockets):
         here: Path = ("sockets", index)
         if sock.name in seen:
-            fail((*here, "name"), f"duplicate socket name {sock.name!r} (first at sockets"
-                 f"[{seen[sock.name]}])")
+            fail(
+                (*here, "name"),
+                f"duplicate socket name {sock.name!r} (first at sockets[{seen[sock.name]}])",
+            )
         seen[sock.name] = index
         specs.append(_resolve_socket(sock, model.global_, here, fail))
     return Settings(file, tuple(specs), model.global_, model.limits, model)
@@ -152,7 +154,7 @@ def _curve(
         fail(
             (*opts, "curve_secretkey_file"),
             f"key file {path!r} holds no Z85 CURVE secret key (expected 40 Z85 characters "
-            "or a ZPL certificate with secret-key = \"...\")",
+            'or a ZPL certificate with secret-key = "...")',
         )
     for key in ("curve_publickey", "curve_serverkey"):
         value = getattr(options, key)

@@ -111,22 +111,43 @@ def render_sockets(sockets: tuple[SocketSnapshot, ...]) -> Iterator[Metric]:
 def render_self(snap: EngineSnapshot) -> Iterator[Metric]:
     stats = snap.stats
     rows: list[tuple[str, str, str, float]] = [
-        ("zmq_exporter_events_processed", "counter",
-         "Monitor events read and reduced.", stats.events),
-        ("zmq_exporter_reader_backlog_events", "gauge",
-         "Events the reader found queued in the current or last burst.", stats.backlog),
-        ("zmq_exporter_reader_backlog_max_events", "gauge",
-         "Largest backlog the reader has found since start.", stats.backlog_max),
-        ("zmq_exporter_reader_wakeups", "counter",
-         "Reader passes over ready monitors.", stats.wakeups),
-        ("zmq_exporter_inbound_messages_dropped", "counter",
-         "Application messages that arrived on exporter sockets and were dropped.",
-         stats.messages_dropped),
-        ("zmq_exporter_attach_failures", "counter",
-         "bind()/connect() calls that raised and were scheduled for retry.",
-         stats.attach_failures),
-        ("zmq_exporter_sockets", "gauge", "Sockets configured and monitored.",
-         len(snap.sockets)),
+        (
+            "zmq_exporter_events_processed",
+            "counter",
+            "Monitor events read and reduced.",
+            stats.events,
+        ),
+        (
+            "zmq_exporter_reader_backlog_events",
+            "gauge",
+            "Events the reader found queued in the current or last burst.",
+            stats.backlog,
+        ),
+        (
+            "zmq_exporter_reader_backlog_max_events",
+            "gauge",
+            "Largest backlog the reader has found since start.",
+            stats.backlog_max,
+        ),
+        (
+            "zmq_exporter_reader_wakeups",
+            "counter",
+            "Reader passes over ready monitors.",
+            stats.wakeups,
+        ),
+        (
+            "zmq_exporter_inbound_messages_dropped",
+            "counter",
+            "Application messages that arrived on exporter sockets and were dropped.",
+            stats.messages_dropped,
+        ),
+        (
+            "zmq_exporter_attach_failures",
+            "counter",
+            "bind()/connect() calls that raised and were scheduled for retry.",
+            stats.attach_failures,
+        ),
+        ("zmq_exporter_sockets", "gauge", "Sockets configured and monitored.", len(snap.sockets)),
     ]
     for name, kind, help_text, value in rows:
         family = _family(name, help_text, kind)
