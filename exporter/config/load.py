@@ -16,7 +16,14 @@ import pydantic
 import zmq
 
 from exporter.config.errors import ConfigError, Path
-from exporter.config.model import Config, GlobalConfig, LimitsConfig, SocketConfig, SocketOptions
+from exporter.config.model import (
+    Config,
+    GlobalConfig,
+    LimitsConfig,
+    SocketConfig,
+    SocketOptions,
+    label_name_problem,
+)
 from exporter.config.yamlnodes import line_of, load_with_lines
 from exporter.events import ALL_EVENTS_MASK, EVENT_BY_NAME, Event
 
@@ -61,7 +68,9 @@ def parse_config(text: str, file: str) -> Settings:
     if data is None:
         data = {}
     if not isinstance(data, dict):
-        raise ConfigError(file, 1, (), "the top level must be a mapping with a `sockets:` list")
+        raise ConfigError(
+            file, lines.get(()), (), "the top level must be a mapping with a `sockets:` list"
+        )
     try:
         model = Config.model_validate(data)
     except pydantic.ValidationError as err:
@@ -81,6 +90,7 @@ def _resolve(model: Config, file: str, lines: dict[Path, int]) -> Settings:
             f"{len(model.sockets)} sockets configured, more than limits.max_sockets "
             f"({model.limits.max_sockets})",
         )
+    _check_labels(model.global_.labels, ("global", "labels"), fail)
     seen: dict[str, int] = {}
     specs = []
     for index, sock in enumerate(model.sockets):
@@ -107,6 +117,7 @@ def _resolve_socket(
         for index, endpoint in enumerate(endpoints):
             if endpoints.index(endpoint) != index:
                 fail((*here, role, index), f"duplicate endpoint {endpoint!r}")
+    _check_labels(sock.labels, (*here, "labels"), fail)
     merged = defaults.options.model_copy(update=sock.options.model_dump(exclude_none=True))
     opts: Path = (*here, "options")
     if merged.subscribe is not None and sock.type != "SUB":
@@ -123,6 +134,15 @@ def _resolve_socket(
         events_mask=_events_mask(names),
         curve_secretkey=secret,
     )
+
+
+def _check_labels(
+    labels: dict[str, str], where: Path, fail: typing.Callable[[Path, str], typing.NoReturn]
+) -> None:
+    for name in labels:
+        problem = label_name_problem(name)
+        if problem:
+            fail((*where, name), problem)
 
 
 def _curve(

@@ -53,13 +53,13 @@ def _event_name(value: str) -> str:
     return name
 
 
-def _labels(value: dict[str, str]) -> dict[str, str]:
-    for name in value:
-        if not _LABEL_NAME.match(name) or name.startswith("__"):
-            raise ValueError(f"invalid label name {name!r} (expected [a-zA-Z_][a-zA-Z0-9_]*)")
-        if name in RESERVED_LABELS:
-            raise ValueError(f"label name {name!r} is reserved by the exporter")
-    return value
+def label_name_problem(name: str) -> str | None:
+    """Why `name` cannot be a configured label name, or None if it can."""
+    if not _LABEL_NAME.match(name) or name.startswith("__"):
+        return f"invalid label name {name!r} (expected [a-zA-Z_][a-zA-Z0-9_]*, no '__' prefix)"
+    if name in RESERVED_LABELS:
+        return f"label name {name!r} is reserved by the exporter"
+    return None
 
 
 def _z85_key(value: str) -> str:
@@ -73,7 +73,7 @@ SocketType = Annotated[str, AfterValidator(_socket_type)]
 BindEndpoint = Annotated[str, AfterValidator(_bind_endpoint)]
 ConnectEndpoint = Annotated[str, AfterValidator(_connect_endpoint)]
 EventName = Annotated[str, AfterValidator(_event_name)]
-Labels = Annotated[dict[str, str], AfterValidator(_labels)]
+Labels = dict[str, str]  # names checked by the loader, which knows each key's line
 Z85Key = Annotated[str, AfterValidator(_z85_key)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
 PositiveInt = Annotated[int, Field(gt=0)]

@@ -26,6 +26,8 @@ def load_with_lines(text: str, file: str) -> tuple[Any, dict[Path, int]]:
         mark = err.problem_mark or err.context_mark
         line = mark.line + 1 if mark else None
         problem = err.problem or err.context or "invalid YAML"
+        if err.context and err.context_mark and err.problem:
+            problem += f" ({err.context} started at line {err.context_mark.line + 1})"
         raise ConfigError(file, line, (), f"YAML syntax error: {problem}") from None
     except yaml.YAMLError as err:
         raise ConfigError(file, None, (), f"YAML syntax error: {err}") from None

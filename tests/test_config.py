@@ -1,0 +1,207 @@
+"""Config files: every good one loads, every bad one gives its one-line message naming
+file, line and key path - in-process and through `zmq-exporter --config.check`."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from exporter.config import ConfigError, load_config, parse_config
+from exporter.config.durations import parse_duration
+from exporter.events import ALL_EVENTS_MASK, Event
+
+DATA = Path(__file__).parent / "testdata" / "configs"
+GOOD = sorted((DATA / "good").glob("*.yml"))
+BAD = sorted((DATA / "bad").glob("*.yml"))
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def expected(path: Path) -> str:
+    first = path.read_text().splitlines()[0]
+    assert first.startswith("# expect: "), f"{path} lacks an '# expect:' header"
+    return f"{path}:{first.removeprefix('# expect: ')}"
+
+
+@pytest.mark.parametrize("path", [*GOOD, ROOT / "config" / "zmq-exporter.yml"], ids=str)
+def test_good_configs_load(path: Path) -> None:
+    settings = load_config(str(path))
+    assert settings.file == str(path)
+
+
+@pytest.mark.parametrize("path", BAD, ids=lambda p: p.name)
+def test_bad_config_message(path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(str(path))
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(expected(path)), message
+
+
+@pytest.mark.parametrize("path", BAD, ids=lambda p: p.name)
+def test_bad_config_check_exits_nonzero_with_one_line(path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "exporter", "--config.check", f"--config.file={path}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        stdin=subprocess.DEVNULL,
+    )
+    assert proc.returncode == 1
+    assert proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert lines[0].startswith("zmq-exporter: " + expected(path)), lines[0]
+
+
+@pytest.mark.parametrize("path", GOOD, ids=lambda p: p.name)
+def test_good_config_check_exits_zero(path: Path) -> None:
+    proc = subprocess.run(
+        [sys.executable, "-m", "exporter", "--config.check", f"--config.file={path}"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        stdin=subprocess.DEVNULL,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "OK" in proc.stdout
+
+
+def test_bad_config_at_start_exits_before_anything_starts(tmp_path: Path) -> None:
+    bad = tmp_path / "c.yml"
+    bad.write_text("sockets:\n  - name: a\n    type: ROUTR\n    bind: [tcp://127.0.0.1:1]\n")
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "exporter",
+            f"--config.file={bad}",
+            "--web.listen-address=127.0.0.1:0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=ROOT,
+        stdin=subprocess.DEVNULL,
+    )
+    assert proc.returncode == 1
+    assert proc.stderr.strip().startswith(f"zmq-exporter: {bad}:3: sockets[0].type: unknown")
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"nope.yml: cannot read config: No such file"):
+        load_config(str(tmp_path / "nope.yml"))
+
+
+def test_globals_merge_into_sockets() -> None:
+    settings = load_config(str(DATA / "good" / "everything.yml"))
+    front, feed = settings.sockets
+    assert front.socket_type == "ROUTER"
+    assert front.labels == {"env": "test", "team": "payments"}
+    assert front.options.reconnect_ivl == pytest.approx(0.1)  # from global
+    assert front.options.heartbeat_ivl == pytest.approx(1.0)  # its own
+    assert front.events_mask == ALL_EVENTS_MASK
+    assert feed.events_mask == (
+        Event.CONNECTED
+        | Event.DISCONNECTED
+        | Event.CONNECT_RETRIED
+        | Event.HANDSHAKE_FAILED_PROTOCOL
+        | Event.MONITOR_STOPPED
+    )
+    assert settings.global_.bind_retry_max_interval == pytest.approx(90)
+
+
+def test_socket_options_override_global_ones() -> None:
+    settings = parse_config(
+        "global: {options: {linger: 1s, reconnect_ivl: 1s}}\n"
+        "sockets:\n- {name: a, type: DEALER, connect: ['tcp://h:1'], options: {linger: 2s}}\n",
+        "inline.yml",
+    )
+    assert settings.sockets[0].options.linger == pytest.approx(2)
+    assert settings.sockets[0].options.reconnect_ivl == pytest.approx(1)
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("500ms", 0.5), ("1s", 1), ("2m", 120), ("1h", 3600), ("1m30s", 90), ("1.5s", 1.5)],
+)
+def test_durations(text: str, seconds: float) -> None:
+    assert parse_duration(text) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("text", ["", "1", "1 s", "s", "1x", "1s2", "-1s", True, 5, None])
+def test_bad_durations(text: object) -> None:
+    with pytest.raises(ValueError):
+        parse_duration(text)
+
+
+def make_keys(tmp_path: Path) -> tuple[Path, str, Path, str]:
+    import zmq.auth
+
+    server_public, server_secret = zmq.auth.create_certificates(str(tmp_path), "server")
+    client_public, _ = zmq.auth.create_certificates(str(tmp_path), "client")
+    del server_public, client_public
+    server_pub, _ = zmq.auth.load_certificate(str(tmp_path / "server.key_secret"))
+    return (
+        tmp_path / "server.key_secret",
+        server_pub.decode(),
+        tmp_path / "client.key_secret",
+        server_secret,
+    )
+
+
+def test_curve_key_files_zpl_and_raw(tmp_path: Path) -> None:
+    import zmq
+
+    server_secret_file, server_public, client_secret_file, _ = make_keys(tmp_path)
+    raw = tmp_path / "raw.key"
+    _, raw_secret = zmq.curve_keypair()
+    raw.write_text(raw_secret.decode() + "\n")
+    settings = parse_config(
+        f"""
+sockets:
+  - name: server
+    type: ROUTER
+    bind: [tcp://127.0.0.1:1]
+    options: {{curve_server: true, curve_secretkey_file: "{server_secret_file}"}}
+  - name: client
+    type: DEALER
+    connect: [tcp://127.0.0.1:1]
+    options: {{curve_serverkey: "{server_public}", curve_secretkey_file: "{raw}"}}
+""",
+        "curve.yml",
+    )
+    server, client = settings.sockets
+    assert server.curve_secretkey is not None and len(server.curve_secretkey) == 40
+    assert client.curve_secretkey == raw_secret
+    # The secret never shows in a repr (and so never in a log line).
+    assert raw_secret.decode() not in repr(settings)
+    del client_secret_file
+
+
+def test_curve_key_file_with_garbage_is_reported_without_echo(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.key"
+    bad.write_text("not-a-key-but-a-secret-looking-string-ok?")
+    with pytest.raises(ConfigError) as info:
+        parse_config(
+            f"sockets:\n- name: s\n  type: ROUTER\n  bind: [tcp://127.0.0.1:1]\n"
+            f"  options:\n    curve_server: true\n    curve_secretkey_file: {bad}\n",
+            "c.yml",
+        )
+    assert str(info.value).startswith("c.yml:7: sockets[0].options.curve_secretkey_file: key file")
+    assert "secret-looking" not in str(info.value)
+
+
+def test_curve_client_without_serverkey(tmp_path: Path) -> None:
+    server_secret_file, _, _, _ = make_keys(tmp_path)
+    with pytest.raises(ConfigError, match=r"c.yml:5: sockets\[0\].options: a CURVE client needs"):
+        parse_config(
+            f"sockets:\n- name: s\n  type: DEALER\n  connect: [tcp://127.0.0.1:1]\n"
+            f"  options: {{curve_secretkey_file: {server_secret_file}}}\n",
+            "c.yml",
+        )

@@ -1,0 +1,288 @@
+"""The reducer, without a network: every event type and every sequence measured in
+shared/zmq-monitor-facts.md."""
+
+from __future__ import annotations
+
+import errno
+
+import pytest
+
+from exporter.endpoints import SOCKET_WIDE, UNMAPPED, EndpointMap
+from exporter.events import Event
+from exporter.state import EndpointSnapshot, SocketState, apply_event, snapshot_socket
+
+E = Event
+BIND = "tcp://127.0.0.1:5555"
+CONNECT = "tcp://localhost:5556"
+
+
+def make(binds: tuple[str, ...] = (BIND,), connects: tuple[str, ...] = ()) -> SocketState:
+    return SocketState("s", "ROUTER", {"team": "x"}, EndpointMap(binds, connects))
+
+
+def feed(sock: SocketState, *events: tuple[Event | int, int, str]) -> None:
+    for index, (event, value, endpoint) in enumerate(events):
+        apply_event(sock, int(event), value, endpoint, float(index))
+
+
+def ep(sock: SocketState, label: str) -> EndpointSnapshot:
+    return {e.endpoint: e for e in snapshot_socket(sock).endpoints}[label]
+
+
+def test_initial_series_exist_at_zero_by_role() -> None:
+    sock = make(connects=(CONNECT,))
+    bind, conn = ep(sock, BIND), ep(sock, CONNECT)
+    assert bind.counts == {
+        e: 0 for e in (E.LISTENING, E.ACCEPTED, E.CLOSED, E.DISCONNECTED, E.HANDSHAKE_SUCCEEDED)
+    }
+    assert conn.counts == {
+        e: 0
+        for e in (
+            E.CONNECTED,
+            E.CONNECT_DELAYED,
+            E.CONNECT_RETRIED,
+            E.CLOSED,
+            E.DISCONNECTED,
+            E.HANDSHAKE_SUCCEEDED,
+        )
+    }
+    assert (bind.connections, bind.listening, bind.role) == (0, False, "bind")
+    assert (conn.connections, conn.reconnect_interval_ms, conn.role) == (0, 0, "connect")
+
+
+@pytest.mark.parametrize("event", list(Event))
+def test_every_event_type_is_counted_once(event: Event) -> None:
+    sock = make()
+    endpoint = "" if event is E.MONITOR_STOPPED else BIND
+    feed(sock, (event, 7, endpoint))
+    snap = snapshot_socket(sock)
+    label = SOCKET_WIDE if event is E.MONITOR_STOPPED else BIND
+    row = {e.endpoint: e for e in snap.endpoints}[label]
+    if event in (E.BIND_FAILED, E.ACCEPT_FAILED, E.CLOSE_FAILED):
+        assert row.errno_counts == {(event, errno.errorcode[7]): 1}
+    elif event.name.startswith("HANDSHAKE_FAILED"):
+        assert sum(row.handshake_failures.values()) == 1
+    else:
+        assert row.counts[event] == 1
+    assert row.last_event is event
+    assert snap.events == 1
+
+
+def test_router_side_of_dealer_connect_then_close() -> None:
+    # LISTENING ACCEPTED HANDSHAKE_SUCCEEDED DISCONNECTED; own close: CLOSED MONITOR_STOPPED
+    sock = make()
+    feed(sock, (E.LISTENING, 10, BIND), (E.ACCEPTED, 11, BIND), (E.HANDSHAKE_SUCCEEDED, 0, BIND))
+    row = ep(sock, BIND)
+    assert (row.connections, row.listening) == (1, True)
+    feed(sock, (E.DISCONNECTED, 11, BIND))
+    row = ep(sock, BIND)
+    assert (row.connections, row.listening, row.counts[E.DISCONNECTED]) == (0, True, 1)
+    feed(sock, (E.CLOSED, 10, BIND), (E.MONITOR_STOPPED, 0, ""))
+    row = ep(sock, BIND)
+    assert (row.connections, row.listening, row.counts[E.CLOSED]) == (0, False, 1)
+    assert ep(sock, SOCKET_WIDE).counts[E.MONITOR_STOPPED] == 1
+
+
+def test_dealer_side_own_close_clears_live_connections() -> None:
+    # CONNECT_DELAYED(115) CONNECTED HANDSHAKE_SUCCEEDED, own close: MONITOR_STOPPED only.
+    sock = make(binds=(), connects=(CONNECT,))
+    feed(
+        sock,
+        (E.CONNECT_DELAYED, 115, CONNECT),
+        (E.CONNECTED, 12, CONNECT),
+        (E.HANDSHAKE_SUCCEEDED, 0, CONNECT),
+    )
+    assert ep(sock, CONNECT).connections == 1
+    feed(sock, (E.MONITOR_STOPPED, 0, ""))
+    assert ep(sock, CONNECT).connections == 0  # no DISCONNECTED came, the gauge is still right
+
+
+def test_connect_to_nothing_retries_and_never_goes_negative() -> None:
+    # CONNECT_DELAYED(115) CLOSED CONNECT_RETRIED(ms), repeated.
+    sock = make(binds=(), connects=(CONNECT,))
+    for ivl in (110, 150, 197):
+        feed(
+            sock,
+            (E.CONNECT_DELAYED, 115, CONNECT),
+            (E.CLOSED, 13, CONNECT),
+            (E.CONNECT_RETRIED, ivl, CONNECT),
+        )
+    row = ep(sock, CONNECT)
+    assert row.counts[E.CONNECT_RETRIED] == 3
+    assert row.counts[E.CLOSED] == 3
+    assert row.connections == 0  # a naive -1 per CLOSED would say -3
+    assert row.reconnect_interval_ms == 197
+
+
+def test_peer_killed_under_connected_dealer() -> None:
+    # DEALER sees DISCONNECTED, then the CONNECT_DELAYED CLOSED CONNECT_RETRIED cycle.
+    sock = make(binds=(), connects=(CONNECT,))
+    feed(
+        sock,
+        (E.CONNECTED, 12, CONNECT),
+        (E.DISCONNECTED, 12, CONNECT),
+        (E.CONNECT_DELAYED, 115, CONNECT),
+        (E.CLOSED, 12, CONNECT),
+        (E.CONNECT_RETRIED, 100, CONNECT),
+    )
+    row = ep(sock, CONNECT)
+    assert (row.connections, row.counts[E.DISCONNECTED], row.counts[E.CONNECT_RETRIED]) == (0, 1, 1)
+
+
+def test_raw_tcp_connect_close_is_three_events() -> None:
+    # ACCEPTED HANDSHAKE_FAILED_NO_DETAIL(errno) DISCONNECTED
+    sock = make()
+    for fd in range(20, 120):
+        feed(
+            sock,
+            (E.ACCEPTED, fd, BIND),
+            (E.HANDSHAKE_FAILED_NO_DETAIL, errno.ECONNRESET, BIND),
+            (E.DISCONNECTED, fd, BIND),
+        )
+    row = ep(sock, BIND)
+    assert row.counts[E.ACCEPTED] == 100
+    assert row.counts[E.DISCONNECTED] == 100
+    assert row.connections == 0
+    assert row.handshake_failures == {("no_detail", "ECONNRESET"): 100}
+
+
+@pytest.mark.parametrize(
+    ("event", "value", "reason", "error"),
+    [
+        (E.HANDSHAKE_FAILED_PROTOCOL, 0x11000002, "protocol", "zmtp_mechanism_mismatch"),
+        (E.HANDSHAKE_FAILED_PROTOCOL, 0x11000001, "protocol", "zmtp_cryptographic"),
+        (E.HANDSHAKE_FAILED_PROTOCOL, 0x10000001, "protocol", "zmtp_unexpected_command"),
+        (E.HANDSHAKE_FAILED_PROTOCOL, 0x7777, "protocol", "other"),
+        (E.HANDSHAKE_FAILED_NO_DETAIL, 104, "no_detail", "ECONNRESET"),  # not ZMTP bytes
+        (E.HANDSHAKE_FAILED_NO_DETAIL, 11, "no_detail", "EAGAIN"),  # handshake timeout
+        (E.HANDSHAKE_FAILED_NO_DETAIL, 32, "no_detail", "EPIPE"),  # wrong CURVE key, client
+        (E.HANDSHAKE_FAILED_NO_DETAIL, 99999, "no_detail", "other"),
+        (E.HANDSHAKE_FAILED_AUTH, 400, "auth", "400"),  # rejected by ZAP
+        (E.HANDSHAKE_FAILED_AUTH, 300, "auth", "300"),
+        (E.HANDSHAKE_FAILED_AUTH, 123, "auth", "other"),
+    ],
+)
+def test_handshake_failures_decode_to_bounded_labels(
+    event: Event, value: int, reason: str, error: str
+) -> None:
+    sock = make()
+    feed(sock, (E.ACCEPTED, 5, BIND), (event, value, BIND), (E.DISCONNECTED, 5, BIND))
+    assert ep(sock, BIND).handshake_failures == {(reason, error): 1}
+
+
+def test_bind_failed_takes_the_empty_closed_before_it() -> None:
+    # Every failed bind(): CLOSED with empty endpoint, then BIND_FAILED without scheme.
+    sock = make(binds=("tcp://*:5555", "ipc:///tmp/x.sock"))
+    feed(
+        sock,
+        (E.CLOSED, 14, ""),
+        (E.BIND_FAILED, errno.EADDRINUSE, "*:5555"),
+        (E.CLOSED, 14, ""),
+        (E.BIND_FAILED, errno.EADDRINUSE, "*:5555"),
+    )
+    row = ep(sock, "tcp://*:5555")
+    assert row.errno_counts == {(E.BIND_FAILED, "EADDRINUSE"): 2}
+    assert row.counts[E.CLOSED] == 2
+    assert not row.listening
+    assert SOCKET_WIDE not in {e.endpoint for e in snapshot_socket(sock).endpoints}
+    # ipc: CLOSED names the endpoint, BIND_FAILED names the bare path.
+    feed(sock, (E.CLOSED, 16, "ipc:///tmp/x.sock"), (E.BIND_FAILED, errno.ENOENT, "/tmp/x.sock"))
+    row = ep(sock, "ipc:///tmp/x.sock")
+    assert row.errno_counts == {(E.BIND_FAILED, "ENOENT"): 1}
+    assert row.counts[E.CLOSED] == 1
+
+
+def test_pending_closed_is_hidden_until_resolved_so_counters_never_go_down() -> None:
+    sock = make()
+    feed(sock, (E.CLOSED, 14, ""))
+    assert ep(sock, BIND).counts[E.CLOSED] == 0
+    assert SOCKET_WIDE not in {e.endpoint for e in snapshot_socket(sock).endpoints}
+    feed(sock, (E.LISTENING, 15, BIND))  # not a BIND_FAILED: the CLOSED is socket-wide
+    assert ep(sock, SOCKET_WIDE).counts[E.CLOSED] == 1
+
+
+def test_resolved_bind_endpoints_map_to_configured() -> None:
+    sock = make(binds=("tcp://*:5555", "tcp://127.0.0.1:*"))
+    sock.endpoint_map.add_resolved("tcp://0.0.0.0:5555", "tcp://*:5555")
+    sock.endpoint_map.add_resolved("tcp://127.0.0.1:40269", "tcp://127.0.0.1:*")
+    feed(
+        sock,
+        (E.LISTENING, 3, "tcp://0.0.0.0:5555"),
+        (E.LISTENING, 4, "tcp://127.0.0.1:40269"),
+        (E.ACCEPTED, 9, "tcp://127.0.0.1:40269"),
+    )
+    assert ep(sock, "tcp://*:5555").listening
+    assert ep(sock, "tcp://127.0.0.1:*").connections == 1
+
+
+def test_unbind_closes_listener_but_keeps_connections() -> None:
+    sock = make()
+    feed(sock, (E.LISTENING, 3, BIND), (E.ACCEPTED, 9, BIND), (E.CLOSED, 3, BIND))
+    row = ep(sock, BIND)
+    assert (row.listening, row.connections) == (False, 1)
+
+
+def test_connect_endpoint_drift_localhost_to_ip() -> None:
+    # libzmq #4056: DISCONNECTED says tcp://localhost:5556, CONNECT_RETRIED tcp://127.0.0.1:5556
+    sock = make(binds=(), connects=(CONNECT,))
+    feed(
+        sock,
+        (E.CONNECTED, 8, CONNECT),
+        (E.DISCONNECTED, 8, "tcp://localhost:5556"),
+        (E.CONNECT_RETRIED, 100, "tcp://127.0.0.1:5556"),
+    )
+    row = ep(sock, CONNECT)
+    assert (row.counts[E.CONNECT_RETRIED], row.connections) == (1, 0)
+
+
+def test_ambiguous_or_foreign_endpoints_are_bounded() -> None:
+    sock = make(binds=(), connects=("tcp://a:7000", "tcp://b:7000"))
+    feed(sock, (E.CONNECT_RETRIED, 100, "tcp://c:7000"), (E.CONNECTED, 4, "tcp://zzz:1"))
+    labels = {e.endpoint for e in snapshot_socket(sock).endpoints}
+    assert labels == {"tcp://a:7000", "tcp://b:7000", UNMAPPED}
+    assert ep(sock, UNMAPPED).connections == 1
+
+
+def test_disconnect_of_unknown_fd_is_ignored() -> None:
+    sock = make()
+    feed(sock, (E.DISCONNECTED, 99, BIND), (E.DISCONNECTED, 99, BIND))
+    row = ep(sock, BIND)
+    assert (row.connections, row.counts[E.DISCONNECTED]) == (0, 2)
+
+
+def test_unknown_event_ids_are_counted_not_fatal() -> None:
+    sock = make()
+    feed(sock, (0x8000, 1, BIND), (0x8000, 1, BIND))
+    snap = snapshot_socket(sock)
+    assert snap.unknown_events == {0x8000: 2}
+    assert snap.events == 2
+
+
+def test_snapshot_is_a_copy() -> None:
+    sock = make()
+    feed(sock, (E.ACCEPTED, 9, BIND))
+    before = snapshot_socket(sock)
+    feed(sock, (E.ACCEPTED, 10, BIND))
+    row = {e.endpoint: e for e in before.endpoints}[BIND]
+    assert (row.counts[E.ACCEPTED], row.connections) == (1, 1)
+
+
+def test_gauge_equals_live_set_under_random_churn() -> None:
+    """Property: whatever the order, connections == number of fds accepted and not yet
+    disconnected, and never below zero."""
+    import random
+
+    rng = random.Random(1234)
+    sock = make()
+    live: set[int] = set()
+    for _ in range(5000):
+        fd = rng.randrange(3, 60)
+        kind = rng.choice([E.ACCEPTED, E.DISCONNECTED, E.CLOSED, E.HANDSHAKE_SUCCEEDED])
+        if kind is E.ACCEPTED and fd in live:
+            continue  # the kernel never hands out a live fd twice
+        feed(sock, (kind, fd, BIND))
+        if kind is E.ACCEPTED:
+            live.add(fd)
+        elif kind is E.DISCONNECTED:
+            live.discard(fd)
+        assert ep(sock, BIND).connections == len(live)
