@@ -65,9 +65,9 @@ def render_sockets(sockets: tuple[SocketSnapshot, ...]) -> Iterator[Metric]:
         for ep in sock.endpoints:
             labels = {"socket": sock.name, "endpoint": ep.endpoint, **sock.labels}
             for event, count in ep.counts.items():
-                if event in errno_events:
-                    continue
-                family = counters[event]
+                family = counters.get(event)
+                if family is None or event in errno_events:
+                    continue  # rendered with their errno / reason labels below
                 family.add_sample(
                     family.name if family.type == "unknown" else family.name + "_total",
                     labels,
