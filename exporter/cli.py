@@ -83,6 +83,9 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging("warning" if args.log_level == "warn" else args.log_level, args.log_format)
     try:
         settings = load_config(args.config_file)
+        from exporter.render.otlp import check_otlp
+
+        check_otlp(settings)  # the `otlp:` section and the OTEL_* environment variables
     except ConfigError as err:
         print(f"zmq-exporter: {err}", file=sys.stderr)
         return 1

@@ -13,6 +13,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from exporter.config import ConfigError, Settings, load_config
 from exporter.engine import Engine
+from exporter.render.otlp import OtlpPusher
 from exporter.render.prometheus import StateCollector
 from exporter.render.status import render_status
 from exporter.web import WebApp, WebServer
@@ -34,6 +35,10 @@ class Daemon:
         self.registry.register(_ReloadCollector(self))
         self.registry.register(PROCESS_COLLECTOR)
         self.registry.register(PLATFORM_COLLECTOR)
+        # OTLP push, when configured: reads the same snapshots, on the SDK's own thread.
+        self.otlp = OtlpPusher.from_settings(settings, self.engine.snapshot)
+        if self.otlp is not None:
+            self.registry.register(self.otlp.collector())
         app = WebApp(
             registry=self.registry,
             telemetry_path=telemetry_path,
@@ -48,6 +53,8 @@ class Daemon:
         self.engine.start()
         result = self.engine.apply(self._initial).result(APPLY_TIMEOUT)
         log.info("sockets started", extra={"sockets": len(result.added)})
+        if self.otlp is not None:
+            self.otlp.start()
         self.web.start()
         log.info("listening", extra={"port": self.web.port})
 
@@ -85,6 +92,8 @@ class Daemon:
 
     def stop(self) -> None:
         self.web.stop()
+        if self.otlp is not None:
+            self.otlp.stop(timeout=1.0)  # bounded: a dead collector must not delay exit
         self.engine.stop()
 
 

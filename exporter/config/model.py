@@ -10,6 +10,7 @@ from typing import Annotated
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
 from exporter.config.durations import parse_duration
+from exporter.config.otlp import OtlpConfig
 from exporter.endpoints import parse_endpoint
 from exporter.events import EVENT_BY_NAME
 
@@ -139,3 +140,4 @@ class Config(_Strict):
     global_: GlobalConfig = Field(GlobalConfig(), alias="global")
     limits: LimitsConfig = LimitsConfig()
     sockets: list[SocketConfig] = []
+    otlp: OtlpConfig | None = None  # OTLP push; see exporter/config/otlp.py
