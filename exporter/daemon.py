@@ -36,7 +36,9 @@ class Daemon:
         self.registry.register(PROCESS_COLLECTOR)
         self.registry.register(PLATFORM_COLLECTOR)
         # OTLP push, when configured: reads the same snapshots, on the SDK's own thread.
-        self.otlp = OtlpPusher.from_settings(settings, self.engine.snapshot)
+        self.otlp = OtlpPusher.from_settings(
+            settings, self.engine.snapshot, extra=[_ReloadCollector(self)]
+        )
         if self.otlp is not None:
             self.registry.register(self.otlp.collector())
         app = WebApp(
@@ -93,7 +95,7 @@ class Daemon:
     def stop(self) -> None:
         self.web.stop()
         if self.otlp is not None:
-            self.otlp.stop(timeout=1.0)  # bounded: a dead collector must not delay exit
+            self.otlp.stop(timeout=0.5)  # bounded: a dead collector must not delay exit
         self.engine.stop()
 
 

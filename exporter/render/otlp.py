@@ -125,16 +125,31 @@ INSTRUMENTS: tuple[Instrument, ...] = (
     ),
     _counter("zmq_exporter.attach_failures", "{attempt}", "zmq_exporter_attach_failures"),
     _gauge("zmq_exporter.sockets", "{socket}", "zmq_exporter_sockets"),
+    _gauge(
+        "zmq_exporter.config_last_reload_successful",
+        "",
+        "zmq_exporter_config_last_reload_successful",
+    ),
+    _gauge(
+        "zmq_exporter.config_last_reload_success_timestamp",
+        "s",
+        "zmq_exporter_config_last_reload_success_timestamp_seconds",
+    ),
 )
 
 Rows = dict[str, list[tuple[dict[str, str], float]]]  # family -> [(labels, value)]
 
 
-def render_rows(snap: EngineSnapshot) -> tuple[Rows, dict[str, str]]:
-    """Rows of every family, from the functions that render `/metrics`; and help texts."""
+def render_rows(
+    snap: EngineSnapshot, extra: Sequence[Collector] = ()
+) -> tuple[Rows, dict[str, str]]:
+    """Rows of every family, from the functions that render `/metrics` (and the daemon's
+    other collectors in `extra`); and help texts."""
     rows: Rows = {}
     helps: dict[str, str] = {}
-    families: Iterator[Metric] = iter((*render_sockets(snap.sockets), *render_self(snap)))
+    families: list[Metric] = [*render_sockets(snap.sockets), *render_self(snap)]
+    for collector in extra:
+        families.extend(collector.collect())
     for family in families:
         helps[family.name] = family.documentation
         rows[family.name] = [(dict(s.labels), float(s.value)) for s in family.samples]
@@ -151,8 +166,11 @@ class _RowSource:
 
     MAX_PIN_AGE = 1.0  # seconds; one collection's callbacks take milliseconds
 
-    def __init__(self, snapshot: Callable[[], EngineSnapshot]) -> None:
+    def __init__(
+        self, snapshot: Callable[[], EngineSnapshot], extra: Sequence[Collector] = ()
+    ) -> None:
         self._snapshot = snapshot
+        self._extra = tuple(extra)
         self._lock = threading.Lock()
         self._pinned: Rows | None = None
         self._pinned_at = 0.0
@@ -167,12 +185,12 @@ class _RowSource:
             now = time.monotonic()
             if self._pinned is None or now - self._pinned_at > self.MAX_PIN_AGE:
                 self.snapshots += 1
-                self._pinned = render_rows(self._snapshot())[0]
+                self._pinned = render_rows(self._snapshot(), self._extra)[0]
                 self._pinned_at = now
             return self._pinned.get(family, [])
 
     def help_texts(self) -> dict[str, str]:
-        return render_rows(self._snapshot())[1]
+        return render_rows(self._snapshot(), self._extra)[1]
 
 
 class _Reader(PeriodicExportingMetricReader):
@@ -308,6 +326,9 @@ def _sdk_exporter(settings: OtlpSettings) -> MetricExporter:
     """The official exporter for the protocol. Other OTEL_EXPORTER_OTLP_* variables
     (certificates, compression) are read by the SDK itself."""
     if settings.protocol == "grpc":
+        # grpc core prints its own INFO lines (a GOAWAY from a restarting collector) to
+        # stderr unless told otherwise; it reads this when first imported.
+        os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
         from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import (
             OTLPMetricExporter as GrpcExporter,
         )
@@ -348,10 +369,15 @@ def check_otlp(settings: Settings, env: Mapping[str, str] | None = None) -> Otlp
 class OtlpPusher:
     """The OTLP side of the daemon: start after the engine, stop before it."""
 
-    def __init__(self, settings: OtlpSettings, snapshot: Callable[[], EngineSnapshot]) -> None:
+    def __init__(
+        self,
+        settings: OtlpSettings,
+        snapshot: Callable[[], EngineSnapshot],
+        extra: Sequence[Collector] = (),
+    ) -> None:
         self.settings = settings
         self.stats = ExportStats()
-        self.source = _RowSource(snapshot)
+        self.source = _RowSource(snapshot, extra)
         self._provider: MeterProvider | None = None
         self._exporter: _TrackedExporter | None = None
 
@@ -360,11 +386,13 @@ class OtlpPusher:
         cls,
         settings: Settings,
         snapshot: Callable[[], EngineSnapshot],
+        extra: Sequence[Collector] = (),
         env: Mapping[str, str] | None = None,
     ) -> OtlpPusher | None:
-        """None when OTLP is off. Settings were checked by `check_otlp` at startup."""
+        """None when OTLP is off. Settings were checked by `check_otlp` at startup.
+        `extra`: the daemon's other collectors of `zmq_exporter_*` families."""
         otlp = resolve_otlp(settings.model.otlp, os.environ if env is None else env)
-        return cls(otlp, snapshot) if otlp is not None else None
+        return cls(otlp, snapshot, extra) if otlp is not None else None
 
     def start(self) -> None:
         _tame_sdk_logs()

@@ -1,0 +1,487 @@
+"""OTLP push end to end: a real daemon process pushing to a real OTLP receiver started here.
+
+The receiver is built on the official `opentelemetry-proto` service definitions: over gRPC
+(`MetricsServiceServicer` served by grpcio) and over plain HTTP (`POST /v1/metrics`, body an
+`ExportMetricsServiceRequest`). It decodes what arrives; nothing of our exporter is mocked.
+"""
+
+from __future__ import annotations
+
+import gzip
+import socket
+import threading
+import time
+import zlib
+from collections.abc import Iterator
+from concurrent import futures
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import zmq
+from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
+
+from helpers import Daemon, Samples, free_port, value, wait_until
+
+INTERVAL_MS = 200
+Attrs = frozenset[tuple[str, str]]
+
+
+@dataclass
+class Point:
+    metric: str
+    unit: str
+    kind: str  # "sum" or "gauge"
+    monotonic: bool
+    temporality: int
+    attrs: Attrs
+    value: float
+
+
+@dataclass
+class Export:
+    received: float  # time.monotonic() at arrival
+    headers: dict[str, str]
+    resource: dict[str, str]
+    points: list[Point]
+
+
+def _attrs(kvs: Any) -> dict[str, str]:
+    return {kv.key: kv.value.string_value for kv in kvs}
+
+
+def decode(request: metrics_service_pb2.ExportMetricsServiceRequest) -> tuple[dict, list]:
+    resource: dict[str, str] = {}
+    points: list[Point] = []
+    for rm in request.resource_metrics:
+        resource.update(_attrs(rm.resource.attributes))
+        for sm in rm.scope_metrics:
+            for m in sm.metrics:
+                kind = m.WhichOneof("data")
+                assert kind in ("sum", "gauge"), f"{m.name}: unexpected {kind}"
+                data = getattr(m, kind)
+                for dp in data.data_points:
+                    v = dp.as_int if dp.WhichOneof("value") == "as_int" else dp.as_double
+                    points.append(
+                        Point(
+                            m.name,
+                            m.unit,
+                            kind,
+                            bool(getattr(data, "is_monotonic", False)),
+                            int(getattr(data, "aggregation_temporality", 0)),
+                            frozenset(_attrs(dp.attributes).items()),
+                            float(v),
+                        )
+                    )
+    return resource, points
+
+
+class Receiver:
+    """A real OTLP metrics receiver on 127.0.0.1; keeps every export it decoded."""
+
+    def __init__(self, protocol: str, port: int | None = None) -> None:
+        self.protocol = protocol
+        self.port = port or free_port()
+        self.exports: list[Export] = []
+        self._lock = threading.Lock()
+        self._grpc: grpc.Server | None = None
+        self._http: ThreadingHTTPServer | None = None
+        self._http_thread: threading.Thread | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def record(self, body: bytes, headers: dict[str, str]) -> None:
+        request = metrics_service_pb2.ExportMetricsServiceRequest()
+        request.ParseFromString(body)
+        resource, points = decode(request)
+        with self._lock:
+            self.exports.append(Export(time.monotonic(), headers, resource, points))
+
+    def start(self) -> Receiver:
+        if self.protocol == "grpc":
+            receiver = self
+
+            class Servicer(metrics_service_pb2_grpc.MetricsServiceServicer):
+                def Export(self, request: Any, context: Any) -> Any:
+                    headers = {k: str(v) for k, v in context.invocation_metadata()}
+                    receiver.record(request.SerializeToString(), headers)
+                    return metrics_service_pb2.ExportMetricsServiceResponse()
+
+            server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+            metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(Servicer(), server)
+            assert server.add_insecure_port(f"127.0.0.1:{self.port}") == self.port
+            server.start()
+            self._grpc = server
+        else:
+            receiver = self
+
+            class Handler(BaseHTTPRequestHandler):
+                def do_POST(self) -> None:
+                    body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
+                    encoding = self.headers.get("Content-Encoding", "")
+                    if encoding == "gzip":
+                        body = gzip.decompress(body)
+                    elif encoding == "deflate":
+                        body = zlib.decompress(body)
+                    if self.path != "/v1/metrics":
+                        self.send_response(404)
+                        self.end_headers()
+                        return
+                    receiver.record(body, {k.lower(): v for k, v in self.headers.items()})
+                    reply = metrics_service_pb2.ExportMetricsServiceResponse().SerializeToString()
+                    self.send_response(200)
+                    self.send_header("Content-Type", "application/x-protobuf")
+                    self.send_header("Content-Length", str(len(reply)))
+                    self.end_headers()
+                    self.wfile.write(reply)
+
+                def log_message(self, format: str, *args: Any) -> None:
+                    pass
+
+            self._http = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+            self._http.daemon_threads = True
+            self._http_thread = threading.Thread(target=self._http.serve_forever, daemon=True)
+            self._http_thread.start()
+        return self
+
+    def stop(self) -> None:
+        if self._grpc is not None:
+            self._grpc.stop(grace=None).wait(5)
+            self._grpc = None
+        if self._http is not None:
+            self._http.shutdown()
+            self._http.server_close()
+            assert self._http_thread is not None
+            self._http_thread.join(5)
+            self._http = None
+
+    def count(self) -> int:
+        with self._lock:
+            return len(self.exports)
+
+    def last(self) -> Export | None:
+        with self._lock:
+            return self.exports[-1] if self.exports else None
+
+    def after(self, t: float) -> Export | None:
+        """The first export that arrived after monotonic time `t`."""
+        with self._lock:
+            return next((e for e in self.exports if e.received > t), None)
+
+
+def point(export: Export, metric: str, **attrs: str) -> Point | None:
+    want = set(attrs.items())
+    found = [p for p in export.points if p.metric == metric and want <= p.attrs]
+    assert len(found) <= 1, f"{metric}{attrs} matches {len(found)} points"
+    return found[0] if found else None
+
+
+def prometheus_name(p: Point) -> str:
+    """The standard OTLP→Prometheus translation, written out independently of the exporter:
+    `.` → `_`, unit `s` → `_seconds`, monotonic sums end in `_total` exactly once."""
+    name = p.metric.replace(".", "_")
+    if p.unit == "s":
+        name += "_seconds"
+    if p.kind == "sum" and p.monotonic:
+        name = name.removesuffix("_total") + "_total"
+    return name
+
+
+def router_config(port: int, extra: str = "") -> str:
+    return (
+        "global:\n  labels: {team: payments}\n"
+        "sockets:\n"
+        f"  - {{name: backend, type: ROUTER, bind: ['tcp://127.0.0.1:{port}']}}\n"
+        f"  - {{name: client, type: DEALER, connect: ['tcp://127.0.0.1:{port}']}}\n" + extra
+    )
+
+
+@pytest.fixture
+def ctx() -> Iterator[zmq.Context[zmq.Socket[bytes]]]:
+    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    yield context
+    context.destroy(linger=0)
+
+
+def connect_dealers(ctx: zmq.Context[zmq.Socket[bytes]], port: int, k: int) -> list[Any]:
+    dealers = []
+    for _ in range(k):
+        s = ctx.socket(zmq.DEALER)
+        s.setsockopt(zmq.LINGER, 0)
+        s.connect(f"tcp://127.0.0.1:{port}")
+        dealers.append(s)
+    return dealers
+
+
+def accepted_everywhere(
+    d: Daemon, rx: Receiver, want: int, labels: dict[str, str]
+) -> tuple[Samples, Export]:
+    """Wait until /metrics shows `want`, then scrape and take the first export that left
+    after that scrape: both are readings of the same, now idle, state."""
+    wait_until(
+        lambda: value(d.scrape(), "zmq_accepted_total", **labels) == want,
+        timeout=10,
+        what=f"/metrics accepted == {want}",
+    )
+    t = time.monotonic()
+    scraped = d.scrape()
+    export = wait_until(lambda: rx.after(t), timeout=10, what="an export after the scrape")
+    return scraped, export
+
+
+def rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("source", ["env", "yaml"])
+@pytest.mark.parametrize("protocol", ["grpc", "http/protobuf"])
+def test_k_connections_arrive_over_otlp_equal_to_metrics(
+    ctx: zmq.Context[zmq.Socket[bytes]], protocol: str, source: str
+) -> None:
+    rx = Receiver(protocol).start()
+    zport = free_port()
+    env = {"OTEL_METRICS_EXPORTER": "", "OTEL_EXPORTER_OTLP_HEADERS": ""}
+    extra = ""
+    if source == "env":
+        env = {
+            "OTEL_METRICS_EXPORTER": "otlp",
+            "OTEL_EXPORTER_OTLP_PROTOCOL": protocol,
+            "OTEL_EXPORTER_OTLP_ENDPOINT": rx.endpoint,
+            "OTEL_EXPORTER_OTLP_HEADERS": "x-api-key=s3cret%20value,x-tenant=acme",
+            "OTEL_METRIC_EXPORT_INTERVAL": str(INTERVAL_MS),
+            "OTEL_SERVICE_NAME": "zmq-sidecar",
+            "OTEL_RESOURCE_ATTRIBUTES": "deployment.environment=test,k8s.pod.name=pod-1",
+        }
+    else:
+        extra = (
+            "otlp:\n"
+            f"  protocol: {protocol}\n"
+            f"  endpoint: {rx.endpoint}\n"
+            "  headers: {x-api-key: s3cret value, x-tenant: acme}\n"
+            f"  interval: {INTERVAL_MS}ms\n"
+            "  service_name: zmq-sidecar\n"
+            "  resource_attributes: {deployment.environment: test, k8s.pod.name: pod-1}\n"
+        )
+        # The config file wins over the environment where both are set.
+        env = {
+            "OTEL_METRICS_EXPORTER": "none",
+            "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc" if protocol != "grpc" else "http/protobuf",
+            "OTEL_EXPORTER_OTLP_ENDPOINT": "http://127.0.0.1:9",
+            "OTEL_SERVICE_NAME": "loses-to-the-config-file",
+        }
+    k = 7
+    d = Daemon(router_config(zport, extra), env=env).start()
+    try:
+        dealers = connect_dealers(ctx, zport, k)
+        labels = {"socket": "backend", "endpoint": f"tcp://127.0.0.1:{zport}"}
+        # The exporter's own DEALER `client` is connected too: K + 1 accepted.
+        scraped, export = accepted_everywhere(d, rx, k + 1, labels)
+        p = point(export, "zmq.accepted", **labels)
+        assert p is not None
+        assert p.value == k + 1 == value(scraped, "zmq_accepted_total", **labels)
+        assert (p.kind, p.monotonic, p.temporality) == ("sum", True, 2)  # 2: CUMULATIVE
+        assert dict(p.attrs)["team"] == "payments"  # configured labels are attributes
+        conn = point(export, "zmq.connections", **labels)
+        assert conn is not None and conn.kind == "gauge" and conn.value == k + 1
+
+        # Headers passed through, resource attributes present.
+        assert export.headers.get("x-api-key") == "s3cret value"
+        assert export.headers.get("x-tenant") == "acme"
+        assert export.resource["service.name"] == "zmq-sidecar"
+        assert export.resource["service.version"]
+        assert export.resource["host.name"] == socket.gethostname()
+        assert export.resource["deployment.environment"] == "test"
+        assert export.resource["k8s.pod.name"] == "pod-1"
+
+        # Every data point equals the /metrics sample of the translated name, and every
+        # zmq_* series of /metrics arrived over OTLP.
+        got = {(prometheus_name(q), q.attrs): q.value for q in export.points}
+        want = {
+            key: v
+            for key, v in scraped.items()
+            if key[0].startswith("zmq_") and not key[0].startswith("zmq_exporter_otlp_")
+        }
+        assert got == want
+
+        wait_until(
+            lambda: value(d.scrape(), "zmq_exporter_otlp_exports_total", result="success"),
+            timeout=5,
+            what="successful exports counted on /metrics",
+        )
+        assert value(d.scrape(), "zmq_exporter_otlp_exports_total", result="failure") == 0
+        for s in dealers:
+            s.close(linger=0)
+    finally:
+        assert d.stop() == 0
+        rx.stop()
+    logs = d.logs()
+    assert "OTLP export working" in logs
+    assert "s3cret" not in logs  # header values are never logged
+    assert "Traceback" not in logs
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http/protobuf"])
+def test_receiver_down_then_back(ctx: zmq.Context[zmq.Socket[bytes]], protocol: str) -> None:
+    rx = Receiver(protocol).start()
+    zport = free_port()
+    env = {
+        "OTEL_METRICS_EXPORTER": "otlp",
+        "OTEL_EXPORTER_OTLP_PROTOCOL": protocol,
+        "OTEL_EXPORTER_OTLP_ENDPOINT": rx.endpoint,
+        "OTEL_METRIC_EXPORT_INTERVAL": str(INTERVAL_MS),
+        "OTEL_EXPORTER_OTLP_TIMEOUT": "500",  # milliseconds, as the specification says
+        "OTEL_EXPORTER_OTLP_HEADERS": "",
+    }
+    d = Daemon(router_config(zport), env=env).start()
+    assert d.proc is not None
+    labels = {"socket": "backend", "endpoint": f"tcp://127.0.0.1:{zport}"}
+    dealers: list[Any] = []
+    try:
+        dealers += connect_dealers(ctx, zport, 3)
+        accepted_everywhere(d, rx, 4, labels)
+        failures_before = value(d.scrape(), "zmq_exporter_otlp_exports_total", result="failure")
+        assert failures_before == 0
+
+        rx.stop()
+        # While the receiver is away: connections keep being counted, exports fail and
+        # are counted, the daemon's memory stays flat.
+        dealers += connect_dealers(ctx, zport, 5)
+        wait_until(
+            lambda: (
+                (value(d.scrape(), "zmq_exporter_otlp_exports_total", result="failure") or 0) >= 3
+            ),
+            timeout=15,
+            what="failed exports counted",
+        )
+        baseline = rss_kib(d.proc.pid)
+        samples = []
+        outage_end = time.monotonic() + 8.0
+        while time.monotonic() < outage_end:
+            samples.append(rss_kib(d.proc.pid))
+            time.sleep(0.25)  # sampling period, not a wait for a condition
+        assert d.proc.poll() is None
+        failures = value(d.scrape(), "zmq_exporter_otlp_exports_total", result="failure") or 0
+        print(
+            f"\n{protocol}: outage 8 s, {failures:.0f} failed exports; RSS baseline "
+            f"{baseline} KiB, min {min(samples)}, max {max(samples)}, last {samples[-1]} KiB"
+        )
+        assert failures >= 10  # about one per interval, not one per backoff attempt
+        assert max(samples) - baseline < 4096, samples  # KiB
+
+        seen = rx.count()
+        rx.start()  # same port
+        scraped, export = accepted_everywhere(d, rx, 9, labels)
+        assert rx.count() > seen
+        p = point(export, "zmq.accepted", **labels)
+        assert p is not None and p.value == 9 == value(scraped, "zmq_accepted_total", **labels)
+        c = point(export, "zmq.connections", **labels)
+        assert c is not None and c.value == 9
+    finally:
+        for s in dealers:
+            s.close(linger=0)
+        assert d.stop() == 0
+        rx.stop()
+    logs = d.logs()
+    # Once per state change, not once per attempt; the SDK's per-attempt lines are taken off.
+    assert logs.count("OTLP export failing") == 1, logs
+    assert logs.count("OTLP export recovered") == 1, logs
+    assert "logger=opentelemetry" not in logs and "Transient error" not in logs, logs
+    assert "chttp2" not in logs, logs  # grpc core's own INFO lines are quietened too
+    assert "Traceback" not in logs
+
+
+class BlackHole:
+    """Accepts TCP connections (kernel backlog) and never answers: a hung collector."""
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.port = self.sock.getsockname()[1]
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http/protobuf"])
+def test_hung_collector_does_not_hurt_scrapes_or_shutdown(protocol: str) -> None:
+    hole = BlackHole()
+    zport = free_port()
+    env = {
+        "OTEL_METRICS_EXPORTER": "otlp",
+        "OTEL_EXPORTER_OTLP_PROTOCOL": protocol,
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{hole.port}",
+        "OTEL_METRIC_EXPORT_INTERVAL": str(INTERVAL_MS),
+        "OTEL_EXPORTER_OTLP_TIMEOUT": "",  # the default 10 s: an export hangs that long
+        "OTEL_EXPORTER_OTLP_HEADERS": "",
+    }
+    d = Daemon(router_config(zport), env=env).start()
+    try:
+        # An export is stuck in flight (waiting for a reply that never comes)...
+        time.sleep(3 * INTERVAL_MS / 1000)  # let the first export start and hang
+        # ...and /metrics stays fast and exact.
+        worst = 0.0
+        for _ in range(20):
+            t = time.monotonic()
+            samples = d.scrape()
+            worst = max(worst, time.monotonic() - t)
+        assert value(samples, "zmq_exporter_otlp_exports_total", result="success") == 0
+        assert worst < 0.5, worst
+    finally:
+        t = time.monotonic()
+        rc = d.stop(timeout=5)
+        took = time.monotonic() - t
+        hole.close()
+    print(f"\n{protocol}: SIGTERM with an export hanging: exit {rc} after {took:.2f} s")
+    assert rc == 0
+    assert took < 2.0
+    assert "Traceback" not in d.logs()
+
+
+def test_one_snapshot_per_collection() -> None:
+    """In-process: one collection of every instrument takes exactly one engine snapshot."""
+    from opentelemetry.sdk.metrics.export import MetricExportResult
+
+    from exporter.config.otlp import OtlpSettings
+    from exporter.engine import Engine
+    from exporter.render.otlp import INSTRUMENTS, OtlpPusher
+
+    engine = Engine()
+    calls = 0
+
+    def snapshot() -> Any:
+        nonlocal calls
+        calls += 1
+        return engine.snapshot()
+
+    rx = Receiver("http/protobuf").start()
+    pusher = OtlpPusher(
+        OtlpSettings("http/protobuf", rx.endpoint + "/v1/metrics", interval=0.2), snapshot
+    )
+    try:
+        pusher.start()
+        wait_until(lambda: rx.count() >= 3, timeout=10, what="three exports")
+        before_snap, before_exports = pusher.source.snapshots, rx.count()
+        wait_until(lambda: rx.count() >= before_exports + 3, timeout=10, what="3 more")
+        collections = rx.count() - before_exports
+        taken = pusher.source.snapshots - before_snap
+        # one per collection (an export may be in flight at either edge)
+        assert collections - 1 <= taken <= collections + 1, (taken, collections)
+        assert len(INSTRUMENTS) > 20
+        assert pusher.stats.success >= 3
+        assert MetricExportResult.SUCCESS  # imported from the SDK the daemon uses
+    finally:
+        pusher.stop()
+        rx.stop()
+        engine.stop()

@@ -1,0 +1,210 @@
+"""OTLP settings: the `otlp:` YAML section, the OTEL_* environment variables, which wins, and
+the startup errors of bad values (a real daemon process, exit code 1, one line)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from exporter.config import ConfigError, parse_config
+from exporter.config.otlp import OtlpSettings, resolve_otlp
+from exporter.render.otlp import INSTRUMENTS
+
+from helpers import ROOT, Daemon, free_port, value
+
+SOCKETS = "sockets:\n  - {name: s, type: ROUTER, bind: ['tcp://127.0.0.1:5999']}\n"
+
+
+def resolve(yaml_otlp: str | None, env: dict[str, str]) -> OtlpSettings | None:
+    text = SOCKETS + (f"otlp:\n{yaml_otlp}" if yaml_otlp is not None else "")
+    return resolve_otlp(parse_config(text, "c.yml").model.otlp, env)
+
+
+def test_off_unless_asked() -> None:
+    assert resolve(None, {}) is None
+    assert resolve(None, {"OTEL_METRICS_EXPORTER": "prometheus"}) is None
+    assert resolve(None, {"OTEL_METRICS_EXPORTER": "otlp", "OTEL_SDK_DISABLED": "true"}) is None
+    assert resolve("  enabled: false\n", {"OTEL_METRICS_EXPORTER": "otlp"}) is None
+    # Unused variables are not checked while OTLP is off.
+    assert resolve(None, {"OTEL_EXPORTER_OTLP_PROTOCOL": "bogus"}) is None
+
+
+def test_env_defaults_and_signal_path() -> None:
+    on = {"OTEL_METRICS_EXPORTER": "otlp"}
+    s = resolve(None, on)
+    assert s is not None
+    assert (s.protocol, s.endpoint) == ("http/protobuf", "http://localhost:4318/v1/metrics")
+    assert (s.interval, s.timeout) == (60.0, 10.0)
+    assert s.resource["service.name"] == "zmq-exporter"
+    assert {"service.version", "host.name"} <= set(s.resource)
+
+    s = resolve(None, {**on, "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"})
+    assert s is not None and s.endpoint == "http://localhost:4317"
+
+    base = {**on, "OTEL_EXPORTER_OTLP_ENDPOINT": "https://c.example:4318/"}
+    s = resolve(None, base)
+    assert s is not None and s.endpoint == "https://c.example:4318/v1/metrics"
+    s = resolve(None, {**base, "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": "http://m:1/custom"})
+    assert s is not None and s.endpoint == "http://m:1/custom"  # signal-specific: as is
+
+    s = resolve(
+        None,
+        {
+            **on,
+            "OTEL_METRIC_EXPORT_INTERVAL": "1500",
+            "OTEL_EXPORTER_OTLP_TIMEOUT": "250",
+            "OTEL_EXPORTER_OTLP_HEADERS": "Authorization=Bearer%20abc,x-b=2",
+            "OTEL_RESOURCE_ATTRIBUTES": "service.name=from-attrs,team=core",
+            "OTEL_SERVICE_NAME": "svc",
+        },
+    )
+    assert s is not None
+    assert (s.interval, s.timeout) == (1.5, 0.25)
+    assert s.headers == {"authorization": "Bearer abc", "x-b": "2"}
+    assert s.resource["service.name"] == "svc"  # OTEL_SERVICE_NAME wins, as specified
+    assert s.resource["team"] == "core"
+
+
+def test_config_file_wins_where_both_are_set() -> None:
+    env = {
+        "OTEL_METRICS_EXPORTER": "none",
+        "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+        "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": "http://env:4318/v1/metrics",
+        "OTEL_EXPORTER_OTLP_HEADERS": "x-a=env,x-env=1",
+        "OTEL_METRIC_EXPORT_INTERVAL": "9000",
+        "OTEL_SERVICE_NAME": "env-name",
+        "OTEL_RESOURCE_ATTRIBUTES": "a=env,b=env",
+    }
+    s = resolve(
+        "  protocol: grpc\n"
+        "  endpoint: http://yaml:4317\n"
+        "  headers: {x-a: yaml}\n"
+        "  interval: 2s\n"
+        "  service_name: yaml-name\n"
+        "  resource_attributes: {a: yaml}\n",
+        env,
+    )
+    assert s is not None
+    assert (s.protocol, s.endpoint, s.interval) == ("grpc", "http://yaml:4317", 2.0)
+    assert s.headers == {"x-a": "yaml", "x-env": "1"}  # merged per key
+    assert s.resource["service.name"] == "yaml-name"
+    assert (s.resource["a"], s.resource["b"]) == ("yaml", "env")
+
+
+@pytest.mark.parametrize(
+    ("otlp", "message"),
+    [
+        ("  protocol: http/json\n", "c.yml:4: otlp.protocol: unknown OTLP protocol 'http/json'"),
+        ("  endpoint: collector:4317\n", "c.yml:4: otlp.endpoint: malformed OTLP endpoint"),
+        ("  metrics_endpoint: http://c:70000\n", "c.yml:4: otlp.metrics_endpoint: malformed"),
+        ("  interval: 0s\n", "c.yml:4: otlp.interval: expected a duration above zero"),
+        ("  headers: {'bad name': x}\n", "c.yml:4: otlp.headers: invalid header name"),
+        ("  protcol: grpc\n", "c.yml:4: otlp.protcol: unknown key (expected one of: enabled"),
+    ],
+)
+def test_yaml_errors_name_file_line_and_key(otlp: str, message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        parse_config(SOCKETS + "otlp:\n" + otlp, "c.yml")
+    assert str(err.value).startswith(message), str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("env", "message"),
+    [
+        (
+            {"OTEL_EXPORTER_OTLP_PROTOCOL": "http/json"},
+            "environment variable OTEL_EXPORTER_OTLP_PROTOCOL='http/json': unknown OTLP "
+            "protocol 'http/json' (expected grpc or http/protobuf)",
+        ),
+        (
+            {"OTEL_EXPORTER_OTLP_ENDPOINT": "collector:4317"},
+            "environment variable OTEL_EXPORTER_OTLP_ENDPOINT='collector:4317': malformed",
+        ),
+        (
+            {"OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": "ftp://c/v1/metrics"},
+            "environment variable OTEL_EXPORTER_OTLP_METRICS_ENDPOINT=",
+        ),
+        (
+            {"OTEL_METRIC_EXPORT_INTERVAL": "10s"},
+            "environment variable OTEL_METRIC_EXPORT_INTERVAL='10s': expected a whole number",
+        ),
+        (
+            {"OTEL_EXPORTER_OTLP_HEADERS": "Authorization Bearer sekrit"},
+            "environment variable OTEL_EXPORTER_OTLP_HEADERS: entry 1 is not key=value",
+        ),
+    ],
+)
+def test_env_errors_name_the_variable(env: dict[str, str], message: str) -> None:
+    with pytest.raises(ConfigError) as err:
+        resolve(None, {"OTEL_METRICS_EXPORTER": "otlp", **env})
+    text = str(err.value)
+    assert text.startswith(message), text
+    assert "sekrit" not in text  # header values are never echoed
+
+
+def run_cli(config: Path, env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("OTEL_")}
+    return subprocess.run(
+        [sys.executable, "-m", "exporter", f"--config.file={config}", *args],
+        env={**clean, **env},
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        stdin=subprocess.DEVNULL,
+    )
+
+
+@pytest.mark.parametrize("check", [True, False], ids=["config.check", "start"])
+@pytest.mark.parametrize(
+    ("yaml", "env", "expected"),
+    [
+        ("", {"OTEL_EXPORTER_OTLP_PROTOCOL": "grpcc"}, "OTEL_EXPORTER_OTLP_PROTOCOL='grpcc'"),
+        ("", {"OTEL_EXPORTER_OTLP_ENDPOINT": "localhost"}, "OTEL_EXPORTER_OTLP_ENDPOINT="),
+        ("otlp:\n  protocol: thrift\n", {}, "config.yml:4: otlp.protocol: unknown OTLP"),
+        ("otlp:\n  endpoint: 'http://'\n", {}, "config.yml:4: otlp.endpoint: malformed"),
+    ],
+)
+def test_bad_settings_stop_the_daemon_with_one_line(
+    tmp_path: Path, yaml: str, env: dict[str, str], expected: str, check: bool
+) -> None:
+    config = tmp_path / "config.yml"
+    config.write_text(
+        f"sockets:\n  - {{name: s, type: ROUTER, bind: ['tcp://127.0.0.1:{free_port()}']}}\n" + yaml
+    )
+    args = ["--config.check"] if check else [f"--web.listen-address=127.0.0.1:{free_port()}"]
+    result = run_cli(config, {"OTEL_METRICS_EXPORTER": "otlp", **env}, *args)
+    assert result.returncode == 1, result
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("zmq-exporter: "), lines
+    assert expected in lines[0], lines
+    assert "Traceback" not in result.stderr
+
+
+def test_off_by_default_no_otlp_self_metrics() -> None:
+    port = free_port()
+    config = f"sockets:\n  - {{name: s, type: ROUTER, bind: ['tcp://127.0.0.1:{port}']}}\n"
+    with Daemon(config, env={"OTEL_METRICS_EXPORTER": "none"}) as d:
+        samples = d.scrape()
+    assert value(samples, "zmq_exporter_otlp_exports_total", result="failure") is None
+    assert "OTLP" not in d.logs()
+
+
+def test_instrument_names_translate_to_distinct_contract_names() -> None:
+    names = [i.prometheus_name for i in INSTRUMENTS]
+    assert len(set(names)) == len(names)
+    assert len({i.otel_name for i in INSTRUMENTS}) == len(INSTRUMENTS)
+    table = {i.otel_name: i.prometheus_name for i in INSTRUMENTS}
+    assert table["zmq.accepted"] == "zmq_accepted_total"
+    assert table["zmq.connections"] == "zmq_connections"
+    assert table["zmq.reconnect_interval"] == "zmq_reconnect_interval_seconds"
+    assert table["zmq.listening_total"] == "zmq_listening_total"  # the counter
+    assert table["zmq.listening"] == "zmq_listening"  # the gauge
+    readme = (ROOT / "README.md").read_text()
+    for i in INSTRUMENTS:  # the README's mapping table lists every instrument
+        assert f"`{i.otel_name}` | " in readme and f"`{i.prometheus_name}`" in readme, i
