@@ -45,6 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="address for /metrics and the web endpoints (default: %(default)s)",
     )
     p.add_argument(
+        "--web.config.file",
+        dest="web_config_file",
+        default="",
+        metavar="PATH",
+        help="TLS and basic auth, in the Prometheus exporter-toolkit format (default: none)",
+    )
+    p.add_argument(
         "--web.telemetry-path",
         dest="telemetry_path",
         default="/metrics",
@@ -89,6 +96,15 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"zmq-exporter: {err}", file=sys.stderr)
         return 1
+    web_config = None
+    if args.web_config_file:
+        from exporter.webconfig import load_web_config
+
+        try:
+            web_config = load_web_config(args.web_config_file)
+        except ConfigError as err:
+            print(f"zmq-exporter: bad --web.config.file: {err}", file=sys.stderr)
+            return 1
     if args.config_check:
         print(f"{args.config_file}: OK ({len(settings.sockets)} sockets)")
         return 0
@@ -99,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     from exporter.daemon import Daemon
 
     try:
-        daemon = Daemon(settings, args.listen_address, args.telemetry_path)
+        daemon = Daemon(settings, args.listen_address, args.telemetry_path, web_config)
     except (ValueError, OSError) as err:
         print(f"zmq-exporter: cannot listen on {args.listen_address}: {err}", file=sys.stderr)
         return 1

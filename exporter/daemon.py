@@ -17,6 +17,7 @@ from exporter.render.otlp import OtlpPusher
 from exporter.render.prometheus import StateCollector
 from exporter.render.status import render_status
 from exporter.web import WebApp, WebServer
+from exporter.webconfig import WebConfig
 
 log = logging.getLogger("zmq_exporter")
 
@@ -24,7 +25,13 @@ APPLY_TIMEOUT = 30.0
 
 
 class Daemon:
-    def __init__(self, settings: Settings, listen_address: str, telemetry_path: str) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        listen_address: str,
+        telemetry_path: str,
+        web_config: WebConfig | None = None,
+    ) -> None:
         self.config_file = settings.file
         self.engine = Engine()
         self._reload_lock = threading.Lock()
@@ -49,16 +56,17 @@ class Daemon:
             reload=self.reload,
         )
         self._initial = settings
-        self.web = WebServer(app, listen_address)
+        self.web = WebServer(app, listen_address, web_config)
 
     def start(self) -> None:
         self.engine.start()
+        # Web first: /-/healthy answers at once, /-/ready only once every socket exists.
+        self.web.start()
         result = self.engine.apply(self._initial).result(APPLY_TIMEOUT)
         log.info("sockets started", extra={"sockets": len(result.added)})
         if self.otlp is not None:
             self.otlp.start()
-        self.web.start()
-        log.info("listening", extra={"port": self.web.port})
+        log.info("listening", extra={"port": self.web.port, "tls": self.web.tls})
 
     def reload(self) -> tuple[bool, str]:
         """Load the config file again and apply the difference; on any error keep the

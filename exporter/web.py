@@ -1,23 +1,126 @@
 """The HTTP side: /metrics (text format or OpenMetrics by content negotiation), health
-endpoints and the landing page. One thread per connection; the engine is only ever read
-through snapshots, so a slow client blocks nothing but its own thread.
+endpoints, the landing page and POST /-/reload, optionally behind TLS and basic auth
+(`exporter.webconfig`).
+
+One thread per connection; the engine is only ever read through snapshots, so a slow
+client blocks nothing but its own thread. What one client can hold is bounded: the TLS
+handshake runs in the connection's thread (never in the accept loop) with a deadline; the
+request line and headers must arrive within HEADER_TIMEOUT and fit in MAX_HEADER_BYTES
+(414/431 otherwise); bodies over MAX_BODY_BYTES get 413; at most MAX_CONNECTIONS
+connections are served at once (503 beyond) and at most `max_concurrent_scrapes` scrapes
+render at once (503 beyond). A scrape releases its slot before writing the response, so a
+client that never reads holds only its own thread, until the socket timeout.
 """
 
 from __future__ import annotations
 
+import contextlib
 import gzip
+import io
 import logging
 import socket
+import ssl
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 from prometheus_client.exposition import choose_encoder
-from prometheus_client.registry import CollectorRegistry
+from prometheus_client.metrics_core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from exporter.webconfig import BasicAuth, WebConfig
 
 log = logging.getLogger("zmq_exporter.web")
+
+MAX_REQUEST_LINE = 8 * 1024  # 414 beyond
+MAX_HEADER_BYTES = 16 * 1024  # request line + headers; 431 beyond
+MAX_BODY_BYTES = 64 * 1024  # 413 beyond (no endpoint here takes a body)
+HEADER_TIMEOUT = 10.0  # seconds from a request's first byte to the end of its headers
+IDLE_TIMEOUT = 30.0  # seconds a kept-alive connection may wait for its next request
+WRITE_TIMEOUT = 30.0  # seconds a response may take to be read by the client
+TLS_HANDSHAKE_TIMEOUT = 10.0
+MAX_CONNECTIONS = 64
+REJECT_REASONS = ("unauthorized", "too_many_scrapes", "too_many_connections", "too_large")
+
+
+class _Collected(Collector):
+    """Families collected already, handed to an encoder."""
+
+    def __init__(self, families: list[Metric]) -> None:
+        self._families = families
+
+    def collect(self) -> Iterable[Metric]:
+        return self._families
+
+
+SCRAPE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class WebStats(Collector):
+    """The web server's self-metrics: scrapes served, their duration, series exported and
+    refused requests. Plain numbers under a lock (no `_created` series)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.scrapes = 0
+        self.duration_buckets = [0] * len(SCRAPE_BUCKETS)
+        self.duration_sum = 0.0
+        self.series = 0
+        self.rejected = dict.fromkeys(REJECT_REASONS, 0)
+
+    def scraped(self, seconds: float, series: int) -> None:
+        with self._lock:
+            self.scrapes += 1
+            self.duration_sum += seconds
+            self.series = series
+            for index, bound in enumerate(SCRAPE_BUCKETS):
+                if seconds <= bound:
+                    self.duration_buckets[index] += 1
+
+    def reject(self, reason: str) -> None:
+        with self._lock:
+            self.rejected[reason] += 1
+
+    def collect(self) -> Iterator[Metric]:
+        with self._lock:
+            scrapes, buckets, total = self.scrapes, list(self.duration_buckets), self.duration_sum
+            series, rejected = self.series, dict(self.rejected)
+        family = CounterMetricFamily(
+            "zmq_exporter_scrapes", "Scrapes of the metrics endpoint served (answered 200)."
+        )
+        family.add_metric([], scrapes)
+        yield family
+        histogram = HistogramMetricFamily(
+            "zmq_exporter_scrape_duration_seconds", "Time to collect and encode one scrape."
+        )
+        histogram.add_metric(
+            [],
+            [(repr(b), c) for b, c in zip(SCRAPE_BUCKETS, buckets, strict=True)]
+            + [("+Inf", scrapes)],
+            total,
+        )
+        yield histogram
+        gauge = GaugeMetricFamily(
+            "zmq_exporter_series", "Samples (series) in the last scrape served, all included."
+        )
+        gauge.add_metric([], series)
+        yield gauge
+        refused = CounterMetricFamily(
+            "zmq_exporter_http_requests_rejected",
+            "HTTP requests refused before being served, by reason.",
+            labels=["reason"],
+        )
+        for reason, count in rejected.items():
+            refused.add_metric([reason], count)
+        yield refused
 
 
 @dataclass
@@ -31,15 +134,22 @@ class WebApp:
 
     def __post_init__(self) -> None:
         self._scrape_slots = threading.BoundedSemaphore(self.max_concurrent_scrapes)
+        self.stats = WebStats()
+        self.registry.register(self.stats)
 
     def metrics(
         self, accept: str | None, accept_encoding: str | None
     ) -> tuple[int, dict[str, str], bytes]:
         if not self._scrape_slots.acquire(blocking=False):
+            self.stats.reject("too_many_scrapes")
             return 503, {"Content-Type": "text/plain"}, b"too many concurrent scrapes\n"
         try:
+            start = time.perf_counter()
             encoder, content_type = choose_encoder(accept or "")
-            body = encoder(self.registry)
+            families = list(self.registry.collect())
+            body = encoder(_Collected(families))
+            series = sum(len(family.samples) for family in families)
+            self.stats.scraped(time.perf_counter() - start, series)
         finally:
             self._scrape_slots.release()
         headers = {"Content-Type": content_type}
@@ -63,11 +173,22 @@ class _Server(ThreadingHTTPServer):
     request_queue_size = 64
 
     def __init__(
-        self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler], app: WebApp
+        self,
+        address: tuple[str, int],
+        handler: type[BaseHTTPRequestHandler],
+        app: WebApp,
+        ssl_context: ssl.SSLContext | None = None,
+        auth: BasicAuth | None = None,
+        max_connections: int = MAX_CONNECTIONS,
     ) -> None:
         host = address[0]
         self.address_family = socket.AF_INET6 if ":" in host or host == "" else socket.AF_INET
         self.app = app
+        self.ssl_context = ssl_context
+        self.auth = auth
+        self.max_connections = max_connections
+        self._active = 0
+        self._active_lock = threading.Lock()
         super().__init__(("::" if host == "" else host, address[1]), handler)
 
     def server_bind(self) -> None:
@@ -76,14 +197,192 @@ class _Server(ThreadingHTTPServer):
             self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         super().server_bind()
 
+    def get_request(self) -> tuple[Any, Any]:
+        sock, address = super().get_request()
+        if self.ssl_context is not None:
+            # No I/O here: the handshake runs in the connection's own thread, so a client
+            # that connects and stays silent cannot stall the accept loop.
+            sock = self.ssl_context.wrap_socket(
+                sock, server_side=True, do_handshake_on_connect=False
+            )
+        return sock, address
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        with self._active_lock:
+            full = self._active >= self.max_connections
+            if not full:
+                self._active += 1
+        if full:
+            self.app.stats.reject("too_many_connections")
+            if not isinstance(request, ssl.SSLSocket):
+                with contextlib.suppress(OSError):
+                    request.setblocking(False)
+                    request.send(
+                        b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\n"
+                        b"Content-Length: 25\r\nConnection: close\r\n\r\n"
+                        b"too many open connections"
+                    )
+            self.shutdown_request(request)
+            return
+        super().process_request(request, client_address)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            if isinstance(request, ssl.SSLSocket):
+                request.settimeout(TLS_HANDSHAKE_TIMEOUT)
+                try:
+                    request.do_handshake()
+                except (OSError, ValueError) as err:
+                    log.debug("TLS handshake failed", extra={"peer": client_address, "err": err})
+                    self.shutdown_request(request)
+                    return
+            super().process_request_thread(request, client_address)
+        finally:
+            with self._active_lock:
+                self._active -= 1
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        log.debug("HTTP connection error", exc_info=True, extra={"peer": client_address})
+
+
+class _RequestTooLarge(Exception):
+    pass
+
+
+class _BoundedReader(io.BufferedIOBase):
+    """The handler's rfile during the request line and headers: at most `budget` bytes,
+    all of them before `deadline` (the socket timeout shrinks as it nears)."""
+
+    def __init__(self, inner: Any, sock: socket.socket) -> None:
+        self._inner = inner
+        self._sock = sock
+        self.budget: int | None = None
+        self.deadline: float | None = None
+
+    def readline(self, limit: int | None = -1) -> bytes:
+        if self.deadline is not None:
+            remaining = self.deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError("request headers too slow")
+            self._sock.settimeout(remaining)
+        if self.budget is None:
+            return bytes(self._inner.readline(limit))
+        want = self.budget + 1 if limit is None or limit < 0 else min(limit, self.budget + 1)
+        line = bytes(self._inner.readline(want))
+        self.budget -= len(line)
+        if self.budget < 0:
+            raise _RequestTooLarge
+        return line
+
+    def read(self, size: int | None = -1) -> bytes:
+        return bytes(self._inner.read(size))
+
+    def peek(self, size: int = 1) -> bytes:
+        return bytes(self._inner.peek(size))
+
+    def readable(self) -> bool:
+        return True
+
+    def close(self) -> None:
+        self._inner.close()
+        super().close()
+
 
 class _Handler(BaseHTTPRequestHandler):
     server: _Server
-    timeout = 30  # seconds a client may take to send its request
+    timeout = IDLE_TIMEOUT
     protocol_version = "HTTP/1.1"
     server_version = "zmq-exporter"
+    _reader: _BoundedReader
+
+    def setup(self) -> None:
+        super().setup()
+        self._reader = _BoundedReader(self.rfile, self.connection)
+        self.rfile = self._reader
+
+    def handle_one_request(self) -> None:
+        reader = self._reader
+        reader.budget = None
+        reader.deadline = None
+        self.connection.settimeout(IDLE_TIMEOUT)
+        try:
+            if not reader.peek(1):
+                self.close_connection = True  # the client closed a kept-alive connection
+                return
+        except (TimeoutError, OSError):
+            self.close_connection = True
+            return
+        reader.budget = MAX_HEADER_BYTES
+        reader.deadline = time.monotonic() + HEADER_TIMEOUT
+        self.raw_requestline = b""
+        self.request_version = "HTTP/1.1"  # for an error sent before the request line parses
+        self.command = ""
+        self.requestline = ""
+        try:
+            super().handle_one_request()
+        except _RequestTooLarge:
+            self.server.app.stats.reject("too_large")
+            if self.raw_requestline:
+                self.send_error(431, "Request header fields too large")
+            else:
+                self.send_error(414, "Request line too long")
+            self.close_connection = True
+
+    def parse_request(self) -> bool:
+        if len(self.raw_requestline) > MAX_REQUEST_LINE:
+            self.server.app.stats.reject("too_large")
+            self.close_connection = True
+            self.send_error(414, "Request line too long")
+            return False
+        ok = super().parse_request()
+        reader = self._reader
+        reader.budget = None
+        reader.deadline = None
+        self.connection.settimeout(WRITE_TIMEOUT)
+        return ok
+
+    # -- checks shared by every method ---------------------------------------------------
+
+    def _admit(self) -> bool:
+        """Basic auth and body size; answers the request itself when refusing it."""
+        auth = self.server.auth
+        if auth is not None and not auth.check(self.headers.get("Authorization")):
+            self.server.app.stats.reject("unauthorized")
+            self._send(
+                401,
+                {"Content-Type": "text/plain", "WWW-Authenticate": 'Basic realm="zmq-exporter"'},
+                b"Unauthorized\n",
+            )
+            return False
+        return self._discard_body()
+
+    def _discard_body(self) -> bool:
+        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
+            self.close_connection = True
+            self._send(411, {"Content-Type": "text/plain"}, b"Content-Length required\n")
+            return False
+        text = self.headers.get("Content-Length", "0").strip() or "0"
+        if not text.isdigit():
+            self.close_connection = True
+            self._send(400, {"Content-Type": "text/plain"}, b"Bad Content-Length\n")
+            return False
+        length = int(text)
+        if length > MAX_BODY_BYTES:
+            self.server.app.stats.reject("too_large")
+            self.close_connection = True
+            self._send(413, {"Content-Type": "text/plain"}, b"Request body too large\n")
+            return False
+        if length:
+            self.connection.settimeout(HEADER_TIMEOUT)
+            self.rfile.read(length)
+            self.connection.settimeout(WRITE_TIMEOUT)
+        return True
+
+    # -- methods -------------------------------------------------------------------------
 
     def do_GET(self) -> None:
+        if not self._admit():
+            return
         app = self.server.app
         path = self.path.split("?", 1)[0]
         if path == app.telemetry_path:
@@ -110,7 +409,11 @@ class _Handler(BaseHTTPRequestHandler):
         else:
             self._send(404, {"Content-Type": "text/plain"}, b"Not found\n")
 
+    do_HEAD = do_GET
+
     def do_POST(self) -> None:
+        if not self._admit():
+            return
         path = self.path.split("?", 1)[0]
         if path != "/-/reload":
             self._send(
@@ -120,24 +423,46 @@ class _Handler(BaseHTTPRequestHandler):
         ok, message = self.server.app.reload()
         self._send(200 if ok else 500, {"Content-Type": "text/plain"}, message.encode() + b"\n")
 
+    def _not_allowed(self) -> None:
+        if not self._admit():
+            return
+        path = self.path.split("?", 1)[0]
+        allow = "POST" if path == "/-/reload" else "GET, HEAD"
+        self._send(405, {"Content-Type": "text/plain", "Allow": allow}, b"Method not allowed\n")
+
+    do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_allowed
+
     def _send(self, status: int, headers: dict[str, str], body: bytes) -> None:
         self.send_response(status)
         for key, value in headers.items():
             self.send_header(key, value)
         self.send_header("Content-Length", str(len(body)))
+        if self.close_connection:
+            self.send_header("Connection", "close")
         self.end_headers()
         if self.command != "HEAD":
             self.wfile.write(body)
-
-    do_HEAD = do_GET
 
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("http " + format, *args)
 
 
 class WebServer:
-    def __init__(self, app: WebApp, listen_address: str) -> None:
-        self._server = _Server(parse_listen_address(listen_address), _Handler, app)
+    def __init__(
+        self,
+        app: WebApp,
+        listen_address: str,
+        web_config: WebConfig | None = None,
+        max_connections: int = MAX_CONNECTIONS,
+    ) -> None:
+        self._server = _Server(
+            parse_listen_address(listen_address),
+            _Handler,
+            app,
+            ssl_context=web_config.ssl_context if web_config else None,
+            auth=web_config.basic_auth() if web_config else None,
+            max_connections=max_connections,
+        )
         self._thread = threading.Thread(
             target=self._server.serve_forever, name="zmq-exporter-web", daemon=True
         )
@@ -145,6 +470,10 @@ class WebServer:
     @property
     def port(self) -> int:
         return int(self._server.server_address[1])
+
+    @property
+    def tls(self) -> bool:
+        return self._server.ssl_context is not None
 
     def start(self) -> None:
         self._thread.start()
