@@ -8,7 +8,6 @@ import platform
 import signal
 import sys
 import threading
-from types import FrameType
 
 import zmq
 
@@ -114,26 +113,22 @@ def main(argv: list[str] | None = None) -> int:
 
     from exporter.daemon import Daemon
 
+    # Signals are taken synchronously by this thread (sigwait), blocked before any other
+    # thread exists so that every thread inherits the mask. With a Python handler instead,
+    # a signal that the kernel hands to another thread waits until the main thread wakes
+    # up, which it never does while it sleeps in an untimed wait: SIGHUP reloads were lost.
+    handled = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
+    signal.pthread_sigmask(signal.SIG_BLOCK, handled)
     try:
         daemon = Daemon(settings, args.listen_address, args.telemetry_path, web_config)
     except (ValueError, OSError) as err:
         print(f"zmq-exporter: cannot listen on {args.listen_address}: {err}", file=sys.stderr)
         return 1
 
-    stop = threading.Event()
-
-    def on_stop(signum: int, frame: FrameType | None) -> None:
-        stop.set()
-
-    def on_hup(signum: int, frame: FrameType | None) -> None:
-        threading.Thread(target=daemon.reload, name="zmq-exporter-reload").start()
-
-    signal.signal(signal.SIGTERM, on_stop)
-    signal.signal(signal.SIGINT, on_stop)
-    signal.signal(signal.SIGHUP, on_hup)
     daemon.start()
     log.info("zmq-exporter started", extra={"version": __version__, "config": args.config_file})
-    stop.wait()
+    while signal.sigwait(handled) == signal.SIGHUP:
+        threading.Thread(target=daemon.reload, name="zmq-exporter-reload", daemon=True).start()
     log.info("shutting down")
     daemon.stop()
     return 0

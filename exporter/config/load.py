@@ -15,6 +15,7 @@ from typing import Any
 import pydantic
 import zmq
 
+from exporter.cardinality import estimate_series
 from exporter.config.errors import ConfigError, Path
 from exporter.config.model import (
     Config,
@@ -102,6 +103,14 @@ def _resolve(model: Config, file: str, lines: dict[Path, int]) -> Settings:
             )
         seen[sock.name] = index
         specs.append(_resolve_socket(sock, model.global_, here, fail))
+    series = estimate_series(specs)  # label values come only from here: see cardinality.py
+    if series > model.limits.max_series:
+        where: Path = ("limits", "max_series") if ("limits", "max_series") in lines else ()
+        fail(
+            where or ("sockets",),
+            f"about {series} series estimated for {len(specs)} sockets, more than "
+            f"limits.max_series ({model.limits.max_series})",
+        )
     return Settings(file, tuple(specs), model.global_, model.limits, model)
 
 

@@ -21,11 +21,12 @@ def render_status(snap: EngineSnapshot, telemetry_path: str) -> str:
                 stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(ep.last_event_time))
                 last = f"{ep.last_event.name} at {stamp} UTC"
             listening = ("yes" if ep.listening else "no") if ep.role == "bind" else "-"
+            name, endpoint = html.escape(sock.name), html.escape(ep.endpoint)
             rows.append(
-                "<tr>"
-                f"<td>{html.escape(sock.name)}</td><td>{html.escape(sock.socket_type)}</td>"
-                f"<td>{ep.role}</td><td><code>{html.escape(ep.endpoint)}</code></td>"
-                f"<td class=num>{ep.connections}</td><td>{listening}</td>"
+                f'<tr data-socket="{name}" data-endpoint="{endpoint}">'
+                f"<td>{name}</td><td>{html.escape(sock.socket_type)}</td>"
+                f"<td>{ep.role}</td><td><code>{endpoint}</code></td>"
+                f'<td class="num">{ep.connections}</td><td>{listening}</td>'
                 f"<td>{html.escape(last)}</td>"
                 "</tr>"
             )
