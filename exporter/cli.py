@@ -125,7 +125,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"zmq-exporter: cannot listen on {args.listen_address}: {err}", file=sys.stderr)
         return 1
 
-    daemon.start()
+    try:
+        daemon.start()
+    except Exception as err:  # a socket that cannot be created (EMFILE, ...): one line
+        print(f"zmq-exporter: cannot start: {err!r}", file=sys.stderr)
+        daemon.stop()
+        return 1
     log.info("zmq-exporter started", extra={"version": __version__, "config": args.config_file})
     while signal.sigwait(handled) == signal.SIGHUP:
         threading.Thread(target=daemon.reload, name="zmq-exporter-reload", daemon=True).start()

@@ -79,6 +79,8 @@ class Engine:
     ) -> None:
         self._owns_ctx = ctx is None
         self.ctx: zmq.Context[zmq.Socket[bytes]] = ctx if ctx is not None else zmq.Context()
+        if self._owns_ctx:  # 3 zmq sockets per monitored socket; the default cap is 1023
+            self.ctx.set(zmq.MAX_SOCKETS, self.ctx.get(zmq.SOCKET_LIMIT))
         self._clock = clock
         self._lock = threading.Lock()
         # Guarded by _lock:
