@@ -1,0 +1,349 @@
+"""The deploy files against a real Prometheus (Debian's /usr/bin/prometheus) scraping a real
+daemon, every second, on 127.0.0.1.
+
+Prometheus runs on deploy/prometheus/prometheus.yml with three mechanical changes: the
+target is the test's daemon, scrape and evaluation intervals are 1 s, and it loads a copy of
+deploy/prometheus/alerts.yml in which every `for:` is replaced by FOR (10 s) - thresholds,
+windows and expressions are the real file's, byte for byte.
+
+The daemon watches: a ROUTER + DEALER pair of its own; DEALER `storm` connected to a peer
+ROUTER process that the test kills (SIGKILL) and restarts in a bounded loop; DEALER `quiet`
+connected to an identical peer process that is left alone for the same time (the control);
+DEALER `missing` pointed at a port where nothing listens (1 s base interval, 30 s backoff:
+below the storm threshold); ROUTER `busy` binding a port the test holds (EADDRINUSE).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+import urllib.error
+import urllib.parse
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from test_deploy_tools import DEPLOY, tool
+
+from helpers import Daemon, free_port, http_get, value, wait_until
+
+pytestmark = pytest.mark.slow
+
+FOR = "10s"
+RATE_INTERVAL = "10s"  # what the test substitutes for Grafana's $__rate_interval
+DASHBOARD = DEPLOY / "grafana" / "zmq-exporter.json"
+ALERTS = DEPLOY / "prometheus" / "alerts.yml"
+SCRAPE_CONFIG = DEPLOY / "prometheus" / "prometheus.yml"
+
+PEER = textwrap.dedent("""\
+    import sys
+    import zmq
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    router.bind(sys.argv[1])
+    sys.stdin.read()  # until the test closes stdin (or kills the process)
+    router.close()
+    ctx.term()
+    """)
+
+
+def start_peer(endpoint: str) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-c", PEER, endpoint],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+
+
+def stop_peer(peer: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
+    if peer.poll() is None:
+        peer.send_signal(sig)
+    try:
+        peer.wait(5)
+    except subprocess.TimeoutExpired:
+        peer.kill()
+        peer.wait(5)
+    for stream in (peer.stdin, peer.stderr):
+        if stream is not None:
+            stream.close()
+
+
+def rewrite_for(rules_text: str) -> str:
+    """alerts.yml with every `for:` set to FOR, nothing else changed."""
+    doc = yaml.safe_load(rules_text)
+    for group in doc["groups"]:
+        for rule in group["rules"]:
+            if "for" in rule:
+                rule["for"] = FOR
+    return str(yaml.safe_dump(doc, sort_keys=False))
+
+
+@dataclass
+class Prometheus:
+    proc: subprocess.Popen[bytes]
+    url: str
+    log: Path
+
+    def api(self, path: str, **params: str) -> Any:
+        query = urllib.parse.urlencode(params)
+        try:
+            body = json.loads(http_get(f"{self.url}{path}?{query}", timeout=10))
+        except urllib.error.HTTPError as e:  # PromQL errors come as 400 with a JSON body
+            raise AssertionError(f"{path} {params}: {e.code} {e.read().decode()}") from None
+        assert body["status"] == "success", body
+        return body["data"]
+
+    def query(self, expr: str) -> list[dict[str, Any]]:
+        data = self.api("/api/v1/query", query=expr)
+        assert data["resultType"] == "vector", (expr, data)
+        return list(data["result"])
+
+    def alerts(self, name: str) -> list[dict[str, Any]]:
+        return [a for a in self.api("/api/v1/alerts")["alerts"] if a["labels"]["alertname"] == name]
+
+
+@dataclass
+class Stack:
+    prom: Prometheus
+    daemon: Daemon
+    instance: str
+    storm_endpoint: str
+    quiet_endpoint: str
+    peers: list[subprocess.Popen[bytes]]
+
+
+@pytest.fixture(scope="module")
+def stack() -> Iterator[Stack]:
+    prometheus = tool("prometheus")
+    tmp = Path(tempfile.mkdtemp(prefix="zmq-exporter-e2e-"))
+    backend, storm, quiet, missing = free_port(), free_port(), free_port(), free_port()
+    holder = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    holder.bind(("127.0.0.1", 0))
+    holder.listen(1)
+    busy = holder.getsockname()[1]
+    storm_ep, quiet_ep = f"tcp://127.0.0.1:{storm}", f"tcp://127.0.0.1:{quiet}"
+    peers = [start_peer(storm_ep), start_peer(quiet_ep)]
+    config = textwrap.dedent(f"""\
+        global:
+          labels: {{app: e2e}}
+          options: {{reconnect_ivl: 100ms}}
+        sockets:
+          - {{name: backend, type: ROUTER, bind: ['tcp://127.0.0.1:{backend}']}}
+          - {{name: worker, type: DEALER, connect: ['tcp://127.0.0.1:{backend}']}}
+          - {{name: storm, type: DEALER, connect: ['{storm_ep}']}}
+          - {{name: quiet, type: DEALER, connect: ['{quiet_ep}']}}
+          - name: missing
+            type: DEALER
+            connect: ['tcp://127.0.0.1:{missing}']
+            options: {{reconnect_ivl: 1s, reconnect_ivl_max: 30s}}
+          - {{name: busy, type: ROUTER, bind: ['tcp://127.0.0.1:{busy}']}}
+        """)
+    daemon = Daemon(config)
+    proc: subprocess.Popen[bytes] | None = None
+    try:
+        daemon.start()
+        instance = f"127.0.0.1:{daemon.port}"
+        rules = tmp / "alerts.yml"
+        rules.write_text(rewrite_for(ALERTS.read_text()))
+        prom_config = yaml.safe_load(SCRAPE_CONFIG.read_text())
+        prom_config["global"].update(scrape_interval="1s", evaluation_interval="1s")
+        prom_config["rule_files"] = [str(rules)]
+        (job,) = prom_config["scrape_configs"]
+        job["static_configs"] = [{"targets": [instance]}]
+        (tmp / "prometheus.yml").write_text(yaml.safe_dump(prom_config))
+        port = free_port()
+        log = tmp / "prometheus.log"
+        with open(log, "wb") as out:
+            proc = subprocess.Popen(
+                [
+                    prometheus,
+                    f"--config.file={tmp / 'prometheus.yml'}",
+                    f"--storage.tsdb.path={tmp / 'data'}",
+                    f"--web.listen-address=127.0.0.1:{port}",
+                    "--log.level=warn",
+                ],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                cwd=tmp,
+            )
+        prom = Prometheus(proc, f"http://127.0.0.1:{port}", log)
+
+        def ready() -> bool:
+            assert proc is not None
+            assert proc.poll() is None, f"prometheus exited: {log.read_text()}"
+            try:
+                http_get(prom.url + "/-/ready", timeout=1)
+                return True
+            except OSError:
+                return False
+
+        wait_until(ready, timeout=30, interval=0.1, what="prometheus ready")
+        yield Stack(prom, daemon, instance, storm_ep, quiet_ep, peers)
+    finally:
+        if proc is not None:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
+        for peer in peers:
+            stop_peer(peer)
+        assert daemon.stop() == 0
+        holder.close()
+        subprocess.run(["rm", "-rf", str(tmp)], check=False)
+        if daemon.config_path is not None:
+            subprocess.run(["rm", "-rf", str(daemon.config_path.parent)], check=False)
+
+
+def substitute(expr: str, instance: str, socket_re: str = ".*") -> str:
+    return (
+        expr.replace("$__rate_interval", RATE_INTERVAL)
+        .replace("$instance", instance)
+        .replace("$socket", socket_re)
+    )
+
+
+def metric_names(expr: str) -> set[str]:
+    """Metric names an expression selects (PromQL functions and keywords never start so)."""
+    return set(re.findall(r"\b((?:zmq|process)_[a-z_]+|up)\b(?=\s*[{\[)])", expr))
+
+
+def dashboard_queries() -> list[tuple[str, str]]:
+    dash = json.loads(DASHBOARD.read_text())
+    out = [
+        (panel["title"], target["expr"])
+        for panel in dash["panels"]
+        for target in panel.get("targets", [])
+    ]
+    assert len(out) >= 20
+    return out
+
+
+def test_every_dashboard_and_rule_expression_evaluates(stack: Stack) -> None:
+    prom, instance = stack.prom, stack.instance
+    # Enough scrapes for every 10 s rate window, and the rules evaluated a few times.
+    wait_until(
+        lambda: prom.query(f'count_over_time(up{{job="zmq",instance="{instance}"}}[1m]) >= 12'),
+        timeout=40,
+        interval=0.5,
+        what="12 scrapes",
+    )
+    (up,) = prom.query(f'up{{job="zmq",instance="{instance}"}}')
+    assert up["value"][1] == "1"
+
+    # Dashboard variables: label_values(zmq_exporter_build_info, instance) and
+    # label_values(zmq_socket_info{instance=~"$instance"}, socket).
+    assert {s["metric"]["instance"] for s in prom.query("zmq_exporter_build_info")} == {instance}
+    sockets = {
+        s["metric"]["socket"]
+        for s in prom.query(substitute('zmq_socket_info{instance=~"$instance"}', instance))
+    }
+    assert sockets == {"backend", "worker", "storm", "quiet", "missing", "busy"}
+
+    empty = []
+    for title, expr in dashboard_queries():
+        real = substitute(expr, instance)
+        result = prom.query(real)  # raises on any PromQL error
+        names = metric_names(expr)
+        assert names, (title, expr)
+        present = all(prom.query(f'count({{__name__="{n}"}})') for n in names)
+        if present:
+            assert result, f"{title}: no data for {real}"
+        else:
+            empty.append(title)
+    # Only the failure counters this setup never produces may be absent.
+    assert set(empty) <= {"Accept / close failures /s", "Unknown monitor events /s"}, empty
+
+    # Rule expressions: each evaluates, each metric it selects exists here, and exactly the
+    # conditions this setup creates return data (thresholds included).
+    expected = {
+        "ZmqBindFailed": {"busy"},
+        "ZmqBindEndpointNotListening": {"busy"},
+        "ZmqConnectEndpointDisconnected": {"missing"},
+    }
+    groups = yaml.safe_load(ALERTS.read_text())["groups"]
+    rules = [rule for group in groups for rule in group["rules"]]
+    assert len(rules) >= 6
+    for rule in rules:
+        for name in metric_names(rule["expr"]):
+            assert prom.query(f'count({{__name__="{name}"}})'), (rule["alert"], name)
+        result = prom.query(rule["expr"])
+        got = {s["metric"].get("socket") for s in result}
+        assert got == expected.get(rule["alert"], set()), (rule["alert"], result)
+
+
+def connections(daemon: Daemon, endpoint: str) -> float | None:
+    return value(daemon.scrape(), "zmq_connections", endpoint=endpoint)
+
+
+def test_reconnect_storm_fires_while_a_quiet_socket_stays_inactive(stack: Stack) -> None:
+    prom, daemon = stack.prom, stack.daemon
+    wait_until(lambda: connections(daemon, stack.quiet_endpoint) == 1, what="quiet connected")
+    wait_until(lambda: connections(daemon, stack.storm_endpoint) == 1, what="storm connected")
+    assert prom.alerts("ZmqReconnectStorm") == []
+
+    start = time.monotonic()
+    deadline = start + 90
+    cycles = 0
+    pending_at = fired_at = None
+    quiet_alerts: list[dict[str, Any]] = []
+    while cycles < 500 and time.monotonic() < deadline:
+        peer = stack.peers[0]
+        stop_peer(peer, signal.SIGKILL)  # the peer crashes
+        wait_until(lambda: connections(daemon, stack.storm_endpoint) == 0, what="disconnect")
+        stack.peers[0] = peer = start_peer(stack.storm_endpoint)  # and comes back
+
+        def reconnected(p: subprocess.Popen[bytes] = peer) -> bool:
+            assert p.poll() is None, f"peer exited {p.returncode}"
+            return connections(daemon, stack.storm_endpoint) == 1
+
+        wait_until(reconnected, timeout=10, what="storm reconnected")
+        cycles += 1
+        alerts = prom.alerts("ZmqReconnectStorm")
+        quiet_alerts += [a for a in alerts if a["labels"].get("socket") != "storm"]
+        storm = [a for a in alerts if a["labels"].get("socket") == "storm"]
+        if storm and pending_at is None:
+            pending_at = time.monotonic() - start
+        if storm and storm[0]["state"] == "firing":
+            fired_at = time.monotonic() - start
+            break
+    elapsed = time.monotonic() - start
+    print(
+        f"\nreconnect storm: {cycles} kill/restart cycles, pending after {pending_at}s, "
+        f"firing after {fired_at}s (for: {FOR}, scrape/eval 1s)"
+    )
+    assert fired_at is not None, f"ZmqReconnectStorm not firing after {elapsed:.0f}s"
+    (alert,) = [a for a in prom.alerts("ZmqReconnectStorm") if a["labels"]["socket"] == "storm"]
+    assert alert["labels"]["endpoint"] == stack.storm_endpoint
+    assert alert["labels"]["severity"] == "warning"
+    assert alert["labels"]["app"] == "e2e"
+    assert stack.storm_endpoint in alert["annotations"]["description"]
+    assert alert["annotations"]["summary"] == (
+        f"ZeroMQ reconnect storm on storm {stack.storm_endpoint}"
+    )
+    # The control: the quiet socket, with the same kind of peer up for the same time, never
+    # had the alert pending or firing, and its storm score is exactly 0.
+    assert quiet_alerts == []
+    assert [a for a in prom.alerts("ZmqReconnectStorm") if a["labels"]["socket"] != "storm"] == []
+    window = f"{max(int(elapsed) + 2, 5)}s"
+    quiet = prom.query(
+        f'rate(zmq_connect_retried_total{{socket="quiet"}}[{window}])'
+        f' + rate(zmq_disconnected_total{{socket="quiet"}}[{window}])'
+    )
+    assert [s["value"][1] for s in quiet] == ["0"]
+    storm = prom.query(f'increase(zmq_disconnected_total{{socket="storm"}}[{window}])')
+    assert float(storm[0]["value"][1]) >= cycles * 0.5
