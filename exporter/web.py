@@ -260,19 +260,33 @@ class _BoundedReader(io.BufferedIOBase):
         self.deadline: float | None = None
 
     def readline(self, limit: int | None = -1) -> bytes:
-        if self.deadline is not None:
-            remaining = self.deadline - time.monotonic()
-            if remaining <= 0:
-                raise TimeoutError("request headers too slow")
-            self._sock.settimeout(remaining)
-        if self.budget is None:
+        if self.budget is None and self.deadline is None:
             return bytes(self._inner.readline(limit))
-        want = self.budget + 1 if limit is None or limit < 0 else min(limit, self.budget + 1)
-        line = bytes(self._inner.readline(want))
-        self.budget -= len(line)
-        if self.budget < 0:
-            raise _RequestTooLarge
-        return line
+        limit = -1 if limit is None else limit
+        line = bytearray()
+        # Chunk by chunk, not one inner readline: a client trickling a byte per second
+        # would otherwise keep one readline (and the connection) alive for ever.
+        while limit < 0 or len(line) < limit:
+            if self.deadline is not None:
+                remaining = self.deadline - time.monotonic()
+                if remaining <= 0:
+                    raise TimeoutError("request headers too slow")
+                self._sock.settimeout(remaining)
+            chunk = self._inner.peek(1)  # at most one recv, bounded by the timeout
+            if not chunk:
+                break
+            end = chunk.find(b"\n")
+            take = len(chunk) if end < 0 else end + 1
+            if limit >= 0:
+                take = min(take, limit - len(line))
+            line += self._inner.read(take)
+            if self.budget is not None and len(line) > self.budget:
+                raise _RequestTooLarge
+            if line.endswith(b"\n"):
+                break
+        if self.budget is not None:
+            self.budget -= len(line)
+        return bytes(line)
 
     def read(self, size: int | None = -1) -> bytes:
         return bytes(self._inner.read(size))

@@ -1,0 +1,164 @@
+"""Cardinality and limits: limits.max_sockets / limits.max_series refuse a config at start
+with one line, the series estimate matches a real scrape, label values come only from the
+config and bounded decodings, and the scrape self-metrics add up."""
+
+from __future__ import annotations
+
+import errno
+import socket
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import zmq
+
+from exporter.cardinality import FIXED_SERIES, estimate_series
+from exporter.config import parse_config
+from exporter.events import HANDSHAKE_REASONS, ZAP_STATUS, ZMTP_ERRORS
+
+from helpers import ROOT, Daemon, free_port, value, wait_until
+
+
+@pytest.fixture
+def ctx() -> Iterator[zmq.Context[zmq.Socket[bytes]]]:
+    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    yield context
+    context.destroy(linger=0)
+
+
+def run(config: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "exporter", f"--config.file={config}",
+         f"--web.listen-address=127.0.0.1:{free_port()}"],
+        cwd=ROOT, capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+
+
+def test_limits_refuse_config_at_start(tmp_path: Path) -> None:
+    config = tmp_path / "c.yml"
+    socks = "".join(
+        f"  - {{name: s{i}, type: DEALER, connect: [tcp://127.0.0.1:{i + 1}]}}\n" for i in range(3)
+    )
+    config.write_text("limits:\n  max_sockets: 2\nsockets:\n" + socks)
+    proc = run(config)
+    assert proc.returncode == 1
+    assert proc.stderr.strip() == (
+        f"zmq-exporter: {config}:3: sockets: 3 sockets configured, more than limits.max_sockets (2)"
+    ), proc.stderr
+    config.write_text("limits:\n  max_series: 100\nsockets:\n" + socks)
+    proc = run(config)
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        f"zmq-exporter: {config}:2: limits.max_series: about "
+    ), proc.stderr
+    assert "more than limits.max_series (100)" in lines[0]
+
+
+def test_series_estimate_matches_a_scrape(ctx: zmq.Context[zmq.Socket[bytes]]) -> None:
+    router, dead = free_port(), free_port()
+    text = textwrap.dedent(f"""\
+        sockets:
+          - name: backend
+            type: ROUTER
+            bind: [tcp://127.0.0.1:{router}, tcp://127.0.0.1:{free_port()}]
+          - name: client
+            type: DEALER
+            connect: [tcp://127.0.0.1:{dead}, tcp://127.0.0.1:{router}]
+            options: {{reconnect_ivl: 100ms}}
+        """)
+    estimate = estimate_series(parse_config(text, "x.yml").sockets)
+    with Daemon(text) as daemon:
+        wait_until(
+            lambda: (
+                value(
+                    daemon.scrape(),
+                    "zmq_connected_total",
+                    socket="client",
+                    endpoint=f"tcp://127.0.0.1:{router}",
+                )
+                == 1
+            ),
+            what="client connected",
+        )
+        m = daemon.scrape()
+        sockets = [k for k in m if k[0].startswith("zmq_") and not k[0].startswith("zmq_exp")]
+        print(f"estimate {estimate} series ({estimate - FIXED_SERIES} socket series), "
+              f"scrape {len(m)} ({len(sockets)} socket series)")  # fmt: skip
+        assert len(sockets) <= estimate - FIXED_SERIES
+        assert len(sockets) >= 0.8 * (estimate - FIXED_SERIES)
+        assert len(m) <= estimate
+        # zmq_exporter_series is the size of the previous scrape; nothing changes between
+        # these two, so it equals the sample count of the first.
+        first = daemon.scrape()
+        second = daemon.scrape()
+        assert value(second, "zmq_exporter_series") == len(first)
+        scrapes = value(second, "zmq_exporter_scrapes_total")
+        assert scrapes is not None and scrapes >= 3  # completed before this one
+        assert value(second, "zmq_exporter_scrape_duration_seconds_count") == scrapes
+        assert value(second, "zmq_exporter_scrape_duration_seconds_bucket", le="+Inf") == scrapes
+        for name in ("process_resident_memory_bytes", "zmq_exporter_events_processed_total",
+                     "zmq_exporter_reader_backlog_events"):  # fmt: skip
+            assert value(second, name) is not None, name
+
+
+def test_label_values_come_from_config_and_bounded_decodings(
+    ctx: zmq.Context[zmq.Socket[bytes]],
+) -> None:
+    router, dead = free_port(), free_port()
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen()
+    busy_port = busy.getsockname()[1]
+    text = textwrap.dedent(f"""\
+        global:
+          labels: {{team: ops}}
+        sockets:
+          - name: backend
+            type: ROUTER
+            bind: [tcp://127.0.0.1:{router}, tcp://127.0.0.1:{busy_port}]
+            options: {{handshake_ivl: 300ms}}
+          - name: client
+            type: DEALER
+            connect: [tcp://localhost:{dead}]
+            options: {{reconnect_ivl: 100ms}}
+        """)
+    configured = {
+        "socket": {"backend", "client"},
+        "endpoint": {f"tcp://127.0.0.1:{router}", f"tcp://127.0.0.1:{busy_port}",
+                     f"tcp://localhost:{dead}", "", "unmapped"},
+        "team": {"ops"},
+        "type": {"ROUTER", "DEALER"},
+        "reason": set(HANDSHAKE_REASONS),
+        "errno": set(errno.errorcode.values()) | {"other"},
+        "error": set(errno.errorcode.values()) | set(ZMTP_ERRORS.values())
+        | set(ZAP_STATUS.values()) | {"other", "none"},
+    }  # fmt: skip
+    try:
+        with Daemon(text) as daemon:
+            # Garbage, silent and half-open TCP peers, a failing bind and a dead connect.
+            for payload in (b"", b"\xff" * 64, b"GET / HTTP/1.0\r\n\r\n"):
+                with socket.create_connection(("127.0.0.1", router), timeout=5) as s:
+                    s.sendall(payload)
+            wait_until(
+                lambda: (value(daemon.scrape(), "zmq_bind_failed_total", errno="EADDRINUSE")
+                         or 0) > 0
+                and (value(daemon.scrape(), "zmq_connect_retried_total", socket="client") or 0)
+                > 0
+                and sum(v for (n, ls), v in daemon.scrape().items()
+                        if n == "zmq_handshake_failed_total" and ("error", "none") not in ls)
+                >= 2,
+                what="bind failure, retries and handshake failures counted",
+            )  # fmt: skip
+            m = daemon.scrape()
+            for name, labels in m:
+                if not name.startswith("zmq_") or name.startswith("zmq_exporter_"):
+                    continue
+                for key, val in labels:
+                    assert key in configured, (name, key, val)
+                    assert val in configured[key], (name, key, val)
+    finally:
+        busy.close()
