@@ -1,0 +1,44 @@
+# zmq-exporter: ZeroMQ socket-monitor events as Prometheus metrics. See deploy/README.md.
+#   docker build -t zmq-exporter .
+#   docker run --read-only -p 19555:19555 \
+#     -v "$PWD/config.yml:/etc/zmq-exporter/config.yml:ro" zmq-exporter
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+
+# ---- builder: dependencies and the package into a venv (pyzmq ships libzmq in its wheel,
+# so no compiler is needed; the venv is the only thing the runtime stage takes).
+FROM ${PYTHON_IMAGE} AS builder
+ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    PIP_NO_CACHE_DIR=1
+WORKDIR /src
+RUN python -m venv /opt/venv
+COPY pyproject.toml README.md ./
+COPY exporter ./exporter
+# Non-editable install; bytecode is compiled here, so nothing is written at run time.
+RUN /opt/venv/bin/pip install --no-cache-dir --no-compile . \
+    && /opt/venv/bin/python -m compileall -q /opt/venv/lib
+
+# ---- runtime
+FROM ${PYTHON_IMAGE}
+LABEL org.opencontainers.image.title="zmq-exporter" \
+      org.opencontainers.image.description="ZeroMQ socket-monitor events as Prometheus metrics" \
+      org.opencontainers.image.licenses="Apache-2.0"
+ENV PATH=/opt/venv/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1
+RUN groupadd --system --gid 10001 zmq-exporter \
+    && useradd --system --uid 10001 --gid zmq-exporter --no-create-home \
+       --home-dir /nonexistent --shell /usr/sbin/nologin zmq-exporter
+COPY --from=builder /opt/venv /opt/venv
+# Default config (the demo sockets); mount your own over it, read-only.
+COPY config/zmq-exporter.yml /etc/zmq-exporter/config.yml
+# Numeric uid so Kubernetes' runAsNonRoot can verify it. Nothing is written to the root
+# filesystem: run with --read-only / readOnlyRootFilesystem (ipc:// endpoints need a
+# writable volume of their own).
+USER 10001:10001
+EXPOSE 19555
+# python -c, not curl: the slim image has no curl. Assumes the default listen port.
+HEALTHCHECK --interval=30s --timeout=5s --start-period=10s --retries=3 \
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:19555/-/healthy', timeout=4)"]
+# Exec form: the daemon is PID 1 and gets SIGTERM itself (clean close, exit 0).
+ENTRYPOINT ["zmq-exporter"]
+CMD ["--config.file=/etc/zmq-exporter/config.yml", "--web.listen-address=:19555"]
