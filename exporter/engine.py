@@ -257,11 +257,12 @@ class Engine:
             more = True
             for _ in range(BATCH):
                 try:
-                    sock.recv(zmq.NOBLOCK, copy=False)
+                    frame = sock.recv(zmq.NOBLOCK, copy=False)
                 except zmq.Again:
                     more = False
                     break
-                dropped += 1
+                if not frame.more:  # count messages, not frames (a ROUTER gets two)
+                    dropped += 1
             if dropped:
                 with self._lock:
                     self._stats.messages_dropped += dropped

@@ -4,6 +4,7 @@ real HTTP scrapes parsed with prometheus_client's own parser."""
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -22,10 +23,23 @@ ROOT = Path(__file__).resolve().parent.parent
 T = TypeVar("T")
 
 
+_LOW, _HIGH = 20000, 32000  # below Linux's ephemeral range (32768-60999)
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind((host, 0))
-        return int(s.getsockname()[1])
+    """A port nothing listens on, picked at random below the ephemeral range: a port the
+    kernel hands out with bind(0) can be taken as the source port of any outgoing
+    connection before the daemon under test binds it, and the storm tests make 20,000."""
+    rng = random.SystemRandom()
+    for _ in range(200):
+        port = rng.randrange(_LOW, _HIGH)
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise AssertionError("no free port found in 200 tries")
 
 
 def wait_until(
