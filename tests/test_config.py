@@ -25,7 +25,9 @@ def expected(path: Path) -> str:
     return f"{path}:{first.removeprefix('# expect: ')}"
 
 
-@pytest.mark.parametrize("path", [*GOOD, ROOT / "config" / "zmq-exporter.yml"], ids=str)
+@pytest.mark.parametrize(
+    "path", [*GOOD, ROOT / "config" / "zmq-exporter.yml", ROOT / "config" / "example.yml"], ids=str
+)
 def test_good_configs_load(path: Path) -> None:
     settings = load_config(str(path))
     assert settings.file == str(path)
@@ -205,3 +207,35 @@ def test_curve_client_without_serverkey(tmp_path: Path) -> None:
             f"  options: {{curve_secretkey_file: {server_secret_file}}}\n",
             "c.yml",
         )
+
+
+def test_example_documents_every_key() -> None:
+    from pydantic import BaseModel
+
+    from exporter.config.model import Config
+
+    text = (ROOT / "config" / "example.yml").read_text()
+    missing = []
+    pending: list[type[BaseModel]] = [Config]
+    seen: set[type[BaseModel]] = set()
+    while pending:
+        model = pending.pop()
+        seen.add(model)
+        for name, info in model.model_fields.items():
+            key = info.alias or name
+            if f"{key}:" not in text:
+                missing.append(f"{model.__name__}.{key}")
+            for inner in _models_in(info.annotation):
+                if inner not in seen:
+                    pending.append(inner)
+    assert not missing, f"config/example.yml does not document: {missing}"
+
+
+def _models_in(annotation: object) -> list[type]:
+    import typing
+
+    from pydantic import BaseModel
+
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in typing.get_args(annotation) for m in _models_in(arg)]
