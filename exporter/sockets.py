@@ -9,6 +9,7 @@ import itertools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import zmq
 
@@ -86,39 +87,37 @@ def close_socket(managed: MonitoredSocket) -> None:
     managed.socket.close(linger=0)
 
 
+def _whole_seconds(seconds: float) -> int:
+    return max(1, round(seconds))
+
+
+# Integer socket options: (config key, ZMQ option, conversion of the validated value).
+_INT_OPTIONS: tuple[tuple[str, int, Callable[[Any], int]], ...] = (
+    ("reconnect_ivl", zmq.RECONNECT_IVL, to_millis),
+    ("reconnect_ivl_max", zmq.RECONNECT_IVL_MAX, to_millis),
+    ("heartbeat_ivl", zmq.HEARTBEAT_IVL, to_millis),
+    ("heartbeat_timeout", zmq.HEARTBEAT_TIMEOUT, to_millis),
+    ("heartbeat_ttl", zmq.HEARTBEAT_TTL, to_millis),
+    ("handshake_ivl", zmq.HANDSHAKE_IVL, to_millis),
+    ("tcp_keepalive_idle", zmq.TCP_KEEPALIVE_IDLE, _whole_seconds),
+    ("tcp_keepalive_intvl", zmq.TCP_KEEPALIVE_INTVL, _whole_seconds),
+    ("tcp_keepalive", zmq.TCP_KEEPALIVE, int),
+    ("tcp_keepalive_cnt", zmq.TCP_KEEPALIVE_CNT, int),
+    ("sndhwm", zmq.SNDHWM, int),
+    ("rcvhwm", zmq.RCVHWM, int),
+    ("backlog", zmq.BACKLOG, int),
+    ("ipv6", zmq.IPV6, int),
+    ("immediate", zmq.IMMEDIATE, int),
+)
+
+
 def _set_options(sock: zmq.Socket[bytes], o: SocketOptions, secret: bytes | None) -> None:
-    durations_ms: list[tuple[float | None, int]] = [
-        (o.reconnect_ivl, zmq.RECONNECT_IVL),
-        (o.reconnect_ivl_max, zmq.RECONNECT_IVL_MAX),
-        (o.heartbeat_ivl, zmq.HEARTBEAT_IVL),
-        (o.heartbeat_timeout, zmq.HEARTBEAT_TIMEOUT),
-        (o.heartbeat_ttl, zmq.HEARTBEAT_TTL),
-        (o.handshake_ivl, zmq.HANDSHAKE_IVL),
-    ]
-    for value, option in durations_ms:
+    for key, option, convert in _INT_OPTIONS:
+        value = getattr(o, key)
         if value is not None:
-            sock.setsockopt(option, to_millis(value))
+            sock.setsockopt(option, convert(value))
     # Linger defaults to 0 here (libzmq's default, infinite, would hold shutdown).
     sock.setsockopt(zmq.LINGER, to_millis(o.linger) if o.linger is not None else 0)
-    durations_s: list[tuple[float | None, int]] = [
-        (o.tcp_keepalive_idle, zmq.TCP_KEEPALIVE_IDLE),
-        (o.tcp_keepalive_intvl, zmq.TCP_KEEPALIVE_INTVL),
-    ]
-    for value, option in durations_s:
-        if value is not None:
-            sock.setsockopt(option, max(1, round(value)))
-    integers: list[tuple[int | bool | None, int]] = [
-        (o.tcp_keepalive, zmq.TCP_KEEPALIVE),
-        (o.tcp_keepalive_cnt, zmq.TCP_KEEPALIVE_CNT),
-        (o.sndhwm, zmq.SNDHWM),
-        (o.rcvhwm, zmq.RCVHWM),
-        (o.backlog, zmq.BACKLOG),
-        (o.ipv6, zmq.IPV6),
-        (o.immediate, zmq.IMMEDIATE),
-    ]
-    for flag, option in integers:
-        if flag is not None:
-            sock.setsockopt(option, int(flag))
     if o.routing_id is not None:
         sock.setsockopt(zmq.ROUTING_ID, o.routing_id.encode())
     for prefix in o.subscribe or ():

@@ -3,8 +3,6 @@ file, line and key path - in-process and through `zmq-exporter --config.check`."
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +10,8 @@ import pytest
 from exporter.config import ConfigError, load_config, parse_config
 from exporter.config.durations import parse_duration
 from exporter.events import ALL_EVENTS_MASK, Event
+
+from helpers import run_cli
 
 DATA = Path(__file__).parent / "testdata" / "configs"
 GOOD = sorted((DATA / "good").glob("*.yml"))
@@ -44,14 +44,7 @@ def test_bad_config_message(path: Path) -> None:
 
 @pytest.mark.parametrize("path", BAD, ids=lambda p: p.name)
 def test_bad_config_check_exits_nonzero_with_one_line(path: Path) -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "exporter", "--config.check", f"--config.file={path}"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=ROOT,
-        stdin=subprocess.DEVNULL,
-    )
+    proc = run_cli("--config.check", f"--config.file={path}")
     assert proc.returncode == 1
     assert proc.stdout == ""
     lines = proc.stderr.strip().splitlines()
@@ -62,14 +55,7 @@ def test_bad_config_check_exits_nonzero_with_one_line(path: Path) -> None:
 
 @pytest.mark.parametrize("path", GOOD, ids=lambda p: p.name)
 def test_good_config_check_exits_zero(path: Path) -> None:
-    proc = subprocess.run(
-        [sys.executable, "-m", "exporter", "--config.check", f"--config.file={path}"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=ROOT,
-        stdin=subprocess.DEVNULL,
-    )
+    proc = run_cli("--config.check", f"--config.file={path}")
     assert proc.returncode == 0, proc.stderr
     assert "OK" in proc.stdout
 
@@ -77,20 +63,7 @@ def test_good_config_check_exits_zero(path: Path) -> None:
 def test_bad_config_at_start_exits_before_anything_starts(tmp_path: Path) -> None:
     bad = tmp_path / "c.yml"
     bad.write_text("sockets:\n  - name: a\n    type: ROUTR\n    bind: [tcp://127.0.0.1:1]\n")
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "exporter",
-            f"--config.file={bad}",
-            "--web.listen-address=127.0.0.1:0",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        cwd=ROOT,
-        stdin=subprocess.DEVNULL,
-    )
+    proc = run_cli(f"--config.file={bad}", "--web.listen-address=127.0.0.1:0")
     assert proc.returncode == 1
     assert proc.stderr.strip().startswith(f"zmq-exporter: {bad}:3: sockets[0].type: unknown")
 

@@ -17,12 +17,12 @@ import zmq
 import zmq.auth
 
 from helpers import (
-    ROOT,
     Daemon,
     established,
     free_port,
     http_get,
     parse_metrics,
+    run_cli,
     total,
     value,
     wait_until,
@@ -365,23 +365,9 @@ def test_sigterm_exits_zero_within_two_seconds(ctx: zmq.Context[zmq.Socket[bytes
 
 
 def test_version_and_help() -> None:
-    out = subprocess.run(
-        [sys.executable, "-m", "exporter", "--version"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        cwd=ROOT,
-        check=True,
-    ).stdout
-    assert out.startswith("zmq-exporter 0.1.0")
-    helptext = subprocess.run(
-        [sys.executable, "-m", "exporter", "--help"],
-        capture_output=True,
-        text=True,
-        timeout=30,
-        cwd=ROOT,
-        check=True,
-    ).stdout
+    version = run_cli("--version")
+    assert version.returncode == 0 and version.stdout.startswith("zmq-exporter 0.1.0")
+    helptext = run_cli("--help").stdout
     for flag in (
         "--config.file",
         "--config.check",
