@@ -208,3 +208,18 @@ def test_instrument_names_translate_to_distinct_contract_names() -> None:
     readme = (ROOT / "README.md").read_text()
     for i in INSTRUMENTS:  # the README's mapping table lists every instrument
         assert f"`{i.otel_name}` | " in readme and f"`{i.prometheus_name}`" in readme, i
+
+
+def test_example_yml_otlp_section_is_valid() -> None:
+    """config/example.yml carries the `otlp:` section commented out; uncommented, it is a
+    valid config that resolves as documented."""
+    text = (ROOT / "config" / "example.yml").read_text()
+    block = text[text.index("# otlp:") :].splitlines()
+    yaml = "\n".join(line.removeprefix("# ") for line in block if line.startswith("# ")) + "\n"
+    settings = parse_config(SOCKETS + yaml, "example.yml")
+    s = resolve_otlp(settings.model.otlp, {})
+    assert s is not None
+    assert (s.protocol, s.endpoint) == ("http/protobuf", "http://otel-collector:4318/v1/metrics")
+    assert s.headers == {"x-api-key": "change-me"}
+    assert (s.interval, s.timeout) == (30.0, 10.0)
+    assert s.resource["deployment.environment"] == "production"
