@@ -75,7 +75,7 @@ def test_kubernetes_validate_rejects_a_misspelt_field() -> None:
 
 def crd_model(kind: str) -> Any:
     try:
-        from cloudcoil.models.prometheus_operator import v1  # type: ignore[import-not-found]
+        from cloudcoil.models.prometheus_operator import v1
     except ImportError:
         missing("cloudcoil-models-prometheus-operator (PyPI, test extra)")
     return getattr(v1, kind)
