@@ -36,6 +36,7 @@ from prometheus_client.metrics_core import (
 )
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from exporter.render.prometheus import for_text_format
 from exporter.webconfig import BasicAuth, WebConfig
 
 log = logging.getLogger("zmq_exporter.web")
@@ -147,6 +148,8 @@ class WebApp:
             start = time.perf_counter()
             encoder, content_type = choose_encoder(accept or "")
             families = list(self.registry.collect())
+            if not content_type.startswith("application/openmetrics-text"):
+                families = for_text_format(families)
             body = encoder(_Collected(families))
             series = sum(len(family.samples) for family in families)
             self.stats.scraped(time.perf_counter() - start, series)

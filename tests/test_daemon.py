@@ -331,6 +331,9 @@ def test_openmetrics_and_text_format(ctx: zmq.Context[zmq.Socket[bytes]]) -> Non
 
         text = http_get(daemon.url + "/metrics")
         assert "# TYPE zmq_accepted_total counter" in text
+        assert "# TYPE zmq_listening_total counter" in text
+        assert "# TYPE zmq_listening gauge" in text
+        assert "# TYPE zmq_listening_total unknown" in om
         m = parse_metrics(text)
         assert value(m, "zmq_accepted_total", socket="backend") == 1
         build = [k for k in m if k[0] == "zmq_exporter_build_info"]

@@ -18,6 +18,21 @@ from exporter.engine import EngineSnapshot
 from exporter.events import HANDSHAKE_REASONS, Event
 from exporter.state import SocketSnapshot
 
+LISTENING_COUNTER = "zmq_listening_total"
+
+
+def for_text_format(families: list[Metric]) -> list[Metric]:
+    """The families as the text format (0.0.4) should declare them: there the counter
+    `zmq_listening_total` and the gauge `zmq_listening` do not clash."""
+    out = []
+    for family in families:
+        if family.name == LISTENING_COUNTER and family.type == "unknown":
+            counter = Metric(family.name.removesuffix("_total"), family.documentation, "counter")
+            counter.samples = family.samples
+            family = counter
+        out.append(family)
+    return out
+
 
 def _family(name: str, help_text: str, kind: str) -> Metric:
     return Metric(name, help_text, kind)
@@ -39,9 +54,10 @@ def render_sockets(sockets: tuple[SocketSnapshot, ...]) -> Iterator[Metric]:
     counters = {c.event: _family(c.name, c.help, "counter") for c in metrics.EVENT_COUNTERS}
     # `zmq_listening_total` (counter) and `zmq_listening` (gauge) are both part of the
     # contract; OpenMetrics cannot hold a counter family and a gauge family both named
-    # `zmq_listening`, so the counter is declared by its full sample name, type unknown.
+    # `zmq_listening`, so the counter's family is named by its sample, type unknown, and
+    # `for_text_format` declares it a counter where the format allows (text 0.0.4).
     counters[Event.LISTENING] = _family(
-        "zmq_listening_total", "Successful binds (a listener was opened).", "unknown"
+        LISTENING_COUNTER, counters[Event.LISTENING].documentation, "unknown"
     )
     handshake = _family(metrics.HANDSHAKE_FAILED, metrics.HANDSHAKE_FAILED_HELP, "counter")
     connections = _family(metrics.CONNECTIONS, metrics.CONNECTIONS_HELP, "gauge")
