@@ -75,14 +75,8 @@ ZMTP_ERRORS: dict[int, str] = {
 # ZAP status codes defined by RFC 27 (ZAP); anything else is "other".
 ZAP_STATUS = {200: "200", 300: "300", 400: "400", 500: "500"}
 
-_FRAME0 = struct.Struct("<HI")
-
-
-def unpack_frame(frame: bytes) -> tuple[int, int]:
-    """(event id, value) from a monitor message's first frame (6 bytes, little-endian)."""
-    event_id, value = _FRAME0.unpack_from(frame)
-    return event_id, value
-
+# A monitor message's first frame: event id (16 bits) and value (32 bits), little-endian.
+MONITOR_HEAD = struct.Struct("<HI")
 
 def errno_name(value: int) -> str:
     """`EADDRINUSE` for 98; errno values outside the platform table become `other`."""
