@@ -37,8 +37,9 @@ class Daemon:
         self._reload_lock = threading.Lock()
         self.last_reload_successful = True
         self.last_reload_success_time = time.time()
+        # /metrics: the state (socket families pre-rendered) first, then this registry.
+        self.state = StateCollector(self.engine.snapshot)
         self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(StateCollector(self.engine.snapshot))
         self.registry.register(_ReloadCollector(self))
         self.registry.register(PROCESS_COLLECTOR)
         self.registry.register(PLATFORM_COLLECTOR)
@@ -54,6 +55,7 @@ class Daemon:
             is_ready=lambda: self.engine.snapshot().ready,
             landing_page=lambda: render_status(self.engine.snapshot(), telemetry_path),
             reload=self.reload,
+            state=self.state,
         )
         self._initial = settings
         self.web = WebServer(app, listen_address, web_config)

@@ -96,6 +96,8 @@ class Engine:
         self._stats = ReaderStats()
         self._ready = False
         self._settings: Settings | None = None
+        # The last SocketSnapshot of each socket, with the state it was taken from:
+        self._snapshots: dict[str, tuple[SocketState, SocketSnapshot]] = {}
         # Engine thread only:
         self._sockets: dict[str, MonitoredSocket] = {}
         self._handlers: dict[int, Callable[[], tuple[bool, int]]] = {}
@@ -139,10 +141,26 @@ class Engine:
             self.ctx.term()
 
     def snapshot(self) -> EngineSnapshot:
+        """A consistent copy of the state. A socket that had no event since the previous
+        snapshot gets the very same `SocketSnapshot` object again (`SocketState.events`
+        counts every event applied, and nothing else changes what is rendered), so an
+        idle socket costs a dict lookup here and renderers can cache by identity."""
         with self._lock:
-            sockets = tuple(snapshot_socket(s) for s in self._states.values())
+            cache = self._snapshots
+            sockets = []
+            for name, state in self._states.items():
+                cached = cache.get(name)
+                if cached is not None and cached[0] is state and cached[1].events == state.events:
+                    sockets.append(cached[1])
+                    continue
+                snap = snapshot_socket(state)
+                cache[name] = (state, snap)
+                sockets.append(snap)
+            if len(cache) > len(self._states):  # sockets removed since
+                for name in [n for n in cache if n not in self._states]:
+                    del cache[name]
             stats = ReaderStats(**vars(self._stats))
-            return EngineSnapshot(sockets, stats, self._ready, self._settings)
+            return EngineSnapshot(tuple(sockets), stats, self._ready, self._settings)
 
     def _call(self, fn: Callable[[], object]) -> Future[ApplyResult]:
         future: Future[ApplyResult] = Future()

@@ -36,7 +36,8 @@ from prometheus_client.metrics_core import (
 )
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from exporter.render.prometheus import for_text_format
+from exporter.render.prometheus import StateCollector, for_text_format
+from exporter.render.sockettext import fast_format
 from exporter.webconfig import BasicAuth, WebConfig
 
 log = logging.getLogger("zmq_exporter.web")
@@ -126,12 +127,16 @@ class WebStats(Collector):
 
 @dataclass
 class WebApp:
+    """/metrics is `state` (socket families pre-rendered as text, its self-metrics as
+    families) followed by the encoder's output of `registry` (every other collector)."""
+
     registry: CollectorRegistry
     telemetry_path: str
     is_ready: Callable[[], bool]
     landing_page: Callable[[], str]
     reload: Callable[[], tuple[bool, str]]
     max_concurrent_scrapes: int = 8
+    state: StateCollector | None = None
 
     def __post_init__(self) -> None:
         self._scrape_slots = threading.BoundedSemaphore(self.max_concurrent_scrapes)
@@ -147,11 +152,20 @@ class WebApp:
         try:
             start = time.perf_counter()
             encoder, content_type = choose_encoder(accept or "")
-            families = list(self.registry.collect())
+            head, series, families = b"", 0, []
+            openmetrics = fast_format(encoder)
+            if self.state is None:
+                pass
+            elif openmetrics is None:  # an escaping or version we do not pre-render
+                families = list(self.state.collect())
+            else:
+                prerendered = self.state.prerender(openmetrics)
+                head, series, families = prerendered.text, prerendered.series, prerendered.families
+            families.extend(self.registry.collect())
             if not content_type.startswith("application/openmetrics-text"):
                 families = for_text_format(families)
-            body = encoder(_Collected(families))
-            series = sum(len(family.samples) for family in families)
+            body = head + encoder(_Collected(families))
+            series += sum(len(family.samples) for family in families)
             self.stats.scraped(time.perf_counter() - start, series)
         finally:
             self._scrape_slots.release()
