@@ -78,6 +78,7 @@ ZAP_STATUS = {200: "200", 300: "300", 400: "400", 500: "500"}
 # A monitor message's first frame: event id (16 bits) and value (32 bits), little-endian.
 MONITOR_HEAD = struct.Struct("<HI")
 
+
 def errno_name(value: int) -> str:
     """`EADDRINUSE` for 98; errno values outside the platform table become `other`."""
     return errno.errorcode.get(value, "other")

@@ -21,7 +21,7 @@ SOCKETS = "sockets:\n  - {name: s, type: ROUTER, bind: ['tcp://127.0.0.1:5999']}
 
 def resolve(yaml_otlp: str | None, env: dict[str, str]) -> OtlpSettings | None:
     text = SOCKETS + (f"otlp:\n{yaml_otlp}" if yaml_otlp is not None else "")
-    return resolve_otlp(parse_config(text, "c.yml").model.otlp, env)
+    return resolve_otlp(parse_config(text, "c.yml").otlp, env)
 
 
 def test_off_unless_asked() -> None:
@@ -217,7 +217,7 @@ def test_example_yml_otlp_section_is_valid() -> None:
     block = text[text.index("# otlp:") :].splitlines()
     yaml = "\n".join(line.removeprefix("# ") for line in block if line.startswith("# ")) + "\n"
     settings = parse_config(SOCKETS + yaml, "example.yml")
-    s = resolve_otlp(settings.model.otlp, {})
+    s = resolve_otlp(settings.otlp, {})
     assert s is not None
     assert (s.protocol, s.endpoint) == ("http/protobuf", "http://otel-collector:4318/v1/metrics")
     assert s.headers == {"x-api-key": "change-me"}

@@ -17,6 +17,7 @@ import zmq
 
 from exporter.cardinality import estimate_series
 from exporter.config.errors import ConfigError, Path
+from exporter.config.otlp import OtlpConfig
 from exporter.config.model import (
     Config,
     GlobalConfig,
@@ -49,8 +50,9 @@ class Settings:
     sockets: tuple[SocketSpec, ...]
     global_: GlobalConfig
     limits: LimitsConfig
-    # The validated model, for sections read by other parts (OTLP, ...).
-    model: Config = field(repr=False, compare=False)
+    # Sections read by other parts. Not the whole validated model: it would keep a second
+    # copy of every socket alive (~3 KB each).
+    otlp: OtlpConfig | None = field(default=None, repr=False, compare=False)
 
 
 def load_config(file: str) -> Settings:
@@ -111,7 +113,7 @@ def _resolve(model: Config, file: str, lines: dict[Path, int]) -> Settings:
             f"about {series} series estimated for {len(specs)} sockets, more than "
             f"limits.max_series ({model.limits.max_series})",
         )
-    return Settings(file, tuple(specs), model.global_, model.limits, model)
+    return Settings(file, tuple(specs), model.global_, model.limits, model.otlp)
 
 
 def _resolve_socket(
@@ -127,7 +129,9 @@ def _resolve_socket(
             if endpoints.index(endpoint) != index:
                 fail((*here, role, index), f"duplicate endpoint {endpoint!r}")
     _check_labels(sock.labels, (*here, "labels"), fail)
-    merged = defaults.options.model_copy(update=sock.options.model_dump(exclude_none=True))
+    # Sockets without options of their own share the global options object (memory).
+    overrides = sock.options.model_dump(exclude_none=True)
+    merged = defaults.options.model_copy(update=overrides) if overrides else defaults.options
     opts: Path = (*here, "options")
     if merged.subscribe is not None and sock.type != "SUB":
         fail((*opts, "subscribe"), f"`subscribe` applies only to SUB sockets, not {sock.type}")

@@ -352,7 +352,7 @@ def check_otlp(settings: Settings, env: Mapping[str, str] | None = None) -> Otlp
     """Resolve and try the OTLP settings at startup (and for --config.check); every
     problem becomes a one-line `ConfigError`. None when OTLP is off."""
     warnings: list[str] = []
-    otlp = resolve_otlp(settings.model.otlp, os.environ if env is None else env, warnings)
+    otlp = resolve_otlp(settings.otlp, os.environ if env is None else env, warnings)
     for message in warnings:
         log.warning(message)
     if otlp is None:
@@ -391,7 +391,7 @@ class OtlpPusher:
     ) -> OtlpPusher | None:
         """None when OTLP is off. Settings were checked by `check_otlp` at startup.
         `extra`: the daemon's other collectors of `zmq_exporter_*` families."""
-        otlp = resolve_otlp(settings.model.otlp, os.environ if env is None else env)
+        otlp = resolve_otlp(settings.otlp, os.environ if env is None else env)
         return cls(otlp, snapshot, extra) if otlp is not None else None
 
     def start(self) -> None:
