@@ -82,6 +82,8 @@ class SocketState:
     # A failed bind() emits CLOSED with an empty endpoint, then BIND_FAILED naming the
     # endpoint; we hold the CLOSED until the BIND_FAILED tells us where it belongs.
     pending_closed: int = 0
+    # Every apply_event() bumps it, and nothing else changes what a snapshot holds:
+    # Engine.snapshot() reuses a socket's last SocketSnapshot while it is unchanged.
     events: int = 0
 
     def __post_init__(self) -> None:
@@ -163,6 +165,8 @@ def _handshake_key(event: Event, value: int) -> tuple[str, str]:
 
 # ---------------------------------------------------------------------------------------
 # Snapshots: plain immutable copies taken under the caller's lock and rendered outside it.
+# Immutable by convention too (their dicts are never changed once built): the engine hands
+# the same object to every reader while a socket is idle, and renderers cache by identity.
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,420 @@
+"""Pre-rendered /metrics (`SocketText`, `WebApp` with a `StateCollector`): byte for byte
+what prometheus_client's encoders write for the same families, in both formats; lines kept
+per socket snapshot; engine snapshots reused while a socket is idle; a real scrape that
+both prometheus_client parsers and `promtool check metrics` accept."""
+
+from __future__ import annotations
+
+import gzip
+import math
+import socket
+import subprocess
+import textwrap
+from collections.abc import Callable, Iterable, Iterator
+
+import pytest
+import zmq
+from prometheus_client import generate_latest
+from prometheus_client.exposition import choose_encoder
+from prometheus_client.metrics_core import GaugeMetricFamily, Metric
+from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
+from prometheus_client.openmetrics.parser import (
+    text_string_to_metric_families as parse_openmetrics,
+)
+from prometheus_client.parser import text_string_to_metric_families as parse_text
+from prometheus_client.registry import Collector, CollectorRegistry
+from prometheus_client.utils import floatToGoString
+from test_deploy_tools import tool
+
+from exporter.config import parse_config
+from exporter.endpoints import EndpointMap
+from exporter.engine import Engine, EngineSnapshot, ReaderStats
+from exporter.events import Event
+from exporter.render.otlp import render_rows
+from exporter.render.prometheus import StateCollector, for_text_format, render_sockets
+from exporter.render.rows import SOCKET_FAMILIES, socket_rows
+from exporter.render.sockettext import SocketText, fast_format, format_value
+from exporter.state import EndpointSnapshot, SocketSnapshot, SocketState, apply_event
+from exporter.state import snapshot_socket as snap_of
+from exporter.web import WebApp
+
+from helpers import Daemon, free_port, http_get, wait_until
+
+BIND = "tcp://127.0.0.1:5555"
+CONNECT = "tcp://127.0.0.1:5556"
+OPENMETRICS = "application/openmetrics-text; version=1.0.0; charset=utf-8"
+# What Prometheus 3 sends by default.
+PROMETHEUS_3 = (
+    "application/openmetrics-text;version=1.0.0;escaping=allow-utf-8;q=0.5,"
+    "application/openmetrics-text;version=0.0.1;q=0.4,"
+    "text/plain;version=1.0.0;escaping=allow-utf-8;q=0.3,text/plain;version=0.0.4;q=0.2,"
+    "*/*;q=0.1"
+)
+
+
+class _Families(Collector):
+    def __init__(self, families: Iterable[Metric]) -> None:
+        self._families = list(families)
+
+    def collect(self) -> list[Metric]:
+        return self._families
+
+
+def reference(sockets: tuple[SocketSnapshot, ...], openmetrics: bool) -> bytes:
+    """What the encoder path writes for the socket families."""
+    families = list(render_sockets(sockets))
+    if openmetrics:
+        return generate_openmetrics(_Families(families)).removesuffix(b"# EOF\n")
+    return generate_latest(_Families(for_text_format(families)))
+
+
+def assert_identical(renderer: SocketText, sockets: tuple[SocketSnapshot, ...]) -> None:
+    for openmetrics in (False, True):
+        want = reference(sockets, openmetrics)
+        got, series = renderer.render_counted(sockets, openmetrics)
+        assert got.decode() == want.decode(), f"openmetrics={openmetrics}"
+        assert got == want
+        assert series == sum(len(f.samples) for f in render_sockets(sockets))
+
+
+def every_event_socket(name: str, labels: dict[str, str]) -> SocketState:
+    sock = SocketState(name, "ROUTER", labels, EndpointMap((BIND,), (CONNECT,)))
+    values = {
+        Event.CONNECT_RETRIED: 1500,
+        Event.BIND_FAILED: 98,  # EADDRINUSE
+        Event.ACCEPT_FAILED: 24,  # EMFILE
+        Event.CLOSE_FAILED: 123456,  # unknown errno: `other`
+        Event.HANDSHAKE_FAILED_NO_DETAIL: 104,
+        Event.HANDSHAKE_FAILED_PROTOCOL: 0x10000003,
+        Event.HANDSHAKE_FAILED_AUTH: 400,
+    }
+    for t, event in enumerate(Event):
+        seen = "" if event is Event.MONITOR_STOPPED else BIND
+        if event in (Event.CONNECTED, Event.CONNECT_DELAYED, Event.CONNECT_RETRIED):
+            seen = CONNECT
+        apply_event(sock, int(event), values.get(event, 7 + t), seen, 1_700_000_000.125 + t)
+    apply_event(sock, Event.ACCEPTED, 41, BIND, 1_700_000_100.0)  # a live connection again
+    apply_event(sock, Event.ACCEPTED, 42, "tcp://10.0.0.1:1", 5.5)  # unmapped endpoint
+    apply_event(sock, 0x8000, 0, BIND, 99)  # unknown event ids
+    apply_event(sock, 0x8000, 0, BIND, 99)
+    apply_event(sock, 0x9001, 0, BIND, 99)
+    apply_event(sock, Event.CLOSED, 3, "", 100)  # held until a BIND_FAILED
+    return sock
+
+
+def test_every_event_errno_handshake_and_unknown_ids_identical() -> None:
+    socks = (
+        every_event_socket("s", {"team": "x"}),
+        SocketState("idle", "DEALER", {}, EndpointMap((), (CONNECT,))),
+        SocketState("bare", "PUB", {}, EndpointMap((), ())),
+    )
+    snaps = tuple(snap_of(s) for s in socks)
+    text = reference(snaps, False).decode()
+    for needle in (
+        'errno="EADDRINUSE"',
+        'errno="other"',
+        'reason="protocol"',
+        'error="zmtp_key_exchange"',
+        'event="32768"',
+        "zmq_reconnect_interval_seconds",
+        'endpoint="unmapped"',
+    ):
+        assert needle in text, needle
+    assert_identical(SocketText(), snaps)
+
+
+def test_label_values_needing_escaping_identical() -> None:
+    socks = tuple(
+        every_event_socket(name, labels)
+        for name, labels in (
+            ('quote"d', {"team": 'a"b'}),
+            ("back\\slash", {"team": "c:\\dir\\", "zone": "x\ny"}),
+            ("new\nline", {"a": "", "b": "ünïcødé ✓"}),
+        )
+    )
+    snaps = tuple(snap_of(s) for s in socks)
+    text = reference(snaps, False)
+    assert b'socket="quote\\"d"' in text and b'socket="new\\nline"' in text
+    assert_identical(SocketText(), snaps)
+
+
+def endpoint(name: str, **kw: object) -> EndpointSnapshot:
+    fields: dict[str, object] = {
+        "endpoint": name,
+        "role": "connect",
+        "counts": {},
+        "errno_counts": {},
+        "handshake_failures": {},
+        "connections": 0,
+        "listening": False,
+        "reconnect_interval_ms": 0,
+        "last_event": None,
+        "last_event_time": 0.0,
+    }
+    fields.update(kw)
+    return EndpointSnapshot(**fields)  # type: ignore[arg-type]
+
+
+def test_values_formatted_like_prometheus_client() -> None:
+    values: list[float] = [0, 1, 7, 999_999, 1_000_000, 1_234_567, 10**15, 10**16, 2**53 + 1]
+    values += [-1, -(10**15) + 1, -(10**15), 0.0, -0.0, 0.1, 1e-7, 1.5, 123456.789]
+    values += [1e6, 1.7e9 + 0.125, 1e22, math.inf, -math.inf, math.nan, True, False]
+    for v in values:
+        assert format_value(v) == floatToGoString(v), v
+    # The same values through whole sockets: counts, gauges, intervals, timestamps.
+    snaps = tuple(
+        SocketSnapshot(
+            name=f"v{i}",
+            socket_type="DEALER",
+            labels={},
+            endpoints=(
+                endpoint(
+                    CONNECT,
+                    counts={Event.CONNECTED: int(v) if math.isfinite(v) else 0},
+                    connections=i,
+                    reconnect_interval_ms=abs(int(v)) if math.isfinite(v) else 0,
+                    last_event_time=v,
+                ),
+            ),
+            unknown_events={},
+            events=i,
+        )
+        for i, v in enumerate(values)
+    )
+    assert_identical(SocketText(), snaps)
+
+
+def test_sockets_added_removed_and_unchanged_lines_reused() -> None:
+    a = every_event_socket("a", {"team": "x"})
+    b = every_event_socket("b", {})
+    c = SocketState("c", "SUB", {"team": "y"}, EndpointMap((), (CONNECT,)))
+    renderer = SocketText()
+    first = (snap_of(a), snap_of(b))
+    assert_identical(renderer, first)
+    assert renderer.built == 2
+    lines_b = renderer._lines["b"][1]
+
+    # b unchanged (same snapshot object), a changed, c added.
+    apply_event(a, Event.DISCONNECTED, 41, BIND, 200)
+    second = (snap_of(a), first[1], snap_of(c))
+    assert_identical(renderer, second)
+    assert renderer.built == 4  # a and c; b's lines reused ...
+    assert renderer._lines["b"][1] is lines_b  # ... the very same objects
+
+    # Nothing changed: nothing is rendered again; rendering twice gives the same bytes.
+    before = renderer.render(second)
+    assert renderer.render(second) == before
+    assert renderer.built == 4
+
+    # a removed: it leaves the caches; b and c stay; order follows the snapshot.
+    third = (second[2], second[1])
+    assert_identical(renderer, third)
+    assert set(renderer._lines) == {"b", "c"} and set(renderer._labels) <= {"b", "c"}
+    assert renderer.built == 4
+
+    # A new snapshot object of an unchanged socket renders again, identically.
+    fourth = (snap_of(c), second[1])
+    assert_identical(renderer, fourth)
+    assert renderer.built == 5
+
+    # Labels changed under the same name (a recreated socket): new label strings.
+    c2 = SocketState("c", "PUB", {"team": "z"}, EndpointMap((BIND,), ()))
+    assert_identical(renderer, (snap_of(c2), second[1]))
+    assert_identical(renderer, ())
+
+
+def test_rows_are_the_families() -> None:
+    """The families (and so OTLP) and the text come from the same rows."""
+    snaps = (snap_of(every_event_socket("s", {"team": "x"})),)
+    families = list(render_sockets(snaps))
+    assert [f.name for f in families] == [f.name for f in SOCKET_FAMILIES]
+    assert sum(len(f.samples) for f in families) == sum(1 for _ in socket_rows(snaps[0]))
+    rows, _ = render_rows(EngineSnapshot(snaps, ReaderStats(), True, None))
+    for family in families:
+        assert len(rows[family.name]) == len(family.samples)
+
+
+@pytest.mark.parametrize(
+    ("accept", "expected"),
+    [
+        ("", False),
+        ("text/plain; version=0.0.4", False),
+        (OPENMETRICS, True),
+        ("application/openmetrics-text", True),
+        (PROMETHEUS_3, True),
+        ("text/plain;version=1.0.0;escaping=allow-utf-8", False),
+        ("text/plain;version=1.0.0;escaping=underscores", False),
+        ("application/openmetrics-text;version=1.0.0;escaping=dots", None),
+        ("application/openmetrics-text;version=1.0.0;escaping=values", None),
+        ("application/openmetrics-text;version=2.0.0", None),
+    ],
+)
+def test_fast_format(accept: str, expected: bool | None) -> None:
+    assert fast_format(choose_encoder(accept)[0]) is expected
+
+
+class _Static(Collector):
+    def collect(self) -> Iterator[Metric]:
+        gauge = GaugeMetricFamily("zmq_exporter_other", "Some other collector.", labels=["k"])
+        gauge.add_metric(['v"\\'], 2.5)
+        yield gauge
+
+
+def web_app(snapshot: Callable[[], EngineSnapshot]) -> tuple[WebApp, StateCollector]:
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Static())
+    state = StateCollector(snapshot)
+    app = WebApp(registry, "/metrics", lambda: True, lambda: "", lambda: (True, ""), state=state)
+    return app, state
+
+
+@pytest.mark.parametrize(
+    "accept",
+    [
+        "",
+        OPENMETRICS,
+        PROMETHEUS_3,
+        "text/plain;version=1.0.0;escaping=allow-utf-8",
+        "application/openmetrics-text;version=1.0.0;escaping=dots",  # encoder path
+    ],
+)
+def test_web_metrics_identical_to_encoder_path(accept: str) -> None:
+    socks = [every_event_socket(f"s{i}", {"team": 'q"x'}) for i in range(3)]
+    taken: dict[str, SocketSnapshot] = {}
+
+    def snapshot() -> EngineSnapshot:  # reuses idle sockets' snapshots, as the engine does
+        for s in socks:
+            if s.name not in taken or taken[s.name].events != s.events:
+                taken[s.name] = snap_of(s)
+        return EngineSnapshot(tuple(taken.values()), ReaderStats(events=9), True, None)
+
+    app, state = web_app(snapshot)
+    encoder, content_type = choose_encoder(accept)
+    for round_ in range(3):
+        if round_ == 2:
+            apply_event(socks[1], Event.ACCEPTED, 77, BIND, 300.5)
+        # The path /metrics took before pre-rendering: one registry, one encoder. Collected
+        # before the scrape, so the web self-metrics hold the same numbers.
+        families = [*state.collect(), *app.registry.collect()]
+        if not content_type.startswith("application/openmetrics-text"):
+            families = for_text_format(families)
+        want = encoder(_Families(families))
+        status, headers, body = app.metrics(accept, None)
+        assert status == 200 and headers["Content-Type"] == content_type
+        assert body.decode() == want.decode()
+        assert app.stats.series == sum(len(f.samples) for f in families)
+        assert app.stats.scrapes == round_ + 1
+    if fast_format(encoder) is not None:
+        assert state.text.built == 3 + 1  # the third round rendered s1 only
+    status, headers, zipped = app.metrics(accept, "gzip, deflate")
+    assert headers["Content-Encoding"] == "gzip"
+    text = gzip.decompress(zipped).decode()
+    if content_type.startswith("application/openmetrics-text"):
+        assert text.count("# EOF") == 1 and text.endswith("# EOF\n")
+        parsed = {f.name: f for f in parse_openmetrics(text)}
+        if fast_format(encoder) is None:  # escaping=dots: every name escaped
+            assert "zmq__accepted" in parsed
+            return
+        assert parsed["zmq_listening_total"].type == "unknown"
+    else:
+        assert "# EOF" not in text
+        parsed = {f.name: f for f in parse_text(text)}
+        assert "# TYPE zmq_listening_total counter\n" in text
+    assert parsed["zmq_accepted"].type == "counter"
+    assert parsed["zmq_exporter_scrape_duration_seconds"].type == "histogram"
+    assert parsed["zmq_exporter_other"].samples[0].labels == {"k": 'v"\\'}
+
+
+def test_engine_reuses_snapshots_of_idle_sockets() -> None:
+    ports = [free_port() for _ in range(3)]
+    config = "sockets:\n" + "".join(
+        f"  - {{name: s{i}, type: ROUTER, bind: ['tcp://127.0.0.1:{port}']}}\n"
+        for i, port in enumerate(ports)
+    )
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    engine = Engine(ctx)
+    engine.start()
+    try:
+        engine.apply(parse_config(config, "inline.yml")).result(10)
+
+        def listening() -> bool:
+            return all(s.endpoints[0].listening for s in engine.snapshot().sockets)
+
+        wait_until(listening, what="every socket listening")
+        first = engine.snapshot().sockets
+        assert all(a is b for a, b in zip(first, engine.snapshot().sockets, strict=True))
+
+        peer = socket.create_connection(("127.0.0.1", ports[1]))
+        wait_until(
+            lambda: engine.snapshot().sockets[1].endpoints[0].counts[Event.ACCEPTED] == 1,
+            what="accepted",
+        )
+        second = engine.snapshot().sockets
+        assert second[0] is first[0] and second[2] is first[2]
+        assert second[1] is not first[1] and second[1].events > first[1].events
+        peer.close()
+
+        # A removed socket leaves the cache; a recreated one gets a snapshot of its own.
+        two_sockets = "\n".join(config.splitlines()[:3])
+        engine.apply(parse_config(two_sockets, "inline.yml")).result(10)
+        assert [s.name for s in engine.snapshot().sockets] == ["s0", "s1"]
+        assert set(engine._snapshots) == {"s0", "s1"}
+        config = config.replace("name: s2, type: ROUTER", "name: s2, type: DEALER")
+        engine.apply(parse_config(config, "inline.yml")).result(10)
+        third = engine.snapshot().sockets
+        assert third[2].socket_type == "DEALER" and third[2] is not first[2]
+    finally:
+        engine.stop()
+        ctx.term()
+
+
+def test_daemon_scrape_passes_promtool_and_both_parsers() -> None:
+    ports = [free_port() for _ in range(4)]
+    config = textwrap.dedent(f"""\
+        global:
+          labels: {{site: "a\\\\b \\"c\\""}}
+        sockets:
+          - name: frontend
+            type: ROUTER
+            bind: [tcp://127.0.0.1:{ports[0]}, tcp://127.0.0.1:{ports[1]}]
+            labels: {{tier: edge}}
+          - name: backend
+            type: DEALER
+            bind: [tcp://127.0.0.1:{ports[2]}]
+            connect: [tcp://127.0.0.1:{ports[3]}]
+          - name: pub
+            type: PUB
+            connect: [tcp://127.0.0.1:{ports[0]}]
+        """)
+    promtool = tool("promtool")
+    with Daemon(config) as daemon:
+        peer = socket.create_connection(("127.0.0.1", ports[0]))
+        try:
+            wait_until(
+                lambda: (
+                    'zmq_accepted_total{endpoint="tcp://127.0.0.1:'
+                    in http_get(daemon.url + "/metrics")
+                ),
+                what="accepted",
+            )
+            text = http_get(daemon.url + "/metrics")
+            om = http_get(daemon.url + "/metrics", {"Accept": PROMETHEUS_3})
+        finally:
+            peer.close()
+    for body, content_type in ((text, "text"), (om, "openmetrics")):
+        families = {
+            f.name: f
+            for f in (parse_text(body) if content_type == "text" else parse_openmetrics(body))
+        }
+        info = families["zmq_socket_info"].samples
+        assert {s.labels["socket"] for s in info} == {"frontend", "backend", "pub"}
+        assert all(s.labels["site"] == 'a\\b "c"' for s in info)
+        assert "zmq_exporter_scrape_duration_seconds" in families
+        assert "zmq_exporter_build_info" in families
+        assert "process_cpu_seconds" in families or "process_cpu_seconds_total" in families
+    # promtool lints the text format only (it has no OpenMetrics parser).
+    done = subprocess.run(
+        [promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60
+    )
+    assert done.returncode == 0, f"{done.stdout}\n{done.stderr}"
+    assert om.count("# EOF") == 1 and om.endswith("# EOF\n")
