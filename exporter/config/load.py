@@ -17,7 +17,6 @@ import zmq
 
 from exporter.cardinality import estimate_series
 from exporter.config.errors import ConfigError, Path
-from exporter.config.otlp import OtlpConfig
 from exporter.config.model import (
     Config,
     GlobalConfig,
@@ -26,6 +25,7 @@ from exporter.config.model import (
     SocketOptions,
     label_name_problem,
 )
+from exporter.config.otlp import OtlpConfig
 from exporter.config.yamlnodes import line_of, load_with_lines
 from exporter.events import ALL_EVENTS_MASK, EVENT_BY_NAME, Event
 
