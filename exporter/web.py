@@ -2,6 +2,11 @@
 endpoints, the landing page and POST /-/reload, optionally behind TLS and basic auth
 (`exporter.webconfig`).
 
+/metrics is the socket families pre-rendered by `WebApp.state` (`StateCollector.prerender`,
+lines kept per socket snapshot) followed by the negotiated encoder's output of everything
+else; an escaping or version that `fast_format` does not cover goes through the encoder
+entirely. Either way the bytes are what the encoder alone would write.
+
 One thread per connection; the engine is only ever read through snapshots, so a slow
 client blocks nothing but its own thread. What one client can hold is bounded: the TLS
 handshake runs in the connection's thread (never in the accept loop) with a deadline; the
