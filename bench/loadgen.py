@@ -14,14 +14,25 @@ import time
 
 
 def churn(
-    host: str, port: int, count: int, deadline: float, source: str | None, connect_timeout: float
+    host: str,
+    port: int,
+    count: int,
+    deadline: float,
+    source: str | None,
+    connect_timeout: float,
+    rate: float = 0.0,
 ) -> dict[str, float]:
     completed = failed = 0
     started = time.monotonic()
     end = started + deadline
-    for _ in range(count):
-        if time.monotonic() > end:
+    for i in range(count):
+        now = time.monotonic()
+        if now > end:
             break
+        if rate:  # paced: connection i starts no earlier than i / rate seconds in
+            ahead = started + i / rate - now
+            if ahead > 0:
+                time.sleep(ahead)
         sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
         sock.settimeout(connect_timeout)
         try:
@@ -49,9 +60,16 @@ def main() -> int:
     p.add_argument("--deadline", type=float, default=60.0, help="stop after this many seconds")
     p.add_argument("--source", default=None, help="source address, e.g. 127.0.0.2")
     p.add_argument("--connect-timeout", type=float, default=2.0)
+    p.add_argument("--rate", type=float, default=0.0, help="connections/s (0: as fast as possible)")
     args = p.parse_args()
     tally = churn(
-        args.host, args.port, args.count, args.deadline, args.source, args.connect_timeout
+        args.host,
+        args.port,
+        args.count,
+        args.deadline,
+        args.source,
+        args.connect_timeout,
+        args.rate,
     )
     json.dump(tally, sys.stdout)
     print()

@@ -1,0 +1,272 @@
+"""`python -m bench [--quick|--smoke] [--json] [--plot PNG]`: every measure of bench/README.md
+as a ratio against a baseline measured in the same run, with its goal."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from bench import app, ingest, memory, scrape
+from bench.common import BenchEngine, process_cpu, raise_fd_limit, wait_until
+
+
+@dataclass(frozen=True)
+class Profile:
+    name: str
+    connections: int  # per storm
+    repeats: int  # storms per pipeline (medians are reported)
+    scale_sockets: int  # the "4,000" of scale_4000_vs_10 and idle_cpu_4000
+    idle_seconds: float
+    app_pairs: int  # monitored/unmonitored run pairs
+    app_seconds: float
+    app_rate: float  # connections/s of churn during the app runs
+    scrape_sockets: int
+    scrape_repeats: int
+    memory_sockets: int
+    overload_connections: int
+    curve: tuple[int, ...] = ()  # socket counts of the ingest-cost plot
+
+
+PROFILES = {
+    "smoke": Profile("smoke", 300, 1, 40, 0.5, 1, 0.3, 200, 200, 1, 50, 300, (10, 40)),
+    "quick": Profile("quick", 5000, 3, 4000, 3.0, 3, 1.5, 1000, 10_000, 2, 1000, 5000),
+    "full": Profile(
+        "full", 20_000, 7, 4000, 10.0, 7, 3.0, 1000, 10_000, 5, 4000, 20_000, (10, 100, 1000, 4000)
+    ),
+}
+
+
+@dataclass
+class Measure:
+    value: float
+    goal: float
+    op: str  # "<=", ">=" or "=="
+    unit: str
+    detail: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def ok(self) -> bool:
+        if self.op == "<=":
+            return self.value <= self.goal
+        if self.op == ">=":
+            return self.value >= self.goal
+        return self.value == self.goal
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "value": self.value,
+            "goal": self.goal,
+            "op": self.op,
+            "unit": self.unit,
+            "ok": self.ok,
+            **self.detail,
+        }
+
+
+def _median_us(runs: list[ingest.Run]) -> float:
+    return statistics.median(r.us_per_event for r in runs)
+
+
+def measure_pipeline(p: Profile, out: dict[str, Measure]) -> None:
+    raw: list[ingest.Run] = []
+    raw_coalesced: list[ingest.Run] = []
+    ours: list[ingest.Run] = []
+    diy: list[ingest.Run] = []
+    with BenchEngine() as bench:
+        for _ in range(p.repeats):  # interleaved, so drifts of the machine hit all alike
+            raw.append(ingest.run_raw(p.connections))
+            ours.append(ingest.run_ours(p.connections, bench))
+            diy.append(ingest.run_diy(p.connections))
+            raw_coalesced.append(ingest.run_raw(p.connections, ingest.COALESCE))
+    us = {
+        name: _median_us(runs)
+        for name, runs in (
+            ("raw", raw),
+            ("raw_coalesced", raw_coalesced),
+            ("ours", ours),
+            ("diy", diy),
+        )
+    }
+    detail = {f"{k}_us_per_event": round(v, 3) for k, v in us.items()}
+    out["pipeline_vs_raw"] = Measure(us["ours"] / us["raw"], 1.3, "<=", "ratio", detail)
+    out["pipeline_vs_raw_coalesced"] = Measure(
+        us["ours"] / us["raw_coalesced"], 1.3, "<=", "ratio", {"informational": True}
+    )
+    out["pipeline_vs_diy"] = Measure(us["diy"] / us["ours"], 2.0, ">=", "ratio", {})
+
+
+def measure_scale(p: Profile, out: dict[str, Measure], curve: dict[str, list[Any]]) -> None:
+    few: list[ingest.Run] = []
+    many: list[ingest.Run] = []
+    with BenchEngine(idle=9) as small, BenchEngine(idle=p.scale_sockets - 1) as big:
+        # Idle: every socket's LISTENING read, then nothing happens for idle_seconds.
+        wait_until(lambda: big.events() >= p.scale_sockets, 60)
+        time.sleep(0.5)
+        cpu0, t0 = process_cpu(), time.monotonic()
+        time.sleep(p.idle_seconds)
+        share = (process_cpu() - cpu0) / (time.monotonic() - t0)
+        out[f"idle_cpu_{p.scale_sockets}"] = Measure(
+            share,
+            0.01,
+            "<=",
+            "share of a core",
+            {"seconds": p.idle_seconds, "sockets": p.scale_sockets, "whole_process": True},
+        )
+        for _ in range(p.repeats):
+            few.append(ingest.run_ours(p.connections, small))
+            many.append(ingest.run_ours(p.connections, big))
+    out[f"scale_{p.scale_sockets}_vs_10"] = Measure(
+        _median_us(many) / _median_us(few),
+        1.1,
+        "<=",
+        "ratio",
+        {
+            "us_per_event_10": round(_median_us(few), 3),
+            f"us_per_event_{p.scale_sockets}": round(_median_us(many), 3),
+        },
+    )
+    for n in p.curve:
+        with BenchEngine(idle=n - 1) as bench:
+            ours = [ingest.run_ours(p.connections, bench) for _ in range(p.repeats)]
+        poller = [ingest.run_poller(p.connections, n) for _ in range(p.repeats)]
+        curve["sockets"].append(n)
+        curve["ours"].append(_median_us(ours))
+        curve["poller"].append(_median_us(poller))
+
+
+def measure_app(p: Profile, out: dict[str, Measure]) -> None:
+    ratios, churn = [], []
+    for _ in range(p.app_pairs):
+        mon = app.run_monitored(p.app_seconds, p.app_rate)
+        unmon = app.run_unmonitored(p.app_seconds, p.app_rate)
+        ratios.append(mon.round_trips_per_second / unmon.round_trips_per_second)
+        churn.append(mon.churn_per_second / unmon.churn_per_second)
+    out["app_throughput"] = Measure(
+        statistics.median(ratios),
+        0.97,
+        ">=",
+        "ratio",
+        {
+            "churn_ratio": round(statistics.median(churn), 4),
+            "churn_per_second": p.app_rate,
+            "pair_ratios": [round(r, 3) for r in ratios],
+        },
+    )
+
+
+def measure_scrape(p: Profile, out: dict[str, Measure]) -> None:
+    t = scrape.run(p.scrape_sockets, p.scrape_repeats)
+    out["scrape_vs_generate_latest"] = Measure(
+        t.generate_latest / t.ours_warm,
+        3.0,
+        ">=",
+        "ratio",
+        {
+            "sockets": p.scrape_sockets,
+            "series": t.series,
+            "generate_latest_s": round(t.generate_latest, 4),
+            "generate_latest_with_created_s": round(t.generate_latest_created, 4),
+            "ours_warm_s": round(t.ours_warm, 4),
+            "ours_cold_s": round(t.ours_cold, 4),
+        },
+    )
+    out["scrape_vs_generate_latest_cold"] = Measure(
+        t.generate_latest / t.ours_cold, 3.0, ">=", "ratio", {"informational": True}
+    )
+
+
+def measure_memory(p: Profile, out: dict[str, Measure]) -> None:
+    bare = memory.measure("bare", p.memory_sockets)
+    ours = memory.measure("ours", p.memory_sockets)
+    out["rss_per_socket_vs_libzmq"] = Measure(
+        ours / bare,
+        1.5,
+        "<=",
+        "ratio",
+        {"sockets": p.memory_sockets, "ours_bytes": round(ours), "libzmq_bytes": round(bare)},
+    )
+
+
+def measure_overload(p: Profile, out: dict[str, Measure]) -> None:
+    with BenchEngine() as bench:
+        o = ingest.run_overload(p.overload_connections, bench)
+    out["storm_loss"] = Measure(
+        o.lost,
+        0,
+        "==",
+        "events",
+        {
+            "generated": o.generated,
+            "counted": o.counted,
+            "dropped_reported": 0,
+            "stalled_s": round(o.stalled_seconds, 3),
+            "catch_up_s": round(o.catch_up_seconds, 3),
+            "backlog_max": o.backlog_max,
+        },
+    )
+
+
+def run(profile: Profile) -> tuple[dict[str, Measure], dict[str, list[Any]]]:
+    raise_fd_limit()
+    out: dict[str, Measure] = {}
+    curve: dict[str, list[Any]] = {"sockets": [], "ours": [], "poller": []}
+    steps: list[Callable[[], None]] = [
+        lambda: measure_pipeline(profile, out),
+        lambda: measure_scale(profile, out, curve),
+        lambda: measure_app(profile, out),
+        lambda: measure_scrape(profile, out),
+        lambda: measure_memory(profile, out),
+        lambda: measure_overload(profile, out),
+    ]
+    for step in steps:
+        step()
+    return out, curve
+
+
+def table(results: dict[str, Measure]) -> str:
+    rows = [f"{'measure':<34} {'value':>10} {'goal':>10} {'ok':>4}"]
+    for name, m in results.items():
+        mark = "-" if m.detail.get("informational") else ("yes" if m.ok else "NO")
+        rows.append(f"{name:<34} {m.value:>10.4g} {m.op + ' ' + format(m.goal, 'g'):>10} {mark:>4}")
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="under 60 s on 2 cores")
+    size.add_argument("--smoke", action="store_true", help="the smallest case (for the tests)")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--plot", metavar="PNG", help="plot ingest cost against sockets")
+    args = parser.parse_args(argv)
+    profile = PROFILES["smoke" if args.smoke else "quick" if args.quick else "full"]
+    started = time.monotonic()
+    results, curve = run(profile)
+    seconds = time.monotonic() - started
+    if args.plot and curve["sockets"]:
+        from bench.plot import plot_ingest
+
+        plot_ingest(curve, args.plot)
+    if args.json:
+        doc: dict[str, Any] = {name: m.as_json() for name, m in results.items()}
+        doc["_run"] = {
+            "profile": profile.name,
+            "seconds": round(seconds, 1),
+            "machine": f"{platform.machine()}, {os.cpu_count()} cpus",
+            "python": platform.python_version(),
+            "curve": curve,
+        }
+        json.dump(doc, sys.stdout, indent=1)
+        print()
+    else:
+        print(table(results))
+        print(f"({profile.name} run, {seconds:.1f} s)")
+    return 0
