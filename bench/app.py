@@ -1,79 +1,114 @@
-"""What monitoring costs the application it watches: round trips per second through an
-application's own REQ/REP pair in the same process and ZeroMQ context as the engine,
-while a load process churns connections at a fixed rate against a ROUTER of that context
-- monitored by our engine, or the same ROUTER unmonitored."""
+"""What monitoring costs the application it watches.
+
+Two copies of one application live in this process, each in its own ZeroMQ context: a
+REQ/REP pair doing round trips over TCP loopback, and a ROUTER that a load process churns
+raw TCP connections against at a fixed rate. In copy "monitored" our engine owns the
+ROUTER and monitors it; in copy "plain" the ROUTER has no monitor. The load process and
+the round trips take turns between the copies in short windows on a shared clock, so
+both copies see the same machine (the noise of these 2-core machines drifts over
+seconds); the measure is the median over window pairs of monitored/plain round trips.
+"""
 
 from __future__ import annotations
 
+import statistics
 import time
 from dataclasses import dataclass
 
 import zmq
 
 from bench.common import BACKLOG, BenchEngine, LoadGen, free_port
+from exporter.engine import COALESCE_SECONDS
+
+MARGIN = 0.1  # of each window, left out at both ends (load process switching over)
 
 
 @dataclass
-class AppRun:
-    round_trips_per_second: float
-    churn_per_second: float  # connections the load process completed per second
+class AppResult:
+    ratios: list[float]  # monitored / plain round trips, per window pair
+    round_trips_per_second: dict[str, float]  # medians
+    churn_ratio: float  # connections completed, monitored / plain
+
+    @property
+    def ratio(self) -> float:
+        return statistics.median(self.ratios)
 
 
-def _ping_pong(ctx: zmq.Context[zmq.Socket[bytes]], seconds: float) -> float:
-    """Round trips per second REQ -> REP -> REQ over TCP loopback, both ends driven by
-    this one thread (one Python thread fewer competing for the two cores)."""
-    port = free_port()
-    rep = ctx.socket(zmq.REP)
-    req = ctx.socket(zmq.REQ)
-    try:
-        for sock in (rep, req):
+class PingPong:
+    """REQ -> REP -> REQ round trips over TCP loopback, both ends driven by the calling
+    thread (one Python thread fewer competing for the two cores)."""
+
+    def __init__(self, ctx: zmq.Context[zmq.Socket[bytes]]) -> None:
+        port = free_port()
+        self.rep = ctx.socket(zmq.REP)
+        self.req = ctx.socket(zmq.REQ)
+        for sock in (self.rep, self.req):
             sock.setsockopt(zmq.LINGER, 0)
             sock.setsockopt(zmq.RCVTIMEO, 2000)
-        rep.bind(f"tcp://127.0.0.1:{port}")
-        req.connect(f"tcp://127.0.0.1:{port}")
+        self.rep.bind(f"tcp://127.0.0.1:{port}")
+        self.req.connect(f"tcp://127.0.0.1:{port}")
+        self.run_until(time.monotonic() + 0.05)  # connected and warm
+
+    def run_until(self, end: float) -> float:
+        """Round trips per second until `end` (CLOCK_MONOTONIC)."""
+        req, rep = self.req, self.rep
         count = 0
         started = time.monotonic()
-        end = started + seconds
         while time.monotonic() < end:
             req.send(b"ping")
             rep.send(rep.recv())
             req.recv()
             count += 1
         return count / (time.monotonic() - started)
-    finally:
-        req.close()
-        rep.close()
+
+    def close(self) -> None:
+        self.req.close()
+        self.rep.close()
 
 
-def _run(ctx: zmq.Context[zmq.Socket[bytes]], port: int, seconds: float, rate: float) -> AppRun:
-    churn = LoadGen(port, int(rate * seconds * 2), seconds, rate)
-    try:
-        rtps = _ping_pong(ctx, seconds)
-        tally = churn.tally()
-    finally:
-        churn.kill()
-    return AppRun(rtps, tally.completed / tally.seconds)
-
-
-def run_monitored(seconds: float, rate: float) -> AppRun:
-    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-    bench = BenchEngine(ctx=ctx)
-    try:
-        return _run(ctx, bench.port, seconds, rate)
-    finally:
-        bench.close()
-        ctx.term()
-
-
-def run_unmonitored(seconds: float, rate: float) -> AppRun:
-    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-    port = free_port()
-    router = ctx.socket(zmq.ROUTER)
+def run(
+    window_pairs: int, window: float, rate: float, coalesce: float = COALESCE_SECONDS
+) -> AppResult:
+    monitored_ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    plain_ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    bench = BenchEngine(ctx=monitored_ctx, coalesce=coalesce)
+    plain_port = free_port()
+    router = plain_ctx.socket(zmq.ROUTER)
     router.setsockopt(zmq.LINGER, 0)
     router.setsockopt(zmq.BACKLOG, BACKLOG)
-    router.bind(f"tcp://127.0.0.1:{port}")
+    router.bind(f"tcp://127.0.0.1:{plain_port}")
+    apps = [PingPong(monitored_ctx), PingPong(plain_ctx)]
+    windows = 2 * window_pairs
+    start = time.monotonic() + 0.5  # the load process is up by then
+    load = LoadGen(
+        [bench.port, plain_port],
+        int(rate * window * windows) + 1,
+        window * windows,
+        rate,
+        window,
+        start,
+    )
     try:
-        return _run(ctx, port, seconds, rate)
+        rates: list[list[float]] = [[], []]
+        for k in range(windows):
+            begin = start + k * window
+            time.sleep(max(0.0, begin + MARGIN * window - time.monotonic()))
+            rates[k % 2].append(apps[k % 2].run_until(begin + (1 - MARGIN) * window))
+        tally = load.tally()
     finally:
+        load.kill()
+        for a in apps:
+            a.close()
+        bench.close()
         router.close()
-        ctx.term()
+        monitored_ctx.term()
+        plain_ctx.term()
+    done = tally.completed_by_port
+    return AppResult(
+        ratios=[m / p for m, p in zip(rates[0], rates[1], strict=True)],
+        round_trips_per_second={
+            "monitored": statistics.median(rates[0]),
+            "plain": statistics.median(rates[1]),
+        },
+        churn_ratio=done[bench.port] / done[plain_port] if done[plain_port] else 0.0,
+    )

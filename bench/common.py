@@ -20,7 +20,7 @@ from pathlib import Path
 import zmq
 
 from exporter.config import Settings, parse_config
-from exporter.engine import Engine
+from exporter.engine import COALESCE_SECONDS, Engine
 
 LOADGEN = Path(__file__).with_name("loadgen.py")
 # A deep listen backlog, as a busy ROUTER should have: with libzmq's default of 100 a
@@ -77,39 +77,43 @@ class Tally:
     completed: int
     failed: int
     seconds: float
+    completed_by_port: dict[int, int]
 
 
 class LoadGen:
     """Raw TCP connect+close churn from a separate process (3 monitor events per
     connection), with its own tally."""
 
-    def __init__(self, port: int, count: int, deadline: float, rate: float = 0.0) -> None:
-        args = [sys.executable, str(LOADGEN), "--port", str(port), "--count", str(count)]
+    def __init__(
+        self,
+        port: int | list[int],
+        count: int,
+        deadline: float,
+        rate: float = 0.0,
+        window: float = 0.0,
+        start_at: float | None = None,
+    ) -> None:
+        ports = ",".join(str(p) for p in (port if isinstance(port, list) else [port]))
+        args = [sys.executable, str(LOADGEN), "--port", ports, "--count", str(count)]
         args += ["--deadline", str(deadline), "--connect-timeout", "1"]
-        if rate:
-            args += ["--rate", str(rate)]
+        args += ["--rate", str(rate), "--window", str(window)]
+        if start_at is not None:
+            args += ["--start-at", str(start_at)]
         self._proc = subprocess.Popen(
             args, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True
         )
-        self._deadline = deadline
+        self._deadline = deadline + (max(0.0, start_at - time.monotonic()) if start_at else 0)
 
     def tally(self) -> Tally:
         out, _ = self._proc.communicate(timeout=self._deadline + 30)
         data = json.loads(out)
-        return Tally(int(data["completed"]), int(data["failed"]), float(data["seconds"]))
+        by_port = {int(p): int(n) for p, n in data["completed_by_port"].items()}
+        return Tally(int(data["completed"]), int(data["failed"]), float(data["seconds"]), by_port)
 
     def kill(self) -> None:
         if self._proc.poll() is None:
             self._proc.kill()
             self._proc.wait()
-
-
-def churn(port: int, count: int, deadline: float, rate: float = 0.0) -> Tally:
-    gen = LoadGen(port, count, deadline, rate)
-    try:
-        return gen.tally()
-    finally:
-        gen.kill()
 
 
 def engine_config(storm_port: int, idle: int, ipc_dir: str) -> Settings:
@@ -134,11 +138,16 @@ def engine_config(storm_port: int, idle: int, ipc_dir: str) -> Settings:
 class BenchEngine:
     """An `Engine` running `engine_config(...)` in this process, as the daemon runs it."""
 
-    def __init__(self, idle: int = 0, ctx: zmq.Context[zmq.Socket[bytes]] | None = None) -> None:
+    def __init__(
+        self,
+        idle: int = 0,
+        ctx: zmq.Context[zmq.Socket[bytes]] | None = None,
+        coalesce: float = COALESCE_SECONDS,
+    ) -> None:
         self.port = free_port()
         self._ipc = tempfile.TemporaryDirectory(prefix="zmqx-bench-")
         self.settings = engine_config(self.port, idle, self._ipc.name)
-        self.engine = Engine(ctx)
+        self.engine = Engine(ctx, coalesce=coalesce)
         self.engine.start()
         self.engine.apply(self.settings).result(timeout=120)
         self.cpu = thread_cpu(self.engine._thread)

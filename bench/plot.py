@@ -16,6 +16,8 @@ def plot_ingest(curve: dict[str, list[Any]], path: str) -> None:
     ax.plot(curve["sockets"], curve["ours"], "o-", label="zmq-exporter engine (epoll)")
     ax.plot(curve["sockets"], curve["poller"], "s--", label="raw drain, zmq.Poller")
     ax.set_xscale("log")
+    ax.set_xticks(curve["sockets"], [str(n) for n in curve["sockets"]])
+    ax.minorticks_off()
     ax.set_xlabel("monitored sockets (one of them in a raw TCP churn storm)")
     ax.set_ylabel("reader CPU per event (µs)")
     ax.set_ylim(bottom=0)

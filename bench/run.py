@@ -25,8 +25,8 @@ class Profile:
     repeats: int  # storms per pipeline (medians are reported)
     scale_sockets: int  # the "4,000" of scale_4000_vs_10 and idle_cpu_4000
     idle_seconds: float
-    app_pairs: int  # monitored/unmonitored run pairs
-    app_seconds: float
+    app_pairs: int  # monitored/plain window pairs
+    app_window: float  # seconds
     app_rate: float  # connections/s of churn during the app runs
     scrape_sockets: int
     scrape_repeats: int
@@ -36,10 +36,49 @@ class Profile:
 
 
 PROFILES = {
-    "smoke": Profile("smoke", 300, 1, 40, 0.5, 1, 0.3, 200, 200, 1, 50, 300, (10, 40)),
-    "quick": Profile("quick", 5000, 3, 4000, 3.0, 3, 1.5, 1000, 10_000, 2, 1000, 5000),
+    "smoke": Profile(
+        "smoke",
+        connections=300,
+        repeats=1,
+        scale_sockets=40,
+        idle_seconds=0.5,
+        app_pairs=2,
+        app_window=0.2,
+        app_rate=200,
+        scrape_sockets=200,
+        scrape_repeats=1,
+        memory_sockets=50,
+        overload_connections=300,
+        curve=(10, 40),
+    ),
+    "quick": Profile(
+        "quick",
+        connections=5000,
+        repeats=3,
+        scale_sockets=4000,
+        idle_seconds=3.0,
+        app_pairs=10,
+        app_window=0.3,
+        app_rate=1000,
+        scrape_sockets=10_000,
+        scrape_repeats=2,
+        memory_sockets=1000,
+        overload_connections=5000,
+    ),
     "full": Profile(
-        "full", 20_000, 7, 4000, 10.0, 7, 3.0, 1000, 10_000, 5, 4000, 20_000, (10, 100, 1000, 4000)
+        "full",
+        connections=20_000,
+        repeats=7,
+        scale_sockets=4000,
+        idle_seconds=10.0,
+        app_pairs=40,
+        app_window=0.3,
+        app_rate=1000,
+        scrape_sockets=10_000,
+        scrape_repeats=5,
+        memory_sockets=4000,
+        overload_connections=20_000,
+        curve=(10, 100, 1000, 4000),
     ),
 }
 
@@ -143,21 +182,19 @@ def measure_scale(p: Profile, out: dict[str, Measure], curve: dict[str, list[Any
 
 
 def measure_app(p: Profile, out: dict[str, Measure]) -> None:
-    ratios, churn = [], []
-    for _ in range(p.app_pairs):
-        mon = app.run_monitored(p.app_seconds, p.app_rate)
-        unmon = app.run_unmonitored(p.app_seconds, p.app_rate)
-        ratios.append(mon.round_trips_per_second / unmon.round_trips_per_second)
-        churn.append(mon.churn_per_second / unmon.churn_per_second)
+    result = app.run(p.app_pairs, p.app_window, p.app_rate)
     out["app_throughput"] = Measure(
-        statistics.median(ratios),
+        result.ratio,
         0.97,
         ">=",
         "ratio",
         {
-            "churn_ratio": round(statistics.median(churn), 4),
+            "churn_ratio": round(result.churn_ratio, 4),
             "churn_per_second": p.app_rate,
-            "pair_ratios": [round(r, 3) for r in ratios],
+            "window_pairs": p.app_pairs,
+            "round_trips_per_second": {
+                k: round(v) for k, v in result.round_trips_per_second.items()
+            },
         },
     )
 

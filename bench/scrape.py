@@ -72,6 +72,16 @@ def _generate(registries: list[CollectorRegistry]) -> None:
         generate_latest(registry)
 
 
+def _created_series(enabled: bool) -> None:
+    """prometheus_client's switch for `_created` series (read when a metric is created)."""
+    toggle: Callable[[], None] = (
+        prometheus_client.enable_created_metrics
+        if enabled
+        else prometheus_client.disable_created_metrics
+    )
+    toggle()
+
+
 def _best(fn: Callable[[], object], repeat: int) -> float:
     """Fastest of `repeat` runs, in seconds (the least disturbed by other processes)."""
     best = float("inf")
@@ -96,12 +106,12 @@ def run(sockets: int, repeat: int) -> ScrapeTimes:
     text = SocketText().render(snapshots(states)).decode()
     series = sum(1 for line in text.splitlines() if line and not line.startswith("#"))
 
-    prometheus_client.disable_created_metrics()
+    _created_series(False)
     try:
         plain = baseline_registries(text)
         generate_plain = _best(lambda: _generate(plain), repeat)
     finally:
-        prometheus_client.enable_created_metrics()
+        _created_series(True)
     created = baseline_registries(text)
     generate_created = _best(lambda: _generate(created), repeat)
 

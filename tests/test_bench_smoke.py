@@ -1,0 +1,46 @@
+"""The benchmark's smallest case runs end to end, so `bench/` cannot rot. No speed is
+asserted here (speed lives in bench/, as same-run ratios); what is asserted is that every
+measure is produced, well formed, and that no event is lost under overload."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from helpers import ROOT
+
+MEASURES = (
+    "pipeline_vs_raw",
+    "pipeline_vs_diy",
+    "app_throughput",
+    "scale_40_vs_10",  # the smoke profile's scale_4000_vs_10
+    "idle_cpu_40",  # the smoke profile's idle_cpu_4000
+    "scrape_vs_generate_latest",
+    "rss_per_socket_vs_libzmq",
+    "storm_loss",
+)
+
+
+def test_bench_smoke_produces_every_measure(tmp_path: Path) -> None:
+    png = tmp_path / "ingest.png"
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--smoke", "--json", "--plot", str(png)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        stdin=subprocess.DEVNULL,
+    )
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    for name in MEASURES:
+        m = doc[name]
+        assert {"value", "goal", "unit", "ok"} <= m.keys(), (name, m)
+        assert isinstance(m["value"], int | float) and m["value"] >= 0, (name, m)
+        assert isinstance(m["ok"], bool), (name, m)
+    loss = doc["storm_loss"]
+    assert loss["value"] == 0 and loss["counted"] == loss["generated"] > 0, loss
+    assert doc["_run"]["curve"]["sockets"] == [10, 40]
+    assert png.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
