@@ -130,6 +130,7 @@ def test_label_values_needing_escaping_identical() -> None:
             ('quote"d', {"team": 'a"b'}),
             ("back\\slash", {"team": "c:\\dir\\", "zone": "x\ny"}),
             ("new\nline", {"a": "", "b": "ünïcødé ✓"}),
+            ("clash", {"reason": "configured", "type": "t"}),  # the config forbids these
         )
     )
     snaps = tuple(snap_of(s) for s in socks)

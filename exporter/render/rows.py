@@ -101,6 +101,8 @@ HANDSHAKE, CONNECTIONS, LISTENING, RECONNECT, LAST_EVENT, UNKNOWN, INFO = range(
 assert len(SOCKET_FAMILIES) == INFO + 1
 
 Labels = tuple[tuple[str, str], ...]
+# The names of the extra labels rows carry (configured labels may not use them).
+EXTRA_LABELS = frozenset({"type", "event", "errno", "reason", "error"})
 # (index into SOCKET_FAMILIES, endpoint label or None for a socket-level row, labels beyond
 # socket/endpoint/configured ones, value)
 Row = tuple[int, str | None, Labels, float]

@@ -32,7 +32,14 @@ from prometheus_client.openmetrics import exposition as om_exposition
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from exporter.render.rows import SOCKET_FAMILIES, Labels, for_text_format, row_labels, socket_rows
+from exporter.render.rows import (
+    EXTRA_LABELS,
+    SOCKET_FAMILIES,
+    Labels,
+    for_text_format,
+    row_labels,
+    socket_rows,
+)
 from exporter.state import SocketSnapshot
 
 __all__ = ["SocketText", "fast_format", "format_value"]
@@ -104,43 +111,52 @@ def _label_name(name: str) -> str:
     return om_exposition.escape_label_name(name)
 
 
+@functools.lru_cache(maxsize=4096)
 def _pair(name: str, value: str) -> str:
-    """`name="value"`, escaped as prometheus_client does in both formats."""
+    """`name="value"`, escaped as prometheus_client does in both formats. Cached: one
+    socket's pairs recur in each of its label sets, extra labels recur everywhere."""
     escaped = value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
     return f'{_label_name(name)}="{escaped}"'
 
 
-# Extra labels (errno, reason/error, type, event) take few distinct values.
-_extra_pair = functools.lru_cache(maxsize=4096)(_pair)
-
-
 class _SocketLabels:
-    """`name{labels} ` of each (family, endpoint, extra labels) of one socket, built once
-    and kept as long as the socket's configured labels stay the same."""
+    """The label strings (`socket="…",endpoint="…",…`, sorted as the encoders sort them) of
+    one socket: per endpoint, and per (endpoint, extra labels). Built once and kept as long
+    as the socket's configured labels stay the same."""
 
-    __slots__ = ("_bases", "_bodies", "labels", "prefixes")
+    __slots__ = ("bases", "clash", "extras", "labels", "plain")
 
     def __init__(self, sock: SocketSnapshot) -> None:
         self.labels = dict(sock.labels)
-        self.prefixes: dict[tuple[int, str | None, Labels], str] = {}
-        self._bodies: dict[tuple[str | None, Labels], str] = {}
-        self._bases: dict[str | None, dict[str, str]] = {}
+        self.plain: dict[str | None, str] = {}  # endpoint -> label string
+        self.extras: dict[tuple[str | None, Labels], str] = {}
+        # endpoint -> its labels without extras, as sorted (name, pair)
+        self.bases: dict[str | None, list[tuple[str, str]]] = {}
+        # A configured label named like an extra one (the config forbids it).
+        self.clash = not EXTRA_LABELS.isdisjoint(sock.labels)
 
-    def prefix(self, sock: SocketSnapshot, index: int, endpoint: str | None, extra: Labels) -> str:
-        body = self._bodies.get((endpoint, extra))
-        if body is None:
-            base = self._bases.get(endpoint)
-            if base is None:
-                labels = row_labels(sock, endpoint, ())
-                base = self._bases[endpoint] = {k: _pair(k, v) for k, v in labels.items()}
-            pairs = base
-            if extra:  # the same label set as row_labels(sock, endpoint, extra)
-                pairs = dict(base)
-                pairs.update((k, _extra_pair(k, v)) for k, v in extra)
-            body = ",".join([pairs[k] for k in sorted(pairs)])
-            self._bodies[(endpoint, extra)] = body
-        text = self.prefixes[(index, endpoint, extra)] = f"{_SAMPLE_NAMES[index]}{{{body}}} "
+    def build(self, sock: SocketSnapshot, endpoint: str | None, extra: Labels) -> str:
+        if extra and self.clash:  # the slow way, exactly as row_labels merges them
+            labels = row_labels(sock, endpoint, extra)
+            text = ",".join([_pair(k, labels[k]) for k in sorted(labels)])
+            self.extras[(endpoint, extra)] = text
+            return text
+        items = self.bases.get(endpoint)
+        if items is None:
+            labels = row_labels(sock, endpoint, ())
+            items = self.bases[endpoint] = sorted([(k, _pair(k, v)) for k, v in labels.items()])
+        if extra:
+            items = [*items, *_extra_items(extra)]
+            items.sort()
+            text = self.extras[(endpoint, extra)] = ",".join([pair for _, pair in items])
+        else:
+            text = self.plain[endpoint] = ",".join([pair for _, pair in items])
         return text
+
+
+@functools.lru_cache(maxsize=4096)
+def _extra_items(extra: Labels) -> tuple[tuple[str, str], ...]:
+    return tuple((k, _pair(k, v)) for k, v in extra)
 
 
 # One socket's rendered lines: (the snapshot they render, lines per family, series).
@@ -194,18 +210,25 @@ class SocketText:
         labels = self._labels.get(sock.name)
         if labels is None or labels.labels != sock.labels:
             labels = self._labels[sock.name] = _SocketLabels(sock)
-        prefixes = labels.prefixes
-        go_string = _go_string
-        buckets: list[list[str]] = [[] for _ in range(_FAMILIES)]
+        plain, extras = labels.plain, labels.extras
+        names, go_string = _SAMPLE_NAMES, _go_string
+        lines = [b""] * _FAMILIES
+        current: object = _EMPTY  # endpoint of `body`: rows come grouped by endpoint
+        body = ""
         count = 0
         for index, endpoint, extra, value in socket_rows(sock):
-            prefix = prefixes.get((index, endpoint, extra))
-            if prefix is None:
-                prefix = labels.prefix(sock, index, endpoint, extra)
-            if value.__class__ is int and -(10**15) < value < 1_000_000:
-                buckets[index].append(f"{prefix}{value}.0\n")
+            if extra:
+                text = extras.get((endpoint, extra))
+                if text is None:
+                    text = labels.build(sock, endpoint, extra)
             else:
-                buckets[index].append(f"{prefix}{go_string(value)}\n")
+                if endpoint is not current:
+                    current = endpoint
+                    body = plain.get(endpoint) or labels.build(sock, endpoint, ())
+                text = body
+            if value.__class__ is int and -(10**15) < value < 1_000_000:
+                lines[index] += f"{names[index]}{{{text}}} {value}.0\n".encode()
+            else:
+                lines[index] += f"{names[index]}{{{text}}} {go_string(value)}\n".encode()
             count += 1
-        rendered = tuple("".join(b).encode() if b else b"" for b in buckets)
-        return sock, rendered if count else _EMPTY, count
+        return sock, tuple(lines), count
