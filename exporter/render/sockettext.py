@@ -5,9 +5,10 @@ A scrape of 10,000 sockets has ~120,000 series; building `Metric` objects and en
 costs ~8 µs a series. Here each socket's sample lines are rendered once per
 `SocketSnapshot` object and kept: `Engine.snapshot()` hands out the same object while a
 socket has no new event, so an idle socket costs a lookup and a join. Label strings (the
-`name{labels} ` part of a line) are kept per socket as long as its labels do not change,
-so even a changed socket costs only its values. Rows come from `socket_rows`, the one
-definition of the socket series that `render_sockets` (and so OTLP) uses too.
+`{labels}` of a line, per endpoint and per set of extra labels) are kept per socket as long
+as its configured labels do not change, so a changed socket costs little more than
+formatting its values. Rows come from `socket_rows`, the one definition of the socket
+series that `render_sockets` (and so OTLP) uses too.
 
 Public names:
 - `SocketText`: `render(sockets, openmetrics=False) -> bytes` and
