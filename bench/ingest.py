@@ -69,6 +69,17 @@ def _unbounded_monitor(
     return pair
 
 
+def _drain(pair: zmq.Socket[bytes]) -> int:
+    """`recv_multipart` until EAGAIN; the number of messages read."""
+    n = 0
+    while True:
+        try:
+            pair.recv_multipart(zmq.NOBLOCK)
+        except zmq.Again:
+            return n
+        n += 1
+
+
 class RawReader(_Reader):
     """The floor: wait until readable, then `recv_multipart` until EAGAIN; nothing else.
     With `coalesce` it then sleeps that long, as our engine does, so the two compare
@@ -82,18 +93,10 @@ class RawReader(_Reader):
         self.start(self._loop)
 
     def _loop(self) -> None:
-        pair, noblock, again = self.pair, zmq.NOBLOCK, zmq.Again
         while not self.stop.is_set():
-            if not pair.poll(100):
+            if not self.pair.poll(100):
                 continue
-            n = 0
-            while True:
-                try:
-                    pair.recv_multipart(noblock)
-                except again:
-                    break
-                n += 1
-            self.events += n
+            self.events += _drain(self.pair)
             if self.coalesce:
                 time.sleep(self.coalesce)
 
@@ -195,17 +198,9 @@ class PollerReader(_Reader):
         poller = zmq.Poller()
         for pair in self.pairs:
             poller.register(pair, zmq.POLLIN)
-        noblock, again = zmq.NOBLOCK, zmq.Again
         while not self.stop.is_set():
             for pair, _ in poller.poll(100):
-                n = 0
-                while True:
-                    try:
-                        pair.recv_multipart(noblock)
-                    except again:
-                        break
-                    n += 1
-                self.events += n
+                self.events += _drain(pair)
 
     def close(self) -> None:
         super().close()
