@@ -92,6 +92,7 @@ class LoadGen:
         rate: float = 0.0,
         window: float = 0.0,
         start_at: float | None = None,
+        cpus: set[int] | None = None,
     ) -> None:
         ports = ",".join(str(p) for p in (port if isinstance(port, list) else [port]))
         args = [sys.executable, str(LOADGEN), "--port", ports, "--count", str(count)]
@@ -102,6 +103,8 @@ class LoadGen:
         self._proc = subprocess.Popen(
             args, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True
         )
+        if cpus:
+            os.sched_setaffinity(self._proc.pid, cpus)
         self._deadline = deadline + (max(0.0, start_at - time.monotonic()) if start_at else 0)
 
     def tally(self) -> Tally:

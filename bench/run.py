@@ -348,15 +348,13 @@ def main(argv: list[str] | None = None) -> int:
         from bench.plot import plot_ingest
 
         plot_ingest(curve, args.plot)
+    doc: dict[str, Any] = {name: m.as_json() for name, m in results.items()}
+    doc["_run"] = {"profile": profile.name, "seconds": round(seconds, 1), **machine()}
+    doc["_run"]["curve"] = curve
+    if args.markdown:
+        with open(args.markdown, "w", encoding="utf-8") as f:
+            f.write(markdown(results, doc["_run"], args.plot))
     if args.json:
-        doc: dict[str, Any] = {name: m.as_json() for name, m in results.items()}
-        doc["_run"] = {
-            "profile": profile.name,
-            "seconds": round(seconds, 1),
-            "machine": f"{platform.machine()}, {os.cpu_count()} cpus",
-            "python": platform.python_version(),
-            "curve": curve,
-        }
         json.dump(doc, sys.stdout, indent=1)
         print()
     else:

@@ -39,12 +39,11 @@ log = logging.getLogger("zmq_exporter.engine")
 BATCH = 256
 # After a pass that drained every monitor, the reader waits this long (answering commands
 # only) before it looks again, so the events that arrive meanwhile are read in one batch
-# instead of one wakeup each. In a storm that cuts the reader's CPU per event ~3x, and an
-# application sharing the process loses no measurable throughput to our wakeups (bench/:
-# app_throughput 0.985 at 2 ms, 1.02-1.03 at 10-50 ms, under 1,000 connections/s). The
-# price: state lags the events by at most this much (Prometheus scrapes every few seconds).
-# Nothing is lost or blocked meanwhile: the monitor pipes are unbounded (RCVHWM=0).
-COALESCE_SECONDS = 0.01
+# instead of one wakeup each. In a storm that cuts the reader's CPU per event ~3x; under
+# 1,000 connections/s it keeps the reader at ~1% of a core (bench/: app_throughput). The
+# price: state lags the events by at most this much (Prometheus scrapes every few
+# seconds). Nothing is lost or blocked meanwhile: the monitor pipes are unbounded.
+COALESCE_SECONDS = 0.05
 
 
 @dataclass
