@@ -215,6 +215,22 @@ def run_poller(connections: int, sockets: int) -> Run:
         return _with_reader(lambda ctx: PollerReader(ctx, sockets, ipc_dir), connections)
 
 
+def poller_idle_share(sockets: int, seconds: float) -> float:
+    """CPU share of a core the `PollerReader` thread burns with `sockets` idle monitors."""
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    ctx.set(zmq.MAX_SOCKETS, ctx.get(zmq.SOCKET_LIMIT))
+    with tempfile.TemporaryDirectory(prefix="zmqx-bench-") as ipc_dir:
+        reader = PollerReader(ctx, sockets, ipc_dir)
+        try:
+            wait_until(lambda: reader.events >= sockets, 60)  # every LISTENING read
+            cpu0, t0 = reader.cpu(), time.monotonic()
+            time.sleep(seconds)
+            return (reader.cpu() - cpu0) / (time.monotonic() - t0)
+        finally:
+            reader.close()
+            ctx.term()
+
+
 @dataclass
 class Overload:
     generated: int  # 3 events per completed connection, by the load generator's tally

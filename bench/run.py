@@ -163,6 +163,14 @@ def measure_scale(p: Profile, out: dict[str, Measure], curve: dict[str, list[Any
         for _ in range(p.repeats):
             few.append(ingest.run_ours(p.connections, small))
             many.append(ingest.run_ours(p.connections, big))
+    # After the engines are closed: both sets of sockets at once would exceed the fd limit.
+    out[f"idle_cpu_{p.scale_sockets}_poller"] = Measure(
+        ingest.poller_idle_share(p.scale_sockets, p.idle_seconds),
+        0.01,
+        "<=",
+        "share of a core",
+        {"informational": True, "reader_thread_only": True},
+    )
     out[f"scale_{p.scale_sockets}_vs_10"] = Measure(
         _median_us(many) / _median_us(few),
         1.1,
