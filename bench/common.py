@@ -72,6 +72,19 @@ def wait_until(predicate: Callable[[], bool], timeout: float, step: float = 0.00
     return predicate()
 
 
+def wait_quiet(cpu: Callable[[], float], timeout: float, step: float = 0.2) -> bool:
+    """Wait until a thread's CPU clock (`thread_cpu`) stops moving for `step` seconds."""
+    last: float | None = None  # the first look only takes a reading
+
+    def quiet() -> bool:
+        nonlocal last
+        now, before = cpu(), last
+        last = now
+        return now == before
+
+    return wait_until(quiet, timeout, step)
+
+
 @dataclass
 class Tally:
     completed: int

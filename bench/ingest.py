@@ -19,12 +19,10 @@ from prometheus_client import CollectorRegistry, Counter
 from zmq.utils.monitor import recv_monitor_message
 
 from bench.common import BACKLOG, BenchEngine, LoadGen, free_port, thread_cpu, wait_until
-from exporter.engine import COALESCE_SECONDS
+from exporter.sockets import attach_monitor
 
 EVENTS_PER_CONNECTION = 3  # ACCEPTED, HANDSHAKE_FAILED_NO_DETAIL, DISCONNECTED
 STORM_DEADLINE = 60.0
-# The engine's wakeup coalescing, for the like-for-like raw baseline.
-COALESCE = COALESCE_SECONDS
 
 
 @dataclass
@@ -58,17 +56,6 @@ class _Reader:
         self.thread.join(5)
 
 
-def _unbounded_monitor(
-    ctx: zmq.Context[zmq.Socket[bytes]], sock: zmq.Socket[bytes], addr: str
-) -> zmq.Socket[bytes]:
-    sock.monitor(addr, zmq.EVENT_ALL)
-    pair = ctx.socket(zmq.PAIR)
-    pair.setsockopt(zmq.RCVHWM, 0)
-    pair.setsockopt(zmq.LINGER, 0)
-    pair.connect(addr)
-    return pair
-
-
 def _drain(pair: zmq.Socket[bytes]) -> int:
     """`recv_multipart` until EAGAIN; the number of messages read."""
     n = 0
@@ -88,7 +75,7 @@ class RawReader(_Reader):
     def __init__(self, ctx: zmq.Context[zmq.Socket[bytes]], coalesce: float = 0.0) -> None:
         super().__init__(ctx)
         self.coalesce = coalesce
-        self.pair = _unbounded_monitor(ctx, self.sock, f"inproc://bench-raw-{self.port}")
+        self.pair = attach_monitor(ctx, self.sock, zmq.EVENT_ALL)
         self.sock.bind(f"tcp://127.0.0.1:{self.port}")
         self.start(self._loop)
 
@@ -182,13 +169,11 @@ class PollerReader(_Reader):
     def __init__(self, ctx: zmq.Context[zmq.Socket[bytes]], sockets: int, ipc_dir: str) -> None:
         super().__init__(ctx)
         self.others: list[zmq.Socket[bytes]] = []
-        self.pairs = [_unbounded_monitor(ctx, self.sock, f"inproc://bench-poll-{self.port}")]
+        self.pairs = [attach_monitor(ctx, self.sock, zmq.EVENT_ALL)]
         for i in range(sockets - 1):
             other = ctx.socket(zmq.PULL)
             other.setsockopt(zmq.LINGER, 0)
-            self.pairs.append(
-                _unbounded_monitor(ctx, other, f"inproc://bench-poll-{self.port}-{i}")
-            )
+            self.pairs.append(attach_monitor(ctx, other, zmq.EVENT_ALL))
             other.bind(f"ipc://{ipc_dir}/{i}")
             self.others.append(other)
         self.sock.bind(f"tcp://127.0.0.1:{self.port}")

@@ -14,6 +14,7 @@ import tempfile
 import zmq
 
 from bench.common import engine_config, free_port, raise_fd_limit, wait_until
+from exporter.sockets import attach_monitor
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -37,10 +38,7 @@ def bare(sockets: int, ipc_dir: str) -> float:
     for i in range(sockets):
         sock = ctx.socket(zmq.PULL)
         sock.setsockopt(zmq.LINGER, 0)
-        sock.monitor(f"inproc://mem-{i}", zmq.EVENT_ALL)
-        pair = ctx.socket(zmq.PAIR)
-        pair.setsockopt(zmq.RCVHWM, 0)
-        pair.connect(f"inproc://mem-{i}")
+        pair = attach_monitor(ctx, sock, zmq.EVENT_ALL)
         sock.bind(f"ipc://{ipc_dir}/{i}")
         pair.recv_multipart()  # LISTENING: the monitor pipe is drained, as ours is
         keep += (sock, pair)

@@ -16,7 +16,8 @@ from importlib.metadata import version
 from typing import Any
 
 from bench import app, ingest, memory, scrape
-from bench.common import BenchEngine, process_cpu, raise_fd_limit, wait_until
+from bench.common import BenchEngine, process_cpu, raise_fd_limit, wait_quiet, wait_until
+from exporter.engine import COALESCE_SECONDS
 
 
 @dataclass(frozen=True)
@@ -125,7 +126,7 @@ def measure_pipeline(p: Profile, out: dict[str, Measure]) -> None:
             raw.append(ingest.run_raw(p.connections))
             ours.append(ingest.run_ours(p.connections, bench))
             diy.append(ingest.run_diy(p.connections))
-            raw_coalesced.append(ingest.run_raw(p.connections, ingest.COALESCE))
+            raw_coalesced.append(ingest.run_raw(p.connections, COALESCE_SECONDS))
     us = {
         name: _median_us(runs)
         for name, runs in (
@@ -147,9 +148,11 @@ def measure_scale(p: Profile, out: dict[str, Measure], curve: dict[str, list[Any
     few: list[ingest.Run] = []
     many: list[ingest.Run] = []
     with BenchEngine(idle=9) as small, BenchEngine(idle=p.scale_sockets - 1) as big:
-        # Idle: every socket's LISTENING read, then nothing happens for idle_seconds.
+        # Idle: every socket's LISTENING read and both engine threads quiet, then nothing
+        # happens for idle_seconds.
         wait_until(lambda: big.events() >= p.scale_sockets, 60)
-        time.sleep(0.5)
+        wait_quiet(big.cpu, 30)
+        wait_quiet(small.cpu, 30)
         cpu0, t0 = process_cpu(), time.monotonic()
         time.sleep(p.idle_seconds)
         share = (process_cpu() - cpu0) / (time.monotonic() - t0)

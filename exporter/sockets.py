@@ -40,7 +40,7 @@ def open_socket(ctx: zmq.Context[zmq.Socket[bytes]], spec: SocketSpec) -> Monito
     sock = ctx.socket(getattr(zmq, spec.socket_type))
     try:
         _set_options(sock, spec.options, spec.curve_secretkey)
-        monitor = _attach_monitor(ctx, sock, spec.events_mask)
+        monitor = attach_monitor(ctx, sock, spec.events_mask)
     except BaseException:
         sock.close(linger=0)
         raise
@@ -54,7 +54,7 @@ def open_socket(ctx: zmq.Context[zmq.Socket[bytes]], spec: SocketSpec) -> Monito
     )
 
 
-def _attach_monitor(
+def attach_monitor(
     ctx: zmq.Context[zmq.Socket[bytes]], sock: zmq.Socket[bytes], mask: int
 ) -> zmq.Socket[bytes]:
     # A unique address on every attach: reusing an inproc monitor address hangs

@@ -129,7 +129,7 @@ def apply_event(sock: SocketState, event_id: int, value: int, seen: str, now: fl
             state.listener_fd = None
         label = SOCKET_WIDE
 
-    state = sock.endpoints.get(label) or sock.endpoint(label)
+    state = sock.endpoint(label)
     state.counts[event] += 1
     state.last_event = event
     state.last_event_time = now

@@ -158,14 +158,13 @@ class WebApp:
             start = time.perf_counter()
             encoder, content_type = choose_encoder(accept or "")
             head, series, families = b"", 0, []
-            openmetrics = fast_format(encoder)
-            if self.state is None:
-                pass
-            elif openmetrics is None:  # an escaping or version we do not pre-render
-                families = list(self.state.collect())
-            else:
-                prerendered = self.state.prerender(openmetrics)
-                head, series, families = prerendered.text, prerendered.series, prerendered.families
+            if self.state is not None:
+                openmetrics = fast_format(encoder)
+                if openmetrics is None:  # an escaping or version we do not pre-render
+                    families = list(self.state.collect())
+                else:
+                    pre = self.state.prerender(openmetrics)
+                    head, series, families = pre.text, pre.series, pre.families
             families.extend(self.registry.collect())
             if not content_type.startswith("application/openmetrics-text"):
                 families = for_text_format(families)

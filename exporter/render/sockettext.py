@@ -52,7 +52,7 @@ _om_generate_latest: Callable[[Collector], bytes] = om_exposition.generate_lates
 _FAMILIES = len(SOCKET_FAMILIES)
 _SAMPLE_NAMES = tuple(f.sample for f in SOCKET_FAMILIES)
 _GETTERS = tuple(itemgetter(i) for i in range(_FAMILIES))
-_EMPTY: tuple[bytes, ...] = (b"",) * _FAMILIES
+_NO_ENDPOINT = object()  # no row rendered yet (None is an endpoint: the socket-wide one)
 # Escapings under which our names (all [a-zA-Z_][a-zA-Z0-9_]*: families, and configured
 # label names, checked by the config) are written unchanged.
 _PLAIN_ESCAPINGS = (om_exposition.UNDERSCORES, om_exposition.ALLOWUTF8)
@@ -212,9 +212,9 @@ class SocketText:
         if labels is None or labels.labels != sock.labels:
             labels = self._labels[sock.name] = _SocketLabels(sock)
         plain, extras = labels.plain, labels.extras
-        names, go_string = _SAMPLE_NAMES, _go_string
+        names = _SAMPLE_NAMES
         lines = [b""] * _FAMILIES
-        current: object = _EMPTY  # endpoint of `body`: rows come grouped by endpoint
+        current: object = _NO_ENDPOINT  # endpoint of `body`: rows come grouped by endpoint
         body = ""
         count = 0
         for index, endpoint, extra, value in socket_rows(sock):
@@ -227,9 +227,6 @@ class SocketText:
                     current = endpoint
                     body = plain.get(endpoint) or labels.build(sock, endpoint, ())
                 text = body
-            if value.__class__ is int and -(10**15) < value < 1_000_000:
-                lines[index] += f"{names[index]}{{{text}}} {value}.0\n".encode()
-            else:
-                lines[index] += f"{names[index]}{{{text}}} {go_string(value)}\n".encode()
+            lines[index] += f"{names[index]}{{{text}}} {format_value(value)}\n".encode()
             count += 1
         return sock, tuple(lines), count
