@@ -13,8 +13,11 @@ import zmq
 
 from exporter import __version__
 from exporter.config import ConfigError, load_config
+from exporter.fdbudget import raise_nofile_limit, startup_fd_problem
 
 DEFAULT_LISTEN = ":19555"
+# sysexits.h EX_SOFTWARE: the engine thread ended; distinct from 1 (bad config or flags).
+EXIT_INTERNAL_FAILURE = 70
 log = logging.getLogger("zmq_exporter")
 
 
@@ -87,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     from exporter.logs import setup_logging
 
     setup_logging("warning" if args.log_level == "warn" else args.log_level, args.log_format)
+    raise_nofile_limit()  # before the check, so that the check sees what the start will
     try:
         settings = load_config(args.config_file)
         from exporter.render.otlp import check_otlp
@@ -94,6 +98,12 @@ def main(argv: list[str] | None = None) -> int:
         check_otlp(settings)  # the `otlp:` section and the OTEL_* environment variables
     except ConfigError as err:
         print(f"zmq-exporter: {err}", file=sys.stderr)
+        return 1
+    from exporter.daemon import FD_RESERVE
+
+    fd_problem = startup_fd_problem(settings.sockets, FD_RESERVE)
+    if fd_problem is not None:
+        print(f"zmq-exporter: {settings.file}: {fd_problem}", file=sys.stderr)
         return 1
     web_config = None
     if args.web_config_file:
@@ -119,8 +129,16 @@ def main(argv: list[str] | None = None) -> int:
     # up, which it never does while it sleeps in an untimed wait: SIGHUP reloads were lost.
     handled = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
     signal.pthread_sigmask(signal.SIG_BLOCK, handled)
+    main_thread = threading.get_ident()
+
+    def engine_failed(reason: str) -> None:
+        # Wakes the sigwait below; it sees the failure and exits non-zero.
+        signal.pthread_kill(main_thread, signal.SIGTERM)
+
     try:
-        daemon = Daemon(settings, args.listen_address, args.telemetry_path, web_config)
+        daemon = Daemon(
+            settings, args.listen_address, args.telemetry_path, web_config, engine_failed
+        )
     except (ValueError, OSError) as err:
         print(f"zmq-exporter: cannot listen on {args.listen_address}: {err}", file=sys.stderr)
         return 1
@@ -128,12 +146,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         daemon.start()
     except Exception as err:  # a socket that cannot be created (EMFILE, ...): one line
-        print(f"zmq-exporter: cannot start: {err!r}", file=sys.stderr)
+        print(f"zmq-exporter: cannot start: {err}", file=sys.stderr)
         daemon.stop()
         return 1
     log.info("zmq-exporter started", extra={"version": __version__, "config": args.config_file})
     while signal.sigwait(handled) == signal.SIGHUP:
         threading.Thread(target=daemon.reload, name="zmq-exporter-reload", daemon=True).start()
+    failure = daemon.engine.failure
+    if failure is not None:
+        # The engine logged the cause with its traceback; a supervisor restarts us.
+        log.error("exiting after an internal failure", extra={"err": failure})
+        daemon.stop()
+        return EXIT_INTERNAL_FAILURE
     log.info("shutting down")
     daemon.stop()
     return 0

@@ -5,23 +5,25 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from prometheus_client import PLATFORM_COLLECTOR, PROCESS_COLLECTOR
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from exporter.config import ConfigError, Settings, load_config
-from exporter.engine import Engine
+from exporter.engine import ApplyError, Engine, EngineStopped
+from exporter.fdbudget import MISC_RESERVE
 from exporter.render.otlp import OtlpPusher
 from exporter.render.prometheus import StateCollector
 from exporter.render.status import render_status
-from exporter.web import WebApp, WebServer
+from exporter.web import MAX_CONNECTIONS, WebApp, WebServer
 from exporter.webconfig import WebConfig
 
 log = logging.getLogger("zmq_exporter")
 
 APPLY_TIMEOUT = 30.0
+FD_RESERVE = MAX_CONNECTIONS + MISC_RESERVE
 
 
 class Daemon:
@@ -31,9 +33,11 @@ class Daemon:
         listen_address: str,
         telemetry_path: str,
         web_config: WebConfig | None = None,
+        on_failure: Callable[[str], None] | None = None,
     ) -> None:
         self.config_file = settings.file
-        self.engine = Engine()
+        # The web server's connections and a margin stay free of sockets (fdbudget.py).
+        self.engine = Engine(on_failure=on_failure, fd_reserve=FD_RESERVE)
         self._reload_lock = threading.Lock()
         self.last_reload_successful = True
         self.last_reload_success_time = time.time()
@@ -72,20 +76,31 @@ class Daemon:
 
     def reload(self) -> tuple[bool, str]:
         """Load the config file again and apply the difference; on any error keep the
-        running config. Returns (ok, message)."""
+        running config. Returns (ok, message): never raises, whatever the file holds."""
         with self._reload_lock:
             try:
                 settings = load_config(self.config_file)
             except ConfigError as err:
-                self.last_reload_successful = False
-                log.error("reload failed; keeping the running config", extra={"err": str(err)})
-                return False, str(err)
+                return self._reload_failed("reload failed; keeping the running config", str(err))
+            except Exception as err:  # a loader bug must not kill the SIGHUP thread
+                log.exception("unexpected error loading the config")
+                return self._reload_failed(
+                    "reload failed; keeping the running config",
+                    f"{self.config_file}: cannot load: {type(err).__name__}: {err}",
+                )
             try:
                 result = self.engine.apply(settings).result(APPLY_TIMEOUT)
-            except Exception as err:  # a socket that cannot be created, for example
-                self.last_reload_successful = False
-                log.error("reload failed while applying", extra={"err": repr(err)})
-                return False, f"{self.config_file}: cannot apply: {err}"
+            except (ApplyError, EngineStopped) as err:
+                return self._reload_failed(
+                    "reload failed while applying; the running config is unchanged",
+                    f"{self.config_file}: cannot apply: {err}",
+                )
+            except Exception as err:
+                log.exception("unexpected error applying the config")
+                return self._reload_failed(
+                    "reload failed while applying",
+                    f"{self.config_file}: cannot apply: {type(err).__name__}: {err}",
+                )
             self.last_reload_successful = True
             self.last_reload_success_time = time.time()
             message = (
@@ -101,6 +116,11 @@ class Daemon:
                 },
             )
             return True, message
+
+    def _reload_failed(self, what: str, message: str) -> tuple[bool, str]:
+        self.last_reload_successful = False
+        log.error(what, extra={"err": message})
+        return False, message
 
     def stop(self) -> None:
         self.web.stop()

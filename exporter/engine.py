@@ -5,6 +5,18 @@ EAGAIN), so the cost is O(1) per event and nothing while idle, whatever the numb
 sockets. It also runs bind/connect retries with backoff and applies configs. Other threads
 talk to it through a command queue and an eventfd, and read state only via `snapshot()`,
 which copies under a lock that the engine holds only while reducing a batch of events.
+
+Failures: an exception raised while serving one socket (its monitor or inbound handler, a
+retry timer, a bind/connect) is caught, logged once per socket and counted
+(`zmq_exporter_engine_errors_total`); the engine goes on with the other sockets. Should
+the thread itself end anyway, `failure` says why, `snapshot().ready` turns false, pending
+and later commands fail at once with `EngineStopped` (a reload never waits for a dead
+thread), and `on_failure` is called once so the daemon can exit non-zero.
+
+Applying a config is a transaction: everything that can fail (the fd budget, creating each
+new socket with its options and monitor) happens before any running socket is touched; if
+it fails, what was opened is closed again and the running sockets, their connections and
+their counters stay exactly as they were.
 """
 
 from __future__ import annotations
@@ -22,13 +34,14 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import zmq
 
 from exporter.config import Settings, SocketSpec
 from exporter.endpoints import EndpointMap
 from exporter.events import MONITOR_HEAD
+from exporter.fdbudget import fd_budget_problem, open_fds, socket_fds
 from exporter.sockets import MonitoredSocket, close_socket, open_socket
 from exporter.state import SocketSnapshot, SocketState, apply_event, snapshot_socket
 
@@ -57,6 +70,9 @@ class ReaderStats:
     backlog_max: int = 0
     messages_dropped: int = 0  # inbound application messages read and dropped
     attach_failures: int = 0  # bind()/connect() calls that raised
+    # Unexpected exceptions caught in a socket's handler, retry timer or setup: the engine
+    # counts them and keeps serving every other socket (see Engine docstring).
+    engine_errors: int = 0
 
 
 @dataclass(frozen=True)
@@ -65,6 +81,9 @@ class EngineSnapshot:
     stats: ReaderStats
     ready: bool
     settings: Settings | None
+    # Why the engine thread ended, if it did: the daemon is then unready and unhealthy and
+    # exits non-zero (exporter.cli).
+    failure: str | None = None
 
 
 @dataclass
@@ -77,6 +96,24 @@ class ApplyResult:
 
 Role = Literal["bind", "connect"]
 
+# 2**MAX_BACKOFF_EXPONENT times any base interval is far above any cap, and the float
+# product cannot overflow (it did at attempt 1025 with `base * 2 ** (attempt - 1)`).
+MAX_BACKOFF_EXPONENT = 60
+
+
+class EngineStopped(RuntimeError):
+    """A command sent to an engine whose thread has ended."""
+
+
+class ApplyError(RuntimeError):
+    """A config could not be applied; nothing running was changed."""
+
+
+def retry_delay(attempt: int, base: float, cap: float) -> float:
+    """Exponential backoff: `base * 2**(attempt-1)`, at most `cap`, for any attempt >= 1."""
+    exponent = min(max(attempt - 1, 0), MAX_BACKOFF_EXPONENT)
+    return min(base * float(1 << exponent), cap)
+
 
 class Engine:
     def __init__(
@@ -84,6 +121,8 @@ class Engine:
         ctx: zmq.Context[zmq.Socket[bytes]] | None = None,
         clock: Callable[[], float] = time.time,
         coalesce: float = COALESCE_SECONDS,
+        on_failure: Callable[[str], None] | None = None,
+        fd_reserve: int = 0,
     ) -> None:
         self._owns_ctx = ctx is None
         self.ctx: zmq.Context[zmq.Socket[bytes]] = ctx if ctx is not None else zmq.Context()
@@ -91,29 +130,39 @@ class Engine:
             self.ctx.set(zmq.MAX_SOCKETS, self.ctx.get(zmq.SOCKET_LIMIT))
         self._clock = clock
         self._coalesce = coalesce
+        self._on_failure = on_failure
+        # File descriptors an apply must leave free (web server, logs, accepted peers).
+        self._fd_reserve = fd_reserve
         self._lock = threading.Lock()
         # Guarded by _lock:
         self._states: dict[str, SocketState] = {}
         self._stats = ReaderStats()
         self._ready = False
         self._settings: Settings | None = None
+        self._failure: str | None = None
         # The last SocketSnapshot of each socket, with the state it was taken from:
         self._snapshots: dict[str, tuple[SocketState, SocketSnapshot]] = {}
         # Engine thread only:
         self._sockets: dict[str, MonitoredSocket] = {}
-        self._handlers: dict[int, Callable[[], tuple[bool, int]]] = {}
+        self._handlers: dict[int, tuple[str, Callable[[], tuple[bool, int]]]] = {}
         self._burst = 0
         self._ready_fds: deque[int] = deque()
         self._ready_set: set[int] = set()
         self._timers: list[tuple[float, int, Callable[[], None]]] = []
         self._timer_seq = itertools.count()
         self._retry_attempts: dict[tuple[str, str], int] = {}
+        self._errors_logged: set[str] = set()  # sockets whose first error was logged
         self._epoll = select.epoll()
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._epoll.register(self._wake_fd, select.EPOLLIN)
         self._commands_only = select.epoll()  # waits for commands while coalescing
         self._commands_only.register(self._wake_fd, select.EPOLLIN)
-        self._commands: queue.SimpleQueue[Callable[[], None]] = queue.SimpleQueue()
+        # Commands and the futures they complete; _command_lock orders them against the
+        # thread's death, so no command is left waiting on a dead thread.
+        self._commands: queue.SimpleQueue[tuple[Callable[[], object], Future[Any]]] = (
+            queue.SimpleQueue()
+        )
+        self._command_lock = threading.Lock()
         self._running = False
         self._thread = threading.Thread(target=self._run, name="zmq-exporter-engine", daemon=True)
 
@@ -124,17 +173,28 @@ class Engine:
         self._thread.start()
 
     def apply(self, settings: Settings) -> Future[ApplyResult]:
-        """Make the running sockets match `settings` (validated already)."""
+        """Make the running sockets match `settings` (validated already). Raises (through
+        the future) ApplyError when the config cannot be applied; nothing changed then."""
         return self._call(lambda: self._apply(settings))
+
+    @property
+    def failure(self) -> str | None:
+        """Why the engine thread ended unexpectedly; None while it runs (or never ran)."""
+        with self._lock:
+            return self._failure
 
     def stop(self, timeout: float = 2.0) -> None:
         """Close monitors and sockets in the safe order and end the thread."""
         if not self._thread.is_alive():
+            self._close_all()
             self._close_fds()
             return
         done = self._call(self._shutdown)
         try:
             done.result(timeout)
+        except EngineStopped:  # it died meanwhile: close what it left
+            self._thread.join(timeout)
+            self._close_all()
         finally:
             self._thread.join(timeout)
             self._close_fds()
@@ -161,20 +221,18 @@ class Engine:
                 for name in [n for n in cache if n not in self._states]:
                     del cache[name]
             stats = ReaderStats(**vars(self._stats))
-            return EngineSnapshot(tuple(sockets), stats, self._ready, self._settings)
+            ready = self._ready and self._failure is None
+            return EngineSnapshot(tuple(sockets), stats, ready, self._settings, self._failure)
 
-    def _call(self, fn: Callable[[], object]) -> Future[ApplyResult]:
-        future: Future[ApplyResult] = Future()
-
-        def run() -> None:
-            if not future.set_running_or_notify_cancel():
-                return
-            try:
-                future.set_result(fn())  # type: ignore[arg-type]
-            except BaseException as err:
-                future.set_exception(err)
-
-        self._commands.put(run)
+    def _call(self, fn: Callable[[], object]) -> Future[Any]:
+        future: Future[Any] = Future()
+        with self._command_lock:
+            failure = self._failure
+            if failure is None:
+                self._commands.put((fn, future))
+        if failure is not None:
+            future.set_exception(EngineStopped(f"engine thread ended: {failure}"))
+            return future
         os.eventfd_write(self._wake_fd, 1)
         return future
 
@@ -184,9 +242,31 @@ class Engine:
         try:
             while self._running:
                 self._poll_once()
-        except Exception:
-            log.exception("engine thread crashed")
-            raise
+        except BaseException as err:  # anything that ends the thread
+            self._died(err)
+
+    def _died(self, err: BaseException) -> None:
+        reason = f"{type(err).__name__}: {err}"
+        log.critical(
+            "engine thread ended; the exporter is unready and exits",
+            exc_info=err,
+            extra={"err": reason},
+        )
+        with self._command_lock, self._lock:
+            self._failure = reason
+            self._ready = False
+        self._fail_pending(reason)
+        if self._on_failure is not None:
+            self._on_failure(reason)
+
+    def _fail_pending(self, reason: str) -> None:
+        while True:
+            try:
+                _, future = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            if future.set_running_or_notify_cancel():
+                future.set_exception(EngineStopped(f"engine thread ended: {reason}"))
 
     def _poll_once(self) -> None:
         if self._ready_fds:
@@ -216,10 +296,15 @@ class Engine:
             os.eventfd_read(self._wake_fd)
         while True:
             try:
-                command = self._commands.get_nowait()
+                fn, future = self._commands.get_nowait()
             except queue.Empty:
                 return
-            command()
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(fn())
+            except Exception as err:
+                future.set_exception(err)
 
     def _run_timers(self) -> None:
         now = time.monotonic()
@@ -230,6 +315,20 @@ class Engine:
     def _schedule(self, delay: float, callback: Callable[[], None]) -> None:
         heapq.heappush(self._timers, (time.monotonic() + delay, next(self._timer_seq), callback))
 
+    def _socket_error(self, name: str, where: str, err: Exception) -> None:
+        """Count an unexpected exception of one socket; log it the first time only, so a
+        socket that fails on every event cannot flood the log."""
+        with self._lock:
+            self._stats.engine_errors += 1
+        first = name not in self._errors_logged
+        self._errors_logged.add(name)
+        log.log(
+            logging.ERROR if first else logging.DEBUG,
+            "unexpected error serving a socket; counted, the engine goes on",
+            exc_info=err if first else None,
+            extra={"socket": name, "in": where, "err": f"{type(err).__name__}: {err}"},
+        )
+
     def _drain_ready(self) -> int:
         """One pass over the ready fds, at most BATCH messages each; fds that still have
         messages stay ready for the next pass (edge-triggered: drain until EAGAIN).
@@ -239,10 +338,16 @@ class Engine:
         events = 0
         for _ in range(len(self._ready_fds)):
             fd = self._ready_fds.popleft()
-            handler = self._handlers.get(fd)
+            entry = self._handlers.get(fd)
             more = False
-            if handler is not None:
-                more, count = handler()
+            if entry is not None:
+                try:
+                    more, count = entry[1]()
+                except Exception as err:
+                    # Not retried at once: an fd that fails on every read would spin. The
+                    # next edge (new event or message) tries again.
+                    self._socket_error(entry[0], "reader", err)
+                    more, count = False, 0
                 events += count
             if more:
                 self._ready_fds.append(fd)
@@ -311,31 +416,54 @@ class Engine:
 
     # -- applying configs ----------------------------------------------------------------
 
+    def _context_for(self, spec: SocketSpec) -> zmq.Context[zmq.Socket[bytes]]:
+        """The context a new socket is created in."""
+        return self.ctx
+
     def _apply(self, settings: Settings) -> ApplyResult:
         result = ApplyResult()
         wanted = {spec.name: spec for spec in settings.sockets}
-        for name in list(self._sockets):
+        for name, managed in self._sockets.items():
             if name not in wanted:
-                self._remove(name)
                 result.removed.append(name)
-            elif wanted[name] != self._sockets[name].spec:
-                self._remove(name)
+            elif wanted[name] != managed.spec:
                 result.recreated.append(name)
+        result.added = [s.name for s in settings.sockets if s.name not in self._sockets]
+        opening = {*result.added, *result.recreated}
+        to_open = [s for s in settings.sockets if s.name in opening]
+        # Phase 1, nothing running touched yet: everything that can fail.
+        self._check_fd_budget(to_open)
+        opened: list[MonitoredSocket] = []
+        try:
+            for spec in to_open:
+                opened.append(open_socket(self._context_for(spec), spec))
+        except Exception as err:
+            for managed in opened:
+                close_socket(managed)
+            where = spec.name  # the socket that failed
+            raise ApplyError(f"socket {where!r}: cannot be created: {_describe(err)}") from err
+        # Phase 2: swap. Closing and registering do not fail short of the kernel running
+        # out of memory; a bind/connect that fails is retried with backoff.
+        for name in (*result.removed, *result.recreated):
+            self._remove(name)
         with self._lock:
             self._settings = settings
-        for spec in settings.sockets:
-            if spec.name in self._sockets:
-                result.unchanged.append(spec.name)
-                continue
-            self._add(spec, settings)
-            if spec.name not in result.recreated:
-                result.added.append(spec.name)
+        for managed in opened:
+            self._install(managed)
+        result.unchanged = [s.name for s in settings.sockets if s.name not in opening]
         with self._lock:
             self._ready = True
         return result
 
-    def _add(self, spec: SocketSpec, settings: Settings) -> None:
-        managed = open_socket(self.ctx, spec)
+    def _check_fd_budget(self, to_open: list[SocketSpec]) -> None:
+        problem = fd_budget_problem(
+            open_fds(), sum(socket_fds(spec) for spec in to_open), self._fd_reserve
+        )
+        if problem is not None:
+            raise ApplyError(problem)
+
+    def _install(self, managed: MonitoredSocket) -> None:
+        spec = managed.spec
         state = SocketState(
             name=spec.name,
             socket_type=spec.socket_type,
@@ -345,16 +473,16 @@ class Engine:
         self._sockets[spec.name] = managed
         with self._lock:
             self._states[spec.name] = state
-        self._register(managed.monitor_fd, self._monitor_handler(managed, state))
+        self._register(spec.name, managed.monitor_fd, self._monitor_handler(managed, state))
         if managed.socket_fd is not None:
-            self._register(managed.socket_fd, self._inbound_handler(managed))
+            self._register(spec.name, managed.socket_fd, self._inbound_handler(managed))
         for endpoint in spec.binds:
-            self._attach(managed, state, "bind", endpoint, settings)
+            self._attach(managed, state, "bind", endpoint)
         for endpoint in spec.connects:
-            self._attach(managed, state, "connect", endpoint, settings)
+            self._attach(managed, state, "connect", endpoint)
 
-    def _register(self, fd: int, handler: Callable[[], tuple[bool, int]]) -> None:
-        self._handlers[fd] = handler
+    def _register(self, name: str, fd: int, handler: Callable[[], tuple[bool, int]]) -> None:
+        self._handlers[fd] = (name, handler)
         self._epoll.register(fd, select.EPOLLIN | select.EPOLLET)
         # Events may already be queued; an edge-triggered fd would not report them.
         if fd not in self._ready_set:
@@ -365,13 +493,15 @@ class Engine:
         managed = self._sockets.pop(name)
         for fd in (managed.monitor_fd, managed.socket_fd):
             if fd is not None and self._handlers.pop(fd, None) is not None:
-                self._epoll.unregister(fd)
+                with contextlib.suppress(OSError):
+                    self._epoll.unregister(fd)
                 self._ready_set.discard(fd)
         close_socket(managed)
         with self._lock:
             del self._states[name]
         for key in [k for k in self._retry_attempts if k[0] == name]:
             del self._retry_attempts[key]
+        self._errors_logged.discard(name)
 
     def _attach(
         self,
@@ -379,15 +509,16 @@ class Engine:
         state: SocketState,
         role: Role,
         endpoint: str,
-        settings: Settings,
     ) -> None:
         """bind()/connect() one endpoint; on failure retry with exponential backoff.
 
         A failed bind() is also counted by its BIND_FAILED monitor event; this path adds
-        the retry and one log line per state change (failing / recovered)."""
+        the retry and one log line per state change (failing / recovered). Any other
+        exception is an engine error of this socket, retried the same way."""
         if managed.closed:
             return
-        key = (managed.spec.name, endpoint)
+        name = managed.spec.name
+        key = (name, endpoint)
         try:
             if role == "bind":
                 managed.socket.bind(endpoint)
@@ -396,49 +527,60 @@ class Engine:
                     state.endpoint_map.add_resolved(resolved, endpoint)
             else:
                 managed.socket.connect(endpoint)
-        except zmq.ZMQError as err:
+        except Exception as err:
             attempt = self._retry_attempts.get(key, 0) + 1
             self._retry_attempts[key] = attempt
-            with self._lock:
-                self._stats.attach_failures += 1
-            g = settings.global_
-            delay = min(g.bind_retry_interval * 2 ** (attempt - 1), g.bind_retry_max_interval)
-            level = logging.WARNING if attempt == 1 else logging.DEBUG
+            if isinstance(err, zmq.ZMQError):
+                with self._lock:
+                    self._stats.attach_failures += 1
+            else:
+                self._socket_error(name, role, err)
+            assert self._settings is not None  # set by _apply before any attach
+            g = self._settings.global_
+            delay = retry_delay(attempt, g.bind_retry_interval, g.bind_retry_max_interval)
             log.log(
-                level,
+                logging.WARNING if attempt == 1 else logging.DEBUG,
                 "%s failed; retrying with backoff",
                 role,
                 extra={
-                    "socket": managed.spec.name,
+                    "socket": name,
                     "endpoint": endpoint,
-                    "err": str(err.strerror),
+                    "err": _describe(err),
                     "attempt": attempt,
                     "retry_in": delay,
                 },
             )
-            self._schedule(delay, lambda: self._attach(managed, state, role, endpoint, settings))
+            self._schedule(delay, lambda: self._attach(managed, state, role, endpoint))
             return
         attempts = self._retry_attempts.pop(key, 0)
         log.log(
             logging.INFO if attempts else logging.DEBUG,
             "%s succeeded",
             role,
-            extra={"socket": managed.spec.name, "endpoint": endpoint, "failed_attempts": attempts},
+            extra={"socket": name, "endpoint": endpoint, "failed_attempts": attempts},
         )
 
     def _shutdown(self) -> ApplyResult:
-        result = ApplyResult()
-        for name in list(self._sockets):
-            self._remove(name)
-            result.removed.append(name)
+        result = ApplyResult(removed=list(self._sockets))
+        self._close_all()
         self._timers.clear()
         self._running = False
         with self._lock:
             self._ready = False
         return result
 
+    def _close_all(self) -> None:
+        for name in list(self._sockets):
+            self._remove(name)
+
     def _close_fds(self) -> None:
         if not self._epoll.closed:
             self._epoll.close()
             self._commands_only.close()
             os.close(self._wake_fd)
+
+
+def _describe(err: BaseException) -> str:
+    if isinstance(err, zmq.ZMQError):
+        return str(err.strerror)
+    return f"{type(err).__name__}: {err}"

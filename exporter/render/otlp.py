@@ -124,6 +124,7 @@ INSTRUMENTS: tuple[Instrument, ...] = (
         "zmq_exporter_inbound_messages_dropped",
     ),
     _counter("zmq_exporter.attach_failures", "{attempt}", "zmq_exporter_attach_failures"),
+    _counter("zmq_exporter.engine_errors", "{error}", "zmq_exporter_engine_errors"),
     _gauge("zmq_exporter.sockets", "{socket}", "zmq_exporter_sockets"),
     _gauge(
         "zmq_exporter.config_last_reload_successful",

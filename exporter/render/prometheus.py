@@ -129,6 +129,12 @@ def render_self(snap: EngineSnapshot) -> Iterator[Metric]:
             "bind()/connect() calls that raised and were scheduled for retry.",
             stats.attach_failures,
         ),
+        (
+            "zmq_exporter_engine_errors",
+            "counter",
+            "Unexpected errors caught while serving a socket; the engine went on.",
+            stats.engine_errors,
+        ),
         ("zmq_exporter_sockets", "gauge", "Sockets configured and monitored.", len(snap.sockets)),
     ]
     for name, kind, help_text, value in rows:

@@ -1,0 +1,74 @@
+"""File descriptor budget: refuse a config that cannot fit RLIMIT_NOFILE before it runs.
+
+Out of descriptors, libzmq aborts the whole process (`Too many open files
+(src/ip_resolver.cpp:542)`) and the web server cannot accept a health probe, so a start or
+reload is checked first. Measured with pyzmq 27.3 / libzmq 4.3.5: a monitored socket costs
+3 descriptors (its mailbox, the monitor PAIR's mailbox, the monitor pipe's), each bind one
+listener and each connect one connection. Peers accepted on a bind take one each at run
+time; they and the web server's connections come out of the reserve.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import resource
+from collections.abc import Iterable
+
+from exporter.config import SocketSpec
+
+FDS_PER_SOCKET = 3
+# Descriptors a process has before any socket: interpreter, logs, the engine's epoll and
+# eventfd, the zmq context (measured: ~20); rounded up.
+BASE_FDS = 32
+# Kept free beyond the web server's own connection cap: accepted peers, key and config
+# files read at reload, OTLP exporter connections.
+MISC_RESERVE = 64
+
+
+def socket_fds(spec: SocketSpec) -> int:
+    return FDS_PER_SOCKET + len(spec.binds) + len(spec.connects)
+
+
+def nofile_limit() -> int:
+    soft, _hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return soft if soft != resource.RLIM_INFINITY else 1 << 20
+
+
+def raise_nofile_limit() -> None:
+    """Soft limit up to the hard limit, as Go's runtime does for every Prometheus
+    exporter: the soft limit (often 1024) exists for select(), which we do not use."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != soft:
+        # A hard limit above the kernel's nr_open is refused: keep the soft one then.
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+def open_fds() -> int:
+    try:
+        return len(os.listdir("/proc/self/fd")) - 1  # minus the one listdir opened
+    except OSError:
+        return BASE_FDS
+
+
+def fd_budget_problem(
+    in_use: int, adding: int, reserve: int, limit: int | None = None
+) -> str | None:
+    """Why `adding` more descriptors on top of `in_use` do not fit the limit with
+    `reserve` kept free, or None if they do."""
+    limit = nofile_limit() if limit is None else limit
+    need = in_use + adding + reserve
+    if need <= limit:
+        return None
+    return (
+        f"not enough file descriptors: the sockets need about {adding} more on top of "
+        f"{in_use} in use, with {reserve} kept free for HTTP and peers, {need} in all; "
+        f"RLIMIT_NOFILE is {limit} (raise it with `ulimit -n` or the container's nofile "
+        "limit, or configure fewer sockets)"
+    )
+
+
+def startup_fd_problem(specs: Iterable[SocketSpec], reserve: int) -> str | None:
+    """The check done by --config.check and at start, before anything is open."""
+    return fd_budget_problem(BASE_FDS, sum(socket_fds(s) for s in specs), reserve)
