@@ -10,7 +10,9 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -190,3 +192,34 @@ class Daemon:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+# -- process resources and fault injection (reliability suite) ---------------------------
+
+
+def open_fds(pid: int) -> int:
+    """Open file descriptors of process `pid`, as the kernel lists them."""
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def thread_count(pid: int) -> int:
+    """Threads (tasks) of process `pid`, as the kernel lists them."""
+    return len(os.listdir(f"/proc/{pid}/task"))
+
+
+def http_post(url: str, timeout: float = 10.0) -> tuple[int, str]:
+    """POST with an empty body; (status, body) for every complete response, errors too."""
+    request = urllib.request.Request(url, data=b"", method="POST")
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as response:
+            return response.status, response.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Replace `path` in one rename, as a config management tool (or a Kubernetes
+    ConfigMap's symlink swap) does: a reader sees the old file or the new one, never half."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
