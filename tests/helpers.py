@@ -3,6 +3,7 @@ real HTTP scrapes parsed with prometheus_client's own parser."""
 
 from __future__ import annotations
 
+import concurrent.futures
 import os
 import random
 import signal
@@ -223,3 +224,62 @@ def write_atomic(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{threading.get_ident()}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def missing_tool(what: str) -> None:
+    """A tool the test needs is missing: fail under CI=true (tests/run installs it), skip
+    elsewhere."""
+    import pytest
+
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"{what} is missing; CI must have it", pytrace=False)
+    pytest.skip(f"{what} is missing")
+
+
+def established_in(pid: int, local_port: int | None = None, remote_port: int | None = None) -> int:
+    """ESTABLISHED TCP connections in the network namespace of process `pid` (its
+    /proc/PID/net/tcp{,6}: the same table `ip netns exec NS cat /proc/net/tcp` shows),
+    with the given local and/or remote port: the kernel's count in that namespace."""
+    count = 0
+    for table in ("tcp", "tcp6"):
+        try:
+            lines = Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]
+        except FileNotFoundError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if fields[3] != "01":
+                continue
+            local = int(fields[1].rsplit(":", 1)[1], 16)
+            remote = int(fields[2].rsplit(":", 1)[1], 16)
+            if local_port is not None and local != local_port:
+                continue
+            if remote_port is not None and remote != remote_port:
+                continue
+            count += 1
+    return count
+
+
+_CLONE_NEWNET = 0x40000000
+
+
+def _enter_netns(name: str) -> None:
+    import ctypes
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(f"/run/netns/{name}", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if libc.setns(fd, _CLONE_NEWNET) != 0:
+            err = ctypes.get_errno()
+            raise OSError(err, f"setns({name}): {os.strerror(err)}")
+    finally:
+        os.close(fd)
+
+
+def netns_executor(name: str) -> concurrent.futures.ThreadPoolExecutor:
+    """One worker thread that lives in network namespace `name` (setns applies to the
+    calling thread only, so the rest of the test stays where it is): sockets it opens,
+    e.g. HTTP scrapes of a daemon listening on the namespace's loopback, are in `name`."""
+    return concurrent.futures.ThreadPoolExecutor(
+        max_workers=1, initializer=_enter_netns, initargs=(name,)
+    )
