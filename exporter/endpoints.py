@@ -9,6 +9,7 @@ so `EndpointMap` translates. It is pure data: the I/O layer feeds it resolved ad
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass, field
 from typing import Literal
@@ -22,8 +23,16 @@ SOCKET_WIDE = ""
 UNMAPPED = "unmapped"
 
 _IPC_PATH_MAX = 107  # sizeof(sockaddr_un.sun_path) - 1 on Linux
-_HOSTNAME = re.compile(r"^[A-Za-z0-9_]([A-Za-z0-9_.\-]*[A-Za-z0-9_])?$")
-_IPV6 = re.compile(r"^\[[0-9A-Fa-f:.%A-Za-z]+\]$")
+# One DNS label or interface name: ASCII letters, digits, '_' and '-', not at the ends.
+_LABEL = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_\-]{0,61}[A-Za-z0-9_])?")
+_DOTTED = re.compile(r"[0-9.]+")  # all digits and dots: must be an IPv4 address
+_PORT = re.compile(r"[0-9]{1,5}")  # ASCII only: str.isdigit() accepts any script's digits
+
+
+def shown(value: str, limit: int = 80) -> str:
+    """`repr(value)` cut to a readable length (this module imports nothing from config)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[: limit - 10]}... ({len(value)} characters)"
 
 
 @dataclass(frozen=True)
@@ -36,21 +45,23 @@ class Endpoint:
 
 def parse_endpoint(text: str, role: Role) -> Endpoint:
     """Parse and check one endpoint; ValueError says what is wrong."""
+    if "\0" in text:
+        raise ValueError(f"malformed endpoint {shown(text)}: contains a NUL byte")
     if "://" not in text:
-        raise ValueError(f"malformed endpoint {text!r}: expected transport://address")
+        raise ValueError(f"malformed endpoint {shown(text)}: expected transport://address")
     transport, address = text.split("://", 1)
     if transport not in TRANSPORTS:
         raise ValueError(
-            f"malformed endpoint {text!r}: unsupported transport {transport!r} "
+            f"malformed endpoint {shown(text)}: unsupported transport {shown(transport)} "
             f"(expected one of {', '.join(TRANSPORTS)})"
         )
     if not address:
-        raise ValueError(f"malformed endpoint {text!r}: empty address")
+        raise ValueError(f"malformed endpoint {shown(text)}: empty address")
     if transport == "ipc":
-        if len(address.encode()) > _IPC_PATH_MAX:
-            raise ValueError(f"malformed endpoint {text!r}: ipc path longer than 107 bytes")
+        if len(address.encode("utf-8", "surrogatepass")) > _IPC_PATH_MAX:
+            raise ValueError(f"malformed endpoint {shown(text)}: ipc path longer than 107 bytes")
         if address == "*" and role == "connect":
-            raise ValueError(f"malformed endpoint {text!r}: cannot connect to ipc://*")
+            raise ValueError(f"malformed endpoint {shown(text)}: cannot connect to ipc://*")
         return Endpoint(transport, address)
     if transport == "inproc":
         return Endpoint(transport, address)
@@ -69,18 +80,45 @@ def _parse_tcp(text: str, address: str, role: Role) -> Endpoint:
 def _split_host_port(text: str, address: str, role: Role) -> tuple[str, str]:
     host, sep, port = address.rpartition(":")
     if not sep or not host:
-        raise ValueError(f"malformed endpoint {text!r}: expected tcp://host:port")
+        raise ValueError(f"malformed endpoint {shown(text)}: expected tcp://host:port")
     if port == "*":
         if role == "connect":
-            raise ValueError(f"malformed endpoint {text!r}: a connect needs a numeric port")
-    elif not port.isdigit() or not 0 < int(port) < 65536:
-        raise ValueError(f"malformed endpoint {text!r}: port {port!r} is not 1-65535")
+            raise ValueError(f"malformed endpoint {shown(text)}: a connect needs a numeric port")
+    elif not _PORT.fullmatch(port) or not 0 < int(port) < 65536:
+        raise ValueError(f"malformed endpoint {shown(text)}: port {shown(port)} is not 1-65535")
     if host == "*":
         if role == "connect":
-            raise ValueError(f"malformed endpoint {text!r}: cannot connect to host '*'")
-    elif not (_HOSTNAME.match(host) or _IPV6.match(host)):
-        raise ValueError(f"malformed endpoint {text!r}: bad host {host!r}")
+            raise ValueError(f"malformed endpoint {shown(text)}: cannot connect to host '*'")
+    else:
+        problem = host_problem(host)
+        if problem:
+            raise ValueError(f"malformed endpoint {shown(text)}: bad host {shown(host)}: {problem}")
     return host, port
+
+
+def host_problem(host: str) -> str | None:
+    """Why `host` is not an IPv4 address, a [bracketed IPv6] address, a DNS name or an
+    interface name; None if it is one."""
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            ipaddress.IPv6Address(host[1:-1])
+        except ValueError:
+            return "not an IPv6 address"
+        return None
+    if _DOTTED.fullmatch(host):
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            return "not an IPv4 address (four numbers 0-255, no leading zeros)"
+        return None
+    if len(host) > 253:
+        return "longer than 253 characters"
+    for label in host.split("."):
+        if not label:
+            return "empty name between dots"
+        if not _LABEL.fullmatch(label):
+            return "expected letters, digits, '-' and '_' between dots"
+    return None
 
 
 @dataclass

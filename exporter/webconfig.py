@@ -138,14 +138,15 @@ class WebConfig:
 
 
 def load_web_config(file: str) -> WebConfig:
+    # Bounded, regular files only: /dev/zero or a FIFO here must not eat memory or hang.
+    from exporter.config.files import WEB_CONFIG_MAX_BYTES, FileProblem, read_limited
+    from exporter.config.yamlnodes import decode
+
     try:
-        with open(file, encoding="utf-8") as handle:
-            text = handle.read()
-    except OSError as err:
-        raise ConfigError(file, None, (), f"cannot read web config: {err.strerror}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(file, None, (), "web config is not valid UTF-8") from None
-    return parse_web_config(text, file)
+        data = read_limited(file, WEB_CONFIG_MAX_BYTES)
+    except FileProblem as err:
+        raise ConfigError(file, None, (), f"cannot read web config: {err}") from None
+    return parse_web_config(decode(data, file, "web config"), file)
 
 
 def parse_web_config(text: str, file: str) -> WebConfig:

@@ -16,7 +16,9 @@ import pydantic
 import zmq
 
 from exporter.cardinality import estimate_series
-from exporter.config.errors import ConfigError, Path
+from exporter.config.durations import format_millis, to_millis
+from exporter.config.errors import ConfigError, Path, shown
+from exporter.config.files import CONFIG_MAX_BYTES, KEY_MAX_BYTES, FileProblem, read_limited
 from exporter.config.model import (
     Config,
     GlobalConfig,
@@ -26,7 +28,8 @@ from exporter.config.model import (
     label_name_problem,
 )
 from exporter.config.otlp import OtlpConfig
-from exporter.config.yamlnodes import line_of, load_with_lines
+from exporter.config.yamlnodes import decode, line_of, load_with_lines
+from exporter.endpoints import Role, parse_endpoint
 from exporter.events import ALL_EVENTS_MASK, EVENT_BY_NAME, Event
 
 
@@ -57,13 +60,10 @@ class Settings:
 
 def load_config(file: str) -> Settings:
     try:
-        with open(file, encoding="utf-8") as handle:
-            text = handle.read()
-    except OSError as err:
-        raise ConfigError(file, None, (), f"cannot read config: {err.strerror}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(file, None, (), "config is not valid UTF-8") from None
-    return parse_config(text, file)
+        data = read_limited(file, CONFIG_MAX_BYTES)
+    except FileProblem as err:
+        raise ConfigError(file, None, (), f"cannot read config: {err}") from None
+    return parse_config(decode(data, file), file)
 
 
 def parse_config(text: str, file: str) -> Settings:
@@ -83,6 +83,19 @@ def parse_config(text: str, file: str) -> Settings:
     return _resolve(model, file, lines)
 
 
+# Keys whose value is a secret, or may be one pasted in the wrong place: no message ever
+# quotes their value (a CURVE secret key pasted into curve_secretkey_file is a classic).
+SECRET_KEYS = frozenset({"curve_secretkey_file"})
+SECRET_SECTIONS: tuple[Path, ...] = (("otlp", "headers"),)
+
+
+def is_secret(path: Path) -> bool:
+    keys = tuple(p for p in path if isinstance(p, str))
+    if any(k in SECRET_KEYS for k in keys):
+        return True
+    return any(path[: len(section)] == section for section in SECRET_SECTIONS)
+
+
 def _resolve(model: Config, file: str, lines: dict[Path, int]) -> Settings:
     def fail(path: Path, message: str) -> typing.NoReturn:
         raise ConfigError(file, line_of(lines, path), path, message)
@@ -94,6 +107,14 @@ def _resolve(model: Config, file: str, lines: dict[Path, int]) -> Settings:
             f"({model.limits.max_sockets})",
         )
     _check_labels(model.global_.labels, ("global", "labels"), fail)
+    g = model.global_
+    if g.bind_retry_interval <= 0:
+        fail(("global", "bind_retry_interval"), "must be above zero (0 would retry in a busy loop)")
+    if g.bind_retry_max_interval < g.bind_retry_interval:
+        fail(
+            ("global", "bind_retry_max_interval"),
+            "must not be below bind_retry_interval",
+        )
     seen: dict[str, int] = {}
     specs = []
     for index, sock in enumerate(model.sockets):
@@ -135,6 +156,7 @@ def _resolve_socket(
     opts: Path = (*here, "options")
     if merged.subscribe is not None and sock.type != "SUB":
         fail((*opts, "subscribe"), f"`subscribe` applies only to SUB sockets, not {sock.type}")
+    _check_across(sock, merged, here, fail)
     secret = _curve(merged, opts, fail)
     names = sock.events if sock.events is not None else defaults.events
     return SocketSpec(
@@ -149,13 +171,49 @@ def _resolve_socket(
     )
 
 
+def _check_across(
+    sock: SocketConfig,
+    merged: SocketOptions,
+    here: Path,
+    fail: typing.Callable[[Path, str], typing.NoReturn],
+) -> None:
+    """Checks of one option against another (after the globals are merged in)."""
+    opts: Path = (*here, "options")
+    own = sock.options.model_fields_set
+    ivl, ivl_max = merged.reconnect_ivl, merged.reconnect_ivl_max
+    if ivl is not None and ivl_max is not None and 0 < to_millis(ivl_max) < to_millis(ivl):
+        # libzmq silently ignores such a maximum (zmq_setsockopt(3)): say so instead.
+        key = (
+            "reconnect_ivl_max"
+            if "reconnect_ivl_max" in own or "reconnect_ivl" not in own
+            else "reconnect_ivl"
+        )
+        fail(
+            (*opts, key),
+            f"reconnect_ivl_max ({format_millis(to_millis(ivl_max))}) is below reconnect_ivl "
+            f"({format_millis(to_millis(ivl))}); libzmq would ignore it (0s: no backoff)",
+        )
+    if not merged.ipv6:
+        roles: tuple[tuple[Role, list[str]], ...] = (("bind", sock.bind), ("connect", sock.connect))
+        for role, endpoints in roles:
+            for index, endpoint in enumerate(endpoints):
+                if parse_endpoint(endpoint, role).host.startswith("["):
+                    fail(
+                        (*here, role, index),
+                        f"IPv6 endpoint {shown(endpoint)} needs `ipv6: true` in the options "
+                        "(without it libzmq fails the bind or retries the connect for ever)",
+                    )
+
+
 def _check_labels(
     labels: dict[str, str], where: Path, fail: typing.Callable[[Path, str], typing.NoReturn]
 ) -> None:
-    for name in labels:
+    for name, value in labels.items():
         problem = label_name_problem(name)
         if problem:
             fail((*where, name), problem)
+        if "\0" in value:
+            fail((*where, name), "label value must not contain a NUL byte")
 
 
 def _curve(
@@ -175,19 +233,24 @@ def _curve(
     if not options.curve_server and not options.curve_serverkey:
         fail(opts, "a CURVE client needs `curve_serverkey` (or set `curve_server: true`)")
     path = options.curve_secretkey_file
+    where: Path = (*opts, "curve_secretkey_file")
+    # Neither the path nor the file's content is ever quoted: either may be the secret.
     try:
-        with open(path, encoding="utf-8") as handle:
-            text = handle.read()
-    except (OSError, UnicodeDecodeError) as err:
-        reason = err.strerror if isinstance(err, OSError) else "not UTF-8 text"
-        fail((*opts, "curve_secretkey_file"), f"cannot read key file {path!r}: {reason}")
+        text = read_limited(path, KEY_MAX_BYTES).decode("utf-8")
+    except (FileProblem, UnicodeDecodeError) as err:
+        reason = str(err) if isinstance(err, FileProblem) else "not UTF-8 text"
+        hint = (
+            "; it looks like a Z85 key, not a path: put the key in a file and name the file"
+            if _looks_like_key(path)
+            else ""
+        )
+        fail(where, f"cannot read key file: {reason} (value not shown{hint})")
     secret = _parse_secret_key(text)
     if secret is None:
-        # Never echo the file's content: it is a secret.
         fail(
-            (*opts, "curve_secretkey_file"),
-            f"key file {path!r} holds no Z85 CURVE secret key (expected 40 Z85 characters "
-            'or a ZPL certificate with secret-key = "...")',
+            where,
+            "key file holds no Z85 CURVE secret key (expected 40 Z85 characters "
+            'or a ZPL certificate with secret-key = "..."; content not shown)',
         )
     for key in ("curve_publickey", "curve_serverkey"):
         value = getattr(options, key)
@@ -197,14 +260,14 @@ def _curve(
 
 
 _ZPL_SECRET = re.compile(r'secret-key\s*=\s*"([^"]{40})"')
-_Z85 = re.compile(r"^[0-9a-zA-Z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}$")
+_Z85 = re.compile(r"[0-9a-zA-Z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}")
 
 
 def _parse_secret_key(text: str) -> bytes | None:
     stripped = text.strip()
     match = _ZPL_SECRET.search(text)
     candidate = match.group(1) if match else stripped
-    if not _Z85.match(candidate):
+    if not _Z85.fullmatch(candidate):
         return None
     try:
         zmq.curve_public(candidate.encode())
@@ -214,7 +277,12 @@ def _parse_secret_key(text: str) -> bytes | None:
 
 
 def _valid_z85_public(key: str) -> bool:
-    return bool(_Z85.match(key))
+    return bool(_Z85.fullmatch(key))
+
+
+def _looks_like_key(text: str) -> bool:
+    stripped = text.strip()
+    return bool(_Z85.fullmatch(stripped) or _ZPL_SECRET.search(text))
 
 
 def _events_mask(names: list[str]) -> int:
@@ -245,6 +313,7 @@ _TYPE_WORDS = {
 def _message(error: Any) -> str:
     kind = error["type"]
     value = error.get("input")
+    secret = is_secret(tuple(error["loc"]))
     if kind == "extra_forbidden":
         allowed = _allowed_keys(tuple(error["loc"][:-1]))
         hint = f" (expected one of: {', '.join(allowed)})" if allowed else ""
@@ -252,19 +321,26 @@ def _message(error: Any) -> str:
     if kind == "missing":
         return "required key is missing"
     if kind in _TYPE_WORDS:
-        return f"expected {_TYPE_WORDS[kind]}, got {_describe(value)}"
-    message = str(error["msg"])
-    return message.removeprefix("Value error, ")
+        got = f"{_kind(value)} (value not shown)" if secret else _describe(value)
+        return f"expected {_TYPE_WORDS[kind]}, got {got}"
+    # pydantic's own messages and our validators' never quote the input.
+    return str(error["msg"]).removeprefix("Value error, ")
+
+
+def _kind(value: object) -> str:
+    if isinstance(value, dict):
+        return "a mapping"
+    if isinstance(value, list):
+        return "a list"
+    return type(value).__name__
 
 
 def _describe(value: object) -> str:
     if value is None:
         return "nothing (null)"
-    if isinstance(value, dict):
-        return "a mapping"
-    if isinstance(value, list):
-        return "a list"
-    return f"{type(value).__name__} {value!r}"
+    if isinstance(value, dict | list):
+        return _kind(value)
+    return f"{type(value).__name__} {shown(value)}"
 
 
 def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:

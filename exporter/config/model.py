@@ -9,7 +9,7 @@ from typing import Annotated
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
-from exporter.config.durations import parse_duration
+from exporter.config.durations import format_millis, parse_duration, to_millis
 from exporter.config.otlp import OtlpConfig
 from exporter.endpoints import parse_endpoint
 from exporter.events import EVENT_BY_NAME
@@ -69,7 +69,66 @@ def _z85_key(value: str) -> str:
     return value
 
 
+def _no_nul(value: str) -> str:
+    # A NUL ends the string for libzmq's C API and for most consumers of label values.
+    if "\0" in value:
+        raise ValueError("must not contain a NUL byte")
+    return value
+
+
+def _int_range(low: int, high: int, why: str = "") -> AfterValidator:
+    def check(value: int) -> int:
+        if not low <= value <= high:
+            raise ValueError(f"expected {low} to {high}{why}, got {value}")
+        return value
+
+    return AfterValidator(check)
+
+
+def _max_millis(high: int, why: str) -> AfterValidator:
+    def check(seconds: float) -> float:
+        if to_millis(seconds) > high:
+            raise ValueError(f"at most {format_millis(high)}{why}")
+        return seconds
+
+    return AfterValidator(check)
+
+
+def _keepalive_seconds(seconds: float) -> float:
+    # Sent in whole seconds (at least 1) at each TCP connection; Linux refuses more than
+    # 32767 (MAX_TCP_KEEPIDLE, MAX_TCP_KEEPINTVL), and libzmq then drops every connection.
+    if round(seconds) > MAX_TCP_KEEPALIVE_SECONDS:
+        raise ValueError(
+            f"at most {MAX_TCP_KEEPALIVE_SECONDS}s (the Linux limit; libzmq would fail every "
+            "connection of the socket)"
+        )
+    return seconds
+
+
+def _routing_id(value: str) -> str:
+    size = len(value.encode("utf-8", "surrogatepass"))
+    if not 1 <= size <= 255:
+        raise ValueError(f"expected 1 to 255 bytes (libzmq's limit), got {size}")
+    return value
+
+
+# Limits libzmq 4.3.5 enforces in zmq_setsockopt (src/options.cpp) or that break every
+# connection later; the validator knows them so that a config that passes the check starts.
+INT_MAX = 2**31 - 1  # every integer option is a C int
+HEARTBEAT_TTL_MAX_MS = 65535 * 100 + 99  # kept in deciseconds as a uint16 (ms // 100)
+MAX_TCP_KEEPALIVE_SECONDS = 32767  # Linux MAX_TCP_KEEPIDLE / MAX_TCP_KEEPINTVL
+MAX_TCP_KEEPCNT = 127  # Linux MAX_TCP_KEEPCNT
+
 Duration = Annotated[float, BeforeValidator(parse_duration)]
+HeartbeatTtl = Annotated[
+    float,
+    BeforeValidator(parse_duration),
+    _max_millis(HEARTBEAT_TTL_MAX_MS, " (libzmq keeps heartbeat_ttl in 16 bits of deciseconds)"),
+]
+KeepaliveSeconds = Annotated[
+    float, BeforeValidator(parse_duration), AfterValidator(_keepalive_seconds)
+]
+Name = Annotated[str, AfterValidator(_no_nul)]
 SocketType = Annotated[str, AfterValidator(_socket_type)]
 BindEndpoint = Annotated[str, AfterValidator(_bind_endpoint)]
 ConnectEndpoint = Annotated[str, AfterValidator(_connect_endpoint)]
@@ -78,6 +137,10 @@ Labels = dict[str, str]  # names checked by the loader, which knows each key's l
 Z85Key = Annotated[str, AfterValidator(_z85_key)]
 NonNegativeInt = Annotated[int, Field(ge=0)]
 PositiveInt = Annotated[int, Field(gt=0)]
+Hwm = Annotated[int, _int_range(0, INT_MAX, " (a C int; 0 means no limit)")]
+Backlog = Annotated[int, _int_range(1, INT_MAX, " (a C int)")]
+KeepaliveCount = Annotated[int, _int_range(1, MAX_TCP_KEEPCNT, " (the Linux limit)")]
+RoutingId = Annotated[str, AfterValidator(_routing_id)]
 
 
 class _Strict(BaseModel):
@@ -91,19 +154,19 @@ class SocketOptions(_Strict):
     reconnect_ivl_max: Duration | None = None
     heartbeat_ivl: Duration | None = None
     heartbeat_timeout: Duration | None = None
-    heartbeat_ttl: Duration | None = None
+    heartbeat_ttl: HeartbeatTtl | None = None
     handshake_ivl: Duration | None = None
     linger: Duration | None = None
     tcp_keepalive: bool | None = None
-    tcp_keepalive_idle: Duration | None = None
-    tcp_keepalive_intvl: Duration | None = None
-    tcp_keepalive_cnt: PositiveInt | None = None
-    sndhwm: NonNegativeInt | None = None
-    rcvhwm: NonNegativeInt | None = None
-    backlog: PositiveInt | None = None
+    tcp_keepalive_idle: KeepaliveSeconds | None = None
+    tcp_keepalive_intvl: KeepaliveSeconds | None = None
+    tcp_keepalive_cnt: KeepaliveCount | None = None
+    sndhwm: Hwm | None = None
+    rcvhwm: Hwm | None = None
+    backlog: Backlog | None = None
     ipv6: bool | None = None
     immediate: bool | None = None
-    routing_id: str | None = None
+    routing_id: RoutingId | None = None
     subscribe: list[str] | None = None
     curve_server: bool | None = None
     curve_secretkey_file: str | None = None
@@ -112,7 +175,7 @@ class SocketOptions(_Strict):
 
 
 class SocketConfig(_Strict):
-    name: str = Field(min_length=1, max_length=128)
+    name: Annotated[Name, Field(min_length=1, max_length=128)]
     type: SocketType
     bind: list[BindEndpoint] = []
     connect: list[ConnectEndpoint] = []
