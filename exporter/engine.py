@@ -39,10 +39,11 @@ from typing import Any, Literal
 import zmq
 
 from exporter.config import Settings, SocketSpec
+from exporter.contexts import BindNames, ContextPool
 from exporter.endpoints import EndpointMap
 from exporter.events import MONITOR_HEAD
 from exporter.fdbudget import fd_budget_problem, open_fds, socket_fds
-from exporter.sockets import MonitoredSocket, close_socket, open_socket
+from exporter.sockets import MonitoredSocket
 from exporter.state import SocketSnapshot, SocketState, apply_event, snapshot_socket
 
 log = logging.getLogger("zmq_exporter.engine")
@@ -128,6 +129,10 @@ class Engine:
         self.ctx: zmq.Context[zmq.Socket[bytes]] = ctx if ctx is not None else zmq.Context()
         if self._owns_ctx:  # 3 zmq sockets per monitored socket; the default cap is 1023
             self.ctx.set(zmq.MAX_SOCKETS, self.ctx.get(zmq.SOCKET_LIMIT))
+        # Sockets that connect to host names get contexts of their own, and bind() gets
+        # host names resolved off this thread: DNS never stalls the others (contexts.py).
+        self.contexts = ContextPool(self.ctx)
+        self._bind_names = BindNames()
         self._clock = clock
         self._coalesce = coalesce
         self._on_failure = on_failure
@@ -200,6 +205,7 @@ class Engine:
             self._close_fds()
         if self._owns_ctx:
             self.ctx.term()
+        self.contexts.terminate()  # bounded: a lookup in progress must not delay exit
 
     def snapshot(self) -> EngineSnapshot:
         """A consistent copy of the state. A socket that had no event since the previous
@@ -416,10 +422,6 @@ class Engine:
 
     # -- applying configs ----------------------------------------------------------------
 
-    def _context_for(self, spec: SocketSpec) -> zmq.Context[zmq.Socket[bytes]]:
-        """The context a new socket is created in."""
-        return self.ctx
-
     def _apply(self, settings: Settings) -> ApplyResult:
         result = ApplyResult()
         wanted = {spec.name: spec for spec in settings.sockets}
@@ -436,10 +438,10 @@ class Engine:
         opened: list[MonitoredSocket] = []
         try:
             for spec in to_open:
-                opened.append(open_socket(self._context_for(spec), spec))
+                opened.append(self.contexts.open_socket(spec))
         except Exception as err:
             for managed in opened:
-                close_socket(managed)
+                self.contexts.close_socket(managed)
             where = spec.name  # the socket that failed
             raise ApplyError(f"socket {where!r}: cannot be created: {_describe(err)}") from err
         # Phase 2: swap. Closing and registering do not fail short of the kernel running
@@ -496,7 +498,7 @@ class Engine:
                 with contextlib.suppress(OSError):
                     self._epoll.unregister(fd)
                 self._ready_set.discard(fd)
-        close_socket(managed)
+        self.contexts.close_socket(managed)
         with self._lock:
             del self._states[name]
         for key in [k for k in self._retry_attempts if k[0] == name]:
@@ -521,7 +523,12 @@ class Engine:
         key = (name, endpoint)
         try:
             if role == "bind":
-                managed.socket.bind(endpoint)
+                # A host name is resolved on a worker thread (ZMQError EAGAIN meanwhile).
+                target = self._bind_names.target(endpoint, managed.spec.options.ipv6)
+                if target != endpoint:  # events name the address bound: map it back
+                    with self._lock:
+                        state.endpoint_map.add_resolved(target, endpoint)
+                managed.socket.bind(target)
                 resolved = managed.socket.getsockopt_string(zmq.LAST_ENDPOINT)
                 with self._lock:
                     state.endpoint_map.add_resolved(resolved, endpoint)
