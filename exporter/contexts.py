@@ -20,11 +20,14 @@ from __future__ import annotations
 import errno
 import ipaddress
 import logging
+import math
 import socket
 import threading
 import time
+from collections import Counter
+from collections.abc import Iterable
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import zmq
 
@@ -43,6 +46,11 @@ SOCKETS_PER_CONTEXT = 256
 # is stuck in getaddrinfo() cannot terminate before the lookup returns; the process exits
 # without it (its threads end with the process).
 TERM_WAIT = 0.1
+# Descriptors of an own context beyond its sockets' (measured, libzmq 4.3.5): mailbox and
+# epoll of its I/O thread and of its reaper, and its term mailbox. Also 2 threads.
+CONTEXT_FDS = 5
+# A finished bind lookup not used within this long is stale (its socket went away).
+LOOKUP_FRESH = 5.0
 
 
 def dns_names(spec: SocketSpec) -> frozenset[str]:
@@ -55,6 +63,21 @@ def dns_names(spec: SocketSpec) -> frozenset[str]:
         if endpoint.transport == "tcp" and not is_numeric_host(endpoint.host):
             names.add(endpoint.host.lower())
     return frozenset(names)
+
+
+def context_key(spec: SocketSpec) -> frozenset[str] | None:
+    """The names whose context the socket belongs to; None for the shared context."""
+    names = dns_names(spec)
+    # inproc reaches only sockets of the same context: such a socket stays shared.
+    inproc = any(e.startswith("inproc://") for e in (*spec.binds, *spec.connects))
+    return names if names and not inproc else None
+
+
+def context_fds(specs: Iterable[SocketSpec]) -> int:
+    """Descriptors the own contexts of `specs` need on top of their sockets' (an upper
+    bound for a reload: contexts that exist already cost nothing new)."""
+    users = Counter(key for key in map(context_key, specs) if key is not None)
+    return CONTEXT_FDS * sum(math.ceil(n / SOCKETS_PER_CONTEXT) for n in users.values())
 
 
 def is_numeric_host(host: str) -> bool:
@@ -109,10 +132,8 @@ class ContextPool:
         self._release(ctx)
 
     def _acquire(self, spec: SocketSpec) -> Context:
-        names = dns_names(spec)
-        # inproc reaches only sockets of the same context: such a socket stays shared.
-        inproc = any(e.startswith("inproc://") for e in (*spec.binds, *spec.connects))
-        if not names or inproc:
+        names = context_key(spec)
+        if names is None:
             return self.shared
         slots = self._slots.setdefault(names, [])
         slot = next((s for s in slots if s.users < SOCKETS_PER_CONTEXT), None)
@@ -196,7 +217,7 @@ class BindNames:
 
     def __init__(self, wait: float = 0.02) -> None:
         self._wait = wait
-        self._pending: dict[tuple[str, bool], Future[str]] = {}
+        self._pending: dict[tuple[str, bool], _Lookup] = {}
 
     def target(self, endpoint: str, ipv6: bool | None) -> str:
         parsed = parse_endpoint(endpoint, "bind")
@@ -204,14 +225,16 @@ class BindNames:
         if parsed.transport != "tcp" or is_numeric_host(host) or _is_interface(host):
             return endpoint
         key = (host, bool(ipv6))
-        future = self._pending.get(key)
-        if future is None:
-            future = self._pending[key] = _resolve_in_thread(host, bool(ipv6))
+        lookup = self._pending.get(key)
+        if lookup is not None and time.monotonic() - lookup.finished > LOOKUP_FRESH:
+            lookup = None  # finished long ago for a socket that went away: ask again
+        if lookup is None:
+            lookup = self._pending[key] = _resolve_in_thread(host, bool(ipv6))
             wait = self._wait
         else:
             wait = 0.0
         try:
-            address = future.result(wait)
+            address = lookup.future.result(wait)
         except TimeoutError:
             raise zmq.ZMQError(errno.EAGAIN, f"still resolving host {host!r}") from None
         except OSError as err:
@@ -231,8 +254,15 @@ def _is_interface(name: str) -> bool:
         return False
 
 
-def _resolve_in_thread(host: str, ipv6: bool) -> Future[str]:
-    future: Future[str] = Future()
+@dataclass
+class _Lookup:
+    future: Future[str] = field(default_factory=Future)
+    finished: float = math.inf  # time.monotonic() when it ended
+
+
+def _resolve_in_thread(host: str, ipv6: bool) -> _Lookup:
+    lookup = _Lookup()
+    future = lookup.future
 
     def resolve() -> None:
         # As ip_resolver.cpp does for a bind: AI_PASSIVE, SOCK_STREAM, first result.
@@ -244,9 +274,12 @@ def _resolve_in_thread(host: str, ipv6: bool) -> Future[str]:
             address = str(sockaddr[0])
             if ipv6 and len(sockaddr) == 4 and sockaddr[3] and "%" not in address:
                 address = f"{address}%{sockaddr[3]}"  # scope id of a link-local address
-            future.set_result(address)
         except OSError as err:
+            lookup.finished = time.monotonic()
             future.set_exception(err)
+            return
+        lookup.finished = time.monotonic()
+        future.set_result(address)
 
     threading.Thread(target=resolve, name="zmq-exporter-resolve", daemon=True).start()
-    return future
+    return lookup

@@ -28,7 +28,7 @@ import pytest
 import zmq
 
 from exporter.config import SocketSpec, parse_config
-from exporter.contexts import BindNames, ContextPool, dns_names
+from exporter.contexts import CONTEXT_FDS, BindNames, ContextPool, context_fds, dns_names
 
 from helpers import ROOT, Daemon, free_port, value, wait_until
 
@@ -220,6 +220,9 @@ def test_dns_names_are_tcp_connect_host_names() -> None:
     assert dns_names(specs["a"]) == dns_names(specs["b"]) == {"localhost"}
     assert dns_names(specs["c"]) == {"localhost", "db.example"}
     assert dns_names(specs["bound"]) == frozenset()  # binds: BindNames
+    # Two own contexts ({localhost} for a and b, {localhost, db.example} for c): their
+    # descriptors, for the fd budget.
+    assert context_fds(specs.values()) == 2 * CONTEXT_FDS
 
 
 def test_pool_shares_a_context_per_name_set_and_terminates_unused_ones() -> None:
