@@ -7,29 +7,45 @@ lines kept per socket snapshot) followed by the negotiated encoder's output of e
 else; an escaping or version that `fast_format` does not cover goes through the encoder
 entirely. Either way the bytes are what the encoder alone would write.
 
-One thread per connection; the engine is only ever read through snapshots, so a slow
-client blocks nothing but its own thread. What one client can hold is bounded: the TLS
-handshake runs in the connection's thread (never in the accept loop) with a deadline; the
-request line and headers must arrive within HEADER_TIMEOUT and fit in MAX_HEADER_BYTES
-(414/431 otherwise); bodies over MAX_BODY_BYTES get 413; at most MAX_CONNECTIONS
-connections are served at once (503 beyond) and at most `max_concurrent_scrapes` scrapes
-render at once (503 beyond). A scrape releases its slot before writing the response, so a
-client that never reads holds only its own thread, until the socket timeout.
+Connections are owned by one event-loop thread (selectors) while they are in the TLS
+handshake, idle between requests, sending a request head or body: none of that costs a
+thread, and each has a deadline (TLS_HANDSHAKE_TIMEOUT from accept, IDLE_TIMEOUT between
+requests, HEADER_TIMEOUT from a request's first byte to the end of its head and again for
+its body). A request head over MAX_REQUEST_LINE gets 414, over MAX_HEADER_BYTES 431, a body
+over MAX_BODY_BYTES 413. Only a complete request reaches a worker, in one of three lanes
+with their own threads and bounded queues (503 when full), so that nothing queues in front
+of a health probe: /-/healthy and /-/ready; scrapes and everything else (at most
+`max_concurrent_scrapes` render at once, 503 beyond); POST /-/reload (may wait 30 s). The
+loop writes the response without blocking; a response must make progress every
+WRITE_TIMEOUT, and responses not yet read are bounded to MAX_OUTPUT_BYTES in total.
+
+At most MAX_CONNECTIONS connections are open. A new one is never refused for an idle or
+slow one: at the cap the connection waiting longest without a complete request (idle, in
+its handshake, head or body) is closed, or failing that the writer stalled longest;
+evictions count as too_many_connections. The engine is only read through snapshots, so a
+slow client blocks nothing else.
 """
 
 from __future__ import annotations
 
 import contextlib
+import email.utils
+import errno
 import gzip
+import http.client
 import io
 import logging
+import queue
+import selectors
 import socket
 import ssl
+import sys
 import threading
 import time
+from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http import HTTPStatus
 from typing import Any
 
 from prometheus_client.exposition import choose_encoder
@@ -54,7 +70,13 @@ HEADER_TIMEOUT = 10.0  # seconds from a request's first byte to the end of its h
 IDLE_TIMEOUT = 30.0  # seconds a kept-alive connection may wait for its next request
 WRITE_TIMEOUT = 30.0  # seconds a response may take to be read by the client
 TLS_HANDSHAKE_TIMEOUT = 10.0
-MAX_CONNECTIONS = 64
+# Open connections, every state included. The web side's descriptors are at most this plus
+# 5 (the listener, the selector, its wake-up pair, a connection accepted before another is
+# evicted); 1,000 idle clients are handled by eviction.
+MAX_CONNECTIONS = 256
+MAX_OUTPUT_BYTES = 64 * 1024 * 1024  # responses written but not yet read, all connections
+LISTEN_BACKLOG = 1024  # a burst of connects waits in the kernel, not in SYN retries
+PROBE_WORKERS = 2
 REJECT_REASONS = ("unauthorized", "too_many_scrapes", "too_many_connections", "too_large")
 
 
@@ -142,6 +164,8 @@ class WebApp:
     reload: Callable[[], tuple[bool, str]]
     max_concurrent_scrapes: int = 8
     state: StateCollector | None = None
+    # False once the engine thread has died: /-/healthy and /-/ready answer 503.
+    is_healthy: Callable[[], bool] = lambda: True
 
     def __post_init__(self) -> None:
         self._scrape_slots = threading.BoundedSemaphore(self.max_concurrent_scrapes)
@@ -189,297 +213,641 @@ def parse_listen_address(address: str) -> tuple[str, int]:
     return host, int(port)
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-    request_queue_size = 64
+# -- the server --------------------------------------------------------------------------
+#
+# One event-loop thread owns every connection while it does not have a complete request:
+# TLS handshake, idle keep-alive, request head, request body. Each of those states has a
+# deadline and costs no thread, so idle or slow clients cannot use up the capacity real
+# requests need. A complete request goes to a worker lane (its own threads and a bounded
+# queue); the loop then writes the response without blocking.
 
+_HANDSHAKE, _IDLE, _HEAD, _BODY, _BUSY, _WRITING = range(6)
+_SWEEP_INTERVAL = 0.1  # how often deadlines are checked
+_ACCEPT_BATCH = 64  # connections accepted per wake-up, so reads are not starved
+_RECV_SIZE = 64 * 1024
+_TLS_WRITE_CHUNK = 16 * 1024  # an SSL write is retried with the same chunk after EAGAIN
+_PAUSE_ACCEPT = 0.1  # seconds without accepting after EMFILE, so the loop does not spin
+_SERVER = f"zmq-exporter Python/{sys.version.split()[0]}"
+_KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
+
+
+@dataclass
+class _Request:
+    method: str
+    target: str
+    headers: http.client.HTTPMessage
+    keep_alive: bool
+
+    @property
+    def path(self) -> str:
+        return self.target.split("?", 1)[0]
+
+
+class _Conn:
+    """One client connection; touched only by the event loop (workers get a `_Request`)."""
+
+    __slots__ = (
+        "body_left", "buf", "closed", "deadline", "events", "out", "peer", "request",
+        "scanned", "sent", "sock", "state", "then", "tls",
+    )  # fmt: skip
+
+    def __init__(self, sock: socket.socket, peer: Any, tls: bool, now: float) -> None:
+        self.sock = sock
+        self.peer = peer
+        self.tls = tls
+        self.state = _HANDSHAKE if tls else _IDLE
+        self.buf = bytearray()
+        self.scanned = 0  # bytes of buf already searched for the end of the head
+        self.deadline = now + (TLS_HANDSHAKE_TIMEOUT if tls else IDLE_TIMEOUT)
+        self.events = 0  # what the selector watches
+        self.out: memoryview | None = None
+        self.sent = 0
+        self.then = _IDLE  # state after the response is written; -1: close
+        self.body_left = 0
+        self.request: _Request | None = None
+        self.closed = False
+
+
+class _Lane:
+    """Worker threads for one kind of request, so that scrapes and reloads (which may
+    block for up to 30 s) never queue in front of health probes. Only the event loop
+    submits and counts `pending`; past `limit` it answers 503 itself."""
+
+    def __init__(self, name: str, workers: int, backlog: int, reason: str) -> None:
+        self.name = name
+        self.workers = workers
+        self.limit = workers + backlog
+        self.reason = reason  # zmq_exporter_http_requests_rejected_total reason when full
+        self.pending = 0
+        self.queue: queue.SimpleQueue[tuple[_Conn, _Request] | None] = queue.SimpleQueue()
+
+
+class _Loop:
     def __init__(
         self,
-        address: tuple[str, int],
-        handler: type[BaseHTTPRequestHandler],
+        listener: socket.socket,
         app: WebApp,
-        ssl_context: ssl.SSLContext | None = None,
-        auth: BasicAuth | None = None,
-        max_connections: int = MAX_CONNECTIONS,
+        ssl_context: ssl.SSLContext | None,
+        auth: BasicAuth | None,
+        max_connections: int,
     ) -> None:
-        host = address[0]
-        self.address_family = socket.AF_INET6 if ":" in host or host == "" else socket.AF_INET
+        self.listener = listener
         self.app = app
         self.ssl_context = ssl_context
         self.auth = auth
         self.max_connections = max_connections
-        self._active = 0
-        self._active_lock = threading.Lock()
-        super().__init__(("::" if host == "" else host, address[1]), handler)
+        self.selector = selectors.DefaultSelector()
+        self.conns: set[_Conn] = set()
+        # Evictable connections, the one waiting longest for a complete request first:
+        # accepted or done with its last response earliest (a slow trickle of header
+        # bytes does not move a connection back).
+        self.waiting: OrderedDict[_Conn, None] = OrderedDict()
+        # Connections writing a response, the one without progress longest first.
+        self.writing: OrderedDict[_Conn, float] = OrderedDict()
+        self.out_bytes = 0
+        scrape_workers = min(app.max_concurrent_scrapes + 2, 32)
+        self.probe = _Lane("probe", PROBE_WORKERS, 32, "too_many_connections")
+        self.scrape = _Lane("scrape", scrape_workers, 16, "too_many_scrapes")
+        self.reload = _Lane("reload", 1, 16, "too_many_connections")
+        self.lanes = (self.probe, self.scrape, self.reload)
+        self.done: deque[tuple[_Lane, _Conn, bytes, bool]] = deque()
+        self.wake_r, self.wake_w = socket.socketpair()
+        self.wake_r.setblocking(False)
+        self.wake_w.setblocking(False)
+        self.stopping = False
+        self.accept_paused_until = 0.0
+        self.threads: list[threading.Thread] = []
 
-    def server_bind(self) -> None:
-        if self.address_family == socket.AF_INET6:
-            # ":port" means every interface, IPv4 included.
-            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-        super().server_bind()
+    # -- lifecycle -----------------------------------------------------------------------
 
-    def get_request(self) -> tuple[Any, Any]:
-        sock, address = super().get_request()
-        if self.ssl_context is not None:
-            # No I/O here: the handshake runs in the connection's own thread, so a client
-            # that connects and stays silent cannot stall the accept loop.
-            sock = self.ssl_context.wrap_socket(
-                sock, server_side=True, do_handshake_on_connect=False
-            )
-        return sock, address
-
-    def process_request(self, request: Any, client_address: Any) -> None:
-        with self._active_lock:
-            full = self._active >= self.max_connections
-            if not full:
-                self._active += 1
-        if full:
-            self.app.stats.reject("too_many_connections")
-            if not isinstance(request, ssl.SSLSocket):
-                with contextlib.suppress(OSError):
-                    request.setblocking(False)
-                    request.send(
-                        b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\n"
-                        b"Content-Length: 25\r\nConnection: close\r\n\r\n"
-                        b"too many open connections"
+    def start(self) -> None:
+        self.selector.register(self.listener, selectors.EVENT_READ, None)
+        self.selector.register(self.wake_r, selectors.EVENT_READ, self.wake_r)
+        for lane in self.lanes:
+            for index in range(lane.workers):
+                self.threads.append(
+                    threading.Thread(
+                        target=self._work,
+                        args=(lane,),
+                        name=f"zmq-exporter-web-{lane.name}-{index}",
+                        daemon=True,
                     )
-            self.shutdown_request(request)
+                )
+        self.threads.append(
+            threading.Thread(target=self._run, name="zmq-exporter-web", daemon=True)
+        )
+        for thread in self.threads:
+            thread.start()
+
+    def stop(self) -> None:
+        self.stopping = True
+        self._wake()
+        for lane in self.lanes:
+            for _ in range(lane.workers):
+                lane.queue.put(None)
+        loop = self.threads[-1] if self.threads else None
+        if loop is not None:
+            loop.join(5.0)
+        if loop is None or not loop.is_alive():
+            for conn in list(self.conns):
+                self._close(conn, graceful=False)
+            self.selector.close()
+        self.listener.close()
+        self.wake_r.close()
+        self.wake_w.close()
+
+    def _wake(self) -> None:
+        with contextlib.suppress(OSError):  # full: a wake-up is pending already
+            self.wake_w.send(b"\0")
+
+    # -- the event loop ------------------------------------------------------------------
+
+    def _run(self) -> None:
+        next_sweep = time.monotonic() + _SWEEP_INTERVAL
+        while not self.stopping:
+            try:
+                # Deadlines only matter while there are connections: no wake-ups otherwise.
+                timeout = None
+                if self.conns or self.accept_paused_until:
+                    timeout = max(0.0, next_sweep - time.monotonic())
+                events = self.selector.select(timeout)
+                for key, mask in events:
+                    if key.data is None:
+                        self._accept()
+                    elif key.data is self.wake_r:
+                        with contextlib.suppress(OSError):
+                            while self.wake_r.recv(4096):
+                                pass
+                    else:
+                        self._on_event(key.data, mask)
+                self._finish_responses()
+                now = time.monotonic()
+                if now >= next_sweep:
+                    self._sweep(now)
+                    next_sweep = now + _SWEEP_INTERVAL
+            except Exception:  # a bug must not take HTTP down for good
+                log.exception("HTTP event loop error")
+                time.sleep(0.01)
+
+    def _on_event(self, conn: _Conn, mask: int) -> None:
+        if conn.closed:  # closed earlier in this batch (evicted, for example)
             return
-        super().process_request(request, client_address)
-
-    def process_request_thread(self, request: Any, client_address: Any) -> None:
         try:
-            if isinstance(request, ssl.SSLSocket):
-                request.settimeout(TLS_HANDSHAKE_TIMEOUT)
-                try:
-                    request.do_handshake()
-                except (OSError, ValueError) as err:
-                    log.debug("TLS handshake failed", extra={"peer": client_address, "err": err})
-                    self.shutdown_request(request)
-                    return
-            super().process_request_thread(request, client_address)
-        finally:
-            with self._active_lock:
-                self._active -= 1
+            if conn.state == _HANDSHAKE:
+                self._handshake(conn)
+            elif conn.state == _WRITING:
+                self._write(conn)
+            elif conn.state in (_IDLE, _HEAD, _BODY):
+                self._read(conn)
+        except Exception:
+            log.exception("HTTP connection error", extra={"peer": conn.peer})
+            self._close(conn, graceful=False)
 
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        log.debug("HTTP connection error", exc_info=True, extra={"peer": client_address})
+    def _watch(self, conn: _Conn, events: int) -> None:
+        if events == conn.events:
+            return
+        if not events:
+            self.selector.unregister(conn.sock)
+        elif not conn.events:
+            self.selector.register(conn.sock, events, conn)
+        else:
+            self.selector.modify(conn.sock, events, conn)
+        conn.events = events
 
+    def _close(self, conn: _Conn, graceful: bool = True) -> None:
+        if conn.closed:
+            return
+        conn.closed = True
+        if conn.events:
+            with contextlib.suppress(KeyError, ValueError, OSError):
+                self.selector.unregister(conn.sock)
+            conn.events = 0
+        self.conns.discard(conn)
+        self.waiting.pop(conn, None)
+        if self.writing.pop(conn, None) is not None and conn.out is not None:
+            self.out_bytes -= len(conn.out) - conn.sent
+        conn.out = None
+        conn.buf = bytearray()
+        if graceful:
+            with contextlib.suppress(OSError):
+                conn.sock.shutdown(socket.SHUT_WR)
+        with contextlib.suppress(OSError):
+            conn.sock.close()
 
-class _RequestTooLarge(Exception):
-    pass
-
-
-class _BoundedReader(io.BufferedIOBase):
-    """The handler's rfile during the request line and headers: at most `budget` bytes,
-    all of them before `deadline` (the socket timeout shrinks as it nears)."""
-
-    def __init__(self, inner: Any, sock: socket.socket) -> None:
-        self._inner = inner
-        self._sock = sock
-        self.budget: int | None = None
-        self.deadline: float | None = None
-
-    def readline(self, limit: int | None = -1) -> bytes:
-        if self.budget is None and self.deadline is None:
-            return bytes(self._inner.readline(limit))
-        limit = -1 if limit is None else limit
-        line = bytearray()
-        # Chunk by chunk, not one inner readline: a client trickling a byte per second
-        # would otherwise keep one readline (and the connection) alive for ever.
-        while limit < 0 or len(line) < limit:
-            if self.deadline is not None:
-                remaining = self.deadline - time.monotonic()
-                if remaining <= 0:
-                    raise TimeoutError("request headers too slow")
-                self._sock.settimeout(remaining)
-            chunk = self._inner.peek(1)  # at most one recv, bounded by the timeout
-            if not chunk:
-                break
-            end = chunk.find(b"\n")
-            take = len(chunk) if end < 0 else end + 1
-            if limit >= 0:
-                take = min(take, limit - len(line))
-            line += self._inner.read(take)
-            if self.budget is not None and len(line) > self.budget:
-                raise _RequestTooLarge
-            if line.endswith(b"\n"):
-                break
-        if self.budget is not None:
-            self.budget -= len(line)
-        return bytes(line)
-
-    def read(self, size: int | None = -1) -> bytes:
-        return bytes(self._inner.read(size))
-
-    def peek(self, size: int = 1) -> bytes:
-        return bytes(self._inner.peek(size))
-
-    def readable(self) -> bool:
+    def _evict(self) -> bool:
+        """Close the connection that has waited longest without a complete request, or
+        else the writer that has made no progress for longest."""
+        victim = next(iter(self.waiting), None) or next(iter(self.writing), None)
+        if victim is None:
+            return False
+        log.debug("HTTP connection evicted", extra={"peer": victim.peer})
+        self.app.stats.reject("too_many_connections")
+        self._close(victim, graceful=False)
         return True
 
-    def close(self) -> None:
-        self._inner.close()
-        super().close()
+    def _sweep(self, now: float) -> None:
+        for conn in [c for c in self.conns if c.deadline <= now and c.state != _BUSY]:
+            log.debug("HTTP connection timed out", extra={"peer": conn.peer})
+            self._close(conn, graceful=conn.state != _WRITING)
+        if self.accept_paused_until and now >= self.accept_paused_until:
+            self.accept_paused_until = 0.0
+            self.selector.register(self.listener, selectors.EVENT_READ, None)
 
+    # -- accepting -----------------------------------------------------------------------
 
-class _Handler(BaseHTTPRequestHandler):
-    server: _Server
-    timeout = IDLE_TIMEOUT
-    protocol_version = "HTTP/1.1"
-    server_version = "zmq-exporter"
-    _reader: _BoundedReader
-
-    def setup(self) -> None:
-        super().setup()
-        self._reader = _BoundedReader(self.rfile, self.connection)
-        self.rfile = self._reader
-
-    def handle_one_request(self) -> None:
-        reader = self._reader
-        reader.budget = None
-        reader.deadline = None
-        self.connection.settimeout(IDLE_TIMEOUT)
-        try:
-            if not reader.peek(1):
-                self.close_connection = True  # the client closed a kept-alive connection
+    def _accept(self) -> None:
+        for _ in range(_ACCEPT_BATCH):
+            try:
+                sock, peer = self.listener.accept()
+            except (BlockingIOError, InterruptedError):
                 return
-        except (TimeoutError, OSError):
-            self.close_connection = True
-            return
-        reader.budget = MAX_HEADER_BYTES
-        reader.deadline = time.monotonic() + HEADER_TIMEOUT
-        self.raw_requestline = b""
-        self.request_version = "HTTP/1.1"  # for an error sent before the request line parses
-        self.command = ""
-        self.requestline = ""
+            except OSError as err:
+                if err.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    # Out of descriptors: free one and stop accepting for a moment, or
+                    # the listener stays readable and the loop spins.
+                    log.warning("HTTP accept failed", extra={"err": str(err)})
+                    self._evict()
+                    self.accept_paused_until = time.monotonic() + _PAUSE_ACCEPT
+                    self.selector.unregister(self.listener)
+                    return
+                continue  # ECONNABORTED and the like: that client is gone
+            if len(self.conns) >= self.max_connections:
+                self._evict()  # the newcomer is not among the candidates yet
+            if len(self.conns) >= self.max_connections:
+                # Every connection is busy with a complete request (bounded by the lanes,
+                # so only with a small max_connections).
+                self.app.stats.reject("too_many_connections")
+                with contextlib.suppress(OSError):
+                    sock.setblocking(False)
+                    if self.ssl_context is None:
+                        sock.send(_error(503, "too many open connections", head_only=False))
+                    sock.close()
+                continue
+            self._add(sock, peer)
+
+    def _add(self, sock: socket.socket, peer: Any) -> None:
+        sock.setblocking(False)
+        now = time.monotonic()
+        if self.ssl_context is not None:
+            try:
+                sock = self.ssl_context.wrap_socket(
+                    sock, server_side=True, do_handshake_on_connect=False
+                )
+            except (OSError, ValueError):
+                sock.close()
+                return
+        conn = _Conn(sock, peer, self.ssl_context is not None, now)
+        self.conns.add(conn)
+        self.waiting[conn] = None
+        if conn.tls:
+            self._handshake(conn)
+        else:
+            self._watch(conn, selectors.EVENT_READ)
+
+    def _handshake(self, conn: _Conn) -> None:
+        assert isinstance(conn.sock, ssl.SSLSocket)
         try:
-            super().handle_one_request()
-        except _RequestTooLarge:
-            self.server.app.stats.reject("too_large")
-            if self.raw_requestline:
-                self.send_error(431, "Request header fields too large")
-            else:
-                self.send_error(414, "Request line too long")
-            self.close_connection = True
+            conn.sock.do_handshake()
+        except ssl.SSLWantReadError:
+            self._watch(conn, selectors.EVENT_READ)
+            return
+        except ssl.SSLWantWriteError:
+            self._watch(conn, selectors.EVENT_WRITE)
+            return
+        except (OSError, ValueError) as err:
+            log.debug("TLS handshake failed", extra={"peer": conn.peer, "err": str(err)})
+            self._close(conn, graceful=False)
+            return
+        self._idle(conn, time.monotonic(), refresh=False)
 
-    def parse_request(self) -> bool:
-        if len(self.raw_requestline) > MAX_REQUEST_LINE:
-            self.server.app.stats.reject("too_large")
-            self.close_connection = True
-            self.send_error(414, "Request line too long")
+    # -- reading requests ----------------------------------------------------------------
+
+    def _idle(self, conn: _Conn, now: float, refresh: bool = True) -> None:
+        """Wait for the next request (a pipelined one may be buffered already)."""
+        conn.state = _IDLE
+        conn.deadline = now + IDLE_TIMEOUT
+        conn.scanned = 0
+        conn.request = None
+        if refresh:
+            self.waiting[conn] = None  # at the end: its wait starts now
+        if conn.buf:
+            conn.state = _HEAD
+            conn.deadline = now + HEADER_TIMEOUT
+            if not self._parse(conn):
+                return
+        # Always try: a TLS socket may hold decrypted bytes the selector cannot see.
+        self._read(conn)
+
+    def _read(self, conn: _Conn) -> None:
+        for _ in range(64):  # bounded: other connections get their turn
+            if conn.state == _BODY:
+                room = min(conn.body_left, _RECV_SIZE)
+            else:  # one byte over the budget is enough to refuse the request
+                room = min(MAX_HEADER_BYTES + 1 - len(conn.buf), _RECV_SIZE)
+            try:
+                data = conn.sock.recv(max(room, 1))
+            except (BlockingIOError, InterruptedError, ssl.SSLWantReadError):
+                self._watch(conn, selectors.EVENT_READ)
+                return
+            except ssl.SSLWantWriteError:
+                self._watch(conn, selectors.EVENT_READ | selectors.EVENT_WRITE)
+                return
+            except (OSError, ValueError):  # ssl.SSLError included
+                self._close(conn, graceful=False)
+                return
+            if not data:  # the client closed (mid-request: no answer is possible)
+                self._close(conn)
+                return
+            if conn.state == _IDLE:
+                conn.state = _HEAD
+                conn.deadline = time.monotonic() + HEADER_TIMEOUT
+            if conn.state == _BODY:
+                conn.body_left -= len(data)  # read and ignored: no endpoint takes a body
+                if conn.body_left <= 0:
+                    self._dispatch(conn)
+                    return
+                continue
+            conn.buf += data
+            if not self._parse(conn):
+                return
+        self._watch(conn, selectors.EVENT_READ)
+
+    def _parse(self, conn: _Conn) -> bool:
+        """Look for a complete request head in conn.buf; True while more bytes are needed."""
+        buf = conn.buf
+        # Empty lines before a request line are ignored (RFC 9112 2.2).
+        skip = 0
+        while skip < len(buf) and buf[skip] in b"\r\n":
+            skip += 1
+        if skip:
+            del buf[:skip]
+            conn.scanned = 0
+        line_end = buf.find(b"\n")
+        if line_end < 0:
+            if len(buf) > MAX_REQUEST_LINE:
+                return self._refuse(conn, 414, "Request line too long", "too_large")
+            return True
+        if line_end + 1 > MAX_REQUEST_LINE:
+            return self._refuse(conn, 414, "Request line too long", "too_large")
+        start = max(line_end, conn.scanned - 2)
+        ends = [
+            i + n
+            for i, n in ((buf.find(b"\n\r\n", start), 3), (buf.find(b"\n\n", start), 2))
+            if i >= 0
+        ]
+        if not ends:
+            conn.scanned = len(buf)
+            if len(buf) > MAX_HEADER_BYTES:
+                return self._refuse(conn, 431, "Request header fields too large", "too_large")
+            return True
+        end = min(ends)
+        if end > MAX_HEADER_BYTES:
+            return self._refuse(conn, 431, "Request header fields too large", "too_large")
+        head = bytes(buf[:end])
+        del buf[:end]
+        conn.scanned = 0
+        return self._head(conn, head, line_end)
+
+    def _head(self, conn: _Conn, head: bytes, line_end: int) -> bool:
+        """A complete head: check it as http.server would, then read the body or
+        dispatch. Returns False (the connection is no longer reading a head)."""
+        words = head[:line_end].decode("iso-8859-1").split()
+        if len(words) != 3:
+            return self._refuse(conn, 400, "Bad request syntax")
+        method, target, version = words
+        number = version[5:].split(".")
+        if (
+            not version.startswith("HTTP/")
+            or len(number) != 2
+            or not all(n.isascii() and n.isdigit() and len(n) <= 10 for n in number)
+        ):
+            return self._refuse(conn, 400, "Bad request version")
+        if int(number[0]) >= 2:
+            return self._refuse(conn, 505, "Invalid HTTP version")
+        try:
+            headers = http.client.parse_headers(io.BytesIO(head[line_end + 1 :]))
+        except http.client.HTTPException:  # over 100 header lines
+            return self._refuse(conn, 431, "Too many headers", "too_large")
+        keep_alive = (int(number[0]), int(number[1])) >= (1, 1)
+        connection = headers.get("Connection", "").lower()
+        if connection == "close":
+            keep_alive = False
+        elif connection == "keep-alive":
+            keep_alive = True
+        if target.startswith("//"):  # as http.server: not an absolute URL
+            target = "/" + target.lstrip("/")
+        if method not in _KNOWN_METHODS:
+            return self._refuse(conn, 501, f"Unsupported method ({method!r})")
+        if "chunked" in headers.get("Transfer-Encoding", "").lower():
+            return self._refuse(conn, 411, "Content-Length required")
+        length = headers.get("Content-Length", "0").strip() or "0"
+        if not (length.isascii() and length.isdigit()):  # int() refuses "²", isdigit not
+            return self._refuse(conn, 400, "Bad Content-Length")
+        if int(length) > MAX_BODY_BYTES:
+            return self._refuse(conn, 413, "Request body too large", "too_large")
+        conn.request = _Request(method, target, headers, keep_alive)
+        conn.body_left = int(length)
+        if not conn.body_left:
+            self._dispatch(conn)
             return False
-        ok = super().parse_request()
-        reader = self._reader
-        reader.budget = None
-        reader.deadline = None
-        self.connection.settimeout(WRITE_TIMEOUT)
-        return ok
+        # A body: whatever is buffered first, then the socket, within the header deadline.
+        taken = min(conn.body_left, len(conn.buf))
+        del conn.buf[:taken]
+        conn.body_left -= taken
+        if not conn.body_left:
+            self._dispatch(conn)
+            return False
+        conn.deadline = time.monotonic() + HEADER_TIMEOUT
+        if (
+            headers.get("Expect", "").lower() == "100-continue"
+            and int(number[0]) == 1
+            and int(number[1]) >= 1
+        ):
+            self._respond(conn, b"HTTP/1.1 100 Continue\r\n\r\n", then=_BODY)
+        else:
+            conn.state = _BODY
+            self._read(conn)
+        return False
 
-    # -- checks shared by every method ---------------------------------------------------
+    def _refuse(self, conn: _Conn, status: int, message: str, reason: str = "") -> bool:
+        """Answer a request that is not served and close: returns False."""
+        if reason:
+            self.app.stats.reject(reason)
+        head_only = conn.request is not None and conn.request.method == "HEAD"
+        self._respond(conn, _error(status, message, head_only), then=-1)
+        return False
 
-    def _admit(self) -> bool:
-        """Basic auth and body size; answers the request itself when refusing it."""
-        auth = self.server.auth
-        if auth is not None and not auth.check(self.headers.get("Authorization")):
-            self.server.app.stats.reject("unauthorized")
-            self._send(
+    def _dispatch(self, conn: _Conn) -> None:
+        request = conn.request
+        assert request is not None
+        path = request.path
+        if request.method == "POST" and path == "/-/reload":
+            lane = self.reload
+        elif (
+            request.method in ("GET", "HEAD")
+            and path in ("/-/healthy", "/-/ready")
+            and path != self.app.telemetry_path
+        ):
+            lane = self.probe
+        else:
+            lane = self.scrape
+        if lane.pending >= lane.limit:
+            conn.request = None
+            self.app.stats.reject(lane.reason)
+            head_only = request.method == "HEAD"
+            self._respond(conn, _error(503, "too many concurrent requests", head_only), then=-1)
+            return
+        self.waiting.pop(conn, None)  # a complete request: not evictable while served
+        conn.state = _BUSY
+        conn.deadline = float("inf")
+        self._watch(conn, 0)
+        lane.pending += 1
+        lane.queue.put((conn, request))
+
+    # -- workers -------------------------------------------------------------------------
+
+    def _work(self, lane: _Lane) -> None:
+        while True:
+            job = lane.queue.get()
+            if job is None:
+                return
+            conn, request = job
+            try:
+                status, headers, body = self._serve(request)
+                keep_alive = request.keep_alive
+                data = _response(status, headers, body, request.method == "HEAD", not keep_alive)
+            except Exception:
+                log.exception("HTTP handler error", extra={"path": request.path})
+                keep_alive = False
+                data = _error(500, "Internal server error", request.method == "HEAD")
+            self.done.append((lane, conn, data, keep_alive))
+            self._wake()
+
+    def _serve(self, request: _Request) -> tuple[int, dict[str, str], bytes]:
+        """The answer to a complete request (in a worker thread: may block)."""
+        app = self.app
+        plain = {"Content-Type": "text/plain"}
+        if self.auth is not None and not self.auth.check(request.headers.get("Authorization")):
+            app.stats.reject("unauthorized")
+            return (
                 401,
-                {"Content-Type": "text/plain", "WWW-Authenticate": 'Basic realm="zmq-exporter"'},
+                {**plain, "WWW-Authenticate": 'Basic realm="zmq-exporter"'},
                 b"Unauthorized\n",
             )
-            return False
-        return self._discard_body()
-
-    def _discard_body(self) -> bool:
-        if "chunked" in self.headers.get("Transfer-Encoding", "").lower():
-            self.close_connection = True
-            self._send(411, {"Content-Type": "text/plain"}, b"Content-Length required\n")
-            return False
-        text = self.headers.get("Content-Length", "0").strip() or "0"
-        if not text.isdigit():
-            self.close_connection = True
-            self._send(400, {"Content-Type": "text/plain"}, b"Bad Content-Length\n")
-            return False
-        length = int(text)
-        if length > MAX_BODY_BYTES:
-            self.server.app.stats.reject("too_large")
-            self.close_connection = True
-            self._send(413, {"Content-Type": "text/plain"}, b"Request body too large\n")
-            return False
-        if length:
-            self.connection.settimeout(HEADER_TIMEOUT)
-            self.rfile.read(length)
-            self.connection.settimeout(WRITE_TIMEOUT)
-        return True
-
-    # -- methods -------------------------------------------------------------------------
-
-    def do_GET(self) -> None:
-        if not self._admit():
-            return
-        app = self.server.app
-        path = self.path.split("?", 1)[0]
-        if path == app.telemetry_path:
-            status, headers, body = app.metrics(
-                self.headers.get("Accept"), self.headers.get("Accept-Encoding")
-            )
-            self._send(status, headers, body)
-        elif path == "/-/healthy":
-            self._send(200, {"Content-Type": "text/plain"}, b"Healthy\n")
-        elif path == "/-/ready":
-            if app.is_ready():
-                self._send(200, {"Content-Type": "text/plain"}, b"Ready\n")
-            else:
-                self._send(503, {"Content-Type": "text/plain"}, b"Not ready\n")
-        elif path == "/-/reload":
-            self._send(
-                405,
-                {"Content-Type": "text/plain", "Allow": "POST"},
-                b"This endpoint requires a POST request.\n",
-            )
-        elif path == "/":
-            body = app.landing_page().encode()
-            self._send(200, {"Content-Type": "text/html; charset=utf-8"}, body)
-        else:
-            self._send(404, {"Content-Type": "text/plain"}, b"Not found\n")
-
-    do_HEAD = do_GET
-
-    def do_POST(self) -> None:
-        if not self._admit():
-            return
-        path = self.path.split("?", 1)[0]
-        if path != "/-/reload":
-            self._send(
-                405, {"Content-Type": "text/plain", "Allow": "GET, HEAD"}, b"Method not allowed\n"
-            )
-            return
-        ok, message = self.server.app.reload()
-        self._send(200 if ok else 500, {"Content-Type": "text/plain"}, message.encode() + b"\n")
-
-    def _not_allowed(self) -> None:
-        if not self._admit():
-            return
-        path = self.path.split("?", 1)[0]
+        path = request.path
+        if request.method in ("GET", "HEAD"):
+            if path == app.telemetry_path:
+                return app.metrics(
+                    request.headers.get("Accept"), request.headers.get("Accept-Encoding")
+                )
+            if path == "/-/healthy":
+                if not app.is_healthy():
+                    return 503, plain, b"Engine stopped\n"
+                return 200, plain, b"Healthy\n"
+            if path == "/-/ready":
+                if app.is_healthy() and app.is_ready():
+                    return 200, plain, b"Ready\n"
+                return 503, plain, b"Not ready\n"
+            if path == "/-/reload":
+                return (
+                    405,
+                    {**plain, "Allow": "POST"},
+                    b"This endpoint requires a POST request.\n",
+                )
+            if path == "/":
+                body = app.landing_page().encode()
+                return 200, {"Content-Type": "text/html; charset=utf-8"}, body
+            return 404, plain, b"Not found\n"
+        if request.method == "POST" and path == "/-/reload":
+            ok, message = app.reload()
+            return 200 if ok else 500, plain, message.encode() + b"\n"
         allow = "POST" if path == "/-/reload" else "GET, HEAD"
-        self._send(405, {"Content-Type": "text/plain", "Allow": allow}, b"Method not allowed\n")
+        return 405, {**plain, "Allow": allow}, b"Method not allowed\n"
 
-    do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_allowed
+    # -- writing responses ---------------------------------------------------------------
 
-    def _send(self, status: int, headers: dict[str, str], body: bytes) -> None:
-        self.send_response(status)
-        for key, value in headers.items():
-            self.send_header(key, value)
-        self.send_header("Content-Length", str(len(body)))
-        if self.close_connection:
-            self.send_header("Connection", "close")
-        self.end_headers()
-        if self.command != "HEAD":
-            self.wfile.write(body)
+    def _finish_responses(self) -> None:
+        while self.done:
+            lane, conn, data, keep_alive = self.done.popleft()
+            lane.pending -= 1
+            if conn.closed or self.stopping:
+                continue
+            self._respond(conn, data, then=_IDLE if keep_alive else -1)
 
-    def log_message(self, format: str, *args: Any) -> None:
-        log.debug("http " + format, *args)
+    def _respond(self, conn: _Conn, data: bytes, then: int) -> None:
+        now = time.monotonic()
+        self.waiting.pop(conn, None)
+        conn.state = _WRITING
+        conn.then = then
+        conn.out = memoryview(data)
+        conn.sent = 0
+        conn.deadline = now + WRITE_TIMEOUT
+        self.writing[conn] = now
+        self.out_bytes += len(data)
+        self._write(conn)
+        # Responses that clients do not read are bounded in memory as a whole: past the
+        # budget, the writers stalled longest are dropped (never the newest response).
+        while self.out_bytes > MAX_OUTPUT_BYTES and not conn.closed:
+            oldest = next(iter(self.writing), None)
+            if oldest is None or oldest is conn:
+                break
+            self.app.stats.reject("too_many_connections")
+            self._close(oldest, graceful=False)
+
+    def _write(self, conn: _Conn) -> None:
+        out = conn.out
+        assert out is not None
+        while conn.sent < len(out):
+            end = conn.sent + _TLS_WRITE_CHUNK if conn.tls else len(out)
+            try:
+                sent = conn.sock.send(out[conn.sent : end])
+            except (BlockingIOError, InterruptedError, ssl.SSLWantWriteError):
+                self._watch(conn, selectors.EVENT_WRITE)
+                return
+            except ssl.SSLWantReadError:
+                self._watch(conn, selectors.EVENT_READ)
+                return
+            except (OSError, ValueError):
+                self._close(conn, graceful=False)
+                return
+            conn.sent += sent
+            self.out_bytes -= sent
+            now = time.monotonic()
+            conn.deadline = now + WRITE_TIMEOUT  # the timeout runs from the last progress
+            self.writing[conn] = now
+            self.writing.move_to_end(conn)
+        del self.writing[conn]
+        conn.out = None
+        if conn.then == -1:
+            self._close(conn)
+        elif conn.then == _BODY:
+            conn.state = _BODY
+            conn.deadline = time.monotonic() + HEADER_TIMEOUT
+            self.waiting[conn] = None
+            self._read(conn)
+        else:
+            self._idle(conn, time.monotonic())
+
+
+def _response(
+    status: int, headers: dict[str, str], body: bytes, head_only: bool, close: bool
+) -> bytes:
+    lines = [
+        f"HTTP/1.1 {status} {HTTPStatus(status).phrase}",
+        f"Server: {_SERVER}",
+        f"Date: {email.utils.formatdate(usegmt=True)}",
+    ]
+    lines += [f"{key}: {value}" for key, value in headers.items()]
+    lines.append(f"Content-Length: {len(body)}")
+    if close:
+        lines.append("Connection: close")
+    head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    return head if head_only else head + body
+
+
+def _error(status: int, message: str, head_only: bool) -> bytes:
+    body = message.encode("latin-1", "replace") + b"\n"
+    return _response(status, {"Content-Type": "text/plain"}, body, head_only, close=True)
 
 
 class WebServer:
@@ -490,29 +858,43 @@ class WebServer:
         web_config: WebConfig | None = None,
         max_connections: int = MAX_CONNECTIONS,
     ) -> None:
-        self._server = _Server(
-            parse_listen_address(listen_address),
-            _Handler,
+        host, port = parse_listen_address(listen_address)
+        family = socket.AF_INET6 if ":" in host or host == "" else socket.AF_INET
+        listener = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                # ":port" means every interface, IPv4 included.
+                listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            listener.bind(("::" if host == "" else host, port))
+            listener.listen(LISTEN_BACKLOG)
+            listener.setblocking(False)
+        except OSError:
+            listener.close()
+            raise
+        self._loop = _Loop(
+            listener,
             app,
-            ssl_context=web_config.ssl_context if web_config else None,
-            auth=web_config.basic_auth() if web_config else None,
-            max_connections=max_connections,
+            web_config.ssl_context if web_config else None,
+            web_config.basic_auth() if web_config else None,
+            max_connections,
         )
-        self._thread = threading.Thread(
-            target=self._server.serve_forever, name="zmq-exporter-web", daemon=True
-        )
+        self._port = int(listener.getsockname()[1])
+        self._started = False
 
     @property
     def port(self) -> int:
-        return int(self._server.server_address[1])
+        return self._port
 
     @property
     def tls(self) -> bool:
-        return self._server.ssl_context is not None
+        return self._loop.ssl_context is not None
 
     def start(self) -> None:
-        self._thread.start()
+        self._started = True
+        self._loop.start()
 
     def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        """Stop serving and close every connection; a worker still inside a handler (a
+        reload) finishes on its own, its answer dropped."""
+        self._loop.stop()
