@@ -56,7 +56,7 @@ def _event_name(value: str) -> str:
 
 def label_name_problem(name: str) -> str | None:
     """Why `name` cannot be a configured label name, or None if it can."""
-    if not _LABEL_NAME.match(name) or name.startswith("__"):
+    if not _LABEL_NAME.fullmatch(name) or name.startswith("__"):
         return f"invalid label name {name!r} (expected [a-zA-Z_][a-zA-Z0-9_]*, no '__' prefix)"
     if name in RESERVED_LABELS:
         return f"label name {name!r} is reserved by the exporter"
