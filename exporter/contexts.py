@@ -25,7 +25,7 @@ import socket
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -116,10 +116,16 @@ class ContextPool:
         """Own contexts in use (the shared one not counted)."""
         return len(self._by_ctx)
 
-    def open_socket(self, spec: SocketSpec) -> MonitoredSocket:
+    def open_socket(
+        self,
+        spec: SocketSpec,
+        opener: Callable[[Context, SocketSpec], MonitoredSocket] = open_socket,
+    ) -> MonitoredSocket:
+        """`opener` creates it in the context chosen (the engine passes its module's
+        `open_socket`, which a test may replace to inject a failure)."""
         ctx = self._acquire(spec)
         try:
-            return open_socket(ctx, spec)
+            return opener(ctx, spec)
         except BaseException:
             self._release(ctx)
             raise

@@ -43,7 +43,7 @@ from exporter.contexts import BindNames, ContextPool
 from exporter.endpoints import EndpointMap
 from exporter.events import MONITOR_HEAD
 from exporter.fdbudget import fd_budget_problem, open_fds, socket_fds
-from exporter.sockets import MonitoredSocket
+from exporter.sockets import MonitoredSocket, open_socket
 from exporter.state import SocketSnapshot, SocketState, apply_event, snapshot_socket
 
 log = logging.getLogger("zmq_exporter.engine")
@@ -438,7 +438,7 @@ class Engine:
         opened: list[MonitoredSocket] = []
         try:
             for spec in to_open:
-                opened.append(self.contexts.open_socket(spec))
+                opened.append(self.contexts.open_socket(spec, open_socket))
         except Exception as err:
             for managed in opened:
                 self.contexts.close_socket(managed)
