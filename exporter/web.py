@@ -308,7 +308,7 @@ class _Loop:
         scrape_workers = min(app.max_concurrent_scrapes + 2, 32)
         self.probe = _Lane("probe", PROBE_WORKERS, 32, "too_many_connections")
         self.scrape = _Lane("scrape", scrape_workers, 16, "too_many_scrapes")
-        self.reload = _Lane("reload", 1, 16, "too_many_connections")
+        self.reload = _Lane("reload", 1, 32, "too_many_connections")
         self.lanes = (self.probe, self.scrape, self.reload)
         self.done: deque[tuple[_Lane, _Conn, bytes, bool]] = deque()
         self.wake_r, self.wake_w = socket.socketpair()

@@ -25,6 +25,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from exporter.web import MAX_CONNECTIONS
+
 from helpers import ROOT, Daemon, free_port, parse_metrics, value, wait_until
 
 CONFIG = textwrap.dedent("""\
@@ -270,9 +272,11 @@ def test_mtls_require_and_verify_client_cert(pki: Pki, tmp_path: Path) -> None:
         assert daemon.stop() == 0
 
 
-def test_silent_tls_client_does_not_block_others(pki: Pki, tmp_path: Path) -> None:
-    """The handshake runs in the connection's thread: a client that connects and never
-    sends a ClientHello must not stall the accept loop."""
+def test_silent_tls_clients_do_not_block_others(pki: Pki, tmp_path: Path) -> None:
+    """The handshake runs in the event loop without blocking it, with a deadline: clients
+    that connect and never send a ClientHello, or stop halfway through one, more of them
+    than the connection cap, must not stall the accept loop or lock out real clients
+    (the oldest of them are evicted)."""
     daemon = start(
         f"tls_server_config:\n  cert_file: {pki.server_cert}\n  key_file: {pki.server_key}\n",
         tmp_path,
@@ -281,11 +285,23 @@ def test_silent_tls_client_does_not_block_others(pki: Pki, tmp_path: Path) -> No
     try:
         context = client_context(pki)
         wait_serving(daemon.port, context=context)
-        for _ in range(5):
-            silent.append(socket.create_connection(("127.0.0.1", daemon.port), timeout=5))
-        started = time.monotonic()
-        assert request(daemon.port, context=context, timeout=3)[0] == 200
-        assert time.monotonic() - started < 1.0
+        for i in range(MAX_CONNECTIONS + 100):
+            s = socket.create_connection(("127.0.0.1", daemon.port), timeout=5)
+            if i % 2:
+                s.sendall(b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03")  # a ClientHello's start
+            silent.append(s)
+        latencies = []
+        for path in ["/metrics", "/-/healthy"] * 10:
+            started = time.monotonic()
+            assert request(daemon.port, path, context=context, timeout=3)[0] == 200
+            latencies.append(time.monotonic() - started)
+        print(f"\nTLS requests past {len(silent)} silent clients: max {max(latencies):.3f} s")
+        assert max(latencies) < 1.0, latencies
+        m = parse_metrics(request(daemon.port, context=context)[2].decode())
+        evicted = value(
+            m, "zmq_exporter_http_requests_rejected_total", reason="too_many_connections"
+        )
+        assert evicted is not None and evicted >= 100
     finally:
         for s in silent:
             s.close()

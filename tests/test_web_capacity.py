@@ -7,6 +7,7 @@ and threads bounded; a blocked scrape or reload never delays a probe; and the HT
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import math
 import os
@@ -21,6 +22,7 @@ from collections.abc import Iterator
 import pytest
 from prometheus_client.registry import CollectorRegistry
 
+from exporter import web
 from exporter.web import MAX_CONNECTIONS, WebApp, WebServer
 
 from helpers import Daemon, free_port, parse_metrics, value, wait_until
@@ -288,6 +290,59 @@ def test_blocked_scrapes_and_reloads_do_not_delay_probes() -> None:
         assert answers.count(b"HTTP/1.1 200 OK") >= app.max_concurrent_scrapes + 4, answers
     finally:
         blocking.release.set()
+        for s in clients:
+            s.close()
+        server.stop()
+
+
+def test_unread_responses_are_bounded_in_memory(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Clients that request a large response and never read it: what the server holds for
+    them beyond the kernel's send buffers (up to 4 MiB each here) is bounded by
+    MAX_OUTPUT_BYTES (lowered to 16 MiB), the writers stalled longest are closed, and the
+    newest response is always delivered."""
+    monkeypatch.setattr(web, "MAX_OUTPUT_BYTES", 16 * 1024 * 1024)
+    page = "x" * (16 * 1024 * 1024)
+    app = WebApp(
+        registry=CollectorRegistry(auto_describe=False),
+        telemetry_path="/metrics",
+        is_ready=lambda: True,
+        landing_page=lambda: page,
+        reload=lambda: (True, ""),
+    )
+    server = WebServer(app, f"127.0.0.1:{free_port()}")
+    server.start()
+    clients: list[socket.socket] = []
+    try:
+        for _ in range(8):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            s.connect(("127.0.0.1", server.port))
+            s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+            clients.append(s)
+            time.sleep(0.01)  # in order: the first ones have stalled longest
+
+        def rejected() -> float:
+            m = parse_metrics(timed_body(server.port))
+            got = value(
+                m, "zmq_exporter_http_requests_rejected_total", reason="too_many_connections"
+            )
+            return got or 0.0
+
+        wait_until(lambda: rejected() >= 5, timeout=10, what="stalled writers closed")
+        complete = []
+        for s in clients:
+            s.settimeout(10)
+            received = 0
+            with contextlib.suppress(OSError):
+                while chunk := s.recv(1 << 20):
+                    received += len(chunk)
+                    if received > len(page):
+                        break  # the body is complete (the head is extra)
+            complete.append(received > len(page))
+        print(f"\n{sum(complete)} of 8 unread 16 MiB responses kept under a 16 MiB budget")
+        assert complete[-1], "the newest response must be delivered"
+        assert sum(complete) <= 2, complete
+    finally:
         for s in clients:
             s.close()
         server.stop()
