@@ -44,3 +44,23 @@ def test_bench_smoke_produces_every_measure(tmp_path: Path) -> None:
     assert loss["value"] == 0 and loss["counted"] == loss["generated"] > 0, loss
     assert doc["_run"]["curve"]["sockets"] == [10, 40]
     assert png.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+
+def test_soak_smoke_counts_exactly() -> None:
+    """`python -m bench.soak` for 10 s (about 1 s of CPU): a real daemon under churn, its
+    counters equal to the load generator's tally, samples of RSS, fds and threads taken."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench.soak", "--seconds", "10", "--rate", "200", "--json"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["ok"] and doc["exact"] and not doc["backwards"], doc
+    assert doc["completed"] > 1000 and doc["counted"]["zmq_accepted_total"] == doc["completed"]
+    assert len(doc["samples"]) >= 5
+    assert 0 < doc["fds_min"] <= doc["fds_max"] and 0 < doc["threads_min"] <= doc["threads_max"]
+    assert isinstance(doc["rss_slope_bytes_per_min"], int)
