@@ -343,7 +343,12 @@ def table(results: dict[str, Measure]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m bench",
+        description=__doc__,
+        epilog="The soak (a real daemon under minutes of churn) is a separate mode: "
+        "python -m bench.soak [--minutes N] [--quick]",
+    )
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="under 60 s on 2 cores")
     size.add_argument("--smoke", action="store_true", help="the smallest case (for the tests)")
