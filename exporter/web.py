@@ -222,7 +222,7 @@ def parse_listen_address(address: str) -> tuple[str, int]:
 # queue); the loop then writes the response without blocking.
 
 _HANDSHAKE, _IDLE, _HEAD, _BODY, _BUSY, _WRITING = range(6)
-_SWEEP_INTERVAL = 0.1  # how often deadlines are checked
+_SWEEP_INTERVAL = 0.25  # how often deadlines are checked, while there are connections
 _ACCEPT_BATCH = 64  # connections accepted per wake-up, so reads are not starved
 _RECV_SIZE = 64 * 1024
 _TLS_WRITE_CHUNK = 16 * 1024  # an SSL write is retried with the same chunk after EAGAIN
@@ -772,7 +772,11 @@ class _Loop:
             lane.pending -= 1
             if conn.closed or self.stopping:
                 continue
-            self._respond(conn, data, then=_IDLE if keep_alive else -1)
+            try:
+                self._respond(conn, data, then=_IDLE if keep_alive else -1)
+            except Exception:
+                log.exception("HTTP connection error", extra={"peer": conn.peer})
+                self._close(conn, graceful=False)
 
     def _respond(self, conn: _Conn, data: bytes, then: int) -> None:
         now = time.monotonic()

@@ -308,6 +308,37 @@ def test_silent_tls_clients_do_not_block_others(pki: Pki, tmp_path: Path) -> Non
         assert daemon.stop() == 0
 
 
+def test_tls_keep_alive_and_pipelining(pki: Pki, tmp_path: Path) -> None:
+    """Requests pipelined in one TLS write are all answered, in order, on one connection:
+    decrypted bytes the server has buffered are not forgotten while the selector sees
+    nothing new on the socket."""
+    daemon = start(
+        f"tls_server_config:\n  cert_file: {pki.server_cert}\n  key_file: {pki.server_key}\n",
+        tmp_path,
+    )
+    try:
+        context = client_context(pki)
+        wait_serving(daemon.port, context=context)
+        raw_sock = socket.create_connection(("127.0.0.1", daemon.port), timeout=5)
+        with context.wrap_socket(raw_sock, server_hostname="127.0.0.1") as s:
+            paths = ["/-/healthy", "/metrics", "/-/ready", "/nope", "/-/healthy"]
+            s.sendall(b"".join(b"GET %s HTTP/1.1\r\nHost: x\r\n\r\n" % p.encode() for p in paths))
+            reader = s.makefile("rb")
+            statuses = []
+            for _ in paths:
+                status = int(reader.readline().split()[1])
+                length = 0
+                while (line := reader.readline()) not in (b"\r\n", b""):
+                    name, _, number = line.partition(b":")
+                    if name.lower() == b"content-length":
+                        length = int(number)
+                assert len(reader.read(length)) == length
+                statuses.append(status)
+            assert statuses == [200, 200, 200, 404, 200]
+    finally:
+        assert daemon.stop() == 0
+
+
 # -- basic auth --------------------------------------------------------------------------
 
 
