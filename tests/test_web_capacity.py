@@ -435,3 +435,30 @@ def test_http_behaviour_is_kept() -> None:
         ready = raw_exchange(port, [b"\r\n\r\nGET /-/ready HTTP/1.1\r\n\r\n"])
         assert ready[0].startswith(b"HTTP/1.1 200 ")
         wait_until(lambda: daemon.proc is not None and daemon.proc.poll() is None)
+
+
+def test_unhealthy_engine_fails_both_probes() -> None:
+    """WebApp.is_healthy (False once the engine thread has died) fails /-/healthy and
+    /-/ready; the rest is still served."""
+    healthy = threading.Event()
+    app = WebApp(
+        registry=CollectorRegistry(auto_describe=False),
+        telemetry_path="/metrics",
+        is_ready=lambda: True,
+        landing_page=lambda: "",
+        reload=lambda: (True, ""),
+        is_healthy=healthy.is_set,
+    )
+    server = WebServer(app, f"127.0.0.1:{free_port()}")
+    server.start()
+    try:
+        assert [timed(server.port, p)[1] for p in ("/-/healthy", "/-/ready")] == [503, 503]
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
+        conn.request("GET", "/-/healthy")
+        assert conn.getresponse().read() == b"Engine stopped\n"
+        conn.close()
+        assert timed(server.port, "/metrics")[1] == 200
+        healthy.set()
+        assert [timed(server.port, p)[1] for p in ("/-/healthy", "/-/ready")] == [200, 200]
+    finally:
+        server.stop()
