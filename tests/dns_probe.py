@@ -2,10 +2,10 @@
 namespace (`ip netns exec NS python tests/dns_probe.py URL PORT COUNT`), where the
 daemon's web port and the ROUTER live.
 
-It checks that the namespace's resolver really does not answer, then opens COUNT raw TCP
-connections to the ROUTER one after another and times each from connect() returning to
-`zmq_accepted_total` of the socket "router" counting it in a scrape, with a short pause
-between connections so the measure spans a few seconds. Prints one JSON object:
+It checks that the namespace's resolver really does not answer, then opens raw TCP
+connections to the ROUTER one after another (at least COUNT, for at least MIN_SECONDS, so
+the measure spans the daemon's first retries) and times each from connect() returning to
+`zmq_accepted_total` of the socket "router" counting it in a scrape. Prints one JSON object:
 {"dns_hangs": bool, "latencies": [seconds, ...], "slowest_scrape": seconds}.
 """
 
@@ -22,6 +22,8 @@ import urllib.request
 NAME = "nonexistent.zmq-exporter.test"
 POLL = 0.005  # scrape interval while waiting for the ACCEPTED to show
 PAUSE = 0.1  # between connections
+MIN_SECONDS = 5.0
+MAX_CONNECTIONS = 200
 GIVE_UP = 12.0  # per connection: longer than one dead lookup (2 x 5 s), so a stall shows whole
 scrape_seconds: list[float] = []
 
@@ -56,7 +58,10 @@ def main() -> None:
     result: dict[str, object] = {"dns_hangs": dns_hangs()}
     latencies: list[float] = []
     base = accepted(url)
-    for i in range(1, count + 1):
+    started_all = time.monotonic()
+    for i in range(1, MAX_CONNECTIONS + 1):
+        if i > count and time.monotonic() - started_all >= MIN_SECONDS:
+            break
         with socket.create_connection(("127.0.0.1", port), timeout=5):
             started = time.monotonic()
             deadline = started + GIVE_UP

@@ -119,7 +119,7 @@ def _run_daemon_and_probe(ns: str, sockets_yaml: str) -> tuple[dict[str, object]
         probe = subprocess.run(
             [*netns_exec, sys.executable, str(ROOT / "tests" / "dns_probe.py"), url,
              str(router_port), str(CONNECTIONS)],
-            capture_output=True, text=True, timeout=CONNECTIONS * 15,
+            capture_output=True, text=True, timeout=60,
         )  # fmt: skip
         assert probe.returncode == 0, f"probe failed: {probe.stderr}\n{log_path.read_text()}"
         result: dict[str, object] = json.loads(probe.stdout)
@@ -158,7 +158,7 @@ def _check(result: dict[str, object], exit_seconds: float, log: str) -> None:
     latencies = result["latencies"]
     assert isinstance(latencies, list)
     worst = max(latencies)
-    assert len(latencies) == CONNECTIONS and worst < MAX_LATENCY, (
+    assert len(latencies) >= CONNECTIONS and worst < MAX_LATENCY, (
         f"ACCEPTED shown after {[round(x * 1000, 1) for x in latencies]} ms\n{log}"
     )
     # A lookup in bind() holds the GIL in pyzmq 27 and froze the whole process, web included.
