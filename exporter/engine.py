@@ -42,7 +42,7 @@ from exporter.config import Settings, SocketSpec
 from exporter.contexts import BindNames, ContextPool
 from exporter.endpoints import EndpointMap
 from exporter.events import MONITOR_HEAD
-from exporter.fdbudget import fd_budget_problem, open_fds, socket_fds
+from exporter.fdbudget import fd_budget_problem, open_fds, specs_fds
 from exporter.sockets import MonitoredSocket, open_socket
 from exporter.state import SocketSnapshot, SocketState, apply_event, snapshot_socket
 
@@ -458,9 +458,7 @@ class Engine:
         return result
 
     def _check_fd_budget(self, to_open: list[SocketSpec]) -> None:
-        problem = fd_budget_problem(
-            open_fds(), sum(socket_fds(spec) for spec in to_open), self._fd_reserve
-        )
+        problem = fd_budget_problem(open_fds(), specs_fds(to_open), self._fd_reserve)
         if problem is not None:
             raise ApplyError(problem)
 

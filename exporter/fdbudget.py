@@ -16,6 +16,7 @@ import resource
 from collections.abc import Iterable
 
 from exporter.config import SocketSpec
+from exporter.contexts import context_fds
 
 FDS_PER_SOCKET = 3
 # Descriptors a process has before any socket: interpreter, logs, the engine's epoll and
@@ -28,6 +29,13 @@ MISC_RESERVE = 64
 
 def socket_fds(spec: SocketSpec) -> int:
     return FDS_PER_SOCKET + len(spec.binds) + len(spec.connects)
+
+
+def specs_fds(specs: Iterable[SocketSpec]) -> int:
+    """Descriptors that opening `specs` takes: their sockets', and the own contexts of
+    sockets that connect to host names (exporter/contexts.py)."""
+    specs = list(specs)
+    return sum(map(socket_fds, specs)) + context_fds(specs)
 
 
 def nofile_limit() -> int:
@@ -71,4 +79,4 @@ def fd_budget_problem(
 
 def startup_fd_problem(specs: Iterable[SocketSpec], reserve: int) -> str | None:
     """The check done by --config.check and at start, before anything is open."""
-    return fd_budget_problem(BASE_FDS, sum(socket_fds(s) for s in specs), reserve)
+    return fd_budget_problem(BASE_FDS, specs_fds(specs), reserve)
