@@ -57,6 +57,8 @@ class Daemon:
             registry=self.registry,
             telemetry_path=telemetry_path,
             is_ready=lambda: self.engine.snapshot().ready,
+            # False once the engine thread ended: the process is about to exit non-zero.
+            is_healthy=lambda: self.engine.failure is None,
             landing_page=lambda: render_status(self.engine.snapshot(), telemetry_path),
             reload=self.reload,
             state=self.state,

@@ -18,6 +18,8 @@ import sys
 import textwrap
 import threading
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -284,6 +286,7 @@ def test_apply_that_fails_changes_nothing(
         fds_before = len(os.listdir("/proc/self/fd"))
         with pytest.raises(ApplyError, match=r"'added'.*Too many open files"):
             engine.apply(changed).result(10)
+        assert len(os.listdir("/proc/self/fd")) == fds_before  # what was opened is closed
         snap = engine.snapshot()
         assert [s.name for s in snap.sockets] == ["keep", "change"]
         assert snap.settings is first
@@ -293,7 +296,6 @@ def test_apply_that_fails_changes_nothing(
         second.connect(f"tcp://127.0.0.1:{change}")
         wait_until(lambda: accepted(engine, "change") == 2, what="old socket still serving")
         second.close(linger=0)
-        assert len(os.listdir("/proc/self/fd")) <= fds_before + 1  # what was opened is closed
         monkeypatch.setattr(engine_module, "open_socket", real_open)
         result = engine.apply(changed).result(10)
         assert result.recreated == ["change"] and result.added == ["added"]
@@ -304,9 +306,6 @@ def test_apply_that_fails_changes_nothing(
 
 
 def reload_status(url: str) -> tuple[int, str]:
-    import urllib.error
-    import urllib.request
-
     request = urllib.request.Request(url + "/-/reload", data=b"", method="POST")
     try:
         with urllib.request.urlopen(request, timeout=30) as response:
@@ -471,3 +470,43 @@ def test_sighup_storm_thread_safety_of_pending_commands(
         with contextlib.suppress(EngineStopped):
             future.result(5)
     engine.stop()
+
+
+def test_probes_fail_once_the_engine_thread_ended(monkeypatch: pytest.MonkeyPatch) -> None:
+    """In-process daemon: the web side stays up, but /-/healthy and /-/ready say 503, so a
+    supervisor that only probes (Kubernetes) restarts it too."""
+    from exporter.daemon import Daemon as InProcessDaemon
+
+    failures: list[str] = []
+    settings = settings_of(f"""\
+        sockets:
+          - {{name: r, type: ROUTER, bind: ["tcp://127.0.0.1:{free_port()}"]}}
+        """)
+    daemon = InProcessDaemon(
+        settings, f"127.0.0.1:{free_port()}", "/metrics", on_failure=failures.append
+    )
+    daemon.start()
+    url = f"http://127.0.0.1:{daemon.web.port}"
+
+    def status(path: str) -> int:
+        try:
+            with urllib.request.urlopen(url + path, timeout=5) as response:
+                return int(response.status)
+        except urllib.error.HTTPError as err:
+            return err.code
+
+    try:
+        assert status("/-/healthy") == 200 and status("/-/ready") == 200
+
+        def broken(self: Engine) -> None:
+            raise RuntimeError("injected loop failure")
+
+        monkeypatch.setattr(Engine, "_run_commands", broken)
+        pending = daemon.engine.apply(settings)  # wakes the loop, which fails
+        wait_until(lambda: failures, what="on_failure called")
+        with pytest.raises(EngineStopped):
+            pending.result(1)
+        assert status("/-/healthy") == 503
+        assert status("/-/ready") == 503
+    finally:
+        daemon.stop()

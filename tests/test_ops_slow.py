@@ -1,5 +1,6 @@
 """Slow and hostile HTTP clients against a real daemon: clients that never read their
-responses, send half a request, or trickle headers, and more connections than allowed.
+responses, send half a request, or trickle headers (more connections than allowed:
+tests/test_web_capacity.py).
 None of them may delay event processing or the other scrapes."""
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ import zmq
 
 from helpers import Daemon, free_port, http_get, value, wait_until
 
-MAX_CONNECTIONS = 64  # exporter.web.MAX_CONNECTIONS
 HEADER_TIMEOUT = 10.0  # exporter.web.HEADER_TIMEOUT
 
 
@@ -151,36 +151,3 @@ def test_stalled_clients_do_not_delay_events_or_scrapes(
                 dealer.close(linger=0)
             if trickler.is_alive():
                 trickler.join(5)
-
-
-def test_connection_limit() -> None:
-    with Daemon(router_config(free_port())) as daemon:
-        idle = []
-        try:
-            for _ in range(MAX_CONNECTIONS):
-                idle.append(socket.create_connection(("127.0.0.1", daemon.port), timeout=5))
-            # Connections are accepted in order, so when this one is handled all the idle
-            # ones are counted.
-            with socket.create_connection(("127.0.0.1", daemon.port), timeout=5) as s:
-                s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-                answer = s.recv(4096)
-            assert answer.startswith(b"HTTP/1.1 503 "), answer
-            assert b"too many open connections" in answer
-            idle.pop().close()
-
-            def serves() -> bool:
-                try:
-                    http_get(daemon.url + "/-/healthy", timeout=2)
-                    return True
-                except OSError:
-                    return False
-
-            wait_until(serves, what="a slot freed by closing one idle connection")
-        finally:
-            for s in idle:
-                s.close()
-        m = daemon.scrape()
-        rejected = value(
-            m, "zmq_exporter_http_requests_rejected_total", reason="too_many_connections"
-        )
-        assert rejected is not None and rejected >= 1
