@@ -226,7 +226,10 @@ class BindNames:
         self._pending: dict[tuple[str, bool], _Lookup] = {}
 
     def target(self, endpoint: str, ipv6: bool | None) -> str:
-        parsed = parse_endpoint(endpoint, "bind")
+        try:
+            parsed = parse_endpoint(endpoint, "bind")
+        except ValueError:  # the config checked it; if not, libzmq gives the error
+            return endpoint
         host = parsed.host
         if parsed.transport != "tcp" or is_numeric_host(host) or _is_interface(host):
             return endpoint
