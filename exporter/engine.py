@@ -44,7 +44,14 @@ from exporter.endpoints import EndpointMap
 from exporter.events import MONITOR_HEAD
 from exporter.fdbudget import fd_budget_problem, open_fds, specs_fds
 from exporter.sockets import MonitoredSocket, open_socket
-from exporter.state import SocketSnapshot, SocketState, apply_event, snapshot_socket
+from exporter.state import (
+    EngineSnapshot,
+    ReaderStats,
+    SocketSnapshot,
+    SocketState,
+    apply_event,
+    snapshot_socket,
+)
 
 log = logging.getLogger("zmq_exporter.engine")
 
@@ -58,33 +65,6 @@ BATCH = 256
 # price: state lags the events by at most this much (Prometheus scrapes every few
 # seconds). Nothing is lost or blocked meanwhile: the monitor pipes are unbounded.
 COALESCE_SECONDS = 0.05
-
-
-@dataclass
-class ReaderStats:
-    events: int = 0  # monitor events reduced
-    wakeups: int = 0  # epoll returns with work
-    # Events drained in the current (or last) burst: from the first ready monitor until
-    # every monitor is drained again. It is what had queued in libzmq's unbounded monitor
-    # pipes while the reader was busy; about 126 bytes of memory each.
-    backlog: int = 0
-    backlog_max: int = 0
-    messages_dropped: int = 0  # inbound application messages read and dropped
-    attach_failures: int = 0  # bind()/connect() calls that raised
-    # Unexpected exceptions caught in a socket's handler, retry timer or setup: the engine
-    # counts them and keeps serving every other socket (see Engine docstring).
-    engine_errors: int = 0
-
-
-@dataclass(frozen=True)
-class EngineSnapshot:
-    sockets: tuple[SocketSnapshot, ...]
-    stats: ReaderStats
-    ready: bool
-    settings: Settings | None
-    # Why the engine thread ended, if it did: the daemon is then unready and unhealthy and
-    # exits non-zero (exporter.cli).
-    failure: str | None = None
 
 
 @dataclass
@@ -227,7 +207,7 @@ class Engine:
                     del cache[name]
             stats = ReaderStats(**vars(self._stats))
             ready = self._ready and self._failure is None
-            return EngineSnapshot(tuple(sockets), stats, ready, self._settings, self._failure)
+            return EngineSnapshot(tuple(sockets), stats, ready, self._failure)
 
     def _call(self, fn: Callable[[], object]) -> Future[Any]:
         future: Future[Any] = Future()

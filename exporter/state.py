@@ -218,3 +218,34 @@ def snapshot_socket(sock: SocketState) -> SocketSnapshot:
         unknown_events=dict(sock.unknown_events),
         events=sock.events,
     )
+
+
+# ---------------------------------------------------------------------------------------
+# What the engine around the reducer adds to its snapshot: the reader's own counters and
+# the engine's health. Renderers read only these types, never the engine.
+
+
+@dataclass
+class ReaderStats:
+    events: int = 0  # monitor events reduced
+    wakeups: int = 0  # epoll returns with work
+    # Events drained in the current (or last) burst: from the first ready monitor until
+    # every monitor is drained again. It is what had queued in libzmq's unbounded monitor
+    # pipes while the reader was busy; about 126 bytes of memory each.
+    backlog: int = 0
+    backlog_max: int = 0
+    messages_dropped: int = 0  # inbound application messages read and dropped
+    attach_failures: int = 0  # bind()/connect() calls that raised
+    # Unexpected exceptions caught in a socket's handler, retry timer or setup: the engine
+    # counts them and keeps serving every other socket (see Engine docstring).
+    engine_errors: int = 0
+
+
+@dataclass(frozen=True)
+class EngineSnapshot:
+    sockets: tuple[SocketSnapshot, ...]
+    stats: ReaderStats
+    ready: bool
+    # Why the engine thread ended, if it did: the daemon is then unready and unhealthy and
+    # exits non-zero (exporter.cli).
+    failure: str | None = None

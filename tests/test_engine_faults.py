@@ -86,17 +86,16 @@ def test_bind_retries_past_attempt_1025_without_killing_the_engine(
     port = free_port()
     engine = Engine(ctx)
     engine.start()
+    settings = settings_of(f"""\
+        global:
+          bind_retry_interval: 1ms
+          bind_retry_max_interval: 1ms
+        sockets:
+          - {{name: first, type: ROUTER, bind: ["tcp://127.0.0.1:{port}"]}}
+          - {{name: second, type: ROUTER, bind: ["tcp://127.0.0.1:{port}"]}}
+        """)
     try:
-        engine.apply(
-            settings_of(f"""\
-                global:
-                  bind_retry_interval: 1ms
-                  bind_retry_max_interval: 1ms
-                sockets:
-                  - {{name: first, type: ROUTER, bind: ["tcp://127.0.0.1:{port}"]}}
-                  - {{name: second, type: ROUTER, bind: ["tcp://127.0.0.1:{port}"]}}
-                """)
-        ).result(10)
+        engine.apply(settings).result(10)
         wait_until(
             lambda: engine.snapshot().stats.attach_failures > 1200,
             timeout=30,
@@ -105,7 +104,7 @@ def test_bind_retries_past_attempt_1025_without_killing_the_engine(
         snap = engine.snapshot()
         assert snap.failure is None and snap.ready
         # Still serving: a command is answered and the retries keep being counted.
-        engine.apply(snap.settings).result(5)  # type: ignore[arg-type]
+        engine.apply(settings).result(5)
         before = engine.snapshot().stats.attach_failures
         wait_until(lambda: engine.snapshot().stats.attach_failures > before + 50, timeout=10)
     finally:
@@ -289,7 +288,6 @@ def test_apply_that_fails_changes_nothing(
         assert len(os.listdir("/proc/self/fd")) == fds_before  # what was opened is closed
         snap = engine.snapshot()
         assert [s.name for s in snap.sockets] == ["keep", "change"]
-        assert snap.settings is first
         assert accepted(engine, "change") == 1
         # The old socket still serves: a second client is accepted and counted.
         second = ctx.socket(zmq.DEALER)

@@ -7,10 +7,9 @@ from prometheus_client.openmetrics.exposition import generate_latest as generate
 from prometheus_client.registry import CollectorRegistry
 
 from exporter.endpoints import EndpointMap
-from exporter.engine import EngineSnapshot, ReaderStats
 from exporter.events import Event
 from exporter.render.prometheus import StateCollector
-from exporter.state import SocketState, apply_event, snapshot_socket
+from exporter.state import EngineSnapshot, ReaderStats, SocketState, apply_event, snapshot_socket
 
 from helpers import parse_metrics, value
 
@@ -19,9 +18,7 @@ CONNECT = "tcp://127.0.0.1:5556"
 
 
 def registry_for(*socks: SocketState) -> CollectorRegistry:
-    snap = EngineSnapshot(
-        tuple(snapshot_socket(s) for s in socks), ReaderStats(events=7), True, None
-    )
+    snap = EngineSnapshot(tuple(snapshot_socket(s) for s in socks), ReaderStats(events=7), True)
     registry = CollectorRegistry(auto_describe=False)
     registry.register(StateCollector(lambda: snap))
     return registry

@@ -28,13 +28,20 @@ from test_deploy_tools import tool
 
 from exporter.config import parse_config
 from exporter.endpoints import EndpointMap
-from exporter.engine import Engine, EngineSnapshot, ReaderStats
+from exporter.engine import Engine
 from exporter.events import Event
 from exporter.render.otlp import render_rows
 from exporter.render.prometheus import StateCollector, for_text_format, render_sockets
 from exporter.render.rows import SOCKET_FAMILIES, socket_rows
 from exporter.render.sockettext import SocketText, fast_format, format_value
-from exporter.state import EndpointSnapshot, SocketSnapshot, SocketState, apply_event
+from exporter.state import (
+    EndpointSnapshot,
+    EngineSnapshot,
+    ReaderStats,
+    SocketSnapshot,
+    SocketState,
+    apply_event,
+)
 from exporter.state import snapshot_socket as snap_of
 from exporter.web import WebApp
 
@@ -230,7 +237,7 @@ def test_rows_are_the_families() -> None:
     families = list(render_sockets(snaps))
     assert [f.name for f in families] == [f.name for f in SOCKET_FAMILIES]
     assert sum(len(f.samples) for f in families) == sum(1 for _ in socket_rows(snaps[0]))
-    rows, _ = render_rows(EngineSnapshot(snaps, ReaderStats(), True, None))
+    rows, _ = render_rows(EngineSnapshot(snaps, ReaderStats(), True))
     for family in families:
         assert len(rows[family.name]) == len(family.samples)
 
@@ -287,7 +294,7 @@ def test_web_metrics_identical_to_encoder_path(accept: str) -> None:
         for s in socks:
             if s.name not in taken or taken[s.name].events != s.events:
                 taken[s.name] = snap_of(s)
-        return EngineSnapshot(tuple(taken.values()), ReaderStats(events=9), True, None)
+        return EngineSnapshot(tuple(taken.values()), ReaderStats(events=9), True)
 
     app, state = web_app(snapshot)
     encoder, content_type = choose_encoder(accept)

@@ -53,8 +53,8 @@ from prometheus_client.registry import Collector
 from exporter import __version__
 from exporter.config import ConfigError, Settings
 from exporter.config.otlp import OtlpSettings, resolve_otlp
-from exporter.engine import EngineSnapshot
 from exporter.render.prometheus import render_self, render_sockets
+from exporter.state import EngineSnapshot
 
 log = logging.getLogger("zmq_exporter.otlp")
 

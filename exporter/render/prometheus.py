@@ -21,7 +21,6 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from exporter import __version__
-from exporter.engine import EngineSnapshot
 from exporter.render.rows import (
     LISTENING_COUNTER,
     SOCKET_FAMILIES,
@@ -30,7 +29,7 @@ from exporter.render.rows import (
     socket_rows,
 )
 from exporter.render.sockettext import SocketText
-from exporter.state import SocketSnapshot
+from exporter.state import EngineSnapshot, SocketSnapshot
 
 __all__ = [
     "LISTENING_COUNTER",

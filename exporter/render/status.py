@@ -7,7 +7,7 @@ import html
 import time
 
 from exporter import __version__
-from exporter.engine import EngineSnapshot
+from exporter.state import EngineSnapshot
 
 
 def render_status(snap: EngineSnapshot, telemetry_path: str) -> str:
