@@ -166,7 +166,7 @@ class BenchEngine:
         self.engine = Engine(ctx, coalesce=coalesce)
         self.engine.start()
         self.engine.apply(self.settings).result(timeout=120)
-        self.cpu = thread_cpu(self.engine._thread)
+        self.cpu = self.engine.cpu_seconds
 
     def events(self) -> int:
         return self.engine.snapshot().stats.events

@@ -236,9 +236,8 @@ def run_overload(connections: int, bench: BenchEngine) -> Overload:
     slower than the storm (well past 10x overload). Then every event must be counted."""
     wait_until(lambda: bench.socket_events() > 0, 5)
     before = bench.socket_events()
-    lock = bench.engine._lock  # stands in for a reader that cannot keep up
     started = time.monotonic()
-    with lock:
+    with bench.engine.stall_reader():  # a reader that cannot keep up
         tally = LoadGen(bench.port, connections, STORM_DEADLINE).tally()
         stalled = time.monotonic() - started
     released = time.monotonic()

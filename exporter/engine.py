@@ -31,16 +31,16 @@ import select
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, TypeVar
 
 import zmq
 
 from exporter.config import Settings, SocketSpec
 from exporter.contexts import BindNames, ContextPool
-from exporter.endpoints import EndpointMap
+from exporter.endpoints import EndpointMap, Role
 from exporter.events import MONITOR_HEAD
 from exporter.fdbudget import fd_budget_problem, open_fds, specs_fds
 from exporter.sockets import MonitoredSocket, open_socket
@@ -50,8 +50,11 @@ from exporter.state import (
     SocketSnapshot,
     SocketState,
     apply_event,
+    record_bind,
     snapshot_socket,
 )
+
+T = TypeVar("T")
 
 log = logging.getLogger("zmq_exporter.engine")
 
@@ -74,8 +77,6 @@ class ApplyResult:
     recreated: list[str] = field(default_factory=list)
     unchanged: list[str] = field(default_factory=list)
 
-
-Role = Literal["bind", "connect"]
 
 # 2**MAX_BACKOFF_EXPONENT times any base interval is far above any cap, and the float
 # product cannot overflow (it did at attempt 1025 with `base * 2 ** (attempt - 1)`).
@@ -123,7 +124,8 @@ class Engine:
         self._states: dict[str, SocketState] = {}
         self._stats = ReaderStats()
         self._ready = False
-        self._settings: Settings | None = None
+        # (first, max) interval of bind/connect retries, from the config applied last.
+        self._backoff = (1.0, 30.0)
         self._failure: str | None = None
         # The last SocketSnapshot of each socket, with the state it was taken from:
         self._snapshots: dict[str, tuple[SocketState, SocketSnapshot]] = {}
@@ -144,7 +146,7 @@ class Engine:
         self._commands_only.register(self._wake_fd, select.EPOLLIN)
         # Commands and the futures they complete; _command_lock orders them against the
         # thread's death, so no command is left waiting on a dead thread.
-        self._commands: queue.SimpleQueue[tuple[Callable[[], object], Future[Any]]] = (
+        self._commands: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]]] = (
             queue.SimpleQueue()
         )
         self._command_lock = threading.Lock()
@@ -186,6 +188,21 @@ class Engine:
         if self._owns_ctx:
             self.ctx.term()
 
+    def cpu_seconds(self) -> float:
+        """CPU time the engine thread has used so far (bench/ measures the reader by it)."""
+        ident = self._thread.ident
+        if ident is None:
+            return 0.0
+        return time.clock_gettime(time.pthread_getcpuclockid(ident))
+
+    @contextlib.contextmanager
+    def stall_reader(self) -> Iterator[None]:
+        """Hold the reader back while the block runs: it blocks before reducing its next
+        batch, a reader infinitely slower than any storm (bench/ and tests use it to show
+        that nothing is lost meanwhile). Snapshots wait too."""
+        with self._lock:
+            yield
+
     def snapshot(self) -> EngineSnapshot:
         """A consistent copy of the state. A socket that had no event since the previous
         snapshot gets the very same `SocketSnapshot` object again (`SocketState.events`
@@ -209,8 +226,8 @@ class Engine:
             ready = self._ready and self._failure is None
             return EngineSnapshot(tuple(sockets), stats, ready, self._failure)
 
-    def _call(self, fn: Callable[[], object]) -> Future[Any]:
-        future: Future[Any] = Future()
+    def _call(self, fn: Callable[[], T]) -> Future[T]:
+        future: Future[T] = Future()
         with self._command_lock:
             failure = self._failure
             if failure is None:
@@ -427,8 +444,10 @@ class Engine:
         # out of memory; a bind/connect that fails is retried with backoff.
         for name in (*result.removed, *result.recreated):
             self._remove(name)
-        with self._lock:
-            self._settings = settings
+        self._backoff = (
+            settings.global_.bind_retry_interval,
+            settings.global_.bind_retry_max_interval,
+        )
         for managed in opened:
             self._install(managed)
         result.unchanged = [s.name for s in settings.sockets if s.name not in opening]
@@ -504,11 +523,11 @@ class Engine:
                 target = self._bind_names.target(endpoint, managed.spec.options.ipv6)
                 if target != endpoint:  # events name the address bound: map it back
                     with self._lock:
-                        state.endpoint_map.add_resolved(target, endpoint)
+                        record_bind(state, endpoint, target)
                 managed.socket.bind(target)
                 resolved = managed.socket.getsockopt_string(zmq.LAST_ENDPOINT)
                 with self._lock:
-                    state.endpoint_map.add_resolved(resolved, endpoint)
+                    record_bind(state, endpoint, resolved)
             else:
                 managed.socket.connect(endpoint)
         except Exception as err:
@@ -519,9 +538,7 @@ class Engine:
                     self._stats.attach_failures += 1
             else:
                 self._socket_error(name, role, err)
-            assert self._settings is not None  # set by _apply before any attach
-            g = self._settings.global_
-            delay = retry_delay(attempt, g.bind_retry_interval, g.bind_retry_max_interval)
+            delay = retry_delay(attempt, *self._backoff)
             log.log(
                 logging.WARNING if attempt == 1 else logging.DEBUG,
                 "%s failed; retrying with backoff",

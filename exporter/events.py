@@ -75,8 +75,10 @@ ZMTP_ERRORS: dict[int, str] = {
 # ZAP status codes defined by RFC 27 (ZAP); anything else is "other".
 ZAP_STATUS = {200: "200", 300: "300", 400: "400", 500: "500"}
 
-# A monitor message's first frame: event id (16 bits) and value (32 bits), little-endian.
-MONITOR_HEAD = struct.Struct("<HI")
+# A monitor message's first frame: event id (16 bits) and value (32 bits), which libzmq
+# copies from host integers (socket_base.cpp, monitor_event): native byte order, standard
+# sizes, no padding.
+MONITOR_HEAD = struct.Struct("=HI")
 
 
 def errno_name(value: int) -> str:

@@ -84,7 +84,8 @@ def close_socket(managed: MonitoredSocket) -> None:
     with contextlib.suppress(zmq.ZMQError):
         managed.socket.disable_monitor()
     managed.monitor.close(linger=0)
-    managed.socket.close(linger=0)
+    # The socket's own LINGER option: the configured `linger`, 0 when none is configured.
+    managed.socket.close()
 
 
 def _whole_seconds(seconds: float) -> int:

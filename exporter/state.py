@@ -103,6 +103,12 @@ class SocketState:
 _EVENT_BY_ID: dict[int, Event] = {int(e): e for e in Event}
 
 
+def record_bind(sock: SocketState, configured: str, resolved: str) -> None:
+    """A bind of `configured` resolved to `resolved` (the socket's LAST_ENDPOINT, or the
+    numeric address a host name was resolved to): its events name `resolved`."""
+    sock.endpoint_map.add_resolved(resolved, configured)
+
+
 def apply_event(sock: SocketState, event_id: int, value: int, seen: str, now: float) -> None:
     """Reduce one monitor event of `sock` into its state. It runs once per event, so it
     favours dict lookups and `is` tests over calls."""
