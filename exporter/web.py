@@ -59,7 +59,8 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from exporter.render.prometheus import StateCollector, for_text_format
 from exporter.render.sockettext import fast_format
-from exporter.webconfig import BasicAuth, WebConfig
+from exporter.webauth import BasicAuth
+from exporter.webconfig import WebConfig
 
 log = logging.getLogger("zmq_exporter.web")
 
