@@ -1,0 +1,243 @@
+"""Web config files (`--web.config.file`), a testdata set like blackbox_exporter's: every
+file in testdata/webconfigs/good/ loads to the settings its `# expect:` header names and
+serves TLS and basic auth accordingly; every file in bad/ fails with the one-line message
+its header names (`{dir}`: the file's directory), in-process and through
+`zmq-exporter --config.check`, and never quotes what its `# secret:` header names.
+
+Each file is copied next to certificates generated for the run (pki.py), so that the
+relative names in it (server.crt, server.key, ca.crt, client.key) resolve there.
+"""
+
+from __future__ import annotations
+
+import ast
+import base64
+import json
+import os
+import shutil
+import socket
+import ssl
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pki import Pki, make_pki
+
+from exporter.config.errors import ConfigError
+from exporter.config.web import TLS_VERSIONS, WebSettings, load_web_settings, parse_web_settings
+from exporter.webconfig import load_web_config
+
+from helpers import ROOT, run_cli
+
+DATA = Path(__file__).parent / "testdata" / "webconfigs"
+GOOD = sorted((DATA / "good").glob("*.yml"))
+BAD = sorted((DATA / "bad").glob("*.yml"))
+MAIN_CONFIG = Path(__file__).parent / "testdata" / "configs" / "good" / "minimal.yml"
+PASSWORD = "changeme"  # every hash in good/ is of this password
+VERSION_NAMES = {version: name for name, version in TLS_VERSIONS.items()}
+OPENSSL_NAMES = {"TLS12": "TLSv1.2", "TLS13": "TLSv1.3"}
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> Pki:
+    return make_pki(tmp_path_factory.mktemp("webconfigs"))
+
+
+def headers(path: Path) -> dict[str, str]:
+    """The `# name: value` lines at the top of a testdata file."""
+    found = {}
+    for line in path.read_text().splitlines():
+        if not line.startswith("# "):
+            break
+        name, sep, value = line[2:].partition(": ")
+        if sep and name in ("expect", "secret"):
+            found[name] = value
+    assert "expect" in found, f"{path} lacks an '# expect:' header"
+    return found
+
+
+def placed(path: Path, pki: Pki) -> Path:
+    target = pki.ca.parent / f"{path.parent.name}-{path.name}"
+    shutil.copyfile(path, target)
+    return target
+
+
+def summary(settings: WebSettings, base: Path) -> dict[str, Any]:
+    def name(path: str | None) -> str | None:
+        return None if path is None else os.path.relpath(path, base)
+
+    tls = settings.tls
+    return {
+        "tls": None
+        if tls is None
+        else {
+            "cert_file": name(tls.cert_file),
+            "key_file": name(tls.key_file),
+            "client_auth_type": tls.client_auth_type,
+            "client_ca_file": name(tls.client_ca_file),
+            "min_version": VERSION_NAMES[tls.min_version],
+            "max_version": VERSION_NAMES[tls.max_version],
+        },
+        "users": sorted(settings.users),
+    }
+
+
+def basic(user: str, password: str) -> str:
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+def handshake(server: ssl.SSLContext, client: ssl.SSLContext) -> str:
+    """The TLS version `client` and `server` agree on over a socket pair, after the server
+    sent two bytes; raises what either side raised when the server refuses the client."""
+    ours, theirs = socket.socketpair()
+    ours.settimeout(5)
+    theirs.settimeout(5)
+    failures: list[Exception] = []
+
+    def serve() -> None:
+        try:
+            with server.wrap_socket(ours, server_side=True) as tls:
+                tls.sendall(b"ok")
+        except (OSError, ssl.SSLError) as err:
+            failures.append(err)
+
+    thread = threading.Thread(target=serve, name="tls-server", daemon=True)
+    thread.start()
+    try:
+        with client.wrap_socket(theirs, server_hostname="127.0.0.1") as tls:
+            data = tls.recv(2)
+            version = tls.version()
+    finally:
+        thread.join(10)
+        ours.close()
+        theirs.close()
+    assert not thread.is_alive(), "the TLS server side did not finish within 10 s"
+    if failures:
+        raise failures[0]
+    assert data == b"ok" and version is not None
+    return version
+
+
+def client_context(pki: Pki, cert: bool) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=str(pki.ca))
+    if cert:
+        context.load_cert_chain(str(pki.client_cert), str(pki.client_key))
+    return context
+
+
+@pytest.mark.parametrize("path", GOOD, ids=lambda p: p.name)
+def test_good_web_config(path: Path, pki: Pki) -> None:
+    file = placed(path, pki)
+    expect = json.loads(headers(path)["expect"])
+    settings = load_web_settings(str(file))
+    assert settings.file == str(file)
+    assert summary(settings, file.parent) == expect
+
+    # The runtime side: what the web server gets from the same file.
+    config = load_web_config(str(file))
+    auth = config.basic_auth()
+    assert (auth is None) == (not expect["users"])
+    if auth is not None:
+        for user in expect["users"]:
+            assert auth.check(basic(user, PASSWORD)), user
+            assert not auth.check(basic(user, PASSWORD + "x")), user
+        assert not auth.check(basic("nobody", PASSWORD))
+    tls = expect["tls"]
+    context = config.ssl_context
+    assert (context is None) == (tls is None)
+    if context is None:
+        return
+    assert context.minimum_version == TLS_VERSIONS[tls["min_version"]]
+    assert context.maximum_version == TLS_VERSIONS[tls["max_version"]]
+    # A real handshake: the certificate chain, the version, and client certificates.
+    assert handshake(context, client_context(pki, cert=True)) == OPENSSL_NAMES[tls["max_version"]]
+    if tls["client_auth_type"] == "RequireAndVerifyClientCert":
+        assert context.verify_mode == ssl.CERT_REQUIRED
+        with pytest.raises((ssl.SSLError, OSError)):
+            handshake(context, client_context(pki, cert=False))
+    else:
+        assert handshake(context, client_context(pki, cert=False))
+        optional = tls["client_auth_type"] == "VerifyClientCertIfGiven"
+        assert context.verify_mode == (ssl.CERT_OPTIONAL if optional else ssl.CERT_NONE)
+    if tls["client_auth_type"] != "NoClientCert":
+        # A client certificate from a CA the server does not trust is refused.
+        intruder = ssl.create_default_context(cafile=str(pki.ca))
+        intruder.load_cert_chain(str(pki.other_cert), str(pki.other_key))
+        with pytest.raises((ssl.SSLError, OSError)):
+            handshake(context, intruder)
+
+
+def expected_message(path: Path, file: Path) -> str:
+    return f"{file}:{headers(path)['expect'].replace('{dir}', str(file.parent))}"
+
+
+@pytest.mark.parametrize("path", BAD, ids=lambda p: p.name)
+def test_bad_web_config(path: Path, pki: Pki) -> None:
+    file = placed(path, pki)
+    with pytest.raises(ConfigError) as info:
+        load_web_config(str(file))
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(expected_message(path, file)), message
+    secret = headers(path).get("secret")
+    assert secret is None or secret not in message
+
+
+@pytest.mark.parametrize("path", BAD, ids=lambda p: p.name)
+def test_bad_web_config_check_is_one_line(path: Path, pki: Pki) -> None:
+    file = placed(path, pki)
+    proc = run_cli("--config.check", f"--config.file={MAIN_CONFIG}", f"--web.config.file={file}")
+    assert proc.returncode == 1, proc.stdout
+    assert proc.stdout == ""
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    prefix = f"zmq-exporter: bad --web.config.file: {expected_message(path, file)}"
+    assert lines[0].startswith(prefix), lines[0]
+    secret = headers(path).get("secret")
+    assert secret is None or secret not in proc.stderr
+
+
+@pytest.mark.parametrize("path", GOOD, ids=lambda p: p.name)
+def test_good_web_config_check(path: Path, pki: Pki) -> None:
+    file = placed(path, pki)
+    proc = run_cli("--config.check", f"--config.file={MAIN_CONFIG}", f"--web.config.file={file}")
+    assert proc.returncode == 0, proc.stderr
+    assert "OK" in proc.stdout
+
+
+def test_relative_names_resolve_against_the_file_not_the_cwd(pki: Pki, tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    file = placed(DATA / "good" / "mtls.yml", pki)
+    cwd = Path.cwd()
+    os.chdir(elsewhere)
+    try:
+        settings = load_web_settings(os.path.relpath(file))
+    finally:
+        os.chdir(cwd)
+    assert settings.tls is not None
+    assert settings.tls.cert_file == str(pki.server_cert)
+    assert settings.tls.client_ca_file == str(pki.ca)
+
+
+def test_error_lines_name_the_key_in_flow_style() -> None:
+    # One line per problem even when the whole file is one line of flow YAML.
+    text = '{tls_server_config: {cert_file: a, key_file: b, min_version: "TLS9"}}'
+    with pytest.raises(ConfigError, match=r"^w\.yml:1: tls_server_config\.min_version: unknown"):
+        parse_web_settings(text, "w.yml")
+
+
+def test_config_web_imports_no_runtime_module() -> None:
+    """exporter/config/web.py (and the message helper it uses) import only exporter.config:
+    the SSL context and the bcrypt checks live next to the web server."""
+    for name in ("web.py", "messages.py"):
+        tree = ast.parse((ROOT / "exporter" / "config" / name).read_text())
+        imported = [
+            node.module
+            for node in ast.walk(tree)
+            if isinstance(node, ast.ImportFrom) and node.module is not None
+        ] + [a.name for node in ast.walk(tree) if isinstance(node, ast.Import) for a in node.names]
+        ours = [m for m in imported if m == "exporter" or m.startswith("exporter.")]
+        assert all(m.startswith("exporter.config.") for m in ours), (name, ours)
+        assert "bcrypt" not in imported, name
