@@ -39,8 +39,10 @@ def first_problem(
     error = err.errors(include_url=False)[0]
     loc: Path = tuple(error["loc"])
     if loc and loc[-1] == "[key]":
-        # A mapping key failed (not its value): name the key, as the file spells it.
-        path = (*loc[:-2], str(loc[-2]))
+        # A mapping key failed (not its value): name the key as the file spells it, or
+        # its mapping when it is empty.
+        key = str(loc[-2])
+        path = (*loc[:-2], key) if key else loc[:-2]
         kind = error["type"]
         if kind in TYPE_WORDS:
             return path, f"expected {TYPE_WORDS[kind]} as a key, got {describe(error['input'])}"
