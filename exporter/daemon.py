@@ -11,11 +11,12 @@ from prometheus_client import PLATFORM_COLLECTOR, PROCESS_COLLECTOR
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
+from exporter import metrics
 from exporter.config import ConfigError, Settings, load_config
 from exporter.engine import ApplyError, Engine, EngineStopped
 from exporter.fdbudget import MISC_RESERVE
 from exporter.render.otlp import OtlpPusher
-from exporter.render.prometheus import StateCollector
+from exporter.render.prometheus import StateCollector, one_sample
 from exporter.render.status import render_status
 from exporter.web import MAX_CONNECTIONS, WebApp, WebServer
 from exporter.webconfig import WebConfig
@@ -136,25 +137,6 @@ class _ReloadCollector(Collector):
         self._daemon = daemon
 
     def collect(self) -> Iterator[Metric]:
-        ok = Metric(
-            "zmq_exporter_config_last_reload_successful",
-            "Whether the last configuration reload attempt was successful.",
-            "gauge",
-        )
-        ok.add_sample(
-            "zmq_exporter_config_last_reload_successful",
-            {},
-            1 if self._daemon.last_reload_successful else 0,
-        )
-        stamp = Metric(
-            "zmq_exporter_config_last_reload_success_timestamp_seconds",
-            "Timestamp of the last successful configuration reload.",
-            "gauge",
-        )
-        stamp.add_sample(
-            "zmq_exporter_config_last_reload_success_timestamp_seconds",
-            {},
-            self._daemon.last_reload_success_time,
-        )
-        yield ok
-        yield stamp
+        daemon = self._daemon
+        yield one_sample(metrics.RELOAD_SUCCESSFUL, 1 if daemon.last_reload_successful else 0)
+        yield one_sample(metrics.RELOAD_SUCCESS_TIME, daemon.last_reload_success_time)

@@ -1,74 +1,619 @@
-"""The metrics contract: names, help texts and which event feeds each. Renderers
-(Prometheus, OTLP, status page) and the README's table all come from here."""
+"""The metrics table: every family the exporter serves on /metrics or pushes over OTLP,
+defined once. /metrics (`exporter.render`, `exporter.web`, `exporter.daemon`), the OTLP
+instruments, the config's series estimate (`exporter.config.cardinality`), the reserved
+label names and the README's tables (`python -m exporter.metrics --markdown`) all read
+it; tests/test_metrics_table.py compares it with the README and with a real scrape.
+
+Plain data: it imports only `exporter.events`, so the config and tools can read it
+without zmq, prometheus_client or the engine.
+
+Public names:
+- `Family`: one family: Prometheus name, type, unit, help, labels, OTel instrument, and
+  for socket families the event that feeds it and when its series first exist.
+- One constant per family (`CONNECTED`, ..., `OTLP_EXPORTS`), and the groups
+  `SOCKET_FAMILIES` (in /metrics order), `ENGINE_FAMILIES`, `RELOAD_FAMILIES`,
+  `WEB_FAMILIES`, `OTLP_FAMILIES`; `FAMILIES`: all of them, in the README's order.
+- `PUSHED`: the families pushed over OTLP, in instrument order (`otel_name`, `otel_unit`).
+- `EVENT_COUNTERS`: counted event -> its socket family.
+- `SOCKET_LABELS`, `EXTRA_LABELS`, `RESERVED_LABELS`: label names.
+- `INITIAL_RULES`, `initial_counters(role)`, `initial_series(role)`: the series that
+  exist before any event.
+- `markdown_metrics()`, `markdown_otel_names()`: the README's tables.
+"""
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
+from typing import Literal
 
-from exporter.events import Event
+from exporter.endpoints import Role
+from exporter.events import ERRNO_EVENTS, HANDSHAKE_REASONS, Event
+
+Type = Literal["counter", "gauge", "histogram"]
+# socket: one set of series per configured socket; the others are the exporter's own.
+Group = Literal["socket", "build", "engine", "reload", "web", "otlp"]
+# When a socket family's series first exist. Before their first event they are at 0, so
+# that rate() and increase() see that event (client_golang #296).
+Initial = Literal["bind", "connect", "endpoint", "socket", "event"]
+INITIAL_RULES: dict[Initial, str] = {
+    "bind": "start, every bind endpoint",
+    "connect": "start, every connect endpoint",
+    "endpoint": "start, every endpoint",
+    "socket": "start, every socket",
+    "event": "first event",
+}
 
 
 @dataclass(frozen=True)
-class EventCounter:
-    event: Event
-    name: str  # Prometheus family name, without `_total`
-    help: str
-    errno_label: bool = False  # carries `errno`
+class Family:
+    name: str  # as queried: a counter ends in `_total`, a histogram is its base name
+    type: Type
+    help: str  # HELP on /metrics; description of the OTel instrument
+    group: Group
+    # Label names. Socket families: those beyond `socket`, `endpoint` (`SOCKET_LABELS`)
+    # and the configured labels.
+    labels: tuple[str, ...] = ()
+    unit: str | None = None  # base unit, the name's suffix (`seconds`); None: a count
+    otel_name: str | None = None  # the OTel instrument pushed over OTLP; None: not pushed
+    otel_unit: str = ""  # UCUM; annotations in braces add no suffix in translation
+    note: str = ""  # what the README's meaning column adds to `help`
+    # Socket families only:
+    event: Event | None = None  # a counter of one event: the event counted
+    source: str = ""  # the README's "libzmq event" column: what feeds it
+    initial: Initial = "event"
+    initial_rows: int = 1  # label sets each endpoint (or socket) has from start
+    per_endpoint: bool = True  # carries `endpoint` (False: one row set per socket)
+    # Self-metrics only:
+    values: tuple[str, ...] = ()  # the closed set of values of its one label, all from start
+    buckets: tuple[float, ...] = ()  # a histogram's upper bounds (+Inf added)
+
+    @property
+    def pushed(self) -> bool:
+        return self.otel_name is not None
+
+    @property
+    def metric_name(self) -> str:
+        """The family's name as prometheus_client's `Metric` takes it (no `_total`)."""
+        return self.name.removesuffix("_total") if self.type == "counter" else self.name
+
+    @property
+    def label_names(self) -> tuple[str, ...]:
+        """Every label name, configured labels aside."""
+        if self.group != "socket":
+            return self.labels
+        own = SOCKET_LABELS if self.per_endpoint else SOCKET_LABELS[:1]
+        return (*own, *self.labels)
+
+    @property
+    def series(self) -> int:
+        """Series of a self-metric family (socket families: `initial_series`)."""
+        if self.type == "histogram":
+            return len(self.buckets) + 3  # +Inf, _sum, _count
+        return max(1, len(self.values))
+
+    def initial_roles(self) -> tuple[Role | None, ...]:
+        """The endpoint roles (None: the socket itself) that have this family's series
+        from start."""
+        return _INITIAL_ROLES[self.initial]
 
 
-EVENT_COUNTERS: tuple[EventCounter, ...] = (
-    EventCounter(Event.CONNECTED, "zmq_connected", "Connections established by connect()."),
-    EventCounter(
-        Event.CONNECT_DELAYED,
-        "zmq_connect_delayed",
-        "Asynchronous connects in progress (EINPROGRESS).",
-    ),
-    EventCounter(
-        Event.CONNECT_RETRIED,
-        "zmq_connect_retried",
-        "Reconnect attempts scheduled after a failed or lost connection.",
-    ),
-    EventCounter(Event.LISTENING, "zmq_listening", "Successful binds (a listener was opened)."),
-    EventCounter(Event.BIND_FAILED, "zmq_bind_failed", "Failed bind() attempts.", errno_label=True),
-    EventCounter(Event.ACCEPTED, "zmq_accepted", "Connections accepted on a bound endpoint."),
-    EventCounter(
-        Event.ACCEPT_FAILED, "zmq_accept_failed", "Failed accept() calls.", errno_label=True
-    ),
-    EventCounter(
-        Event.CLOSED,
-        "zmq_closed",
-        "Closed fds: listeners, failed connect attempts and connections.",
-    ),
-    EventCounter(Event.CLOSE_FAILED, "zmq_close_failed", "Failed close() calls.", errno_label=True),
-    EventCounter(
-        Event.DISCONNECTED,
-        "zmq_disconnected",
-        "Connections that ended (one TCP/IPC connection, not the whole socket).",
-    ),
-    EventCounter(
-        Event.MONITOR_STOPPED,
-        "zmq_monitor_stopped",
-        "Monitors stopped (the socket was closed by its owner).",
-    ),
-    EventCounter(
-        Event.HANDSHAKE_SUCCEEDED,
-        "zmq_handshake_succeeded",
-        "ZMTP handshakes completed (security mechanism included).",
-    ),
+_INITIAL_ROLES: dict[Initial, tuple[Role | None, ...]] = {
+    "bind": ("bind",),
+    "connect": ("connect",),
+    "endpoint": ("bind", "connect"),
+    "socket": (None,),
+    "event": (),
+}
+
+
+def _event(
+    event: Event,
+    name: str,
+    otel: str,
+    otel_unit: str,
+    initial: Initial,
+    help_text: str,
+    note: str = "",
+) -> Family:
+    """The counter of one monitor event; errno events carry `errno` (`ERRNO_EVENTS`)."""
+    errno = event in ERRNO_EVENTS
+    return Family(
+        name,
+        "counter",
+        help_text,
+        "socket",
+        labels=("errno",) if errno else (),
+        otel_name=otel,
+        otel_unit=otel_unit,
+        note=note,
+        event=event,
+        source=event.name,
+        initial=initial,
+    )
+
+
+def _self(
+    name: str,
+    kind: Type,
+    group: Group,
+    help_text: str,
+    otel: tuple[str, str] | None = None,
+    *,
+    labels: tuple[str, ...] = (),
+    unit: str | None = None,
+    note: str = "",
+    values: tuple[str, ...] = (),
+    buckets: tuple[float, ...] = (),
+) -> Family:
+    """One of the exporter's own families; `otel`: (instrument name, unit) if pushed."""
+    otel_name, otel_unit = otel if otel is not None else (None, "")
+    return Family(
+        name,
+        kind,
+        help_text,
+        group,
+        labels=labels,
+        unit=unit,
+        otel_name=otel_name,
+        otel_unit=otel_unit,
+        note=note,
+        values=values,
+        buckets=buckets,
+    )
+
+
+# -- socket families, in /metrics order --------------------------------------------------
+
+CONNECTED = _event(
+    Event.CONNECTED,
+    "zmq_connected_total",
+    "zmq.connected",
+    "{connection}",
+    "connect",
+    "Connections established by connect().",
 )
-
-HANDSHAKE_FAILED = "zmq_handshake_failed"
-HANDSHAKE_FAILED_HELP = (
+CONNECT_DELAYED = _event(
+    Event.CONNECT_DELAYED,
+    "zmq_connect_delayed_total",
+    "zmq.connect_delayed",
+    "{attempt}",
+    "connect",
+    "Asynchronous connects in progress (EINPROGRESS).",
+)
+CONNECT_RETRIED = _event(
+    Event.CONNECT_RETRIED,
+    "zmq_connect_retried_total",
+    "zmq.connect_retried",
+    "{attempt}",
+    "connect",
+    "Reconnect attempts scheduled after a failed or lost connection.",
+)
+# The counter's OTel name is `zmq.listening_total`, not `zmq.listening`: the gauge
+# `zmq.listening` exists too, and two instruments of one name and different kinds
+# conflict in OpenTelemetry. Both translate back to their Prometheus names.
+LISTENING_TOTAL = _event(
+    Event.LISTENING,
+    "zmq_listening_total",
+    "zmq.listening_total",
+    "{bind}",
+    "bind",
+    "Successful binds (a listener was opened).",
+)
+BIND_FAILED = _event(
+    Event.BIND_FAILED,
+    "zmq_bind_failed_total",
+    "zmq.bind_failed",
+    "{attempt}",
+    "event",
+    "Failed bind() attempts.",
+    "`errno`: `EADDRINUSE`, `EACCES`, ...",
+)
+ACCEPTED = _event(
+    Event.ACCEPTED,
+    "zmq_accepted_total",
+    "zmq.accepted",
+    "{connection}",
+    "bind",
+    "Connections accepted on a bound endpoint.",
+)
+ACCEPT_FAILED = _event(
+    Event.ACCEPT_FAILED,
+    "zmq_accept_failed_total",
+    "zmq.accept_failed",
+    "{attempt}",
+    "event",
+    "Failed accept() calls.",
+)
+CLOSED = _event(
+    Event.CLOSED,
+    "zmq_closed_total",
+    "zmq.closed",
+    "{fd}",
+    "endpoint",
+    "Closed fds: listeners, failed connect attempts and connections.",
+    "A failed bind() emits CLOSED with an empty endpoint, then BIND_FAILED: that CLOSED "
+    "is counted under the endpoint of the BIND_FAILED.",
+)
+CLOSE_FAILED = _event(
+    Event.CLOSE_FAILED,
+    "zmq_close_failed_total",
+    "zmq.close_failed",
+    "{attempt}",
+    "event",
+    "Failed close() calls.",
+)
+DISCONNECTED = _event(
+    Event.DISCONNECTED,
+    "zmq_disconnected_total",
+    "zmq.disconnected",
+    "{connection}",
+    "endpoint",
+    "Connections that ended (one TCP/IPC connection, not the whole socket).",
+)
+MONITOR_STOPPED = _event(
+    Event.MONITOR_STOPPED,
+    "zmq_monitor_stopped_total",
+    "zmq.monitor_stopped",
+    "{monitor}",
+    "event",
+    "Monitors stopped (the socket was closed by its owner).",
+    'Endpoint `""` (the whole socket).',
+)
+HANDSHAKE_SUCCEEDED = _event(
+    Event.HANDSHAKE_SUCCEEDED,
+    "zmq_handshake_succeeded_total",
+    "zmq.handshake_succeeded",
+    "{handshake}",
+    "endpoint",
+    "ZMTP handshakes completed (security mechanism included).",
+)
+HANDSHAKE_FAILED = Family(
+    "zmq_handshake_failed_total",
+    "counter",
     "ZMTP handshakes that failed, by reason (no_detail: errno, protocol: ZMTP error, "
-    "auth: ZAP status) and decoded error."
+    "auth: ZAP status) and decoded error.",
+    "socket",
+    labels=("reason", "error"),
+    otel_name="zmq.handshake_failed",
+    otel_unit="{handshake}",
+    note="`error` is the errno name (`EPIPE`), the ZMTP error (`zmtp_cryptographic`, "
+    '`zmtp_mechanism_mismatch`, ...) or the ZAP status (`400`); `error="none"` rows '
+    "hold 0 until a reason first happens.",
+    source="HANDSHAKE_FAILED_NO_DETAIL / _PROTOCOL / _AUTH",
+    initial="endpoint",
+    initial_rows=len(HANDSHAKE_REASONS),  # one `error="none"` row per reason
 )
-CONNECTIONS = "zmq_connections"
-CONNECTIONS_HELP = "Live connections (fds) of the endpoint, as the kernel sees them."
-LISTENING = "zmq_listening"
-LISTENING_HELP = "1 while the bound endpoint has an open listener, else 0."
-RECONNECT_INTERVAL = "zmq_reconnect_interval_seconds"
-RECONNECT_INTERVAL_HELP = "Interval libzmq chose for the last reconnect attempt."
-LAST_EVENT = "zmq_last_event_timestamp_seconds"
-LAST_EVENT_HELP = "Unix time of the last monitor event of the endpoint (0: none yet)."
-UNKNOWN_EVENTS = "zmq_unknown_events"
-UNKNOWN_EVENTS_HELP = "Monitor events with an id this exporter does not know."
+CONNECTIONS = Family(
+    "zmq_connections",
+    "gauge",
+    "Live connections (fds) of the endpoint, as the kernel sees them.",
+    "socket",
+    otel_name="zmq.connections",
+    otel_unit="{connection}",
+    source="CONNECTED, ACCEPTED, DISCONNECTED",
+    initial="endpoint",
+)
+LISTENING = Family(
+    "zmq_listening",
+    "gauge",
+    "1 while the bound endpoint has an open listener, else 0.",
+    "socket",
+    otel_name="zmq.listening",
+    otel_unit="{listener}",
+    source="LISTENING / CLOSED of the listener fd / BIND_FAILED",
+    initial="bind",
+)
+RECONNECT_INTERVAL = Family(
+    "zmq_reconnect_interval_seconds",
+    "gauge",
+    "Interval libzmq chose for the last reconnect attempt.",
+    "socket",
+    unit="seconds",
+    otel_name="zmq.reconnect_interval",
+    otel_unit="s",
+    source="CONNECT_RETRIED",
+    initial="connect",
+)
+LAST_EVENT = Family(
+    "zmq_last_event_timestamp_seconds",
+    "gauge",
+    "Unix time of the last monitor event of the endpoint (0: none yet).",
+    "socket",
+    unit="seconds",
+    otel_name="zmq.last_event_timestamp",
+    otel_unit="s",
+    source="any",
+    initial="endpoint",
+)
+UNKNOWN_EVENTS = Family(
+    "zmq_unknown_events_total",
+    "counter",
+    "Monitor events with an id this exporter does not know.",
+    "socket",
+    labels=("event",),
+    otel_name="zmq.unknown_events",
+    otel_unit="{event}",
+    note="Counted, never fatal.",
+    source="ids this build does not know",
+    per_endpoint=False,
+)
+SOCKET_INFO = Family(
+    "zmq_socket_info",
+    "gauge",
+    "Configured sockets (value 1) and their type.",
+    "socket",
+    labels=("type",),
+    otel_name="zmq.socket_info",
+    initial="socket",
+    per_endpoint=False,
+)
+
+SOCKET_FAMILIES: tuple[Family, ...] = (
+    CONNECTED,
+    CONNECT_DELAYED,
+    CONNECT_RETRIED,
+    LISTENING_TOTAL,
+    BIND_FAILED,
+    ACCEPTED,
+    ACCEPT_FAILED,
+    CLOSED,
+    CLOSE_FAILED,
+    DISCONNECTED,
+    MONITOR_STOPPED,
+    HANDSHAKE_SUCCEEDED,
+    HANDSHAKE_FAILED,
+    CONNECTIONS,
+    LISTENING,
+    RECONNECT_INTERVAL,
+    LAST_EVENT,
+    UNKNOWN_EVENTS,
+    SOCKET_INFO,
+)
+
+# -- the exporter's own ------------------------------------------------------------------
+
+BUILD_INFO = _self(
+    "zmq_exporter_build_info",
+    "gauge",
+    "build",
+    "Build of the exporter (value 1).",
+    ("zmq_exporter.build_info", ""),
+    labels=("version", "pyzmq_version", "libzmq_version", "python_version"),
+)
+EVENTS_PROCESSED = _self(
+    "zmq_exporter_events_processed_total",
+    "counter",
+    "engine",
+    "Monitor events read and reduced.",
+    ("zmq_exporter.events_processed", "{event}"),
+)
+READER_BACKLOG = _self(
+    "zmq_exporter_reader_backlog_events",
+    "gauge",
+    "engine",
+    "Events the reader found queued in the current or last burst.",
+    ("zmq_exporter.reader_backlog_events", "{event}"),
+)
+READER_BACKLOG_MAX = _self(
+    "zmq_exporter_reader_backlog_max_events",
+    "gauge",
+    "engine",
+    "Largest backlog the reader has found since start.",
+    ("zmq_exporter.reader_backlog_max_events", "{event}"),
+)
+READER_WAKEUPS = _self(
+    "zmq_exporter_reader_wakeups_total",
+    "counter",
+    "engine",
+    "Reader passes over ready monitors.",
+    ("zmq_exporter.reader_wakeups", "{wakeup}"),
+)
+MESSAGES_DROPPED = _self(
+    "zmq_exporter_inbound_messages_dropped_total",
+    "counter",
+    "engine",
+    "Application messages that arrived on exporter sockets and were dropped.",
+    ("zmq_exporter.inbound_messages_dropped", "{message}"),
+)
+ATTACH_FAILURES = _self(
+    "zmq_exporter_attach_failures_total",
+    "counter",
+    "engine",
+    "bind()/connect() calls that raised and were scheduled for retry.",
+    ("zmq_exporter.attach_failures", "{attempt}"),
+    note="Retried with backoff.",
+)
+ENGINE_ERRORS = _self(
+    "zmq_exporter_engine_errors_total",
+    "counter",
+    "engine",
+    "Unexpected errors caught while serving a socket; the engine went on.",
+    ("zmq_exporter.engine_errors", "{error}"),
+    note="Logged once per socket.",
+)
+SOCKETS = _self(
+    "zmq_exporter_sockets",
+    "gauge",
+    "engine",
+    "Sockets configured and monitored.",
+    ("zmq_exporter.sockets", "{socket}"),
+)
+RELOAD_SUCCESSFUL = _self(
+    "zmq_exporter_config_last_reload_successful",
+    "gauge",
+    "reload",
+    "Whether the last configuration reload attempt was successful.",
+    ("zmq_exporter.config_last_reload_successful", ""),
+)
+RELOAD_SUCCESS_TIME = _self(
+    "zmq_exporter_config_last_reload_success_timestamp_seconds",
+    "gauge",
+    "reload",
+    "Timestamp of the last successful configuration reload.",
+    ("zmq_exporter.config_last_reload_success_timestamp", "s"),
+    unit="seconds",
+)
+SCRAPES = _self(
+    "zmq_exporter_scrapes_total",
+    "counter",
+    "web",
+    "Scrapes of the metrics endpoint served (answered 200).",
+)
+SCRAPE_DURATION = _self(
+    "zmq_exporter_scrape_duration_seconds",
+    "histogram",
+    "web",
+    "Time to collect and encode one scrape.",
+    unit="seconds",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0),
+)
+SERIES = _self(
+    "zmq_exporter_series",
+    "gauge",
+    "web",
+    "Samples (series) in the last scrape served, all included.",
+)
+HTTP_REJECTED = _self(
+    "zmq_exporter_http_requests_rejected_total",
+    "counter",
+    "web",
+    "HTTP requests refused before being served, by reason.",
+    labels=("reason",),
+    values=("unauthorized", "too_many_scrapes", "too_many_connections", "too_large"),
+)
+OTLP_EXPORTS = _self(
+    "zmq_exporter_otlp_exports_total",
+    "counter",
+    "otlp",
+    "OTLP export calls by result (one per interval; SDK retries are inside one call).",
+    labels=("result",),
+    values=("success", "failure"),
+)
+OTLP_LAST_SUCCESS = _self(
+    "zmq_exporter_otlp_last_success_timestamp_seconds",
+    "gauge",
+    "otlp",
+    "Unix time of the last successful OTLP export (0: none yet).",
+    unit="seconds",
+)
+OTLP_LAST_DURATION = _self(
+    "zmq_exporter_otlp_last_export_duration_seconds",
+    "gauge",
+    "otlp",
+    "Duration of the last OTLP export call, retries included.",
+    unit="seconds",
+)
+
+ENGINE_FAMILIES: tuple[Family, ...] = (
+    EVENTS_PROCESSED,
+    READER_BACKLOG,
+    READER_BACKLOG_MAX,
+    READER_WAKEUPS,
+    MESSAGES_DROPPED,
+    ATTACH_FAILURES,
+    ENGINE_ERRORS,
+    SOCKETS,
+)
+RELOAD_FAMILIES: tuple[Family, ...] = (RELOAD_SUCCESSFUL, RELOAD_SUCCESS_TIME)
+WEB_FAMILIES: tuple[Family, ...] = (SCRAPES, SCRAPE_DURATION, SERIES, HTTP_REJECTED)
+OTLP_FAMILIES: tuple[Family, ...] = (OTLP_EXPORTS, OTLP_LAST_SUCCESS, OTLP_LAST_DURATION)
+
+FAMILIES: tuple[Family, ...] = (
+    *SOCKET_FAMILIES,
+    BUILD_INFO,
+    *ENGINE_FAMILIES,
+    *RELOAD_FAMILIES,
+    *WEB_FAMILIES,
+    *OTLP_FAMILIES,
+)
+# Pushed over OTLP: what describes the sockets and the engine. The web server's and the
+# OTLP push's own metrics describe the endpoints themselves and stay on /metrics.
+PUSHED: tuple[Family, ...] = tuple(f for f in FAMILIES if f.pushed)
+
+EVENT_COUNTERS: dict[Event, Family] = {f.event: f for f in SOCKET_FAMILIES if f.event}
+
+# Label names: every socket series has `socket`, endpoint series `endpoint`, and the rows
+# add the extra ones; Prometheus adds `instance` and `job` to every scraped series.
+SOCKET_LABELS = ("socket", "endpoint")
+EXTRA_LABELS = frozenset(label for f in SOCKET_FAMILIES for label in f.labels)
+TARGET_LABELS = ("instance", "job")
+# Configured labels may not use these (they would shadow the exporter's own).
+RESERVED_LABELS = frozenset({*SOCKET_LABELS, *EXTRA_LABELS, *TARGET_LABELS})
+
+
+def initial_counters(role: Role) -> tuple[Event, ...]:
+    """The events counted at 0 for every configured endpoint of `role`, from start."""
+    return tuple(
+        f.event for f in SOCKET_FAMILIES if f.event is not None and role in f.initial_roles()
+    )
+
+
+def initial_series(role: Role | None) -> int:
+    """Series every configured endpoint of `role` (None: every socket) has from start."""
+    return sum(f.initial_rows for f in SOCKET_FAMILIES if role in f.initial_roles())
+
+
+def _check() -> None:
+    names = [f.name for f in FAMILIES]
+    assert len(set(names)) == len(names), "duplicate family"
+    otel = [f.otel_name for f in PUSHED]
+    assert len(set(otel)) == len(otel), "duplicate OTel name"
+    for f in FAMILIES:
+        assert (f.type == "counter") == f.name.endswith("_total"), f.name
+        assert f.unit is None or f.metric_name.endswith("_" + f.unit), f.name
+        # A counter of an errno event has a series per errno seen: none before the first.
+        assert not (f.event in ERRNO_EVENTS and f.initial != "event"), f.name
+
+
+_check()
+
+# -- the README's tables -----------------------------------------------------------------
+
+
+def _code(names: tuple[str, ...] | str) -> str:
+    return ", ".join(f"`{n}`" for n in ((names,) if isinstance(names, str) else names))
+
+
+def markdown_metrics() -> str:
+    """The README's table of metrics (the OTLP push's own are in its section)."""
+    lines = [
+        "| metric | type | extra labels | libzmq event | series from | meaning |",
+        "|---|---|---|---|---|---|",
+    ]
+    for f in FAMILIES:
+        if f.group == "otlp":
+            continue
+        initial = INITIAL_RULES[f.initial] if f.group == "socket" else "start"
+        meaning = f"{f.help} {f.note}".strip()
+        if f.values:
+            meaning += f" {_code(f.labels)}: {_code(f.values)}."
+        cells = [_code(f.name), f.type, _code(f.labels), f.source, initial, meaning]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def markdown_otel_names() -> str:
+    """The README's table of OTel instruments and the Prometheus names they translate to."""
+    lines = [
+        "| OTel instrument | kind | unit | Prometheus name |",
+        "|---|---|---|---|",
+    ]
+    for f in PUSHED:
+        kind = "counter (ObservableCounter)" if f.type == "counter" else "gauge (ObservableGauge)"
+        unit = f"`{f.otel_unit}`" if f.otel_unit else ""
+        lines.append(f"| `{f.otel_name}` | {kind} | {unit} | `{f.name}` |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str]) -> int:
+    tables = {"metrics": markdown_metrics, "otel": markdown_otel_names}
+    if len(argv) not in (1, 2) or argv[0] != "--markdown" or argv[-1] not in {*tables, argv[0]}:
+        print("usage: python -m exporter.metrics --markdown [metrics|otel]", file=sys.stderr)
+        return 2
+    print(tables[argv[1] if len(argv) == 2 else "metrics"](), end="")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

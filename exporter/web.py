@@ -49,15 +49,11 @@ from http import HTTPStatus
 from typing import Any
 
 from prometheus_client.exposition import choose_encoder
-from prometheus_client.metrics_core import (
-    CounterMetricFamily,
-    GaugeMetricFamily,
-    HistogramMetricFamily,
-    Metric,
-)
+from prometheus_client.metrics_core import HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from exporter.render.prometheus import StateCollector, for_text_format
+from exporter import metrics
+from exporter.render.prometheus import StateCollector, for_text_format, one_sample
 from exporter.render.sockettext import fast_format
 from exporter.webauth import BasicAuth
 from exporter.webconfig import WebConfig
@@ -78,7 +74,7 @@ MAX_CONNECTIONS = 256
 MAX_OUTPUT_BYTES = 64 * 1024 * 1024  # responses written but not yet read, all connections
 LISTEN_BACKLOG = 1024  # a burst of connects waits in the kernel, not in SYN retries
 PROBE_WORKERS = 2
-REJECT_REASONS = ("unauthorized", "too_many_scrapes", "too_many_connections", "too_large")
+REJECT_REASONS = metrics.HTTP_REJECTED.values
 
 
 class _Collected(Collector):
@@ -91,7 +87,7 @@ class _Collected(Collector):
         return self._families
 
 
-SCRAPE_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+SCRAPE_BUCKETS = metrics.SCRAPE_DURATION.buckets
 
 
 class WebStats(Collector):
@@ -123,14 +119,9 @@ class WebStats(Collector):
         with self._lock:
             scrapes, buckets, total = self.scrapes, list(self.duration_buckets), self.duration_sum
             series, rejected = self.series, dict(self.rejected)
-        family = CounterMetricFamily(
-            "zmq_exporter_scrapes", "Scrapes of the metrics endpoint served (answered 200)."
-        )
-        family.add_metric([], scrapes)
-        yield family
-        histogram = HistogramMetricFamily(
-            "zmq_exporter_scrape_duration_seconds", "Time to collect and encode one scrape."
-        )
+        yield one_sample(metrics.SCRAPES, scrapes)
+        duration = metrics.SCRAPE_DURATION
+        histogram = HistogramMetricFamily(duration.metric_name, duration.help)
         histogram.add_metric(
             [],
             [(repr(b), c) for b, c in zip(SCRAPE_BUCKETS, buckets, strict=True)]
@@ -138,19 +129,12 @@ class WebStats(Collector):
             total,
         )
         yield histogram
-        gauge = GaugeMetricFamily(
-            "zmq_exporter_series", "Samples (series) in the last scrape served, all included."
-        )
-        gauge.add_metric([], series)
-        yield gauge
-        refused = CounterMetricFamily(
-            "zmq_exporter_http_requests_rejected",
-            "HTTP requests refused before being served, by reason.",
-            labels=["reason"],
-        )
+        yield one_sample(metrics.SERIES, series)
+        refused = metrics.HTTP_REJECTED
+        family = Metric(refused.metric_name, refused.help, refused.type)
         for reason, count in rejected.items():
-            refused.add_metric([reason], count)
-        yield refused
+            family.add_sample(refused.name, {"reason": reason}, count)
+        yield family
 
 
 @dataclass

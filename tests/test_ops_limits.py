@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 import zmq
 
-from exporter.cardinality import FIXED_SERIES, estimate_series
+from exporter import metrics
 from exporter.config import parse_config
+from exporter.config.cardinality import FIXED_SERIES, estimate_series
 from exporter.events import HANDSHAKE_REASONS, ZAP_STATUS, ZMTP_ERRORS
 
 from helpers import ROOT, Daemon, free_port, value, wait_until
@@ -29,10 +30,10 @@ def ctx() -> Iterator[zmq.Context[zmq.Socket[bytes]]]:
     context.destroy(linger=0)
 
 
-def run(config: Path) -> subprocess.CompletedProcess[str]:
+def run(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "exporter", f"--config.file={config}",
-         f"--web.listen-address=127.0.0.1:{free_port()}"],
+         f"--web.listen-address=127.0.0.1:{free_port()}", *args],
         cwd=ROOT, capture_output=True, text=True, timeout=30,
     )  # fmt: skip
 
@@ -48,14 +49,17 @@ def test_limits_refuse_config_at_start(tmp_path: Path) -> None:
     assert proc.stderr.strip() == (
         f"zmq-exporter: {config}:3: sockets: 3 sockets configured, more than limits.max_sockets (2)"
     ), proc.stderr
-    config.write_text("limits:\n  max_series: 100\nsockets:\n" + socks)
+    estimate = estimate_series(parse_config(f"sockets:\n{socks}", "c.yml").sockets)
+    config.write_text(f"limits:\n  max_series: {estimate - 1}\nsockets:\n" + socks)
     proc = run(config)
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(
-        f"zmq-exporter: {config}:2: limits.max_series: about "
-    ), proc.stderr
-    assert "more than limits.max_series (100)" in lines[0]
+    assert lines == [
+        f"zmq-exporter: {config}:2: limits.max_series: about {estimate} series estimated for "
+        f"3 sockets, more than limits.max_series ({estimate - 1})"
+    ], proc.stderr
+    config.write_text(f"limits:\n  max_series: {estimate}\nsockets:\n" + socks)
+    assert run(config, "--config.check").returncode == 0
 
 
 def test_series_estimate_matches_a_scrape(ctx: zmq.Context[zmq.Socket[bytes]]) -> None:
@@ -91,6 +95,9 @@ def test_series_estimate_matches_a_scrape(ctx: zmq.Context[zmq.Socket[bytes]]) -
         assert len(sockets) <= estimate - FIXED_SERIES
         assert len(sockets) >= 0.8 * (estimate - FIXED_SERIES)
         assert len(m) <= estimate
+        # The fixed part: everything but the OTLP push's own series (it is off here).
+        otlp = sum(f.series for f in metrics.OTLP_FAMILIES)
+        assert len(m) - len(sockets) == FIXED_SERIES - otlp
         # zmq_exporter_series is the size of the previous scrape; nothing changes between
         # these two, so it equals the sample count of the first.
         first = daemon.scrape()

@@ -30,7 +30,6 @@ from exporter.config import parse_config
 from exporter.endpoints import EndpointMap
 from exporter.engine import Engine
 from exporter.events import Event
-from exporter.render.otlp import render_rows
 from exporter.render.prometheus import StateCollector, for_text_format, render_sockets
 from exporter.render.rows import SOCKET_FAMILIES, socket_rows
 from exporter.render.sockettext import SocketText, fast_format, format_value
@@ -137,7 +136,6 @@ def test_label_values_needing_escaping_identical() -> None:
             ('quote"d', {"team": 'a"b'}),
             ("back\\slash", {"team": "c:\\dir\\", "zone": "x\ny"}),
             ("new\nline", {"a": "", "b": "ünïcødé ✓"}),
-            ("clash", {"reason": "configured", "type": "t"}),  # the config forbids these
         )
     )
     snaps = tuple(snap_of(s) for s in socks)
@@ -232,14 +230,11 @@ def test_sockets_added_removed_and_unchanged_lines_reused() -> None:
 
 
 def test_rows_are_the_families() -> None:
-    """The families (and so OTLP) and the text come from the same rows."""
+    """The families and the text come from the same rows."""
     snaps = (snap_of(every_event_socket("s", {"team": "x"})),)
     families = list(render_sockets(snaps))
     assert [f.name for f in families] == [f.name for f in SOCKET_FAMILIES]
     assert sum(len(f.samples) for f in families) == sum(1 for _ in socket_rows(snaps[0]))
-    rows, _ = render_rows(EngineSnapshot(snaps, ReaderStats(), True))
-    for family in families:
-        assert len(rows[family.name]) == len(family.samples)
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,7 @@ from typing import Any
 import pydantic
 import zmq
 
-from exporter.cardinality import estimate_series
+from exporter.config.cardinality import estimate_series
 from exporter.config.durations import format_millis, to_millis
 from exporter.config.errors import ConfigError, Path, shown
 from exporter.config.files import CONFIG_MAX_BYTES, KEY_MAX_BYTES, FileProblem, read_limited
@@ -126,7 +126,7 @@ def _resolve(model: Config, file: str, lines: dict[Path, int]) -> Settings:
             )
         seen[sock.name] = index
         specs.append(_resolve_socket(sock, model.global_, here, fail))
-    series = estimate_series(specs)  # label values come only from here: see cardinality.py
+    series = estimate_series(specs)  # label values come only from here: see cardinality
     if series > model.limits.max_series:
         where: Path = ("limits", "max_series") if ("limits", "max_series") in lines else ()
         fail(

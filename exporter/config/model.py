@@ -13,16 +13,13 @@ from exporter.config.durations import format_millis, parse_duration, to_millis
 from exporter.config.otlp import OtlpConfig
 from exporter.endpoints import parse_endpoint
 from exporter.events import EVENT_BY_NAME
+from exporter.metrics import RESERVED_LABELS  # a configured label may not shadow them
 
 SOCKET_TYPES = (
     "ROUTER", "DEALER", "PUB", "SUB", "REQ", "REP",
     "PUSH", "PULL", "PAIR", "XPUB", "XSUB", "STREAM",
 )  # fmt: skip
 
-# Label names the exporter sets itself; a configured label may not shadow them.
-RESERVED_LABELS = frozenset(
-    {"socket", "endpoint", "type", "reason", "errno", "error", "event", "instance", "job"}
-)
 _LABEL_NAME = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 
 

@@ -7,7 +7,8 @@ builds families outside the lock, so a slow scrape never holds up event processi
 
 Public names: `StateCollector` (`collect()`, `prerender(openmetrics)`), `Prerendered`,
 `render_sockets(sockets)` (socket families, rows from `exporter.render.rows.socket_rows`),
-`render_self(snapshot)`, `for_text_format(families)`, `LISTENING_COUNTER`.
+`render_self(snapshot)`, `one_sample(family, value, labels)` (a family of
+`exporter.metrics` with one sample), `for_text_format(families)`, `LISTENING_COUNTER`.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ import zmq
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
-from exporter import __version__
+from exporter import __version__, metrics
 from exporter.render.rows import (
     LISTENING_COUNTER,
     SOCKET_FAMILIES,
@@ -36,13 +37,19 @@ __all__ = [
     "Prerendered",
     "StateCollector",
     "for_text_format",
+    "one_sample",
     "render_self",
     "render_sockets",
 ]
 
 
-def _family(name: str, help_text: str, kind: str) -> Metric:
-    return Metric(name, help_text, kind)
+def one_sample(
+    family: metrics.Family, value: float, labels: dict[str, str] | None = None
+) -> Metric:
+    """A family of the metrics table with one sample."""
+    out = Metric(family.metric_name, family.help, family.type)
+    out.add_sample(family.name, labels or {}, value)
+    return out
 
 
 @dataclass(frozen=True)
@@ -90,65 +97,27 @@ def render_sockets(sockets: tuple[SocketSnapshot, ...]) -> Iterator[Metric]:
 
 
 def render_self(snap: EngineSnapshot) -> Iterator[Metric]:
+    """The engine's self-metrics (`metrics.ENGINE_FAMILIES`), then `metrics.BUILD_INFO`."""
     stats = snap.stats
-    rows: list[tuple[str, str, str, float]] = [
-        (
-            "zmq_exporter_events_processed",
-            "counter",
-            "Monitor events read and reduced.",
-            stats.events,
-        ),
-        (
-            "zmq_exporter_reader_backlog_events",
-            "gauge",
-            "Events the reader found queued in the current or last burst.",
-            stats.backlog,
-        ),
-        (
-            "zmq_exporter_reader_backlog_max_events",
-            "gauge",
-            "Largest backlog the reader has found since start.",
-            stats.backlog_max,
-        ),
-        (
-            "zmq_exporter_reader_wakeups",
-            "counter",
-            "Reader passes over ready monitors.",
-            stats.wakeups,
-        ),
-        (
-            "zmq_exporter_inbound_messages_dropped",
-            "counter",
-            "Application messages that arrived on exporter sockets and were dropped.",
-            stats.messages_dropped,
-        ),
-        (
-            "zmq_exporter_attach_failures",
-            "counter",
-            "bind()/connect() calls that raised and were scheduled for retry.",
-            stats.attach_failures,
-        ),
-        (
-            "zmq_exporter_engine_errors",
-            "counter",
-            "Unexpected errors caught while serving a socket; the engine went on.",
-            stats.engine_errors,
-        ),
-        ("zmq_exporter_sockets", "gauge", "Sockets configured and monitored.", len(snap.sockets)),
-    ]
-    for name, kind, help_text, value in rows:
-        family = _family(name, help_text, kind)
-        family.add_sample(name + "_total" if kind == "counter" else name, {}, value)
-        yield family
-    info = _family("zmq_exporter_build_info", "Build of the exporter (value 1).", "gauge")
-    info.add_sample(
-        "zmq_exporter_build_info",
+    pairs: tuple[tuple[metrics.Family, float], ...] = (
+        (metrics.EVENTS_PROCESSED, stats.events),
+        (metrics.READER_BACKLOG, stats.backlog),
+        (metrics.READER_BACKLOG_MAX, stats.backlog_max),
+        (metrics.READER_WAKEUPS, stats.wakeups),
+        (metrics.MESSAGES_DROPPED, stats.messages_dropped),
+        (metrics.ATTACH_FAILURES, stats.attach_failures),
+        (metrics.ENGINE_ERRORS, stats.engine_errors),
+        (metrics.SOCKETS, len(snap.sockets)),
+    )
+    for family, value in pairs:
+        yield one_sample(family, value)
+    yield one_sample(
+        metrics.BUILD_INFO,
+        1,
         {
             "version": __version__,
             "pyzmq_version": zmq.pyzmq_version(),
             "libzmq_version": zmq.zmq_version(),
             "python_version": platform.python_version(),
         },
-        1,
     )
-    yield info

@@ -1,12 +1,13 @@
-"""The one definition of which socket series exist: families and per-socket rows.
+"""The one definition of which socket series exist: the rows of each socket, in the socket
+families of the metrics table (`exporter.metrics`), which says which rows exist from start.
 
 Everything that shows socket series reads them from here: `render_sockets` (Prometheus
 `Metric` families, also read by the OTLP pusher) and `SocketText` (the pre-rendered
 /metrics text). A row exists on one exactly when it exists on the others.
 
 Public names:
-- `SocketFamily`: a family of socket series (name, help, type, sample name).
-- `SOCKET_FAMILIES`: every socket family, in /metrics order.
+- `SocketFamily`: a family of socket series as exposed (name, help, type, sample name).
+- `SOCKET_FAMILIES`: every socket family, in /metrics order (`metrics.SOCKET_FAMILIES`).
 - `Row`: `(family index, endpoint or None, extra labels, value)`.
 - `socket_rows(sock)`: the rows of one socket, in /metrics order within each family.
 - `row_labels(sock, endpoint, extra)`: a row's full label set, as a dict.
@@ -24,7 +25,16 @@ from exporter import metrics
 from exporter.events import HANDSHAKE_REASONS, Event
 from exporter.state import SocketSnapshot
 
-LISTENING_COUNTER = "zmq_listening_total"
+# Counters whose family name (without `_total`) is also the name of another family: the
+# counter `zmq_listening_total` and the gauge `zmq_listening`. OpenMetrics cannot hold two
+# families of one name, so such a counter's family is named by its sample, type unknown,
+# and `for_text_format` declares it a counter where the format allows (text 0.0.4).
+_CLASHING = frozenset(
+    f.name
+    for f in metrics.FAMILIES
+    if f.type == "counter" and any(g.name == f.metric_name for g in metrics.FAMILIES)
+)
+LISTENING_COUNTER = metrics.LISTENING_TOTAL.name
 
 
 def for_text_format(families: list[Metric]) -> list[Metric]:
@@ -32,7 +42,7 @@ def for_text_format(families: list[Metric]) -> list[Metric]:
     `zmq_listening_total` and the gauge `zmq_listening` do not clash."""
     out = []
     for family in families:
-        if family.name == LISTENING_COUNTER and family.type == "unknown":
+        if family.type == "unknown" and family.name in _CLASHING:
             counter = Metric(family.name.removesuffix("_total"), family.documentation, "counter")
             counter.samples = family.samples
             family = counter
@@ -42,67 +52,42 @@ def for_text_format(families: list[Metric]) -> list[Metric]:
 
 @dataclass(frozen=True)
 class SocketFamily:
+    """A socket family as the exposition declares it (`exporter.metrics` has the rest)."""
+
     name: str  # Metric family name
     help: str
     type: str  # "counter", "gauge" or "unknown"
     sample: str  # name of its samples
 
 
-def _counter_family(counter: metrics.EventCounter) -> SocketFamily:
-    if counter.event is Event.LISTENING:
-        # `zmq_listening_total` (counter) and `zmq_listening` (gauge) are both part of the
-        # contract; OpenMetrics cannot hold a counter family and a gauge family both named
-        # `zmq_listening`, so the counter's family is named by its sample, type unknown,
-        # and `for_text_format` declares it a counter where the format allows (text 0.0.4).
-        return SocketFamily(LISTENING_COUNTER, counter.help, "unknown", LISTENING_COUNTER)
-    return SocketFamily(counter.name, counter.help, "counter", counter.name + "_total")
+def _exposed(family: metrics.Family) -> SocketFamily:
+    if family.name in _CLASHING:
+        return SocketFamily(family.name, family.help, "unknown", family.name)
+    return SocketFamily(family.metric_name, family.help, family.type, family.name)
 
 
-SOCKET_FAMILIES: tuple[SocketFamily, ...] = (
-    *(_counter_family(c) for c in metrics.EVENT_COUNTERS),
-    SocketFamily(
-        metrics.HANDSHAKE_FAILED,
-        metrics.HANDSHAKE_FAILED_HELP,
-        "counter",
-        metrics.HANDSHAKE_FAILED + "_total",
-    ),
-    SocketFamily(metrics.CONNECTIONS, metrics.CONNECTIONS_HELP, "gauge", metrics.CONNECTIONS),
-    SocketFamily(metrics.LISTENING, metrics.LISTENING_HELP, "gauge", metrics.LISTENING),
-    SocketFamily(
-        metrics.RECONNECT_INTERVAL,
-        metrics.RECONNECT_INTERVAL_HELP,
-        "gauge",
-        metrics.RECONNECT_INTERVAL,
-    ),
-    SocketFamily(metrics.LAST_EVENT, metrics.LAST_EVENT_HELP, "gauge", metrics.LAST_EVENT),
-    SocketFamily(
-        metrics.UNKNOWN_EVENTS,
-        metrics.UNKNOWN_EVENTS_HELP,
-        "counter",
-        metrics.UNKNOWN_EVENTS + "_total",
-    ),
-    SocketFamily(
-        "zmq_socket_info",
-        "Configured sockets (value 1) and their type.",
-        "gauge",
-        "zmq_socket_info",
-    ),
-)
+SOCKET_FAMILIES: tuple[SocketFamily, ...] = tuple(map(_exposed, metrics.SOCKET_FAMILIES))
 
-_COUNTER_INDEX: dict[Event, int] = {c.event: i for i, c in enumerate(metrics.EVENT_COUNTERS)}
-_ERRNO_EVENTS = frozenset(c.event for c in metrics.EVENT_COUNTERS if c.errno_label)
+_INDEX = {family: i for i, family in enumerate(metrics.SOCKET_FAMILIES)}
+HANDSHAKE = _INDEX[metrics.HANDSHAKE_FAILED]
+CONNECTIONS = _INDEX[metrics.CONNECTIONS]
+LISTENING = _INDEX[metrics.LISTENING]
+RECONNECT = _INDEX[metrics.RECONNECT_INTERVAL]
+LAST_EVENT = _INDEX[metrics.LAST_EVENT]
+UNKNOWN = _INDEX[metrics.UNKNOWN_EVENTS]
+INFO = _INDEX[metrics.SOCKET_INFO]
+_COUNTER_INDEX: dict[Event, int] = {
+    event: _INDEX[family] for event, family in metrics.EVENT_COUNTERS.items()
+}
 # Events counted without extra labels (errno events carry `errno`, handshake failures have
 # their own family).
 _PLAIN_COUNTER_INDEX: dict[Event, int] = {
-    event: index for event, index in _COUNTER_INDEX.items() if event not in _ERRNO_EVENTS
+    event: _INDEX[family] for event, family in metrics.EVENT_COUNTERS.items() if not family.labels
 }
-_N = len(metrics.EVENT_COUNTERS)
-HANDSHAKE, CONNECTIONS, LISTENING, RECONNECT, LAST_EVENT, UNKNOWN, INFO = range(_N, _N + 7)
-assert len(SOCKET_FAMILIES) == INFO + 1
 
 Labels = tuple[tuple[str, str], ...]
 # The names of the extra labels rows carry (configured labels may not use them).
-EXTRA_LABELS = frozenset({"type", "event", "errno", "reason", "error"})
+EXTRA_LABELS = metrics.EXTRA_LABELS
 # (index into SOCKET_FAMILIES, endpoint label or None for a socket-level row, labels beyond
 # socket/endpoint/configured ones, value)
 Row = tuple[int, str | None, Labels, float]

@@ -34,7 +34,6 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from exporter.render.rows import (
-    EXTRA_LABELS,
     SOCKET_FAMILIES,
     Labels,
     for_text_format,
@@ -123,9 +122,11 @@ def _pair(name: str, value: str) -> str:
 class _SocketLabels:
     """The label strings (`socket="…",endpoint="…",…`, sorted as the encoders sort them) of
     one socket: per endpoint, and per (endpoint, extra labels). Built once and kept as long
-    as the socket's configured labels stay the same."""
+    as the socket's configured labels stay the same. Configured labels never share a name
+    with extra ones (`metrics.RESERVED_LABELS`), so a row's pairs are its base pairs and
+    its extra pairs, sorted together."""
 
-    __slots__ = ("bases", "clash", "extras", "labels", "plain")
+    __slots__ = ("bases", "extras", "labels", "plain")
 
     def __init__(self, sock: SocketSnapshot) -> None:
         self.labels = dict(sock.labels)
@@ -133,15 +134,8 @@ class _SocketLabels:
         self.extras: dict[tuple[str | None, Labels], str] = {}
         # endpoint -> its labels without extras, as sorted (name, pair)
         self.bases: dict[str | None, list[tuple[str, str]]] = {}
-        # A configured label named like an extra one (the config forbids it).
-        self.clash = not EXTRA_LABELS.isdisjoint(sock.labels)
 
     def build(self, sock: SocketSnapshot, endpoint: str | None, extra: Labels) -> str:
-        if extra and self.clash:  # the slow way, exactly as row_labels merges them
-            labels = row_labels(sock, endpoint, extra)
-            text = ",".join([_pair(k, labels[k]) for k in sorted(labels)])
-            self.extras[(endpoint, extra)] = text
-            return text
         items = self.bases.get(endpoint)
         if items is None:
             labels = row_labels(sock, endpoint, ())

@@ -1,0 +1,220 @@
+"""The metrics table (`exporter.metrics`) is the one definition of every family: the README's
+tables are generated from it, a real /metrics serves exactly its families (names, types,
+help, labels) in both formats, the rows of a fresh socket follow its initial-zero rules,
+and the facts derived from it (reserved labels, counters at 0, the series estimate) agree.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import textwrap
+
+from prometheus_client.metrics_core import Metric
+from prometheus_client.openmetrics.parser import (
+    text_string_to_metric_families as parse_openmetrics,
+)
+from prometheus_client.parser import text_string_to_metric_families as parse_text
+
+from exporter import metrics
+from exporter.config import ConfigError, parse_config
+from exporter.config.cardinality import BIND_SERIES, CONNECT_SERIES, SOCKET_SERIES
+from exporter.endpoints import EndpointMap
+from exporter.events import ERRNO_EVENTS
+from exporter.render.rows import SOCKET_FAMILIES, socket_rows
+from exporter.state import BIND_COUNTERS, CONNECT_COUNTERS, SocketState, snapshot_socket
+
+from helpers import ROOT, Daemon, free_port, http_get
+
+README = (ROOT / "README.md").read_text()
+OPENMETRICS = "application/openmetrics-text; version=1.0.0; charset=utf-8"
+FOREIGN = ("process_", "python_")  # prometheus_client's own collectors
+
+
+def tables(text: str) -> list[list[list[str]]]:
+    """Every Markdown table of `text`: rows of cells, the header row first."""
+    out: list[list[list[str]]] = []
+    current: list[list[str]] = []
+    for line in [*text.splitlines(), ""]:
+        if line.startswith("|"):
+            cells = [c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]]
+            if not all(set(c) <= {"-", ":"} for c in cells):  # not the separator row
+                current.append(cells)
+        elif current:
+            out.append(current)
+            current = []
+    return out
+
+
+def code_names(cell: str) -> tuple[str, ...]:
+    return tuple(re.findall(r"`([^`]*)`", cell))
+
+
+def test_readme_tables_are_the_table() -> None:
+    generated = subprocess.run(
+        [sys.executable, "-m", "exporter.metrics", "--markdown"],
+        cwd=ROOT, capture_output=True, text=True, timeout=30, check=True,
+    ).stdout  # fmt: skip
+    assert generated == metrics.markdown_metrics()
+    assert generated in README, "README's metrics table: regenerate it with " + (
+        "python -m exporter.metrics --markdown"
+    )
+    assert metrics.markdown_otel_names() in README, (
+        "README's OTel names table: regenerate it with python -m exporter.metrics --markdown otel"
+    )
+    # Every row of every metric table of the README (the OTLP push's own too) says what the
+    # table says, and every family is in one.
+    table = {f.name: f for f in metrics.FAMILIES}
+    seen = []
+    for rows in tables(README):
+        header = rows[0]
+        if header[:2] != ["metric", "type"]:
+            continue
+        for row in rows[1:]:
+            cell = row[0].strip("`")
+            name, _, braces = cell.partition("{")
+            assert name in table, f"README row {row[0]} is not in the table"
+            family = table[name]
+            labels = code_names(row[2]) if header[2] == "extra labels" else (
+                tuple(re.findall(r"(\w+)=", braces))
+            )  # fmt: skip
+            assert (row[1], labels) == (family.type, family.labels), row
+            seen.append(name)
+    assert sorted(seen) == sorted(table)
+
+
+def translate(family: metrics.Family) -> str:
+    """The standard OTLP→Prometheus name of a pushed family's instrument (README)."""
+    assert family.otel_name is not None
+    name = family.otel_name.replace(".", "_")
+    if family.otel_unit == "s":
+        name += "_seconds"
+    if family.type == "counter":
+        name = name.removesuffix("_total") + "_total"
+    return name
+
+
+def test_otel_names_translate_to_the_prometheus_names() -> None:
+    assert [translate(f) for f in metrics.PUSHED] == [f.name for f in metrics.PUSHED]
+    assert all(f.type in ("counter", "gauge") for f in metrics.PUSHED)
+    assert {f.group for f in metrics.PUSHED} == {"socket", "build", "engine", "reload"}
+    rows = tables(metrics.markdown_otel_names())[0][1:]
+    assert [(r[0], r[2], r[3]) for r in rows] == [
+        (f"`{f.otel_name}`", f"`{f.otel_unit}`" if f.otel_unit else "", f"`{f.name}`")
+        for f in metrics.PUSHED
+    ]
+
+
+def expected(family: metrics.Family, openmetrics: bool) -> tuple[str, str]:
+    """(family name, type) as a parser of the format reports `family`."""
+    if openmetrics and family.name == metrics.LISTENING_TOTAL.name:
+        return family.name, "unknown"  # OpenMetrics cannot hold it beside the gauge
+    return family.metric_name, family.type
+
+
+def test_scrape_serves_exactly_the_table() -> None:
+    """Both formats of a real /metrics, OTLP on (to a port nobody listens on, so its own
+    families are there too): every family is in the table with its type, help and labels."""
+    router = free_port()
+    config = textwrap.dedent(f"""\
+        global:
+          labels: {{team: ops}}
+        sockets:
+          - name: backend
+            type: ROUTER
+            bind: [tcp://127.0.0.1:{router}]
+          - name: client
+            type: DEALER
+            connect: [tcp://127.0.0.1:{router}, tcp://127.0.0.1:{free_port()}]
+        """)
+    env = {
+        "OTEL_METRICS_EXPORTER": "otlp",
+        "OTEL_EXPORTER_OTLP_PROTOCOL": "http/protobuf",
+        "OTEL_EXPORTER_OTLP_ENDPOINT": f"http://127.0.0.1:{free_port()}",
+        "OTEL_METRIC_EXPORT_INTERVAL": "60000",
+    }
+    with Daemon(config, env=env) as daemon:
+        bodies = {
+            False: http_get(daemon.url + "/metrics"),
+            True: http_get(daemon.url + "/metrics", {"Accept": OPENMETRICS}),
+        }
+    table = {f.name: f for f in metrics.FAMILIES}
+    for openmetrics, body in bodies.items():
+        parse = parse_openmetrics if openmetrics else parse_text
+        served: dict[str, Metric] = {
+            f.name: f for f in parse(body) if not f.name.startswith(FOREIGN)
+        }
+        want = {expected(f, openmetrics)[0]: f for f in table.values()}
+        assert sorted(served) == sorted(want), openmetrics
+        for name, family in served.items():
+            spec = want[name]
+            assert (family.type, family.documentation) == (
+                expected(spec, openmetrics)[1],
+                spec.help,
+            ), name
+            allowed = {*spec.label_names, "team"} | ({"le"} if spec.type == "histogram" else set())
+            for sample in family.samples:
+                assert set(sample.labels) <= allowed, sample
+                if spec.group != "socket":
+                    assert set(sample.labels) - {"le"} == set(spec.labels), sample
+            if spec.values:
+                assert sorted(s.labels[spec.labels[0]] for s in family.samples) == sorted(
+                    spec.values
+                )
+
+
+def test_fresh_socket_rows_follow_the_initial_rules() -> None:
+    binds = ("tcp://127.0.0.1:1", "ipc:///tmp/x")
+    connects = ("tcp://127.0.0.1:2",)
+    sock = SocketState("s", "DEALER", {}, EndpointMap(binds, connects))
+    rows: dict[tuple[str, str | None], int] = {}
+    for index, endpoint, _, _ in socket_rows(snapshot_socket(sock)):
+        key = (metrics.SOCKET_FAMILIES[index].name, endpoint)
+        rows[key] = rows.get(key, 0) + 1
+    want: dict[tuple[str, str | None], int] = {}
+    for family in metrics.SOCKET_FAMILIES:
+        roles = family.initial_roles()
+        for role, endpoints in (("bind", binds), ("connect", connects), (None, (None,))):
+            if role in roles:
+                for endpoint in endpoints:
+                    want[(family.name, endpoint)] = family.initial_rows
+    assert rows == want
+    assert sum(n for (_, ep), n in rows.items() if ep == binds[0]) == BIND_SERIES - 1
+    assert sum(n for (_, ep), n in rows.items() if ep == connects[0]) == CONNECT_SERIES - 1
+    assert sum(n for (_, ep), n in rows.items() if ep is None) == SOCKET_SERIES - 2
+    # The reducer creates exactly the counters the table says exist from start.
+    assert metrics.initial_counters("bind") == BIND_COUNTERS
+    assert metrics.initial_counters("connect") == CONNECT_COUNTERS
+
+
+def test_facts_derived_from_the_table() -> None:
+    assert [f.sample for f in SOCKET_FAMILIES] == [f.name for f in metrics.SOCKET_FAMILIES]
+    errno_counters = {e for e, f in metrics.EVENT_COUNTERS.items() if "errno" in f.labels}
+    assert errno_counters == ERRNO_EVENTS
+    # Every label name the exporter sets is refused as a configured label.
+    assert {"type", "event", "errno", "reason", "error"} == metrics.EXTRA_LABELS
+    for name in sorted(metrics.RESERVED_LABELS):
+        config = f"sockets:\n  - {{name: s, type: PUB, bind: [tcp://*:1], labels: {{{name}: x}}}}"
+        try:
+            parse_config(config, "c.yml")
+        except ConfigError as err:
+            assert f"label name {name!r} is reserved" in str(err)
+        else:
+            raise AssertionError(f"label {name!r} accepted")
+
+
+def test_table_and_config_import_no_runtime_module() -> None:
+    code = textwrap.dedent("""\
+        import sys
+        import exporter.metrics
+        assert not [m for m in sys.modules if m.startswith(("zmq", "prometheus_client"))]
+        import exporter.config, exporter.config.cardinality
+        runtime = ("exporter.state", "exporter.engine", "exporter.sockets", "exporter.render",
+                   "exporter.web", "exporter.daemon", "exporter.otlp", "prometheus_client")
+        print(sorted(m for m in sys.modules if m.startswith(runtime)))
+        """)
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=30
+    )
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
