@@ -24,24 +24,13 @@ from exporter.events import (
     errno_name,
     handshake_error,
 )
+from exporter.metrics import initial_counters
 
 # Counters carried by every endpoint of a role, created at 0 before any event happens so
-# that rate() and increase() see the first event (client_golang #296).
-BIND_COUNTERS = (
-    Event.LISTENING,
-    Event.ACCEPTED,
-    Event.CLOSED,
-    Event.DISCONNECTED,
-    Event.HANDSHAKE_SUCCEEDED,
-)
-CONNECT_COUNTERS = (
-    Event.CONNECTED,
-    Event.CONNECT_DELAYED,
-    Event.CONNECT_RETRIED,
-    Event.CLOSED,
-    Event.DISCONNECTED,
-    Event.HANDSHAKE_SUCCEEDED,
-)
+# that rate() and increase() see the first event (client_golang #296). Which ones: the
+# metrics table's start rules.
+BIND_COUNTERS = initial_counters("bind")
+CONNECT_COUNTERS = initial_counters("connect")
 
 
 @dataclass
