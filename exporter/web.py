@@ -147,8 +147,8 @@ class WebApp:
     is_ready: Callable[[], bool]
     landing_page: Callable[[], str]
     reload: Callable[[], tuple[bool, str]]
+    state: StateCollector
     max_concurrent_scrapes: int = 8
-    state: StateCollector | None = None
     # False once the engine thread has died: /-/healthy and /-/ready answer 503.
     is_healthy: Callable[[], bool] = lambda: True
 
@@ -166,14 +166,13 @@ class WebApp:
         try:
             start = time.perf_counter()
             encoder, content_type = choose_encoder(accept or "")
-            head, series, families = b"", 0, []
-            if self.state is not None:
-                openmetrics = fast_format(encoder)
-                if openmetrics is None:  # an escaping or version we do not pre-render
-                    families = list(self.state.collect())
-                else:
-                    pre = self.state.prerender(openmetrics)
-                    head, series, families = pre.text, pre.series, pre.families
+            head, series = b"", 0
+            openmetrics = fast_format(encoder)
+            if openmetrics is None:  # an escaping or version we do not pre-render
+                families = list(self.state.collect())
+            else:
+                pre = self.state.prerender(openmetrics)
+                head, series, families = pre.text, pre.series, pre.families
             families.extend(self.registry.collect())
             if not content_type.startswith("application/openmetrics-text"):
                 families = for_text_format(families)

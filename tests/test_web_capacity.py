@@ -23,9 +23,14 @@ import pytest
 from prometheus_client.registry import CollectorRegistry
 
 from exporter import web
+from exporter.render.prometheus import StateCollector
+from exporter.state import EngineSnapshot, ReaderStats
 from exporter.web import MAX_CONNECTIONS, WebApp, WebServer
 
 from helpers import Daemon, free_port, parse_metrics, value, wait_until
+
+# An engine with no sockets, for WebApps tested without one.
+NO_SOCKETS = StateCollector(lambda: EngineSnapshot((), ReaderStats(), True))
 
 IDLE = 1000
 SLOWLORIS = 200
@@ -258,6 +263,7 @@ def test_blocked_scrapes_and_reloads_do_not_delay_probes() -> None:
         is_ready=lambda: True,
         landing_page=lambda: "",
         reload=blocking.reload,
+        state=NO_SOCKETS,
     )
     server = WebServer(app, f"127.0.0.1:{free_port()}")
     server.start()
@@ -308,6 +314,7 @@ def test_unread_responses_are_bounded_in_memory(monkeypatch: pytest.MonkeyPatch)
         is_ready=lambda: True,
         landing_page=lambda: page,
         reload=lambda: (True, ""),
+        state=NO_SOCKETS,
     )
     server = WebServer(app, f"127.0.0.1:{free_port()}")
     server.start()
@@ -447,6 +454,7 @@ def test_unhealthy_engine_fails_both_probes() -> None:
         is_ready=lambda: True,
         landing_page=lambda: "",
         reload=lambda: (True, ""),
+        state=NO_SOCKETS,
         is_healthy=healthy.is_set,
     )
     server = WebServer(app, f"127.0.0.1:{free_port()}")
