@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from importlib.metadata import version
 from typing import Any
 
-from bench import app, ingest, memory, scrape
+from bench import app, ingest, memory, otlp, scrape
 from bench.common import BenchEngine, process_cpu, raise_fd_limit, wait_quiet, wait_until
 from exporter.engine import COALESCE_SECONDS
 
@@ -234,6 +234,31 @@ def measure_scrape(p: Profile, out: dict[str, Measure]) -> None:
         )
 
 
+def measure_otlp(p: Profile, out: dict[str, Measure]) -> None:
+    t = otlp.run(p.scrape_sockets, p.scrape_repeats)
+    out["otlp_export_vs_generate_latest"] = Measure(
+        t.warm / t.generate_latest,
+        0.25,
+        "<=",
+        "ratio",
+        {
+            "sockets": p.scrape_sockets,
+            "series": t.series,
+            "points": t.points,
+            "payload_bytes": t.payload_bytes,
+            "generate_latest_s": round(t.generate_latest, 4),
+            "ours_warm_s": round(t.warm, 4),
+            "ours_warm_build_s": round(t.warm_build, 4),
+            "ours_all_changed_s": round(t.all_changed, 4),
+            "ours_first_s": round(t.first, 4),
+        },
+    )
+    for name, seconds in (("all_changed", t.all_changed), ("first", t.first)):
+        out[f"otlp_export_vs_generate_latest_{name}"] = Measure(
+            seconds / t.generate_latest, 0.25, "<=", "ratio", {"informational": True}
+        )
+
+
 def measure_memory(p: Profile, out: dict[str, Measure]) -> None:
     bare = memory.measure("bare", p.memory_sockets)
     ours = memory.measure("ours", p.memory_sockets)
@@ -265,20 +290,28 @@ def measure_overload(p: Profile, out: dict[str, Measure]) -> None:
     )
 
 
-def run(profile: Profile) -> tuple[dict[str, Measure], dict[str, list[Any]]]:
+STEPS = ("pipeline", "scale", "app", "scrape", "otlp", "memory", "overload")
+
+
+def run(
+    profile: Profile, only: tuple[str, ...] = STEPS
+) -> tuple[dict[str, Measure], dict[str, list[Any]]]:
     raise_fd_limit()
     out: dict[str, Measure] = {}
     curve: dict[str, list[Any]] = {"sockets": [], "ours": [], "poller": []}
-    steps: list[Callable[[], None]] = [
-        lambda: measure_pipeline(profile, out),
-        lambda: measure_scale(profile, out, curve),
-        lambda: measure_app(profile, out),
-        lambda: measure_scrape(profile, out),
-        lambda: measure_memory(profile, out),
-        lambda: measure_overload(profile, out),
-    ]
-    for step in steps:
-        step()
+    steps: dict[str, Callable[[], None]] = {
+        "pipeline": lambda: measure_pipeline(profile, out),
+        "scale": lambda: measure_scale(profile, out, curve),
+        "app": lambda: measure_app(profile, out),
+        "scrape": lambda: measure_scrape(profile, out),
+        "otlp": lambda: measure_otlp(profile, out),
+        "memory": lambda: measure_memory(profile, out),
+        "overload": lambda: measure_overload(profile, out),
+    }
+    assert tuple(steps) == STEPS
+    for name, step in steps.items():
+        if name in only:
+            step()
     return out, curve
 
 
@@ -355,10 +388,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--plot", metavar="PNG", help="plot ingest cost against sockets")
     parser.add_argument("--markdown", metavar="MD", help="also write the results as Markdown")
+    parser.add_argument(
+        "--only",
+        metavar="STEP,...",
+        help=f"run only these groups of measures (of: {','.join(STEPS)})",
+    )
     args = parser.parse_args(argv)
+    only = STEPS
+    if args.only:
+        only = tuple(name.strip() for name in args.only.split(",") if name.strip())
+        unknown = sorted(set(only) - set(STEPS))
+        if unknown:
+            parser.error(f"--only: unknown step(s) {', '.join(unknown)} (of: {','.join(STEPS)})")
     profile = PROFILES["smoke" if args.smoke else "quick" if args.quick else "full"]
     started = time.monotonic()
-    results, curve = run(profile)
+    results, curve = run(profile, only)
     seconds = time.monotonic() - started
     if args.plot and curve["sockets"]:
         from bench.plot import plot_ingest

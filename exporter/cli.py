@@ -93,9 +93,10 @@ def main(argv: list[str] | None = None) -> int:
     raise_nofile_limit()  # before the check, so that the check sees what the start will
     try:
         settings = load_config(args.config_file)
-        from exporter.render.otlp import check_otlp
+        from exporter.otlp import check_otlp
 
-        check_otlp(settings)  # the `otlp:` section and the OTEL_* environment variables
+        # The `otlp:` section and the OTEL_* environment, resolved once; the daemon gets it.
+        otlp = check_otlp(settings)
     except ConfigError as err:
         print(f"zmq-exporter: {err}", file=sys.stderr)
         return 1
@@ -137,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         daemon = Daemon(
-            settings, args.listen_address, args.telemetry_path, web_config, engine_failed
+            settings, args.listen_address, args.telemetry_path, web_config, engine_failed, otlp
         )
     except (ValueError, OSError) as err:
         print(f"zmq-exporter: cannot listen on {args.listen_address}: {err}", file=sys.stderr)

@@ -13,9 +13,10 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from exporter import metrics
 from exporter.config import ConfigError, Settings, load_config
+from exporter.config.otlp import OtlpSettings
 from exporter.engine import ApplyError, Engine, EngineStopped
 from exporter.fdbudget import MISC_RESERVE
-from exporter.render.otlp import OtlpPusher
+from exporter.otlp import OtlpOutput
 from exporter.render.prometheus import StateCollector, one_sample
 from exporter.render.status import render_status
 from exporter.web import MAX_CONNECTIONS, WebApp, WebServer
@@ -35,6 +36,7 @@ class Daemon:
         telemetry_path: str,
         web_config: WebConfig | None = None,
         on_failure: Callable[[str], None] | None = None,
+        otlp: OtlpSettings | None = None,
     ) -> None:
         self.config_file = settings.file
         # The web server's connections and a margin stay free of sockets (fdbudget.py).
@@ -48,9 +50,12 @@ class Daemon:
         self.registry.register(_ReloadCollector(self))
         self.registry.register(PROCESS_COLLECTOR)
         self.registry.register(PLATFORM_COLLECTOR)
-        # OTLP push, when configured: reads the same snapshots, on the SDK's own thread.
-        self.otlp = OtlpPusher.from_settings(
-            settings, self.engine.snapshot, extra=[_ReloadCollector(self)]
+        # OTLP push, when configured (`otlp`: resolved once, by exporter.otlp.check_otlp):
+        # the same snapshots and rows as /metrics, on a thread of its own.
+        self.otlp = (
+            OtlpOutput(otlp, self.engine.snapshot, extra=[_ReloadCollector(self)])
+            if otlp is not None
+            else None
         )
         if self.otlp is not None:
             self.registry.register(self.otlp.collector())

@@ -24,7 +24,7 @@ import pytest
 import zmq
 from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
 
-from exporter.render.otlp import INSTRUMENTS
+from exporter.metrics import PUSHED
 
 from helpers import Daemon, Samples, free_port, value, wait_until
 
@@ -41,6 +41,9 @@ class Point:
     temporality: int
     attrs: Attrs
     value: float
+    start: int = 0  # start_time_unix_nano
+    time: int = 0  # time_unix_nano
+    description: str = ""
 
 
 @dataclass
@@ -76,6 +79,9 @@ def decode(request: metrics_service_pb2.ExportMetricsServiceRequest) -> tuple[di
                             int(getattr(data, "aggregation_temporality", 0)),
                             frozenset(_attrs(dp.attributes).items()),
                             float(v),
+                            int(dp.start_time_unix_nano),
+                            int(dp.time_unix_nano),
+                            m.description,
                         )
                     )
     return resource, points
@@ -305,13 +311,15 @@ def test_k_connections_arrive_over_otlp_equal_to_metrics(
         assert export.resource["host.name"] == socket.gethostname()
         assert export.resource["deployment.environment"] == "test"
         assert export.resource["k8s.pod.name"] == "pod-1"
+        assert export.resource["telemetry.sdk.language"] == "python"
+        assert export.resource["telemetry.sdk.name"] == "opentelemetry"
 
         # Every data point equals the /metrics sample of its translated name; every socket
         # series (zmq_*) of /metrics arrived over OTLP, and so did every self-metric the
         # README lists as pushed (web-server and OTLP self-metrics describe the endpoints
         # themselves and stay on /metrics).
         got = {(prometheus_name(q), q.attrs): q.value for q in export.points}
-        pushed = {i.prometheus_name for i in INSTRUMENTS}
+        pushed = {f.name for f in PUSHED}
         want = {key: v for key, v in scraped.items() if key[0] in pushed}
         assert got == want
         socket_series = {k for k in scraped if k[0].startswith("zmq_") and "exporter" not in k[0]}
@@ -452,13 +460,12 @@ def test_hung_collector_does_not_hurt_scrapes_or_shutdown(protocol: str) -> None
     assert "Traceback" not in d.logs()
 
 
-def test_one_snapshot_per_collection() -> None:
-    """In-process: one collection of every instrument takes exactly one engine snapshot."""
-    from opentelemetry.sdk.metrics.export import MetricExportResult
-
+def test_one_snapshot_per_export() -> None:
+    """In-process: every export takes exactly one engine snapshot, and the final export at
+    stop is one more."""
     from exporter.config.otlp import OtlpSettings
     from exporter.engine import Engine
-    from exporter.render.otlp import INSTRUMENTS, OtlpPusher
+    from exporter.otlp import OtlpOutput
 
     engine = Engine()
     calls = 0
@@ -469,22 +476,220 @@ def test_one_snapshot_per_collection() -> None:
         return engine.snapshot()
 
     rx = Receiver("http/protobuf").start()
-    pusher = OtlpPusher(
-        OtlpSettings("http/protobuf", rx.endpoint + "/v1/metrics", interval=0.2), snapshot
+    # A long interval: the exports of this test are the ones it makes.
+    output = OtlpOutput(
+        OtlpSettings("http/protobuf", rx.endpoint + "/v1/metrics", interval=3600), snapshot
     )
     try:
-        pusher.start()
-        wait_until(lambda: rx.count() >= 3, timeout=10, what="three exports")
-        before_snap, before_exports = pusher.source.snapshots, rx.count()
-        wait_until(lambda: rx.count() >= before_exports + 3, timeout=10, what="3 more")
-        collections = rx.count() - before_exports
-        taken = pusher.source.snapshots - before_snap
-        # one per collection (an export may be in flight at either edge)
-        assert collections - 1 <= taken <= collections + 1, (taken, collections)
-        assert len(INSTRUMENTS) > 20
-        assert pusher.stats.success >= 3
-        assert MetricExportResult.SUCCESS  # imported from the SDK the daemon uses
+        output.start()
+        for n in range(1, 4):
+            assert output.export_once()
+            assert (calls, rx.count(), output.stats.success) == (n, n, n)
+        output.stop()
+        assert (calls, rx.count(), output.stats.success) == (4, 4, 4)
+        assert output.stats.failure == 0
     finally:
-        pusher.stop()
+        output.stop()
         rx.stop()
         engine.stop()
+
+
+def test_idle_sockets_keep_their_points_and_the_payload_stays_equal(
+    ctx: zmq.Context[zmq.Socket[bytes]],
+) -> None:
+    """In-process, a real engine: between two exports an idle socket's data points are the
+    very same objects (only their collection time moves on); a socket with an event gets
+    new ones, with the same start time. Over a real receiver, two exports of an idle state
+    carry the same series, values and start times, and only time_unix_nano moves on."""
+    from exporter.config import parse_config
+    from exporter.config.otlp import OtlpSettings
+    from exporter.engine import Engine
+    from exporter.otlp import OtlpOutput
+
+    zport, idle_port = free_port(), free_port()
+    settings = parse_config(
+        "sockets:\n"
+        f"  - {{name: busy, type: ROUTER, bind: ['tcp://127.0.0.1:{zport}']}}\n"
+        f"  - {{name: idle, type: PULL, bind: ['tcp://127.0.0.1:{idle_port}']}}\n",
+        "c.yml",
+    )
+    engine = Engine()
+    rx = Receiver("grpc").start()
+    output = OtlpOutput(OtlpSettings("grpc", rx.endpoint, interval=3600), engine.snapshot)
+    dealers: list[Any] = []
+
+    def points(name: str) -> dict[tuple[str, Attrs], Any]:
+        data = output.builder.build(engine.snapshot())
+        return {
+            (m.name, frozenset(p.attributes.items())): p
+            for m in data.resource_metrics[0].scope_metrics[0].metrics
+            for p in m.data.data_points
+            if p.attributes.get("socket") == name
+        }
+
+    def count(name: str, metric: str) -> float:
+        return sum(p.value for (m, _), p in points(name).items() if m == metric)
+
+    try:
+        engine.start()
+        engine.apply(settings).result(10)
+        wait_until(
+            lambda: count("busy", "zmq.listening") == count("idle", "zmq.listening") == 1,
+            timeout=10,
+            what="both sockets listening",
+        )
+        idle1, busy1 = points("idle"), points("busy")
+        time.sleep(0.01)  # so that the next collection has a later clock
+        idle2, busy2 = points("idle"), points("busy")
+        assert idle1.keys() == idle2.keys() and busy1.keys() == busy2.keys()
+        assert all(idle1[k] is idle2[k] for k in idle1)
+        assert all(busy1[k] is busy2[k] for k in busy1)
+        assert len({p.time_unix_nano for p in idle2.values()}) == 1
+        assert all(p.time_unix_nano > 0 for p in idle1.values())
+
+        dealers = connect_dealers(ctx, zport, 1)
+        wait_until(
+            lambda: count("busy", "zmq.handshake_succeeded") == 1,
+            timeout=10,
+            what="the dealer's handshake counted",
+        )
+        idle3, busy3 = points("idle"), points("busy")
+        assert all(idle1[k] is idle3[k] for k in idle1)
+        assert not set(map(id, busy3.values())) & set(map(id, busy1.values()))
+        start = {p.start_time_unix_nano for p in busy1.values()}
+        assert len(start) == 1 and {p.start_time_unix_nano for p in busy3.values()} == start
+
+        # Over a real receiver: two exports of the (again idle) state.
+        output.start()
+        assert output.export_once() and output.export_once()
+        first, second = rx.exports[-2], rx.exports[-1]
+
+        def table(export: Export) -> dict[tuple[str, Attrs], tuple[Any, ...]]:
+            return {
+                (p.metric, p.attrs): (
+                    p.unit,
+                    p.kind,
+                    p.monotonic,
+                    p.temporality,
+                    p.value if p.metric.startswith("zmq.") else None,
+                    p.start if p.kind == "sum" else None,
+                    p.description,
+                )
+                for p in export.points
+            }
+
+        assert table(first) == table(second)
+        assert first.resource == second.resource
+        assert len({p.time for p in second.points}) == 1
+        assert second.points[0].time > first.points[0].time
+        sums = [p for p in second.points if p.kind == "sum"]
+        assert sums and all(p.temporality == 2 and 0 < p.start < p.time for p in sums)
+        assert all(p.description for p in second.points)
+        units = {f.otel_name: f.otel_unit for f in PUSHED}
+        assert all(p.unit == units[p.metric] for p in second.points)
+        assert {"telemetry.sdk.language", "telemetry.sdk.name", "telemetry.sdk.version"} <= set(
+            second.resource
+        )
+    finally:
+        for sock in dealers:
+            sock.close(linger=0)
+        output.stop()
+        rx.stop()
+        engine.stop()
+
+
+def base_env(protocol: str, endpoint: str, **more: str) -> dict[str, str]:
+    return {
+        "OTEL_METRICS_EXPORTER": "otlp",
+        "OTEL_EXPORTER_OTLP_PROTOCOL": protocol,
+        "OTEL_EXPORTER_OTLP_ENDPOINT": endpoint,
+        "OTEL_METRIC_EXPORT_INTERVAL": str(INTERVAL_MS),
+        "OTEL_EXPORTER_OTLP_HEADERS": "",
+        **more,
+    }
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http/protobuf"])
+def test_metric_export_timeout_bounds_each_export(protocol: str) -> None:
+    """OTEL_METRIC_EXPORT_TIMEOUT bounds an export (retries included) even when the
+    exporter's own OTEL_EXPORTER_OTLP_TIMEOUT is longer: against a hung collector each
+    export fails after ~0.3 s, not after 10 s."""
+    hole = BlackHole()
+    env = base_env(
+        protocol,
+        f"http://127.0.0.1:{hole.port}",
+        OTEL_EXPORTER_OTLP_TIMEOUT="10000",
+        OTEL_METRIC_EXPORT_TIMEOUT="300",
+    )
+    d = Daemon(router_config(free_port()), env=env).start()
+    try:
+        wait_until(
+            lambda: (
+                (value(d.scrape(), "zmq_exporter_otlp_exports_total", result="failure") or 0) >= 2
+            ),
+            timeout=8,
+            what="two exports failed within their deadline",
+        )
+        took = value(d.scrape(), "zmq_exporter_otlp_last_export_duration_seconds")
+        assert took is not None and 0.25 <= took < 1.5, took
+    finally:
+        assert d.stop() == 0
+        hole.close()
+    assert "OTLP export failing" in d.logs()
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http/protobuf"])
+def test_gzip_compression_arrives(protocol: str) -> None:
+    """OTEL_EXPORTER_OTLP_COMPRESSION=gzip is used by both protocols (an invalid value
+    stops both: tests/test_otlp_config.py)."""
+    rx = Receiver(protocol).start()
+    env = base_env(protocol, rx.endpoint, OTEL_EXPORTER_OTLP_COMPRESSION="gzip")
+    d = Daemon(router_config(free_port()), env=env).start()
+    try:
+        export = wait_until(rx.last, timeout=10, what="an export")
+        assert point(export, "zmq.socket_info", socket="backend") is not None
+        if protocol == "http/protobuf":  # (grpcio decompresses before the servicer sees it)
+            assert export.headers.get("content-encoding") == "gzip", export.headers
+    finally:
+        assert d.stop() == 0
+        rx.stop()
+
+
+@pytest.mark.parametrize(
+    ("variables", "arrives"),
+    [
+        ({"OTEL_EXPORTER_OTLP_INSECURE": "true"}, True),
+        (
+            {
+                "OTEL_EXPORTER_OTLP_INSECURE": "false",
+                "OTEL_EXPORTER_OTLP_METRICS_INSECURE": "true",
+            },
+            True,
+        ),
+        ({}, False),  # default: TLS, which a plaintext receiver refuses
+    ],
+    ids=["insecure", "metrics-insecure", "default-tls"],
+)
+def test_grpc_endpoint_without_scheme(variables: dict[str, str], arrives: bool) -> None:
+    """`host:port` is a gRPC endpoint (the specification); OTEL_EXPORTER_OTLP_INSECURE
+    decides plaintext for it."""
+    rx = Receiver("grpc").start()
+    unset = {"OTEL_EXPORTER_OTLP_INSECURE": "", "OTEL_EXPORTER_OTLP_METRICS_INSECURE": ""}
+    env = base_env("grpc", f"127.0.0.1:{rx.port}", **{**unset, **variables})
+    d = Daemon(router_config(free_port()), env=env).start()
+    result = "success" if arrives else "failure"
+    try:
+        wait_until(
+            lambda: value(d.scrape(), "zmq_exporter_otlp_exports_total", result=result),
+            timeout=10,
+            what=f"an export counted as {result}",
+        )
+        if arrives:
+            export = rx.last()
+            assert export is not None
+            assert point(export, "zmq.socket_info", socket="backend") is not None
+        else:
+            assert rx.count() == 0
+    finally:
+        assert d.stop() == 0
+        rx.stop()

@@ -12,16 +12,18 @@ import pytest
 
 from exporter.config import ConfigError, parse_config
 from exporter.config.otlp import OtlpSettings, resolve_otlp
-from exporter.render.otlp import INSTRUMENTS
+from exporter.metrics import PUSHED
 
 from helpers import ROOT, Daemon, free_port, value
 
 SOCKETS = "sockets:\n  - {name: s, type: ROUTER, bind: ['tcp://127.0.0.1:5999']}\n"
 
 
-def resolve(yaml_otlp: str | None, env: dict[str, str]) -> OtlpSettings | None:
+def resolve(
+    yaml_otlp: str | None, env: dict[str, str], warn: list[str] | None = None
+) -> OtlpSettings | None:
     text = SOCKETS + (f"otlp:\n{yaml_otlp}" if yaml_otlp is not None else "")
-    return resolve_otlp(parse_config(text, "c.yml").otlp, env)
+    return resolve_otlp(parse_config(text, "c.yml").otlp, env, warn, "c.yml")
 
 
 def test_off_unless_asked() -> None:
@@ -99,7 +101,9 @@ def test_config_file_wins_where_both_are_set() -> None:
     ("otlp", "message"),
     [
         ("  protocol: http/json\n", "c.yml:4: otlp.protocol: unknown OTLP protocol 'http/json'"),
-        ("  endpoint: collector:4317\n", "c.yml:4: otlp.endpoint: malformed OTLP endpoint"),
+        ("  endpoint: collector\n", "c.yml:4: otlp.endpoint: malformed OTLP endpoint"),
+        ("  endpoint: collector:4317/x\n", "c.yml:4: otlp.endpoint: malformed OTLP endpoint"),
+        ("  compression: brotli\n", "c.yml:4: otlp.compression: unknown OTLP compression"),
         ("  metrics_endpoint: http://c:70000\n", "c.yml:4: otlp.metrics_endpoint: malformed"),
         ("  interval: 0s\n", "c.yml:4: otlp.interval: expected a duration above zero"),
         ("  headers: {'bad name': x}\n", "c.yml:4: otlp.headers: invalid header name"),
@@ -122,7 +126,25 @@ def test_yaml_errors_name_file_line_and_key(otlp: str, message: str) -> None:
         ),
         (
             {"OTEL_EXPORTER_OTLP_ENDPOINT": "collector:4317"},
-            "environment variable OTEL_EXPORTER_OTLP_ENDPOINT='collector:4317': malformed",
+            "environment variable OTEL_EXPORTER_OTLP_ENDPOINT='collector:4317': OTLP/HTTP "
+            "endpoint 'collector:4317' has no scheme",
+        ),
+        (
+            {"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc", "OTEL_EXPORTER_OTLP_ENDPOINT": "collector"},
+            "environment variable OTEL_EXPORTER_OTLP_ENDPOINT='collector': malformed",
+        ),
+        (
+            {"OTEL_EXPORTER_OTLP_COMPRESSION": "brotli"},
+            "environment variable OTEL_EXPORTER_OTLP_COMPRESSION='brotli': unknown OTLP "
+            "compression 'brotli' (expected gzip or none)",
+        ),
+        (
+            {"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc", "OTEL_EXPORTER_OTLP_COMPRESSION": "deflate"},
+            "environment variable OTEL_EXPORTER_OTLP_COMPRESSION='deflate': unknown OTLP",
+        ),
+        (
+            {"OTEL_METRIC_EXPORT_TIMEOUT": "1s"},
+            "environment variable OTEL_METRIC_EXPORT_TIMEOUT='1s': expected a whole number",
         ),
         (
             {"OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": "ftp://c/v1/metrics"},
@@ -167,6 +189,17 @@ def run_cli(config: Path, env: dict[str, str], *args: str) -> subprocess.Complet
         ("", {"OTEL_EXPORTER_OTLP_ENDPOINT": "localhost"}, "OTEL_EXPORTER_OTLP_ENDPOINT="),
         ("otlp:\n  protocol: thrift\n", {}, "config.yml:4: otlp.protocol: unknown OTLP"),
         ("otlp:\n  endpoint: 'http://'\n", {}, "config.yml:4: otlp.endpoint: malformed"),
+        ("", {"OTEL_EXPORTER_OTLP_COMPRESSION": "zstd"}, "OTEL_EXPORTER_OTLP_COMPRESSION='zstd'"),
+        (
+            "",
+            {"OTEL_EXPORTER_OTLP_PROTOCOL": "grpc", "OTEL_EXPORTER_OTLP_COMPRESSION": "zstd"},
+            "OTEL_EXPORTER_OTLP_COMPRESSION='zstd': unknown OTLP compression",
+        ),
+        (
+            "otlp:\n  endpoint: collector:4317\n",
+            {},
+            "config.yml: otlp.endpoint: OTLP/HTTP endpoint 'collector:4317' has no scheme",
+        ),
     ],
 )
 def test_bad_settings_stop_the_daemon_with_one_line(
@@ -195,19 +228,25 @@ def test_off_by_default_no_otlp_self_metrics() -> None:
     assert "OTLP" not in d.logs()
 
 
+def translate(otel_name: str, unit: str, counter: bool) -> str:
+    """The standard OTLP→Prometheus translation, written out here independently of the
+    table: `.` → `_`, unit `s` → `_seconds`, monotonic sums end in `_total` exactly once."""
+    name = otel_name.replace(".", "_") + ("_seconds" if unit == "s" else "")
+    return name.removesuffix("_total") + "_total" if counter else name
+
+
 def test_instrument_names_translate_to_distinct_contract_names() -> None:
-    names = [i.prometheus_name for i in INSTRUMENTS]
-    assert len(set(names)) == len(names)
-    assert len({i.otel_name for i in INSTRUMENTS}) == len(INSTRUMENTS)
-    table = {i.otel_name: i.prometheus_name for i in INSTRUMENTS}
+    """Every pushed family's OTel name translates back to its /metrics name."""
+    assert len({f.otel_name for f in PUSHED}) == len(PUSHED) > 20
+    for f in PUSHED:
+        assert f.otel_name is not None and f.type in ("counter", "gauge"), f
+        assert translate(f.otel_name, f.otel_unit, f.type == "counter") == f.name, f
+    table = {f.otel_name: f.name for f in PUSHED}
     assert table["zmq.accepted"] == "zmq_accepted_total"
     assert table["zmq.connections"] == "zmq_connections"
     assert table["zmq.reconnect_interval"] == "zmq_reconnect_interval_seconds"
     assert table["zmq.listening_total"] == "zmq_listening_total"  # the counter
     assert table["zmq.listening"] == "zmq_listening"  # the gauge
-    readme = (ROOT / "README.md").read_text()
-    for i in INSTRUMENTS:  # the README's mapping table lists every instrument
-        assert f"`{i.otel_name}` | " in readme and f"`{i.prometheus_name}`" in readme, i
 
 
 def test_example_yml_otlp_section_is_valid() -> None:
@@ -223,3 +262,114 @@ def test_example_yml_otlp_section_is_valid() -> None:
     assert s.headers == {"x-api-key": "change-me"}
     assert (s.interval, s.timeout) == (30.0, 10.0)
     assert s.resource["deployment.environment"] == "production"
+
+
+def test_grpc_endpoint_without_scheme_and_insecure() -> None:
+    """The specification: a gRPC endpoint may be `host:port`; there OTEL_EXPORTER_OTLP_INSECURE
+    (signal-specific first) decides plaintext, false by default; a scheme always wins."""
+    grpc = {"OTEL_METRICS_EXPORTER": "otlp", "OTEL_EXPORTER_OTLP_PROTOCOL": "grpc"}
+    s = resolve(None, {**grpc, "OTEL_EXPORTER_OTLP_ENDPOINT": "collector:4317"})
+    assert s is not None and (s.endpoint, s.plaintext) == ("collector:4317", False)
+    s = resolve(
+        None,
+        {
+            **grpc,
+            "OTEL_EXPORTER_OTLP_ENDPOINT": "collector:4317",
+            "OTEL_EXPORTER_OTLP_INSECURE": "TRUE",
+        },
+    )
+    assert s is not None and s.insecure is True
+    s = resolve(
+        None,
+        {
+            **grpc,
+            "OTEL_EXPORTER_OTLP_METRICS_ENDPOINT": "[::1]:4317",
+            "OTEL_EXPORTER_OTLP_INSECURE": "false",
+            "OTEL_EXPORTER_OTLP_METRICS_INSECURE": "true",
+        },
+    )
+    assert s is not None and (s.endpoint, s.insecure) == ("[::1]:4317", True)
+    for scheme, insecure in (("http", True), ("https", False)):
+        s = resolve(
+            None,
+            {
+                **grpc,
+                "OTEL_EXPORTER_OTLP_ENDPOINT": f"{scheme}://c:4317",
+                "OTEL_EXPORTER_OTLP_INSECURE": str(not insecure).lower(),
+            },
+        )
+        assert s is not None and s.plaintext is insecure, scheme
+    s = resolve("  protocol: grpc\n  endpoint: c:4317\n  insecure: true\n", {})
+    assert s is not None and (s.endpoint, s.insecure) == ("c:4317", True)
+    warn: list[str] = []
+    s = resolve(
+        None,
+        {**grpc, "OTEL_EXPORTER_OTLP_ENDPOINT": "c:4317", "OTEL_EXPORTER_OTLP_INSECURE": "yes"},
+        warn,
+    )
+    assert s is not None and s.insecure is False
+    assert warn == [
+        "environment variable OTEL_EXPORTER_OTLP_INSECURE='yes' is not true or false; read as false"
+    ]
+
+
+def test_compression_and_export_timeout() -> None:
+    on = {"OTEL_METRICS_EXPORTER": "otlp"}
+    s = resolve(None, on)
+    assert s is not None and s.compression == "none"
+    assert (s.timeout, s.export_timeout, s.export_deadline) == (10.0, 30.0, 10.0)
+    s = resolve(None, {**on, "OTEL_EXPORTER_OTLP_COMPRESSION": " GZIP "})
+    assert s is not None and s.compression == "gzip"
+    s = resolve(
+        None,
+        {
+            **on,
+            "OTEL_EXPORTER_OTLP_COMPRESSION": "gzip",
+            "OTEL_EXPORTER_OTLP_METRICS_COMPRESSION": "none",
+        },
+    )
+    assert s is not None and s.compression == "none"  # signal-specific first
+    s = resolve("  compression: gzip\n", {"OTEL_EXPORTER_OTLP_COMPRESSION": "none"})
+    assert s is not None and s.compression == "gzip"  # the file wins
+    s = resolve(None, {**on, "OTEL_METRIC_EXPORT_TIMEOUT": "300"})
+    assert s is not None and (s.export_timeout, s.export_deadline) == (0.3, 0.3)
+    s = resolve("  timeout: 2s\n", {"OTEL_METRIC_EXPORT_TIMEOUT": "5000"})
+    assert s is not None and s.export_deadline == 2.0
+
+
+def test_sdk_disabled_wins_with_a_warning() -> None:
+    warn: list[str] = []
+    assert resolve("  endpoint: http://c:4318\n", {"OTEL_SDK_DISABLED": "True"}, warn) is None
+    assert warn == [
+        "OTLP push is off: OTEL_SDK_DISABLED=true wins over the otlp: section of the config file"
+    ]
+    warn.clear()
+    assert (
+        resolve(None, {"OTEL_METRICS_EXPORTER": "otlp", "OTEL_SDK_DISABLED": "true"}, warn) is None
+    )
+    assert warn == ["OTLP push is off: OTEL_SDK_DISABLED=true wins over OTEL_METRICS_EXPORTER=otlp"]
+    warn.clear()  # nothing asked for, nothing said
+    assert resolve(None, {"OTEL_SDK_DISABLED": "true"}, warn) is None and warn == []
+    assert resolve("  enabled: false\n", {"OTEL_SDK_DISABLED": "true"}, warn) is None and warn == []
+    # Not a boolean: read as false (the SDK stays on), with a warning.
+    s = resolve("  endpoint: http://c:4318\n", {"OTEL_SDK_DISABLED": "1"}, warn)
+    assert s is not None
+    assert warn == [
+        "environment variable OTEL_SDK_DISABLED='1' is not true or false; read as false"
+    ]
+
+
+def test_sdk_disabled_with_a_config_section_says_so(tmp_path: Path) -> None:
+    """A real process: --config.check and a start both print the warning; the daemon then
+    has no OTLP output at all (no 'OTLP push started', no zmq_exporter_otlp_* series)."""
+    config = tmp_path / "config.yml"
+    config.write_text(SOCKETS.replace("5999", str(free_port())) + "otlp:\n  interval: 200ms\n")
+    result = run_cli(config, {"OTEL_SDK_DISABLED": "true"}, "--config.check")
+    assert result.returncode == 0, result
+    assert "OTEL_SDK_DISABLED=true wins over the otlp: section" in result.stderr
+    with Daemon(config.read_text(), env={"OTEL_SDK_DISABLED": "true"}) as d:
+        samples = d.scrape()
+    assert value(samples, "zmq_exporter_otlp_exports_total", result="failure") is None
+    logs = d.logs()
+    assert "OTEL_SDK_DISABLED=true wins over the otlp: section" in logs
+    assert "OTLP push started" not in logs

@@ -3,7 +3,11 @@ OpenTelemetry environment variables, merged into one `OtlpSettings`.
 
 The YAML section is a pydantic model, so its errors carry file:line like any other key.
 Environment variables are checked here and a bad one raises `OtlpEnvError`, one line that
-names the variable. Where both set the same thing, the config file wins.
+names the variable. Where both set the same thing, the config file wins. `resolve_otlp`
+runs once at startup (exporter.otlp.check_otlp); the daemon is handed its result.
+
+The exporter is given every value explicitly (endpoint, insecure, compression, timeout), so
+what is checked here is what it uses; only the certificate variables are left to it.
 """
 
 from __future__ import annotations
@@ -31,6 +35,9 @@ DEFAULT_ENDPOINTS: dict[Protocol, str] = {
 }
 DEFAULT_INTERVAL = 60.0  # seconds; OTEL_METRIC_EXPORT_INTERVAL's default
 DEFAULT_TIMEOUT = 10.0  # seconds; OTEL_EXPORTER_OTLP_TIMEOUT's default
+DEFAULT_EXPORT_TIMEOUT = 30.0  # seconds; OTEL_METRIC_EXPORT_TIMEOUT's default
+Compression = Literal["gzip", "none"]
+COMPRESSIONS: tuple[Compression, ...] = ("gzip", "none")  # the specification's values
 SERVICE_NAME = "zmq-exporter"
 
 _HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
@@ -42,20 +49,40 @@ def check_protocol(value: str) -> Protocol:
     return value
 
 
+def check_compression(value: str) -> Compression:
+    text = value.strip().lower()
+    if text not in COMPRESSIONS:
+        raise ValueError(f"unknown OTLP compression {value!r} (expected gzip or none)")
+    return text
+
+
 def check_endpoint(value: str) -> str:
-    """An OTLP endpoint is an absolute http(s) URL with a host: `http://collector:4317`."""
+    """An OTLP endpoint is an absolute http(s) URL with a host (`http://collector:4317`),
+    or, for gRPC only (checked once the protocol is known), `host:port` without a scheme."""
+    schemeless = "://" not in value
     try:
-        parts = urlsplit(value)
+        # `collector:4317` would parse as scheme `collector`; as `//collector:4317` it is a host.
+        parts = urlsplit("//" + value if schemeless else value)
         port = parts.port  # raises ValueError on a non-numeric or out-of-range port
     except ValueError as err:
         raise ValueError(f"malformed OTLP endpoint {value!r}: {err}") from None
-    if parts.scheme not in ("http", "https") or not parts.hostname:
+    if schemeless:
+        if not parts.hostname or port is None or parts.path or parts.query or parts.fragment:
+            raise ValueError(
+                f"malformed OTLP endpoint {value!r} (expected http://host:port, "
+                "https://host:port or, for gRPC, host:port)"
+            )
+    elif parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(
             f"malformed OTLP endpoint {value!r} (expected http://host:port or https://host:port)"
         )
     if port == 0 or any(c.isspace() for c in value):
         raise ValueError(f"malformed OTLP endpoint {value!r}")
     return value
+
+
+def has_scheme(endpoint: str) -> bool:
+    return "://" in endpoint
 
 
 def _check_headers(value: dict[str, str]) -> dict[str, str]:
@@ -75,6 +102,7 @@ def _positive_duration(value: object) -> float:
 
 
 OtlpProtocol = Annotated[str, AfterValidator(check_protocol)]
+OtlpCompression = Annotated[str, AfterValidator(check_compression)]
 OtlpEndpoint = Annotated[str, AfterValidator(check_endpoint)]
 Headers = Annotated[dict[str, str], AfterValidator(_check_headers)]
 PositiveDuration = Annotated[float, BeforeValidator(_positive_duration)]
@@ -90,6 +118,8 @@ class OtlpConfig(BaseModel):
     protocol: OtlpProtocol | None = None  # OTEL_EXPORTER_OTLP_PROTOCOL
     endpoint: OtlpEndpoint | None = None  # OTEL_EXPORTER_OTLP_ENDPOINT (base URL)
     metrics_endpoint: OtlpEndpoint | None = None  # OTEL_EXPORTER_OTLP_METRICS_ENDPOINT (full)
+    insecure: bool | None = None  # OTEL_EXPORTER_OTLP_INSECURE (gRPC host:port endpoints)
+    compression: OtlpCompression | None = None  # OTEL_EXPORTER_OTLP_COMPRESSION
     headers: Headers = {}  # OTEL_EXPORTER_OTLP_HEADERS
     interval: PositiveDuration | None = None  # OTEL_METRIC_EXPORT_INTERVAL
     timeout: PositiveDuration | None = None  # OTEL_EXPORTER_OTLP_TIMEOUT
@@ -102,11 +132,31 @@ class OtlpSettings:
     """What the OTLP exporter is built from, every value resolved."""
 
     protocol: Protocol
-    endpoint: str  # the URL handed to the exporter (for HTTP: including /v1/metrics)
+    # What the exporter is given: for HTTP the full URL (with /v1/metrics); for gRPC a URL
+    # or `host:port`.
+    endpoint: str
     headers: dict[str, str] = field(default_factory=dict)
     interval: float = DEFAULT_INTERVAL
-    timeout: float = DEFAULT_TIMEOUT
+    timeout: float = DEFAULT_TIMEOUT  # the exporter's, its retries included
     resource: dict[str, str] = field(default_factory=dict)
+    compression: Compression = "none"
+    # gRPC `host:port` endpoints: plaintext instead of TLS (see `plaintext`).
+    insecure: bool = False
+    export_timeout: float = DEFAULT_EXPORT_TIMEOUT  # OTEL_METRIC_EXPORT_TIMEOUT
+
+    @property
+    def plaintext(self) -> bool:
+        """gRPC transport security, the specification's rule: the scheme decides where there
+        is one (http: plaintext, https: TLS), else `insecure`."""
+        if has_scheme(self.endpoint):
+            return self.endpoint.startswith("http://")
+        return self.insecure
+
+    @property
+    def export_deadline(self) -> float:
+        """Seconds one export may take, retries included: the exporter's timeout, bounded
+        by the reader's export timeout."""
+        return min(self.timeout, self.export_timeout)
 
 
 class OtlpEnvError(ConfigError):
@@ -123,12 +173,14 @@ def resolve_otlp(
     config: OtlpConfig | None,
     env: Mapping[str, str],
     warn: list[str] | None = None,
+    file: str = "config",
 ) -> OtlpSettings | None:
     """Merge the YAML section (wins) with the environment; None when OTLP is off.
 
     Environment variables are only read (and checked) when OTLP is on. Messages about
-    ignored values are appended to `warn`."""
-    if not _enabled(config, env, warn if warn is not None else []):
+    ignored values are appended to `warn`. `file` names the config file in errors."""
+    warnings: list[str] = warn if warn is not None else []
+    if not _enabled(config, env, warnings):
         return None
     yaml = config if config is not None else OtlpConfig()
 
@@ -140,7 +192,15 @@ def resolve_otlp(
         protocol = _env(name, raw, check_protocol) if raw else DEFAULT_PROTOCOL
     proto = check_protocol(protocol)
 
-    endpoint = _endpoint(yaml, env, proto)
+    endpoint = _endpoint(yaml, env, proto, file)
+    insecure = _insecure(yaml, env, proto, endpoint, warnings)
+    compression = yaml.compression
+    if compression is None:
+        name, raw = _first(
+            env, "OTEL_EXPORTER_OTLP_METRICS_COMPRESSION", "OTEL_EXPORTER_OTLP_COMPRESSION"
+        )
+        compression = _env(name, raw, check_compression) if raw else "none"
+    compression = check_compression(compression)
 
     headers: dict[str, str] = {}
     name, raw = _first(env, "OTEL_EXPORTER_OTLP_METRICS_HEADERS", "OTEL_EXPORTER_OTLP_HEADERS")
@@ -160,6 +220,10 @@ def resolve_otlp(
     if timeout is None:
         name, raw = _first(env, "OTEL_EXPORTER_OTLP_METRICS_TIMEOUT", "OTEL_EXPORTER_OTLP_TIMEOUT")
         timeout = _env(name, raw, _millis) if raw else DEFAULT_TIMEOUT
+    raw = env.get("OTEL_METRIC_EXPORT_TIMEOUT", "").strip()
+    export_timeout = (
+        _env("OTEL_METRIC_EXPORT_TIMEOUT", raw, _millis) if raw else DEFAULT_EXPORT_TIMEOUT
+    )
 
     resource = {
         "service.name": SERVICE_NAME,
@@ -176,44 +240,95 @@ def resolve_otlp(
     if yaml.service_name:
         resource["service.name"] = yaml.service_name
 
-    return OtlpSettings(proto, endpoint, headers, interval, timeout, resource)
+    return OtlpSettings(
+        proto,
+        endpoint,
+        headers,
+        interval,
+        timeout,
+        resource,
+        compression=compression,
+        insecure=insecure,
+        export_timeout=export_timeout,
+    )
 
 
 def _enabled(config: OtlpConfig | None, env: Mapping[str, str], warn: list[str]) -> bool:
     if config is not None:
-        return config.enabled
-    if env.get("OTEL_SDK_DISABLED", "").strip().lower() == "true":
+        wanted, source = config.enabled, "the otlp: section of the config file"
+    else:
+        raw = env.get("OTEL_METRICS_EXPORTER", "")
+        names = [n.strip().lower() for n in raw.split(",") if n.strip()]
+        for unsupported in sorted(set(names) - {"otlp", "prometheus", "none"}):
+            warn.append(
+                f"OTEL_METRICS_EXPORTER: exporter {unsupported!r} is not supported here and is "
+                "ignored (supported: otlp; Prometheus is always served on the web port)"
+            )
+        wanted, source = "otlp" in names, "OTEL_METRICS_EXPORTER=otlp"
+    if wanted and _env_bool(env, "OTEL_SDK_DISABLED", warn):
+        # The specification: the SDK is a no-op for every signal. It wins, but not silently.
+        warn.append(f"OTLP push is off: OTEL_SDK_DISABLED=true wins over {source}")
         return False
-    raw = env.get("OTEL_METRICS_EXPORTER", "")
-    names = [n.strip().lower() for n in raw.split(",") if n.strip()]
-    for unsupported in sorted(set(names) - {"otlp", "prometheus", "none"}):
-        warn.append(
-            f"OTEL_METRICS_EXPORTER: exporter {unsupported!r} is not supported here and is "
-            "ignored (supported: otlp; Prometheus is always served on the web port)"
-        )
-    return "otlp" in names
+    return wanted
 
 
-def _endpoint(yaml: OtlpConfig, env: Mapping[str, str], protocol: Protocol) -> str:
+def _endpoint(yaml: OtlpConfig, env: Mapping[str, str], protocol: Protocol, file: str) -> str:
     """Signal-specific endpoints are used as written; a base endpoint gets `/v1/metrics`
-    appended for HTTP (the specification's rule). gRPC uses scheme, host and port."""
-    if yaml.metrics_endpoint:
-        return yaml.metrics_endpoint
-    if yaml.endpoint:
-        return _with_signal_path(yaml.endpoint, protocol)
-    raw = env.get("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", "").strip()
-    if raw:
-        return _env("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", raw, check_endpoint)
-    raw = env.get("OTEL_EXPORTER_OTLP_ENDPOINT", "").strip()
-    if raw:
-        return _with_signal_path(_env("OTEL_EXPORTER_OTLP_ENDPOINT", raw, check_endpoint), protocol)
+    appended for HTTP (the specification's rule). gRPC uses scheme, host and port, and also
+    takes `host:port`; HTTP needs the scheme."""
+    for key, value in (("metrics_endpoint", yaml.metrics_endpoint), ("endpoint", yaml.endpoint)):
+        if value:
+            if protocol != "grpc" and not has_scheme(value):
+                raise ConfigError(file, None, ("otlp", key), _needs_scheme(value))
+            return value if key == "metrics_endpoint" else _with_signal_path(value, protocol)
+    for name in ("OTEL_EXPORTER_OTLP_METRICS_ENDPOINT", "OTEL_EXPORTER_OTLP_ENDPOINT"):
+        raw = env.get(name, "").strip()
+        if raw:
+            value = _env(name, raw, check_endpoint)
+            if protocol != "grpc" and not has_scheme(value):
+                raise OtlpEnvError(name, raw, _needs_scheme(value))
+            return (
+                value if name.endswith("METRICS_ENDPOINT") else _with_signal_path(value, protocol)
+            )
     return _with_signal_path(DEFAULT_ENDPOINTS[protocol], protocol)
+
+
+def _needs_scheme(value: str) -> str:
+    return (
+        f"OTLP/HTTP endpoint {value!r} has no scheme (expected http://host:port or "
+        "https://host:port; host:port alone is for protocol grpc)"
+    )
 
 
 def _with_signal_path(base: str, protocol: Protocol) -> str:
     if protocol == "grpc":
         return base
     return base.rstrip("/") + "/v1/metrics"
+
+
+def _insecure(
+    yaml: OtlpConfig, env: Mapping[str, str], protocol: Protocol, endpoint: str, warn: list[str]
+) -> bool:
+    """`insecure` for a gRPC `host:port` endpoint: the file, then
+    OTEL_EXPORTER_OTLP_[METRICS_]INSECURE, false by default. With a scheme, or over HTTP,
+    the scheme decides (`OtlpSettings.plaintext`) and the variables are not read."""
+    if has_scheme(endpoint):
+        return False
+    if yaml.insecure is not None:
+        return yaml.insecure
+    name, _ = _first(env, "OTEL_EXPORTER_OTLP_METRICS_INSECURE", "OTEL_EXPORTER_OTLP_INSECURE")
+    return _env_bool(env, name, warn) if protocol == "grpc" else False
+
+
+def _env_bool(env: Mapping[str, str], name: str, warn: list[str]) -> bool:
+    """The specification's boolean: only `true` (any case) is true; a value other than
+    true, false or empty is read as false with a warning."""
+    raw = env.get(name, "").strip()
+    if raw.lower() == "true":
+        return True
+    if raw and raw.lower() != "false":
+        warn.append(f"environment variable {name}={raw!r} is not true or false; read as false")
+    return False
 
 
 def _first(env: Mapping[str, str], *names: str) -> tuple[str, str]:
