@@ -7,10 +7,8 @@ sockets, so a bad file changes nothing.
 from __future__ import annotations
 
 import re
-import types
 import typing
 from dataclasses import dataclass, field
-from typing import Any
 
 import pydantic
 import zmq
@@ -19,6 +17,7 @@ from exporter.config.cardinality import estimate_series
 from exporter.config.durations import format_millis, to_millis
 from exporter.config.errors import ConfigError, Path, shown
 from exporter.config.files import CONFIG_MAX_BYTES, KEY_MAX_BYTES, FileProblem, read_limited
+from exporter.config.messages import first_problem
 from exporter.config.model import (
     Config,
     GlobalConfig,
@@ -77,9 +76,8 @@ def parse_config(text: str, file: str) -> Settings:
     try:
         model = Config.model_validate(data)
     except pydantic.ValidationError as err:
-        first = err.errors(include_url=False)[0]
-        path = tuple(first["loc"])
-        raise ConfigError(file, line_of(lines, path), path, _message(first)) from None
+        path, text = first_problem(err, Config, is_secret)
+        raise ConfigError(file, line_of(lines, path), path, text) from None
     return _resolve(model, file, lines)
 
 
@@ -292,79 +290,3 @@ def _events_mask(names: list[str]) -> int:
     for name in names:
         mask |= int(EVENT_BY_NAME[name])
     return mask
-
-
-# ---------------------------------------------------------------------------------------
-# pydantic error -> one readable message
-
-_TYPE_WORDS = {
-    "string_type": "a string",
-    "int_type": "an integer",
-    "int_from_float": "an integer",
-    "bool_type": "true or false",
-    "list_type": "a list",
-    "dict_type": "a mapping",
-    "model_type": "a mapping",
-    "model_attributes_type": "a mapping",
-    "float_type": "a number",
-}
-
-
-def _message(error: Any) -> str:
-    kind = error["type"]
-    value = error.get("input")
-    secret = is_secret(tuple(error["loc"]))
-    if kind == "extra_forbidden":
-        allowed = _allowed_keys(tuple(error["loc"][:-1]))
-        hint = f" (expected one of: {', '.join(allowed)})" if allowed else ""
-        return f"unknown key{hint}"
-    if kind == "missing":
-        return "required key is missing"
-    if kind in _TYPE_WORDS:
-        got = f"{_kind(value)} (value not shown)" if secret else _describe(value)
-        return f"expected {_TYPE_WORDS[kind]}, got {got}"
-    # pydantic's own messages and our validators' never quote the input.
-    return str(error["msg"]).removeprefix("Value error, ")
-
-
-def _kind(value: object) -> str:
-    if isinstance(value, dict):
-        return "a mapping"
-    if isinstance(value, list):
-        return "a list"
-    return type(value).__name__
-
-
-def _describe(value: object) -> str:
-    if value is None:
-        return "nothing (null)"
-    if isinstance(value, dict | list):
-        return _kind(value)
-    return f"{type(value).__name__} {shown(value)}"
-
-
-def _allowed_keys(loc: tuple[Any, ...]) -> list[str]:
-    """The keys a mapping at `loc` accepts, found by walking the model classes."""
-    model: Any = Config
-    for part in loc:
-        if isinstance(part, int):
-            continue
-        fields = model.model_fields
-        name = next((n for n, f in fields.items() if (f.alias or n) == part), None)
-        if name is None:
-            return []
-        model = _model_in(fields[name].annotation)
-        if model is None:
-            return []
-    return [f.alias or n for n, f in model.model_fields.items()]
-
-
-def _model_in(annotation: Any) -> type[pydantic.BaseModel] | None:
-    if isinstance(annotation, type) and issubclass(annotation, pydantic.BaseModel):
-        return annotation
-    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is not None:
-        for arg in typing.get_args(annotation):
-            found = _model_in(arg)
-            if found is not None:
-                return found
-    return None
