@@ -26,8 +26,10 @@ from dataclasses import dataclass
 
 import zmq
 
-from bench.common import BACKLOG, BenchEngine, LoadGen, free_port
+from bench.common import BACKLOG, BenchEngine
 from exporter.engine import COALESCE_SECONDS
+
+from testkit import LoadGen, free_port
 
 MARGIN = 0.1  # of each window, left out at both ends (load process switching over)
 

@@ -1,28 +1,28 @@
-"""Shared pieces of the benchmarks: the load process, per-thread CPU clocks, ports and an
-in-process engine built from a YAML config like the daemon's."""
+"""Shared pieces of the benchmarks: per-thread CPU clocks, the fd limit and an in-process
+engine built from a YAML config like the daemon's (ports, waiting and the load process
+come from testkit.py, shared with the tests)."""
 
 from __future__ import annotations
 
-import json
 import os
-import random
 import resource
-import socket
-import subprocess
-import sys
 import tempfile
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
-from pathlib import Path
 
 import zmq
 
 from exporter.config import Settings, parse_config
 from exporter.engine import COALESCE_SECONDS, Engine
 
-LOADGEN = Path(__file__).with_name("loadgen.py")
+from testkit import LOADGEN, LoadGen, Tally, free_port, poll_until
+
+# The helpers tests share live in testkit.py. bench/run.py and bench/soak.py still import
+# them from here, `wait_until` being testkit's non-raising `poll_until` (bench/ reports a
+# timeout as an outcome).
+wait_until = poll_until
+__all__ = ["LOADGEN", "LoadGen", "Tally", "free_port", "poll_until", "wait_until"]
 # A deep listen backlog, as a busy ROUTER should have: with libzmq's default of 100 a
 # moment of CPU contention drops SYNs and the client retransmits after 1 s.
 BACKLOG = 4096
@@ -34,20 +34,6 @@ def raise_fd_limit() -> int:
     if soft < hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     return hard
-
-
-def free_port() -> int:
-    """A free loopback port outside the kernel's ephemeral range (the load generator's
-    own source ports come from there)."""
-    for _ in range(200):
-        port = random.randint(20000, 32000)
-        with socket.socket() as probe:
-            try:
-                probe.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
-    raise RuntimeError("no free port in 20000-32000")
 
 
 def thread_cpu(thread: threading.Thread) -> Callable[[], float]:
@@ -63,15 +49,6 @@ def process_cpu() -> float:
     return t.user + t.system
 
 
-def wait_until(predicate: Callable[[], bool], timeout: float, step: float = 0.005) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(step)
-    return predicate()
-
-
 def wait_quiet(cpu: Callable[[], float], timeout: float, step: float = 0.2) -> bool:
     """Wait until a thread's CPU clock (`thread_cpu`) stops moving for `step` seconds."""
     last: float | None = None  # the first look only takes a reading
@@ -82,54 +59,7 @@ def wait_quiet(cpu: Callable[[], float], timeout: float, step: float = 0.2) -> b
         last = now
         return now == before
 
-    return wait_until(quiet, timeout, step)
-
-
-@dataclass
-class Tally:
-    completed: int
-    failed: int
-    seconds: float
-    completed_by_port: dict[int, int]
-
-
-class LoadGen:
-    """Raw TCP connect+close churn from a separate process (3 monitor events per
-    connection), with its own tally."""
-
-    def __init__(
-        self,
-        port: int | list[int],
-        count: int,
-        deadline: float,
-        rate: float = 0.0,
-        window: float = 0.0,
-        start_at: float | None = None,
-        cpus: set[int] | None = None,
-    ) -> None:
-        ports = ",".join(str(p) for p in (port if isinstance(port, list) else [port]))
-        args = [sys.executable, str(LOADGEN), "--port", ports, "--count", str(count)]
-        args += ["--deadline", str(deadline), "--connect-timeout", "1"]
-        args += ["--rate", str(rate), "--window", str(window)]
-        if start_at is not None:
-            args += ["--start-at", str(start_at)]
-        self._proc = subprocess.Popen(
-            args, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True
-        )
-        if cpus:
-            os.sched_setaffinity(self._proc.pid, cpus)
-        self._deadline = deadline + (max(0.0, start_at - time.monotonic()) if start_at else 0)
-
-    def tally(self) -> Tally:
-        out, _ = self._proc.communicate(timeout=self._deadline + 30)
-        data = json.loads(out)
-        by_port = {int(p): int(n) for p, n in data["completed_by_port"].items()}
-        return Tally(int(data["completed"]), int(data["failed"]), float(data["seconds"]), by_port)
-
-    def kill(self) -> None:
-        if self._proc.poll() is None:
-            self._proc.kill()
-            self._proc.wait()
+    return poll_until(quiet, timeout, step)
 
 
 def engine_config(storm_port: int, idle: int, ipc_dir: str) -> Settings:

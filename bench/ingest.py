@@ -18,8 +18,10 @@ import zmq
 from prometheus_client import CollectorRegistry, Counter
 from zmq.utils.monitor import recv_monitor_message
 
-from bench.common import BACKLOG, BenchEngine, LoadGen, free_port, thread_cpu, wait_until
+from bench.common import BACKLOG, BenchEngine, thread_cpu
 from exporter.sockets import attach_monitor
+
+from testkit import LoadGen, free_port, poll_until
 
 EVENTS_PER_CONNECTION = 3  # ACCEPTED, HANDSHAKE_FAILED_NO_DETAIL, DISCONNECTED
 STORM_DEADLINE = 60.0
@@ -128,11 +130,11 @@ class DiyReader(_Reader):
 
 def _storm(port: int, connections: int, events: Callable[[], int], cpu: Callable[[], float]) -> Run:
     """Churn `connections` against `port`; wait until the reader has read all events."""
-    wait_until(lambda: events() > 0, 5)  # LISTENING, before the storm
+    poll_until(lambda: events() > 0, 5)  # LISTENING, before the storm
     events0, cpu0 = events(), cpu()
     tally = LoadGen(port, connections, STORM_DEADLINE).tally()
     want = events0 + EVENTS_PER_CONNECTION * tally.completed
-    if not wait_until(lambda: events() >= want, 60):
+    if not poll_until(lambda: events() >= want, 60):
         raise RuntimeError(f"reader stopped at {events()} of {want} events")
     return Run(events() - events0, cpu() - cpu0)
 
@@ -207,7 +209,7 @@ def poller_idle_share(sockets: int, seconds: float) -> float:
     with tempfile.TemporaryDirectory(prefix="zmqx-bench-") as ipc_dir:
         reader = PollerReader(ctx, sockets, ipc_dir)
         try:
-            wait_until(lambda: reader.events >= sockets, 60)  # every LISTENING read
+            poll_until(lambda: reader.events >= sockets, 60)  # every LISTENING read
             cpu0, t0 = reader.cpu(), time.monotonic()
             time.sleep(seconds)
             return (reader.cpu() - cpu0) / (time.monotonic() - t0)
@@ -234,7 +236,7 @@ def run_overload(connections: int, bench: BenchEngine) -> Overload:
     """A burst while the reader is stalled: the engine's state lock is held for the whole
     burst, so its reader reads at most one batch and then blocks - a reader infinitely
     slower than the storm (well past 10x overload). Then every event must be counted."""
-    wait_until(lambda: bench.socket_events() > 0, 5)
+    poll_until(lambda: bench.socket_events() > 0, 5)
     before = bench.socket_events()
     started = time.monotonic()
     with bench.engine.stall_reader():  # a reader that cannot keep up
@@ -242,7 +244,7 @@ def run_overload(connections: int, bench: BenchEngine) -> Overload:
         stalled = time.monotonic() - started
     released = time.monotonic()
     generated = EVENTS_PER_CONNECTION * tally.completed
-    wait_until(lambda: bench.socket_events() - before >= generated, 60)
+    poll_until(lambda: bench.socket_events() - before >= generated, 60)
     catch_up = time.monotonic() - released
     counted = bench.socket_events() - before
     return Overload(

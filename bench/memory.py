@@ -13,8 +13,10 @@ import tempfile
 
 import zmq
 
-from bench.common import engine_config, free_port, raise_fd_limit, wait_until
+from bench.common import engine_config, raise_fd_limit
 from exporter.sockets import attach_monitor
+
+from testkit import free_port, poll_until
 
 PAGE = os.sysconf("SC_PAGE_SIZE")
 
@@ -60,7 +62,7 @@ def ours(sockets: int, ipc_dir: str) -> float:
     before = _settle()
     settings = engine_config(port, sockets - 1, ipc_dir)  # the parsed config is held too
     engine.apply(settings).result(timeout=120)
-    wait_until(lambda: engine.snapshot().stats.events >= sockets, 60)
+    poll_until(lambda: engine.snapshot().stats.events >= sockets, 60)
     engine.snapshot()  # the snapshot cache is part of what a socket costs
     after = _settle()
     engine.stop(timeout=30)

@@ -1,62 +1,30 @@
-"""Shared test helpers: free ports, polling with a deadline, a real daemon process and
-real HTTP scrapes parsed with prometheus_client's own parser."""
+"""Test helpers: a real daemon process, the CLI, real HTTP scrapes parsed with
+prometheus_client's own parser, the kernel's view of connections, process resources and
+network namespaces. Ports and waiting with a deadline come from testkit.py (shared with
+bench/)."""
 
 from __future__ import annotations
 
 import concurrent.futures
 import os
-import random
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import threading
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TypeVar
 
 from prometheus_client.parser import text_string_to_metric_families
 
-ROOT = Path(__file__).resolve().parent.parent
-T = TypeVar("T")
+from testkit import ROOT, free_port, wait_until
 
-
-_LOW, _HIGH = 20000, 32000  # below Linux's ephemeral range (32768-60999)
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port nothing listens on, picked at random below the ephemeral range: a port the
-    kernel hands out with bind(0) can be taken as the source port of any outgoing
-    connection before the daemon under test binds it, and the storm tests make 20,000."""
-    rng = random.SystemRandom()
-    for _ in range(200):
-        port = rng.randrange(_LOW, _HIGH)
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            try:
-                s.bind((host, port))
-            except OSError:
-                continue
-            return port
-    raise AssertionError("no free port found in 200 tries")
-
-
-def wait_until(
-    condition: Callable[[], T], timeout: float = 10.0, interval: float = 0.02, what: str = ""
-) -> T:
-    """Poll `condition` until it returns a truthy value; fail after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    last: T = condition()
-    while not last:
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what or condition}")
-        time.sleep(interval)
-        last = condition()
-    return last
+# free_port and wait_until are testkit's (shared with bench/); re-exported here for the
+# modules that still import them from helpers (test_otlp*.py, test_reload_under_fire.py,
+# test_faults_netns.py).
+__all__ = ["ROOT", "free_port", "wait_until"]
 
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]

@@ -28,7 +28,8 @@ from hypothesis import strategies as st
 
 from exporter.config.yamlnodes import load_with_lines
 
-from helpers import ROOT, Daemon, free_port
+from helpers import ROOT, Daemon
+from testkit import free_port
 
 MEMORY_LIMIT = 1024**3  # per worker: a billion laughs that got through would hit this
 EXAMPLE_TIMEOUT = 10.0  # seconds per example in the worker

@@ -17,7 +17,8 @@ import zmq
 from exporter.config import ConfigError, load_config, parse_config
 from exporter.sockets import close_socket, open_socket
 
-from helpers import ROOT, Daemon, free_port, http_post, run_cli, total, wait_until
+from helpers import ROOT, Daemon, http_post, run_cli, total
+from testkit import free_port, wait_until
 
 GIB = 1024**3
 
@@ -414,7 +415,7 @@ def test_every_limit_value_that_passes_the_check_starts_and_accepts(tmp_path: Pa
         ctx.term()
     # ...and as a daemon that a peer can connect to (keepalive options apply per connection).
     with Daemon(text) as daemon:
-        peer = zmq.Context.instance().socket(zmq.DEALER)
+        peer: zmq.Socket[bytes] = zmq.Context.instance().socket(zmq.DEALER)
         peer.setsockopt(zmq.LINGER, 0)
         try:
             peer.connect(f"tcp://127.0.0.1:{port}")

@@ -9,31 +9,13 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 import zmq
 import zmq.auth
 
-from helpers import (
-    Daemon,
-    established,
-    free_port,
-    http_get,
-    parse_metrics,
-    run_cli,
-    total,
-    value,
-    wait_until,
-)
-
-
-@pytest.fixture
-def ctx() -> Iterator[zmq.Context[zmq.Socket[bytes]]]:
-    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-    yield context
-    context.destroy(linger=0)
+from helpers import Daemon, established, http_get, parse_metrics, run_cli, total, value
+from testkit import free_port, wait_until
 
 
 def router_config(port: int, extra: str = "") -> str:
@@ -206,12 +188,10 @@ sockets:
             )
             m = daemon.scrape()
             assert value(m, "zmq_listening", socket="blocked", endpoint=busy) == 0
-            assert (
-                value(
-                    m, "zmq_bind_failed_total", socket="blocked", endpoint=busy, errno="EADDRINUSE"
-                )
-                >= 2
-            )  # type: ignore[operator]
+            failed = value(
+                m, "zmq_bind_failed_total", socket="blocked", endpoint=busy, errno="EADDRINUSE"
+            )
+            assert failed is not None and failed >= 2, failed
             # The other socket is unaffected: listening and accepting.
             assert value(m, "zmq_listening", socket="fine") == 1
             dealer = ctx.socket(zmq.DEALER)
@@ -266,16 +246,14 @@ sockets:
 
         wait_until(storm_visible, timeout=20, what="handshake failures and reconnect loop")
         m = daemon.scrape()
-        assert (
-            value(
-                m,
-                "zmq_handshake_failed_total",
-                socket="curve-server",
-                reason="protocol",
-                error="zmtp_cryptographic",
-            )
-            >= 3
-        )  # type: ignore[operator]
+        failed = value(
+            m,
+            "zmq_handshake_failed_total",
+            socket="curve-server",
+            reason="protocol",
+            error="zmtp_cryptographic",
+        )
+        assert failed is not None and failed >= 3, failed
         assert total(m, "zmq_handshake_failed_total", socket="curve-client") >= 3
         assert value(m, "zmq_handshake_succeeded_total", socket="curve-server") == 0
         assert value(m, "zmq_connected_total", socket="curve-client") >= 3  # type: ignore[operator]

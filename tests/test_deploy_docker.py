@@ -19,7 +19,8 @@ import pytest
 import yaml
 from test_deploy_tools import check, run, tool
 
-from helpers import ROOT, free_port, http_get, wait_until
+from helpers import ROOT, http_get
+from testkit import free_port, wait_until
 
 DOCKERFILE = ROOT / "Dockerfile"
 CONFIG_IN_IMAGE = "/etc/zmq-exporter/config.yml"

@@ -35,7 +35,8 @@ import pytest
 import yaml
 from test_deploy_tools import DEPLOY, tool
 
-from helpers import Daemon, free_port, http_get, value, wait_until
+from helpers import Daemon, http_get, value
+from testkit import free_port, wait_until
 
 pytestmark = pytest.mark.slow
 

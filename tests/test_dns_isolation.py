@@ -30,7 +30,8 @@ import zmq
 from exporter.config import SocketSpec, parse_config
 from exporter.contexts import CONTEXT_FDS, BindNames, ContextPool, context_fds, dns_names
 
-from helpers import ROOT, Daemon, free_port, value, wait_until
+from helpers import ROOT, Daemon, value
+from testkit import free_port, wait_until
 
 DEAD = "nonexistent.zmq-exporter.test"  # not in /etc/hosts: only DNS could answer
 RESOLVER = "10.99.53.53"  # inside the namespace, routed to a veth where nothing answers

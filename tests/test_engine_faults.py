@@ -20,7 +20,6 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +27,8 @@ import pytest
 import zmq
 
 import exporter.engine as engine_module
+import exporter.sockets as sockets_module
+import exporter.state as state_module
 from exporter.config import parse_config
 from exporter.daemon import FD_RESERVE
 from exporter.engine import (
@@ -40,14 +41,8 @@ from exporter.engine import (
 from exporter.events import Event
 from exporter.fdbudget import BASE_FDS, FDS_PER_SOCKET
 
-from helpers import ROOT, Daemon, free_port, http_get, parse_metrics, value, wait_until
-
-
-@pytest.fixture
-def ctx() -> Iterator[zmq.Context[zmq.Socket[bytes]]]:
-    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-    yield context
-    context.destroy(linger=0)
+from helpers import ROOT, Daemon, http_get, parse_metrics, value
+from testkit import free_port, wait_until
 
 
 def settings_of(text: str) -> Any:
@@ -118,7 +113,7 @@ def test_a_failing_socket_is_counted_and_the_others_go_on(
     ctx: zmq.Context[zmq.Socket[bytes]], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     good, bad = free_port(), free_port()
-    real_apply_event = engine_module.apply_event
+    real_apply_event = state_module.apply_event  # what the engine calls
 
     def apply_event(state: Any, *args: Any) -> None:
         if state.name == "bad":
@@ -274,7 +269,7 @@ def test_apply_that_fails_changes_nothing(
                 options: {{sndhwm: 5}}
               - {{name: added, type: PULL, bind: ["tcp://127.0.0.1:{free_port()}"]}}
             """)
-        real_open = engine_module.open_socket
+        real_open = sockets_module.open_socket  # what the engine calls
 
         def open_socket(context: Any, spec: Any) -> Any:
             if spec.name == "added":
@@ -399,7 +394,7 @@ def test_fd_budget_refuses_start_check_and_reload_that_cannot_fit(tmp_path: Path
     config = tmp_path / "config.yml"
     config.write_text(many_sockets(start_count))
     web = f"http://127.0.0.1:{free_port()}"
-    proc = subprocess.Popen(
+    daemon = subprocess.Popen(
         [sys.executable, "-m", "exporter", f"--config.file={config}",
          f"--web.listen-address={web.removeprefix('http://')}"],
         cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -407,7 +402,7 @@ def test_fd_budget_refuses_start_check_and_reload_that_cannot_fit(tmp_path: Path
     )  # fmt: skip
 
     def ready() -> bool:
-        assert proc.poll() is None, "daemon exited"
+        assert daemon.poll() is None, "daemon exited"
         try:
             return http_get(web + "/-/ready", timeout=1).startswith("Ready")
         except OSError:
@@ -429,8 +424,8 @@ def test_fd_budget_refuses_start_check_and_reload_that_cannot_fit(tmp_path: Path
         samples = parse_metrics(http_get(web + "/metrics"))
         assert value(samples, "zmq_exporter_sockets") == start_count + 5
     finally:
-        proc.terminate()
-        assert proc.wait(10) == 0
+        daemon.terminate()
+        assert daemon.wait(10) == 0
 
 
 def test_sighup_storm_thread_safety_of_pending_commands(

@@ -25,7 +25,8 @@ from exporter.events import ERRNO_EVENTS
 from exporter.render.rows import SOCKET_FAMILIES, socket_rows
 from exporter.state import SocketState, snapshot_socket
 
-from helpers import ROOT, Daemon, free_port, http_get
+from helpers import ROOT, Daemon, http_get
+from testkit import free_port
 
 README = (ROOT / "README.md").read_text()
 OPENMETRICS = "application/openmetrics-text; version=1.0.0; charset=utf-8"

@@ -14,7 +14,6 @@ import tempfile
 import textwrap
 import time
 import zlib
-from collections.abc import Iterator
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -23,16 +22,10 @@ import zmq
 
 from exporter import __version__
 
-from helpers import Daemon, free_port, value, wait_until
+from helpers import Daemon, value
+from testkit import free_port, wait_until
 
 SOCKETS = 1000  # the default limits.max_sockets: creating them takes long enough to watch
-
-
-@pytest.fixture
-def ctx() -> Iterator[zmq.Context[zmq.Socket[bytes]]]:
-    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-    yield context
-    context.destroy(linger=0)
 
 
 def status_of(port: int, path: str) -> int | None:

@@ -9,10 +9,8 @@ import socket
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 import zmq
 
 from exporter import metrics
@@ -20,14 +18,8 @@ from exporter.config import parse_config
 from exporter.config.cardinality import FIXED_SERIES, estimate_series
 from exporter.events import HANDSHAKE_REASONS, ZAP_STATUS, ZMTP_ERRORS
 
-from helpers import ROOT, Daemon, free_port, value, wait_until
-
-
-@pytest.fixture
-def ctx() -> Iterator[zmq.Context[zmq.Socket[bytes]]]:
-    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-    yield context
-    context.destroy(linger=0)
+from helpers import ROOT, Daemon, value
+from testkit import free_port, wait_until
 
 
 def run(config: Path, *args: str) -> subprocess.CompletedProcess[str]:

@@ -10,22 +10,15 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
 
 import pytest
 import zmq
 
-from helpers import Daemon, Samples, established, free_port, total, value, wait_until
+from helpers import Daemon, Samples, established, total, value
+from testkit import free_port, wait_until
 
 DEALERS = 20
 RELOADS = 20
-
-
-@pytest.fixture
-def ctx() -> Iterator[zmq.Context[zmq.Socket[bytes]]]:
-    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-    yield context
-    context.destroy(linger=0)
 
 
 def post(url: str, timeout: float = 10.0) -> tuple[int, str]:
@@ -139,16 +132,12 @@ def test_twenty_reloads_under_traffic(ctx: zmq.Context[zmq.Socket[bytes]]) -> No
             started = time.monotonic()
             if index % 2 == 0:
                 daemon.proc.send_signal(signal.SIGHUP)
-                wait_until(
-                    lambda s=stamp: (
-                        value(
-                            daemon.scrape(),
-                            "zmq_exporter_config_last_reload_success_timestamp_seconds",
-                        )
-                        != s
-                    ),
-                    what=f"SIGHUP reload {index}: {daemon.logs()[-3000:]}",
-                )
+
+                def reloaded(before: float | None = stamp) -> bool:
+                    name = "zmq_exporter_config_last_reload_success_timestamp_seconds"
+                    return value(daemon.scrape(), name) != before
+
+                wait_until(reloaded, what=f"SIGHUP reload {index}: {daemon.logs()[-3000:]}")
             else:
                 status, text = post(daemon.url + "/-/reload")
                 assert status == 200, text
@@ -172,8 +161,12 @@ def test_twenty_reloads_under_traffic(ctx: zmq.Context[zmq.Socket[bytes]]) -> No
             else:
                 assert not extra, extra
             assert value(m, "zmq_exporter_sockets") == (3 if variant == "b" else 2)
+
             # Changed socket: recreated (the peer sees a new connection), counters restart.
-            wait_until(lambda n=index: peer_accepts() == n + 2, what=f"side recreated {index}")
+            def recreated(want: int = index + 2) -> bool:
+                return peer_accepts() == want
+
+            wait_until(recreated, what=f"side recreated {index}")
             wait_until(
                 lambda: value(daemon.scrape(), "zmq_connected_total", socket="side") == 1,
                 what="side connected again, counter restarted at 1",

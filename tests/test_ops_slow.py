@@ -9,22 +9,14 @@ import socket
 import textwrap
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 import zmq
 
-from helpers import Daemon, free_port, http_get, value, wait_until
+from helpers import Daemon, http_get, value
+from testkit import free_port, wait_until
 
 HEADER_TIMEOUT = 10.0  # exporter.web.HEADER_TIMEOUT
-
-
-@pytest.fixture
-def ctx() -> Iterator[zmq.Context[zmq.Socket[bytes]]]:
-    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-    yield context
-    context.destroy(linger=0)
 
 
 def router_config(port: int) -> str:

@@ -21,7 +21,8 @@ from pki import Pki, make_pki
 
 from exporter.web import MAX_CONNECTIONS
 
-from helpers import ROOT, Daemon, free_port, parse_metrics, value, wait_until
+from helpers import ROOT, Daemon, parse_metrics, value
+from testkit import free_port, wait_until
 
 CONFIG = textwrap.dedent("""\
     sockets:

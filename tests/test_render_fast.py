@@ -44,7 +44,8 @@ from exporter.state import (
 from exporter.state import snapshot_socket as snap_of
 from exporter.web import WebApp
 
-from helpers import Daemon, free_port, http_get, wait_until
+from helpers import Daemon, http_get
+from testkit import free_port, wait_until
 
 BIND = "tcp://127.0.0.1:5555"
 CONNECT = "tcp://127.0.0.1:5556"
@@ -70,7 +71,8 @@ def reference(sockets: tuple[SocketSnapshot, ...], openmetrics: bool) -> bytes:
     """What the encoder path writes for the socket families."""
     families = list(render_sockets(sockets))
     if openmetrics:
-        return generate_openmetrics(_Families(families)).removesuffix(b"# EOF\n")
+        text: bytes = generate_openmetrics(_Families(families))
+        return text.removesuffix(b"# EOF\n")
     return generate_latest(_Families(for_text_format(families)))
 
 

@@ -10,7 +10,7 @@ import zmq
 from exporter.config import parse_config
 from exporter.sockets import close_socket, open_socket
 
-from helpers import free_port
+from testkit import free_port
 
 
 def linger_of_close(linger: str | None) -> float:

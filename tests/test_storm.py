@@ -8,25 +8,20 @@ libzmq's default monitor wiring (unread, default HWM) shows that this test can f
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 import threading
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 
-import pytest
 import zmq
 
 from exporter.config import parse_config
 from exporter.engine import Engine
 from exporter.events import Event
 
-from helpers import ROOT, Daemon, free_port, value, wait_until
+from helpers import Daemon, value
+from testkit import LoadGen, free_port, wait_until
 
 STORM = 20_000
-LOADGEN = str(ROOT / "bench" / "loadgen.py")
 # A deep listen backlog, as a busy ROUTER should have: with libzmq's default of 100, a
 # moment of CPU contention fills the accept queue and the kernel drops SYNs (the client
 # retransmits after 1 s) - a property of the listener, not of monitoring.
@@ -39,49 +34,23 @@ sockets:
 """
 
 
-def start_loadgen(port: int, count: int, deadline: float) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [
-            sys.executable,
-            LOADGEN,
-            "--port",
-            str(port),
-            "--count",
-            str(count),
-            "--deadline",
-            str(deadline),
-            "--connect-timeout",
-            "1",
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
-        stdin=subprocess.DEVNULL,
-    )
-
-
-def tally_of(proc: subprocess.Popen[str], timeout: float) -> dict[str, float]:
-    out, _ = proc.communicate(timeout=timeout)
-    assert proc.returncode == 0
-    return dict(json.loads(out))
-
-
 def test_daemon_counts_a_20k_storm_exactly() -> None:
     port = free_port()
     config = STORM_CONFIG.format(port=port)
     with Daemon(config) as daemon:
-        tally = tally_of(start_loadgen(port, STORM, deadline=120), timeout=180)
-        assert tally["completed"] == STORM, tally
+        tally = LoadGen(port, STORM, deadline=120).tally()
+        assert tally.completed == STORM, tally
 
         def settled() -> bool:
             m = daemon.scrape()
             return (
-                value(m, "zmq_accepted_total", socket="storm") == tally["completed"]
-                and value(m, "zmq_disconnected_total", socket="storm") == tally["completed"]
+                value(m, "zmq_accepted_total", socket="storm") == tally.completed
+                and value(m, "zmq_disconnected_total", socket="storm") == tally.completed
             )
 
         wait_until(settled, timeout=60, interval=0.2, what="counters equal the tally")
         m = daemon.scrape()
-        assert value(m, "zmq_accepted_total", socket="storm") == tally["completed"]
+        assert value(m, "zmq_accepted_total", socket="storm") == tally.completed
         assert value(m, "zmq_connections", socket="storm") == 0
         assert value(m, "zmq_exporter_events_processed_total") >= 2 * STORM  # type: ignore[operator]
 
@@ -135,13 +104,6 @@ class PingPong:
             client.close(linger=0)
 
 
-@pytest.fixture
-def ctx() -> Iterator[zmq.Context[zmq.Socket[bytes]]]:
-    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-    yield context
-    context.destroy(linger=0)
-
-
 def test_in_process_storm_never_stalls_the_context(
     ctx: zmq.Context[zmq.Socket[bytes]],
 ) -> None:
@@ -158,7 +120,7 @@ def test_in_process_storm_never_stalls_the_context(
         engine.apply(settings).result(10)
         pinger.start()
         wait_until(lambda: len(ping.rtts) >= 5, what="ping-pong running")
-        tally = tally_of(start_loadgen(port, STORM, deadline=120), timeout=180)
+        tally = LoadGen(port, STORM, deadline=120).tally()
         ping.stop.set()
         pinger.join(10)
 
@@ -168,11 +130,11 @@ def test_in_process_storm_never_stalls_the_context(
             return sum(ep.counts.get(Event.ACCEPTED, 0) for ep in sock.endpoints)
 
         wait_until(
-            lambda: accepted() == tally["completed"],
+            lambda: accepted() == tally.completed,
             timeout=60,
             what=f"accepted == {tally} (now {accepted()})",
         )
-        assert tally["completed"] == STORM, tally
+        assert tally.completed == STORM, tally
         assert accepted() == STORM
         assert ping.misses == 0, f"{ping.misses} pings missed 200 ms; max rtt {max(ping.rtts)}"
         assert len(ping.rtts) >= 20
@@ -201,11 +163,11 @@ def test_control_default_monitor_wiring_stalls_the_context(
     try:
         pinger.start()
         wait_until(lambda: len(ping.rtts) >= 5, what="ping-pong running")
-        tally = tally_of(start_loadgen(port, STORM, deadline=10), timeout=60)
+        tally = LoadGen(port, STORM, deadline=10).tally()
         ping.stop.set()
         pinger.join(10)
         print(f"control: {tally}, ping misses {ping.misses}")
-        assert tally["completed"] < STORM / 2
+        assert tally.completed < STORM / 2
         assert ping.misses > 0
     finally:
         ping.stop.set()

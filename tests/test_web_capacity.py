@@ -27,7 +27,8 @@ from exporter.render.prometheus import StateCollector
 from exporter.state import EngineSnapshot, ReaderStats
 from exporter.web import MAX_CONNECTIONS, WebApp, WebServer
 
-from helpers import Daemon, free_port, parse_metrics, value, wait_until
+from helpers import Daemon, parse_metrics, value
+from testkit import free_port, wait_until
 
 # An engine with no sockets, for WebApps tested without one.
 NO_SOCKETS = StateCollector(lambda: EngineSnapshot((), ReaderStats(), True))
