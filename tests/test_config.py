@@ -4,10 +4,12 @@ file, line and key path - in-process and through `zmq-exporter --config.check`."
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
 
-from exporter.config import ConfigError, load_config, parse_config
+from exporter.config import ConfigError, Settings, load_config, parse_config
 from exporter.config.durations import parse_duration
 from exporter.events import ALL_EVENTS_MASK, Event
 
@@ -25,12 +27,60 @@ def expected(path: Path) -> str:
     return f"{path}:{first.removeprefix('# expect: ')}"
 
 
+def expected_settings(path: Path) -> dict[str, Any]:
+    """The `# expect:` block at the top of `path`: YAML in comments, up to the first line
+    that is not one. The shipped configs keep theirs in testdata/configs/shipped/."""
+    if path.parent != DATA / "good":
+        path = DATA / "shipped" / f"{path.name}.expect"
+    lines = path.read_text().splitlines()
+    assert lines[0].startswith("# expect:"), f"{path} lacks an '# expect:' header"
+    block = ["expect:"]
+    for line in lines[1:]:
+        if not line.startswith("#   "):
+            break
+        block.append(line.removeprefix("#"))
+    expect: dict[str, Any] = yaml.safe_load("\n".join(block))["expect"]
+    return expect
+
+
+def resolved(settings: Settings) -> dict[str, Any]:
+    """What the daemon gets from a config: each socket with globals merged in (options
+    unset everywhere left out), events as names, plus the global and limit settings."""
+
+    def events(mask: int) -> str | list[str]:
+        if mask == ALL_EVENTS_MASK:
+            return "all"
+        return [e.name.lower() for e in Event if mask & e]
+
+    return {
+        "global": {
+            "bind_retry_interval": settings.global_.bind_retry_interval,
+            "bind_retry_max_interval": settings.global_.bind_retry_max_interval,
+        },
+        "limits": settings.limits.model_dump(),
+        "sockets": [
+            {
+                "name": s.name,
+                "type": s.socket_type,
+                "bind": list(s.binds),
+                "connect": list(s.connects),
+                "labels": s.labels,
+                "options": s.options.model_dump(exclude_none=True),
+                "events": events(s.events_mask),
+            }
+            for s in settings.sockets
+        ],
+    }
+
+
 @pytest.mark.parametrize(
     "path", [*GOOD, ROOT / "config" / "zmq-exporter.yml", ROOT / "config" / "example.yml"], ids=str
 )
 def test_good_configs_load(path: Path) -> None:
     settings = load_config(str(path))
     assert settings.file == str(path)
+    assert resolved(settings) == expected_settings(path)
+    assert all(s.curve_secretkey is None for s in settings.sockets)
 
 
 @pytest.mark.parametrize("path", BAD, ids=lambda p: p.name)
