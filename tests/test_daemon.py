@@ -3,6 +3,8 @@ the kernel's own count of connections (/proc/net/tcp) as the independent witness
 
 from __future__ import annotations
 
+import json
+import re
 import signal
 import socket
 import subprocess
@@ -13,6 +15,8 @@ from pathlib import Path
 
 import zmq
 import zmq.auth
+
+from exporter import __version__
 
 from helpers import Daemon, established, http_get, parse_metrics, run_cli, total, value
 from testkit import free_port, wait_until
@@ -315,7 +319,7 @@ def test_openmetrics_and_text_format(ctx: zmq.Context[zmq.Socket[bytes]]) -> Non
         m = parse_metrics(text)
         assert value(m, "zmq_accepted_total", socket="backend") == 1
         build = [k for k in m if k[0] == "zmq_exporter_build_info"]
-        assert len(build) == 1 and ("version", "0.1.0") in build[0][1]
+        assert len(build) == 1 and ("version", __version__) in build[0][1]
 
 
 def test_sigterm_exits_zero_within_two_seconds(ctx: zmq.Context[zmq.Socket[bytes]]) -> None:
@@ -347,7 +351,8 @@ def test_sigterm_exits_zero_within_two_seconds(ctx: zmq.Context[zmq.Socket[bytes
 
 def test_version_and_help() -> None:
     version = run_cli("--version")
-    assert version.returncode == 0 and version.stdout.startswith("zmq-exporter 0.1.0")
+    assert version.returncode == 0
+    assert version.stdout.startswith(f"zmq-exporter {__version__}"), version.stdout
     helptext = run_cli("--help").stdout
     for flag in (
         "--config.file",
@@ -362,11 +367,23 @@ def test_version_and_help() -> None:
 
 
 def test_json_logs() -> None:
-    import json
-
+    """With --log.format=json every line the daemon writes (stdout and stderr, from start to
+    exit, debug included) is one JSON object with ts, level, logger and msg."""
     port = free_port()
     daemon = Daemon(router_config(port), args=["--log.format=json", "--log.level=debug"])
     with daemon:
-        wait_until(lambda: "listening" in daemon.logs(), what="a log line")
-    lines = [json.loads(line) for line in daemon.logs().splitlines() if line.startswith("{")]
-    assert lines and all({"ts", "level", "msg"} <= set(line) for line in lines)
+        wait_until(lambda: '"msg": "listening"' in daemon.logs(), what="the listening line")
+    assert daemon.proc is not None and daemon.proc.returncode == 0, daemon.logs()
+    records = []
+    for line in daemon.logs().splitlines():
+        record = json.loads(line)  # fails on any line that is not JSON
+        assert isinstance(record, dict), line
+        assert {"ts", "level", "logger", "msg"} <= record.keys(), line
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", record["ts"]), line
+        records.append(record)
+    by_msg = {r["msg"]: r for r in records}
+    started = by_msg["zmq-exporter started"]
+    assert started["version"] == __version__ and started["level"] == "info", started
+    assert by_msg["listening"]["port"] == daemon.port
+    assert "bind succeeded" in by_msg and by_msg["bind succeeded"]["level"] == "debug"
+    assert records[-1]["msg"] == "shutting down", records[-1]
