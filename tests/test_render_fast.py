@@ -1,15 +1,18 @@
 """Pre-rendered /metrics (`SocketText`, `WebApp` with a `StateCollector`): byte for byte
 what prometheus_client's encoders write for the same families, in both formats; lines kept
-per socket snapshot; engine snapshots reused while a socket is idle; a real scrape that
-both prometheus_client parsers and `promtool check metrics` accept."""
+per socket snapshot; engine snapshots reused while a socket is idle (seen through public
+behaviour: object identity, the renderer's `built` count, what stays alive); a real scrape
+that both prometheus_client parsers and `promtool check metrics` accept."""
 
 from __future__ import annotations
 
+import gc
 import gzip
 import math
 import socket
 import subprocess
 import textwrap
+import weakref
 from collections.abc import Callable, Iterable, Iterator
 
 import pytest
@@ -200,34 +203,37 @@ def test_sockets_added_removed_and_unchanged_lines_reused() -> None:
     first = (snap_of(a), snap_of(b))
     assert_identical(renderer, first)
     assert renderer.built == 2
-    lines_b = renderer._lines["b"][1]
 
     # b unchanged (same snapshot object), a changed, c added.
     apply_event(a, Event.DISCONNECTED, 41, BIND, 200)
     second = (snap_of(a), first[1], snap_of(c))
     assert_identical(renderer, second)
-    assert renderer.built == 4  # a and c; b's lines reused ...
-    assert renderer._lines["b"][1] is lines_b  # ... the very same objects
+    assert renderer.built == 4  # a and c; b's lines reused
 
     # Nothing changed: nothing is rendered again; rendering twice gives the same bytes.
     before = renderer.render(second)
     assert renderer.render(second) == before
     assert renderer.built == 4
 
-    # a removed: it leaves the caches; b and c stay; order follows the snapshot.
+    # a removed: the renderer lets go of it (nothing of a is kept alive); b and c stay
+    # cached; order follows the snapshot.
+    gone = weakref.ref(second[0])
     third = (second[2], second[1])
     assert_identical(renderer, third)
-    assert set(renderer._lines) == {"b", "c"} and set(renderer._labels) <= {"b", "c"}
     assert renderer.built == 4
+    del first, second, a
+    gc.collect()
+    assert gone() is None, "the renderer keeps a removed socket's snapshot alive"
+    assert renderer.render(third) == renderer.render(third) and renderer.built == 4
 
     # A new snapshot object of an unchanged socket renders again, identically.
-    fourth = (snap_of(c), second[1])
+    fourth = (snap_of(c), third[1])
     assert_identical(renderer, fourth)
     assert renderer.built == 5
 
     # Labels changed under the same name (a recreated socket): new label strings.
     c2 = SocketState("c", "PUB", {"team": "z"}, EndpointMap((BIND,), ()))
-    assert_identical(renderer, (snap_of(c2), second[1]))
+    assert_identical(renderer, (snap_of(c2), third[1]))
     assert_identical(renderer, ())
 
 
@@ -348,6 +354,9 @@ def test_engine_reuses_snapshots_of_idle_sockets() -> None:
         wait_until(listening, what="every socket listening")
         first = engine.snapshot().sockets
         assert all(a is b for a, b in zip(first, engine.snapshot().sockets, strict=True))
+        renderer = SocketText()
+        text = renderer.render(first)
+        assert renderer.render(engine.snapshot().sockets) == text and renderer.built == 3
 
         peer = socket.create_connection(("127.0.0.1", ports[1]))
         wait_until(
@@ -357,17 +366,23 @@ def test_engine_reuses_snapshots_of_idle_sockets() -> None:
         second = engine.snapshot().sockets
         assert second[0] is first[0] and second[2] is first[2]
         assert second[1] is not first[1] and second[1].events > first[1].events
+        # Only the socket that had events is rendered again; the idle ones' lines are kept.
+        assert renderer.render(second) != text and renderer.built == 4
         peer.close()
 
-        # A removed socket leaves the cache; a recreated one gets a snapshot of its own.
+        # A removed socket leaves the cache (the engine keeps nothing of it alive); a
+        # recreated one gets a snapshot of its own.
+        gone = weakref.ref(first[2])
         two_sockets = "\n".join(config.splitlines()[:3])
         engine.apply(parse_config(two_sockets, "inline.yml")).result(10)
         assert [s.name for s in engine.snapshot().sockets] == ["s0", "s1"]
-        assert set(engine._snapshots) == {"s0", "s1"}
+        del first, second, renderer
+        gc.collect()
+        assert gone() is None, "the engine keeps a removed socket's snapshot alive"
         config = config.replace("name: s2, type: ROUTER", "name: s2, type: DEALER")
         engine.apply(parse_config(config, "inline.yml")).result(10)
         third = engine.snapshot().sockets
-        assert third[2].socket_type == "DEALER" and third[2] is not first[2]
+        assert third[2].socket_type == "DEALER" and third[2].endpoints[0].role == "bind"
     finally:
         engine.stop()
         ctx.term()
