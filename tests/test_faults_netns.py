@@ -135,7 +135,7 @@ class Peer:
              str(PEER_DEALERS)],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True,
         )  # fmt: skip
-        assert self.proc.stdout is not None
+        assert self.proc.stdout is not None and self.proc.stderr is not None
         line = self.proc.stdout.readline()  # bounded: the peer prints it or dies
         assert line.strip() == "ready", f"peer did not start: {self.proc.stderr.read()}"
 
