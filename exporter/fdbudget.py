@@ -25,6 +25,8 @@ BASE_FDS = 32
 # Kept free beyond the web server's own connection cap: accepted peers, key and config
 # files read at reload, OTLP exporter connections.
 MISC_RESERVE = 64
+# The least kept free whatever the limit: a few web connections and the files a reload reads.
+MIN_RESERVE = 32
 
 
 def socket_fds(spec: SocketSpec) -> int:
@@ -64,8 +66,14 @@ def fd_budget_problem(
     in_use: int, adding: int, reserve: int, limit: int | None = None
 ) -> str | None:
     """Why `adding` more descriptors on top of `in_use` do not fit the limit with
-    `reserve` kept free, or None if they do."""
+    `reserve` kept free, or None if they do. A change that adds nothing always fits (a
+    reload must not be refused for what is running already), and under a small limit the
+    reserve shrinks to a quarter of it: the web server then evicts idle connections
+    sooner (it does on EMFILE too) rather than refusing every config."""
+    if adding <= 0:
+        return None
     limit = nofile_limit() if limit is None else limit
+    reserve = min(reserve, max(MIN_RESERVE, limit // 4))
     need = in_use + adding + reserve
     if need <= limit:
         return None

@@ -280,7 +280,8 @@ def test_apply_that_fails_changes_nothing(
         fds_before = len(os.listdir("/proc/self/fd"))
         with pytest.raises(ApplyError, match=r"'added'.*Too many open files"):
             engine.apply(changed).result(10)
-        assert len(os.listdir("/proc/self/fd")) == fds_before  # what was opened is closed
+        # What was opened is closed again (libzmq closes fds asynchronously).
+        wait_until(lambda: len(os.listdir("/proc/self/fd")) <= fds_before, what="fds back")
         snap = engine.snapshot()
         assert [s.name for s in snap.sockets] == ["keep", "change"]
         assert accepted(engine, "change") == 1
@@ -503,3 +504,20 @@ def test_probes_fail_once_the_engine_thread_ended(monkeypatch: pytest.MonkeyPatc
         assert status("/-/ready") == 503
     finally:
         daemon.stop()
+
+
+def test_fd_budget_arithmetic() -> None:
+    from exporter.fdbudget import MIN_RESERVE, fd_budget_problem
+
+    # A reload that opens nothing is never refused, whatever the limit.
+    assert fd_budget_problem(250, 0, 320, limit=256) is None
+    # The reserve shrinks to a quarter of a small limit, never below MIN_RESERVE.
+    assert fd_budget_problem(100, 92, 320, limit=256) is None  # 100 + 92 + 64
+    assert fd_budget_problem(100, 93, 320, limit=256) is not None
+    assert fd_budget_problem(10, 54, 320, limit=96) is None  # 10 + 54 + 32
+    assert fd_budget_problem(10, 55, 320, limit=96) is not None
+    assert MIN_RESERVE == 32
+    # A large limit keeps the whole reserve.
+    assert fd_budget_problem(100, 1580, 320, limit=2000) is None
+    problem = fd_budget_problem(100, 1581, 320, limit=2000)
+    assert problem is not None and "RLIMIT_NOFILE is 2000" in problem
