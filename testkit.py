@@ -1,5 +1,6 @@
 """Helpers shared by the tests (tests/) and the benchmarks (bench/): free ports, waiting
-with a deadline, and the raw TCP churn process (bench/loadgen.py) with its tally.
+with a deadline, the kernel's count of connections, and the raw TCP churn process
+(bench/loadgen.py) with its tally.
 
 It lives at the top of the repository, beside `exporter/`, `tests/` and `bench/`, because
 both import it and neither should import the other: `python -m bench` finds it on the
@@ -71,6 +72,23 @@ def wait_until(
         time.sleep(interval)
         last = condition()
     return last
+
+
+def established(port: int) -> int:
+    """ESTABLISHED TCP connections in /proc/net/tcp{,6} with local port `port`: the
+    kernel's count, independent of anything ZeroMQ tells us."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except FileNotFoundError:
+            continue
+        for line in lines:
+            fields = line.split()
+            local_port = int(fields[1].rsplit(":", 1)[1], 16)
+            if local_port == port and fields[3] == "01":
+                count += 1
+    return count
 
 
 @dataclass

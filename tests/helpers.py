@@ -70,23 +70,6 @@ def http_get(url: str, headers: dict[str, str] | None = None, timeout: float = 5
         return str(response.read().decode())
 
 
-def established(port: int) -> int:
-    """ESTABLISHED TCP connections in /proc/net/tcp{,6} with local port `port`: the
-    kernel's count, independent of anything ZeroMQ tells us."""
-    count = 0
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            lines = Path(table).read_text().splitlines()[1:]
-        except FileNotFoundError:
-            continue
-        for line in lines:
-            fields = line.split()
-            local_port = int(fields[1].rsplit(":", 1)[1], 16)
-            if local_port == port and fields[3] == "01":
-                count += 1
-    return count
-
-
 @dataclass
 class Daemon:
     """A real `zmq-exporter` process on a config written to a temp file."""

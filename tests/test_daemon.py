@@ -18,8 +18,8 @@ import zmq.auth
 
 from exporter import __version__
 
-from helpers import Daemon, established, http_get, parse_metrics, run_cli, total, value
-from testkit import free_port, wait_until
+from helpers import Daemon, http_get, parse_metrics, run_cli, total, value
+from testkit import established, free_port, wait_until
 
 
 def router_config(port: int, extra: str = "") -> str:

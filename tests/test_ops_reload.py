@@ -14,8 +14,8 @@ import urllib.request
 import pytest
 import zmq
 
-from helpers import Daemon, Samples, established, total, value
-from testkit import free_port, wait_until
+from helpers import Daemon, Samples, total, value
+from testkit import established, free_port, wait_until
 
 DEALERS = 20
 RELOADS = 20
