@@ -3,7 +3,7 @@
 No sockets, no clocks, no locks: callers pass the time and serialise access. Everything
 the renderers (Prometheus, OTLP, status page) show is read from a `Snapshot` of this state.
 
-Two traps shape it (see shared/zmq-monitor-facts.md):
+Two traps shape it (measured in docs/monitor-facts.md):
 - Live connections are the *set* of live fds per endpoint, never +1/-1 arithmetic:
   CLOSED fires for failed connects and for listeners too, and a socket closed by its own
   application sends MONITOR_STOPPED instead of DISCONNECTED for each connection.

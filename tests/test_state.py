@@ -1,5 +1,5 @@
 """The reducer, without a network: every event type and every sequence measured in
-shared/zmq-monitor-facts.md."""
+docs/monitor-facts.md."""
 
 from __future__ import annotations
 
