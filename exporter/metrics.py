@@ -32,7 +32,7 @@ from exporter.events import ERRNO_EVENTS, HANDSHAKE_REASONS, Event
 
 Type = Literal["counter", "gauge", "histogram"]
 # socket: one set of series per configured socket; the others are the exporter's own.
-Group = Literal["socket", "build", "engine", "reload", "web", "otlp"]
+Group = Literal["socket", "build", "engine", "reload", "web", "otlp", "probe"]
 # When a socket family's series first exist. Before their first event they are at 0, so
 # that rate() and increase() see that event (client_golang #296).
 Initial = Literal["bind", "connect", "endpoint", "socket", "event"]
@@ -189,13 +189,13 @@ CONNECT_RETRIED = _event(
     "connect",
     "Reconnect attempts scheduled after a failed or lost connection.",
 )
-# The counter's OTel name is `zmq.listening_total`, not `zmq.listening`: the gauge
-# `zmq.listening` exists too, and two instruments of one name and different kinds
-# conflict in OpenTelemetry. Both translate back to their Prometheus names.
-LISTENING_TOTAL = _event(
+# Named for the outcome of bind(), like `zmq_bind_failed_total` beside it and the
+# `zmq_handshake_{succeeded,failed}_total` pair. It was `zmq_listening_total` (README
+# "Changelog"): its OpenMetrics family `zmq_listening` collided with the gauge's.
+BIND_SUCCEEDED = _event(
     Event.LISTENING,
-    "zmq_listening_total",
-    "zmq.listening_total",
+    "zmq_bind_succeeded_total",
+    "zmq.bind_succeeded",
     "{bind}",
     "bind",
     "Successful binds (a listener was opened).",
@@ -231,9 +231,11 @@ CLOSED = _event(
     "zmq.closed",
     "{fd}",
     "endpoint",
-    "Closed fds: listeners, failed connect attempts and connections.",
-    "A failed bind() emits CLOSED with an empty endpoint, then BIND_FAILED: that CLOSED "
-    "is counted under the endpoint of the BIND_FAILED.",
+    "Closed fds of listeners and of failed connect attempts (a connection that ends is "
+    "counted in zmq_disconnected_total, not here).",
+    "libzmq emits CLOSED only from listeners and connecters, never for an established "
+    "connection. A failed bind() emits CLOSED with an empty endpoint, then BIND_FAILED: "
+    "that CLOSED is counted under the endpoint of the BIND_FAILED.",
 )
 CLOSE_FAILED = _event(
     Event.CLOSE_FAILED,
@@ -294,6 +296,21 @@ CONNECTIONS = Family(
     source="CONNECTED, ACCEPTED, DISCONNECTED",
     initial="endpoint",
 )
+CONNECTION_READY = Family(
+    "zmq_connection_ready",
+    "gauge",
+    "1 while the connect endpoint's current connection has completed its ZMTP handshake "
+    "and has not ended, else 0.",
+    "socket",
+    otel_name="zmq.connection_ready",
+    otel_unit="{connection}",
+    note="A connect endpoint has at most one connection at a time (libzmq 4.3.5: one "
+    "engine per session), so the events of that one connection decide it. Not served for "
+    "bind endpoints (see Liveness).",
+    source="CONNECTED (0), HANDSHAKE_SUCCEEDED (1), DISCONNECTED / HANDSHAKE_FAILED_* / "
+    "MONITOR_STOPPED (0)",
+    initial="connect",
+)
 LISTENING = Family(
     "zmq_listening",
     "gauge",
@@ -353,7 +370,7 @@ SOCKET_FAMILIES: tuple[Family, ...] = (
     CONNECTED,
     CONNECT_DELAYED,
     CONNECT_RETRIED,
-    LISTENING_TOTAL,
+    BIND_SUCCEEDED,
     BIND_FAILED,
     ACCEPTED,
     ACCEPT_FAILED,
@@ -364,6 +381,7 @@ SOCKET_FAMILIES: tuple[Family, ...] = (
     HANDSHAKE_SUCCEEDED,
     HANDSHAKE_FAILED,
     CONNECTIONS,
+    CONNECTION_READY,
     LISTENING,
     RECONNECT_INTERVAL,
     LAST_EVENT,
@@ -559,6 +577,16 @@ def _check() -> None:
     assert len(set(names)) == len(names), "duplicate family"
     otel = [f.otel_name for f in PUSHED]
     assert len(set(otel)) == len(otel), "duplicate OTel name"
+    # No two families may share a name under either format: OpenMetrics names a counter's
+    # family without `_total`, and the text format 0.0.4 a histogram's samples with
+    # `_bucket`, `_sum`, `_count` (and prometheus_client adds `_created`).
+    exposed = [f.metric_name for f in FAMILIES]
+    assert len(set(exposed)) == len(exposed), "two families share an OpenMetrics name"
+    samples = {f.name: f for f in FAMILIES}
+    for f in FAMILIES:
+        for suffix in ("_total", "_created", "_bucket", "_sum", "_count", "_info"):
+            other = samples.get(f.metric_name + suffix)
+            assert other is None or other is f, (f.name, other.name)
     for f in FAMILIES:
         assert (f.type == "counter") == f.name.endswith("_total"), f.name
         assert f.unit is None or f.metric_name.endswith("_" + f.unit), f.name
@@ -614,6 +642,94 @@ def main(argv: list[str]) -> int:
     print(tables[argv[1] if len(argv) == 2 else "metrics"](), end="")
     return 0
 
+
+# -- /probe (issue 17) ---------------------------------------------------------------------
+# Rendered per probe request by exporter/prober/render.py, never on /metrics: not in
+# FAMILIES. The README's "Probing endpoints" table is `python -m exporter.metrics --markdown
+# probe` (tests/test_probe_docs.py).
+
+PROBE_SUCCESS = _self("probe_success", "gauge", "probe", "1 if the probe succeeded, else 0.")
+PROBE_DURATION = _self(
+    "probe_duration_seconds",
+    "gauge",
+    "probe",
+    "Time the whole probe took.",
+    unit="seconds",
+)
+PROBE_DNS_LOOKUP = _self(
+    "probe_dns_lookup_time_seconds",
+    "gauge",
+    "probe",
+    "Time the DNS lookup of the target's host took.",
+    unit="seconds",
+    note="tcp:// targets only.",
+)
+PROBE_CONNECT = _self(
+    "probe_zmtp_connect_duration_seconds",
+    "gauge",
+    "probe",
+    "Time the raw TCP (or IPC) connect took.",
+    unit="seconds",
+)
+PROBE_HANDSHAKE = _self(
+    "probe_zmtp_handshake_duration_seconds",
+    "gauge",
+    "probe",
+    "Time a libzmq connect and ZMTP handshake (security included) took.",
+    unit="seconds",
+)
+PROBE_ZMTP_INFO = _self(
+    "probe_zmtp_info",
+    "gauge",
+    "probe",
+    "The peer's ZMTP greeting (value 1).",
+    labels=("version", "mechanism", "as_server"),
+    note="Present once a greeting was read.",
+)
+PROBE_FAILURE_INFO = _self(
+    "probe_zmtp_failure_info",
+    "gauge",
+    "probe",
+    "Why the probe failed (value 1); absent when it succeeded.",
+    labels=("reason",),
+    values=(
+        "dns",
+        "connect_refused",
+        "connect_timeout",
+        "not_zmtp",
+        "greeting_timeout",
+        "mechanism_mismatch",
+        "auth",
+        "protocol",
+        "handshake_timeout",
+    ),
+)
+PROBE_FAMILIES: tuple[Family, ...] = (
+    PROBE_SUCCESS,
+    PROBE_DURATION,
+    PROBE_DNS_LOOKUP,
+    PROBE_CONNECT,
+    PROBE_HANDSHAKE,
+    PROBE_ZMTP_INFO,
+    PROBE_FAILURE_INFO,
+)
+assert not {f.name for f in PROBE_FAMILIES} & {f.name for f in FAMILIES}
+
+
+def markdown_probe() -> str:
+    """The README's table of /probe families."""
+    lines = ["| probe metric | type | labels | meaning |", "|---|---|---|---|"]
+    for f in PROBE_FAMILIES:
+        meaning = f"{f.help} {f.note}".strip()
+        if f.values:
+            meaning += f" {_code(f.labels)}: {_code(f.values)}."
+        lines.append(f"| {_code(f.name)} | {f.type} | {_code(f.labels)} | {meaning} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--markdown", "probe"]:
+    print(markdown_probe(), end="")
+    sys.exit(0)
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))

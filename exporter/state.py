@@ -8,6 +8,13 @@ Two traps shape it (measured in docs/monitor-facts.md):
   CLOSED fires for failed connects and for listeners too, and a socket closed by its own
   application sends MONITOR_STOPPED instead of DISCONNECTED for each connection.
 - Endpoints are mapped back to the configured strings (`EndpointMap`).
+
+Readiness (`ready`, zmq_connection_ready) is exact for connect endpoints only: libzmq 4.3.5
+gives a connect endpoint one session holding at most one engine (connection) at a time
+(`session_base_t::process_attach` asserts `!_engine`; a new connecter starts only from
+`engine_error` -> `reconnect`), and emits CONNECTED before that engine's handshake ends, so
+HANDSHAKE_SUCCEEDED, which carries no fd, belongs to the last CONNECTED. A bind endpoint has
+many connections at once and HANDSHAKE_SUCCEEDED cannot be matched to one of them.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ import functools
 from collections import Counter
 from dataclasses import dataclass, field
 
-from exporter.endpoints import SOCKET_WIDE, EndpointMap, Role
+from exporter.endpoints import SOCKET_WIDE, UNMAPPED, EndpointMap, Role
 from exporter.events import (
     ERRNO_EVENTS,
     HANDSHAKE_FAILURES,
@@ -44,6 +51,9 @@ class EndpointState:
     live_fds: set[int] = field(default_factory=set)
     listener_fd: int | None = None
     reconnect_interval_ms: int = 0
+    # The current connection completed its ZMTP handshake and has not ended (connect
+    # endpoints: see the module docstring).
+    ready: bool = False
     last_event: Event | None = None
     last_event_time: float = 0.0
 
@@ -108,6 +118,8 @@ def apply_event(sock: SocketState, event_id: int, value: int, seen: str, now: fl
         sock.unknown_events[event_id] += 1
         return
     label = sock.endpoint_map.lookup(seen)
+    if label is UNMAPPED and sock.endpoint_map.learning:
+        label = _learn(sock, seen, event)
 
     if event is Event.CLOSED and label == SOCKET_WIDE:
         sock.pending_closed += 1
@@ -122,6 +134,7 @@ def apply_event(sock: SocketState, event_id: int, value: int, seen: str, now: fl
         for state in sock.endpoints.values():
             state.live_fds.clear()
             state.listener_fd = None
+            state.ready = False
         label = SOCKET_WIDE
 
     state = sock.endpoint(label)
@@ -131,8 +144,12 @@ def apply_event(sock: SocketState, event_id: int, value: int, seen: str, now: fl
 
     if event is Event.ACCEPTED or event is Event.CONNECTED:
         state.live_fds.add(value)
+        state.ready = False  # a new connection starts its handshake
+    elif event is Event.HANDSHAKE_SUCCEEDED:
+        state.ready = True
     elif event is Event.DISCONNECTED:
         state.live_fds.discard(value)
+        state.ready = False
     elif event is Event.LISTENING:
         state.listener_fd = value
     elif event is Event.CLOSED:
@@ -142,6 +159,7 @@ def apply_event(sock: SocketState, event_id: int, value: int, seen: str, now: fl
         state.reconnect_interval_ms = value
     elif event in HANDSHAKE_FAILURES:
         state.handshake_failures[_handshake_key(event, value)] += 1
+        state.ready = False
     elif event in ERRNO_EVENTS:
         state.errno_counts[(event, errno_name(value))] += 1
         if event is Event.BIND_FAILED:
@@ -149,6 +167,49 @@ def apply_event(sock: SocketState, event_id: int, value: int, seen: str, now: fl
             if sock.pending_closed:
                 state.counts[Event.CLOSED] += sock.pending_closed
                 sock.pending_closed = 0
+
+
+# Library mode learns an endpoint's role from the first event that names it (the events
+# that open a listener or a connection); other events name endpoints learned already.
+_EVENT_ROLE: dict[Event, Role] = {
+    Event.LISTENING: "bind",
+    Event.BIND_FAILED: "bind",
+    Event.ACCEPTED: "bind",
+    Event.ACCEPT_FAILED: "bind",
+    Event.CONNECTED: "connect",
+    Event.CONNECT_DELAYED: "connect",
+    Event.CONNECT_RETRIED: "connect",
+}
+
+
+def _learn(sock: SocketState, seen: str, event: Event) -> str:
+    role = _EVENT_ROLE.get(event)
+    label = sock.endpoint_map.learn(seen, role)
+    if label not in sock.endpoints:
+        sock.endpoints[label] = EndpointState(None if label == UNMAPPED else role)
+    return label
+
+
+def record_endpoint(
+    sock: SocketState, endpoint: str, role: Role, resolved: str | None = None
+) -> bool:
+    """Library mode: the application binds or connects `endpoint` (the string it gave),
+    which gets the series of a configured endpoint from now on; a bind's events name
+    `resolved`. False when the socket learned its cap of endpoints already (its events
+    then count under `unmapped`)."""
+    if not sock.endpoint_map.learning or not sock.endpoint_map.add(endpoint, role):
+        return False
+    known = sock.endpoints.get(endpoint)
+    if known is None or known.role is None:
+        state = sock.endpoints[endpoint] = EndpointState(role)
+        if known is not None:  # learned from an event of no role: keep what it counted
+            state.counts.update(known.counts)
+            state.errno_counts.update(known.errno_counts)
+            state.handshake_failures.update(known.handshake_failures)
+            state.live_fds |= known.live_fds
+    if resolved is not None and resolved != endpoint:
+        sock.endpoint_map.add_resolved(resolved, endpoint)
+    return True
 
 
 @functools.lru_cache(maxsize=1024)
@@ -176,6 +237,7 @@ class EndpointSnapshot:
     reconnect_interval_ms: int
     last_event: Event | None
     last_event_time: float
+    ready: bool = False  # connect endpoints: zmq_connection_ready
 
 
 @dataclass(frozen=True)
@@ -207,6 +269,7 @@ def snapshot_socket(sock: SocketState) -> SocketSnapshot:
                 reconnect_interval_ms=state.reconnect_interval_ms,
                 last_event=state.last_event,
                 last_event_time=state.last_event_time,
+                ready=state.ready,
             )
             for label, state in sock.endpoints.items()
         ),

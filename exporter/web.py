@@ -53,7 +53,7 @@ from prometheus_client.metrics_core import HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from exporter import metrics
-from exporter.render.prometheus import StateCollector, for_text_format, one_sample
+from exporter.render.prometheus import StateCollector, one_sample
 from exporter.render.sockettext import fast_format
 from exporter.webauth import BasicAuth
 from exporter.webconfig import WebConfig
@@ -121,7 +121,9 @@ class WebStats(Collector):
             series, rejected = self.series, dict(self.rejected)
         yield one_sample(metrics.SCRAPES, scrapes)
         duration = metrics.SCRAPE_DURATION
-        histogram = HistogramMetricFamily(duration.metric_name, duration.help)
+        histogram = HistogramMetricFamily(
+            duration.metric_name, duration.help, unit=duration.unit or ""
+        )
         histogram.add_metric(
             [],
             [(repr(b), c) for b, c in zip(SCRAPE_BUCKETS, buckets, strict=True)]
@@ -174,8 +176,6 @@ class WebApp:
                 pre = self.state.prerender(openmetrics)
                 head, series, families = pre.text, pre.series, pre.families
             families.extend(self.registry.collect())
-            if not content_type.startswith("application/openmetrics-text"):
-                families = for_text_format(families)
             body = head + encoder(_Collected(families))
             series += sum(len(family.samples) for family in families)
             self.stats.scraped(time.perf_counter() - start, series)

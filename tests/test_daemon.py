@@ -305,17 +305,18 @@ def test_openmetrics_and_text_format(ctx: zmq.Context[zmq.Socket[bytes]]) -> Non
         assert families["zmq_accepted"].type == "counter"
         assert families["zmq_connections"].type == "gauge"
         assert families["zmq_listening"].type == "gauge"
+        assert families["zmq_bind_succeeded"].type == "counter"
         samples = {
             (s.name, s.labels.get("socket")): s.value for f in families.values() for s in f.samples
         }
         assert samples[("zmq_accepted_total", "backend")] == 1
-        assert samples[("zmq_listening_total", "backend")] == 1
+        assert samples[("zmq_bind_succeeded_total", "backend")] == 1
 
         text = http_get(daemon.url + "/metrics")
         assert "# TYPE zmq_accepted_total counter" in text
-        assert "# TYPE zmq_listening_total counter" in text
+        assert "# TYPE zmq_bind_succeeded_total counter" in text
         assert "# TYPE zmq_listening gauge" in text
-        assert "# TYPE zmq_listening_total unknown" in om
+        assert "# TYPE zmq_bind_succeeded counter" in om
         m = parse_metrics(text)
         assert value(m, "zmq_accepted_total", socket="backend") == 1
         build = [k for k in m if k[0] == "zmq_exporter_build_info"]

@@ -131,7 +131,7 @@ def test_health_and_readiness_transitions(tmp_path: Path) -> None:
         assert value(parse_metrics(http_get(url + "/metrics")), "zmq_exporter_sockets") == SOCKETS
         wait_until(
             lambda: (
-                total(parse_metrics(http_get(url + "/metrics")), "zmq_listening_total")
+                total(parse_metrics(http_get(url + "/metrics")), "zmq_bind_succeeded_total")
                 == 2 * SOCKETS
             ),
             what="every socket's monitor reported LISTENING",

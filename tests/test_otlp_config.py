@@ -245,7 +245,7 @@ def test_instrument_names_translate_to_distinct_contract_names() -> None:
     assert table["zmq.accepted"] == "zmq_accepted_total"
     assert table["zmq.connections"] == "zmq_connections"
     assert table["zmq.reconnect_interval"] == "zmq_reconnect_interval_seconds"
-    assert table["zmq.listening_total"] == "zmq_listening_total"  # the counter
+    assert table["zmq.bind_succeeded"] == "zmq_bind_succeeded_total"  # the counter
     assert table["zmq.listening"] == "zmq_listening"  # the gauge
 
 

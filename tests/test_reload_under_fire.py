@@ -461,7 +461,7 @@ def test_reload_under_fire(mix: str, ports: Ports) -> None:
         assert value(m, "zmq_exporter_config_last_reload_successful") == 0
         assert socket_names(m) == names_in(config_b(ports)), socket_names(m)
         for sock in ("front", "a1", "b1", "b2"):  # untouched: same counters, not reset
-            for name in ("zmq_connected_total", "zmq_accepted_total", "zmq_listening_total"):
+            for name in ("zmq_connected_total", "zmq_accepted_total", "zmq_bind_succeeded_total"):
                 assert value(m, name, socket=sock) == value(running, name, socket=sock), (
                     sock,
                     name,

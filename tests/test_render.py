@@ -38,7 +38,7 @@ def test_every_event_renders_in_both_formats() -> None:
         "connected",
         "connect_delayed",
         "connect_retried",
-        "listening",
+        "bind_succeeded",
         "accepted",
         "closed",
         "disconnected",

@@ -286,3 +286,85 @@ def test_gauge_equals_live_set_under_random_churn() -> None:
         elif kind is E.DISCONNECTED:
             live.discard(fd)
         assert ep(sock, BIND).connections == len(live)
+
+
+# -- zmq_connection_ready (issue 12) -------------------------------------------------------
+
+# What decides readiness, per the libzmq 4.3.5 source (docs/monitor-facts.md, "Readiness"):
+# a new connection starts not ready, a completed handshake makes it ready, and its end
+# (DISCONNECTED, a failed handshake, the socket's own close) makes it not ready again.
+_NOT_READY = {
+    E.CONNECTED,
+    E.ACCEPTED,
+    E.DISCONNECTED,
+    E.HANDSHAKE_FAILED_NO_DETAIL,
+    E.HANDSHAKE_FAILED_PROTOCOL,
+    E.HANDSHAKE_FAILED_AUTH,
+    E.MONITOR_STOPPED,
+}
+
+
+def _ready_rows(sock: SocketState) -> dict[str | None, float]:
+    from exporter.render.rows import READY, socket_rows
+
+    return {ep: v for i, ep, _, v in socket_rows(snapshot_socket(sock)) if i == READY}
+
+
+def test_connection_ready_every_sequence_of_four_events() -> None:
+    """Exhaustive: every sequence of up to four events of any type on a connect endpoint
+    (and the socket's MONITOR_STOPPED) leaves zmq_connection_ready at 1 exactly when the
+    last event that concerns readiness was HANDSHAKE_SUCCEEDED, and the bind endpoint of
+    the same socket never gets the row."""
+    import itertools
+
+    events = list(Event)
+    checked = 0
+    for length in range(5):
+        for seq in itertools.product(events, repeat=length):
+            sock = make(binds=(BIND,), connects=(CONNECT,))
+            for t, event in enumerate(seq):
+                where = "" if event is E.MONITOR_STOPPED else CONNECT
+                apply_event(sock, int(event), 10 + t, where, float(t))
+            decisive = [e for e in seq if e in _NOT_READY or e is E.HANDSHAKE_SUCCEEDED]
+            want = 1 if decisive and decisive[-1] is E.HANDSHAKE_SUCCEEDED else 0
+            assert _ready_rows(sock) == {CONNECT: want}, seq
+            checked += 1
+    assert checked == sum(len(events) ** n for n in range(5))
+
+
+def test_connection_ready_along_measured_sequences() -> None:
+    sock = make(binds=(), connects=(CONNECT,))
+    assert _ready_rows(sock) == {CONNECT: 0}  # from start, at 0
+    # DEALER side of a connect: CONNECT_DELAYED(115) CONNECTED HANDSHAKE_SUCCEEDED.
+    feed(sock, (E.CONNECT_DELAYED, 115, CONNECT), (E.CONNECTED, 12, CONNECT))
+    assert _ready_rows(sock) == {CONNECT: 0}  # TCP up, handshake not done
+    feed(sock, (E.HANDSHAKE_SUCCEEDED, 0, CONNECT))
+    assert _ready_rows(sock) == {CONNECT: 1}
+    # A frozen peer, heartbeat on: the heartbeat times out (DISCONNECTED), the reconnect
+    # reaches the peer's kernel (CONNECTED) but the handshake never completes
+    # (HANDSHAKE_FAILED_NO_DETAIL EAGAIN after handshake_ivl, then DISCONNECTED).
+    feed(sock, (E.DISCONNECTED, 12, CONNECT), (E.CONNECT_RETRIED, 150, CONNECT))
+    assert _ready_rows(sock) == {CONNECT: 0}
+    feed(sock, (E.CONNECT_DELAYED, 115, CONNECT), (E.CONNECTED, 13, CONNECT))
+    snap = ep(sock, CONNECT)
+    assert (snap.connections, snap.ready) == (1, False)  # TCP says 1; not ready says why
+    feed(sock, (E.HANDSHAKE_FAILED_NO_DETAIL, errno.EAGAIN, CONNECT))
+    feed(sock, (E.DISCONNECTED, 13, CONNECT))
+    assert _ready_rows(sock) == {CONNECT: 0}
+    # The peer resumes: the next connection completes its handshake.
+    feed(sock, (E.CONNECTED, 14, CONNECT), (E.HANDSHAKE_SUCCEEDED, 0, CONNECT))
+    assert _ready_rows(sock) == {CONNECT: 1}
+    # The socket's own close: MONITOR_STOPPED only, no DISCONNECTED.
+    feed(sock, (E.MONITOR_STOPPED, 0, ""))
+    assert _ready_rows(sock) == {CONNECT: 0}
+
+
+def test_connection_ready_only_for_connect_endpoints() -> None:
+    # A bind endpoint has many connections and HANDSHAKE_SUCCEEDED carries no fd: no row.
+    sock = make(binds=(BIND,), connects=())
+    feed(sock, (E.ACCEPTED, 9, BIND), (E.HANDSHAKE_SUCCEEDED, 0, BIND))
+    assert _ready_rows(sock) == {}
+    # Neither the socket-wide row nor an endpoint nobody configured get one.
+    other = "tcp://10.0.0.1:1"
+    feed(sock, (E.CONNECTED, 10, other), (E.HANDSHAKE_SUCCEEDED, 0, other))
+    assert _ready_rows(sock) == {}

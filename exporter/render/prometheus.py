@@ -8,7 +8,7 @@ builds families outside the lock, so a slow scrape never holds up event processi
 Public names: `StateCollector` (`collect()`, `prerender(openmetrics)`), `Prerendered`,
 `render_sockets(sockets)` (socket families, rows from `exporter.render.rows.socket_rows`),
 `render_self(snapshot)`, `one_sample(family, value, labels)` (a family of
-`exporter.metrics` with one sample), `for_text_format(families)`, `LISTENING_COUNTER`.
+`exporter.metrics` with one sample).
 """
 
 from __future__ import annotations
@@ -22,21 +22,13 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from exporter import __version__, metrics
-from exporter.render.rows import (
-    LISTENING_COUNTER,
-    SOCKET_FAMILIES,
-    for_text_format,
-    row_labels,
-    socket_rows,
-)
+from exporter.render.rows import SOCKET_FAMILIES, row_labels, socket_rows
 from exporter.render.sockettext import SocketText
 from exporter.state import EngineSnapshot, SocketSnapshot
 
 __all__ = [
-    "LISTENING_COUNTER",
     "Prerendered",
     "StateCollector",
-    "for_text_format",
     "one_sample",
     "render_self",
     "render_sockets",
@@ -47,7 +39,7 @@ def one_sample(
     family: metrics.Family, value: float, labels: dict[str, str] | None = None
 ) -> Metric:
     """A family of the metrics table with one sample."""
-    out = Metric(family.metric_name, family.help, family.type)
+    out = Metric(family.metric_name, family.help, family.type, family.unit or "")
     out.add_sample(family.name, labels or {}, value)
     return out
 
@@ -86,7 +78,7 @@ class StateCollector(Collector):
 def render_sockets(sockets: tuple[SocketSnapshot, ...]) -> Iterator[Metric]:
     """The socket families (`SOCKET_FAMILIES`), from `socket_rows`; /metrics renders the
     same rows as text with `SocketText`."""
-    families = [Metric(f.name, f.help, f.type) for f in SOCKET_FAMILIES]
+    families = [Metric(f.name, f.help, f.type, f.unit) for f in SOCKET_FAMILIES]
     for sock in sockets:
         for index, endpoint, extra, value in socket_rows(sock):
             family = families[index]

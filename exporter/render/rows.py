@@ -6,12 +6,12 @@ Everything that shows socket series reads them from here: `render_sockets` (Prom
 /metrics text). A row exists on one exactly when it exists on the others.
 
 Public names:
-- `SocketFamily`: a family of socket series as exposed (name, help, type, sample name).
+- `SocketFamily`: a family of socket series as exposed (name, help, type, unit, sample
+  name).
 - `SOCKET_FAMILIES`: every socket family, in /metrics order (`metrics.SOCKET_FAMILIES`).
 - `Row`: `(family index, endpoint or None, extra labels, value)`.
 - `socket_rows(sock)`: the rows of one socket, in /metrics order within each family.
 - `row_labels(sock, endpoint, extra)`: a row's full label set, as a dict.
-- `for_text_format(families)`: the families as the text format (0.0.4) declares them.
 """
 
 from __future__ import annotations
@@ -19,35 +19,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from prometheus_client.metrics_core import Metric
-
 from exporter import metrics
 from exporter.events import HANDSHAKE_REASONS, Event
 from exporter.state import SocketSnapshot
-
-# Counters whose family name (without `_total`) is also the name of another family: the
-# counter `zmq_listening_total` and the gauge `zmq_listening`. OpenMetrics cannot hold two
-# families of one name, so such a counter's family is named by its sample, type unknown,
-# and `for_text_format` declares it a counter where the format allows (text 0.0.4).
-_CLASHING = frozenset(
-    f.name
-    for f in metrics.FAMILIES
-    if f.type == "counter" and any(g.name == f.metric_name for g in metrics.FAMILIES)
-)
-LISTENING_COUNTER = metrics.LISTENING_TOTAL.name
-
-
-def for_text_format(families: list[Metric]) -> list[Metric]:
-    """The families as the text format (0.0.4) should declare them: there the counter
-    `zmq_listening_total` and the gauge `zmq_listening` do not clash."""
-    out = []
-    for family in families:
-        if family.type == "unknown" and family.name in _CLASHING:
-            counter = Metric(family.name.removesuffix("_total"), family.documentation, "counter")
-            counter.samples = family.samples
-            family = counter
-        out.append(family)
-    return out
 
 
 @dataclass(frozen=True)
@@ -56,14 +30,15 @@ class SocketFamily:
 
     name: str  # Metric family name
     help: str
-    type: str  # "counter", "gauge" or "unknown"
+    type: str  # "counter" or "gauge"
+    unit: str  # OpenMetrics `# UNIT` ("" for none)
     sample: str  # name of its samples
 
 
 def _exposed(family: metrics.Family) -> SocketFamily:
-    if family.name in _CLASHING:
-        return SocketFamily(family.name, family.help, "unknown", family.name)
-    return SocketFamily(family.metric_name, family.help, family.type, family.name)
+    return SocketFamily(
+        family.metric_name, family.help, family.type, family.unit or "", family.name
+    )
 
 
 SOCKET_FAMILIES: tuple[SocketFamily, ...] = tuple(map(_exposed, metrics.SOCKET_FAMILIES))
@@ -72,6 +47,7 @@ _INDEX = {family: i for i, family in enumerate(metrics.SOCKET_FAMILIES)}
 HANDSHAKE = _INDEX[metrics.HANDSHAKE_FAILED]
 CONNECTIONS = _INDEX[metrics.CONNECTIONS]
 LISTENING = _INDEX[metrics.LISTENING]
+READY = _INDEX[metrics.CONNECTION_READY]
 RECONNECT = _INDEX[metrics.RECONNECT_INTERVAL]
 LAST_EVENT = _INDEX[metrics.LAST_EVENT]
 UNKNOWN = _INDEX[metrics.UNKNOWN_EVENTS]
@@ -137,6 +113,7 @@ def socket_rows(sock: SocketSnapshot) -> Iterator[Row]:
         if ep.role == "bind":
             yield LISTENING, endpoint, (), 1 if ep.listening else 0
         elif ep.role == "connect":
+            yield READY, endpoint, (), 1 if ep.ready else 0
             yield RECONNECT, endpoint, (), ep.reconnect_interval_ms / 1000
 
 

@@ -33,13 +33,7 @@ from prometheus_client.openmetrics import exposition as om_exposition
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
-from exporter.render.rows import (
-    SOCKET_FAMILIES,
-    Labels,
-    for_text_format,
-    row_labels,
-    socket_rows,
-)
+from exporter.render.rows import SOCKET_FAMILIES, Labels, row_labels, socket_rows
 from exporter.state import SocketSnapshot
 
 __all__ = ["SocketText", "fast_format", "format_value"]
@@ -66,15 +60,16 @@ class _Families(Collector):
 
 
 def _headers(openmetrics: bool) -> tuple[bytes, ...]:
-    """`# HELP`/`# TYPE` of each socket family, written by the encoder itself."""
+    """`# HELP`/`# TYPE` (and OpenMetrics' `# UNIT`) of each socket family, written by the
+    encoder itself."""
     out = []
     for f in SOCKET_FAMILIES:
-        family = Metric(f.name, f.help, f.type)
+        family = Metric(f.name, f.help, f.type, f.unit)
         if openmetrics:
             text = _om_generate_latest(_Families([family]))
             out.append(text.removesuffix(b"# EOF\n"))
         else:
-            out.append(exposition.generate_latest(_Families(for_text_format([family]))))
+            out.append(exposition.generate_latest(_Families([family])))
     return tuple(out)
 
 
