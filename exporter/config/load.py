@@ -113,6 +113,8 @@ def _resolve(model: Config, file: str, lines: dict[Path, int]) -> Settings:
             ("global", "bind_retry_max_interval"),
             "must not be below bind_retry_interval",
         )
+    # The base of every socket that connects: the heartbeat defaults under global options.
+    connect_base = CONNECT_DEFAULTS.model_copy(update=g.options.model_dump(exclude_none=True))
     seen: dict[str, int] = {}
     specs = []
     for index, sock in enumerate(model.sockets):
@@ -123,7 +125,7 @@ def _resolve(model: Config, file: str, lines: dict[Path, int]) -> Settings:
                 f"duplicate socket name {sock.name!r} (first at sockets[{seen[sock.name]}])",
             )
         seen[sock.name] = index
-        specs.append(_resolve_socket(sock, model.global_, here, fail))
+        specs.append(_resolve_socket(sock, model.global_, connect_base, here, fail))
     series = estimate_series(specs)  # label values come only from here: see cardinality
     if series > model.limits.max_series:
         where: Path = ("limits", "max_series") if ("limits", "max_series") in lines else ()
@@ -135,9 +137,23 @@ def _resolve(model: Config, file: str, lines: dict[Path, int]) -> Settings:
     return Settings(file, tuple(specs), model.global_, model.limits, model.otlp)
 
 
+# Defaults for the options of sockets that connect, under the file's own (global, then per
+# socket; `heartbeat_ivl: 0s` turns heartbeats off). Without heartbeats a peer that froze
+# (SIGSTOP, a hung VM) keeps its TCP connection and looks connected for ever: with them a
+# live connection to it ends within heartbeat_timeout (15 s), and a new one, which its
+# kernel still accepts, fails its ZMTP handshake within handshake_ivl (10 s; libzmq's
+# default is 30 s). PING/PONG are ZMTP commands that libzmq peers (4.2 and later) answer
+# by themselves; they add no monitor events. Sockets that only bind keep libzmq's defaults:
+# their peers are the watched applications' sockets, which the sidecar should not drop.
+CONNECT_DEFAULTS = SocketOptions.model_validate(
+    {"heartbeat_ivl": "5s", "heartbeat_timeout": "15s", "handshake_ivl": "10s"}
+)
+
+
 def _resolve_socket(
     sock: SocketConfig,
     defaults: GlobalConfig,
+    connect_base: SocketOptions,
     here: Path,
     fail: typing.Callable[[Path, str], typing.NoReturn],
 ) -> SocketSpec:
@@ -148,9 +164,10 @@ def _resolve_socket(
             if endpoints.index(endpoint) != index:
                 fail((*here, role, index), f"duplicate endpoint {endpoint!r}")
     _check_labels(sock.labels, (*here, "labels"), fail)
-    # Sockets without options of their own share the global options object (memory).
+    # Sockets without options of their own share one options object (memory).
+    base = connect_base if sock.connect else defaults.options
     overrides = sock.options.model_dump(exclude_none=True)
-    merged = defaults.options.model_copy(update=overrides) if overrides else defaults.options
+    merged = base.model_copy(update=overrides) if overrides else base
     opts: Path = (*here, "options")
     if merged.subscribe is not None and sock.type != "SUB":
         fail((*opts, "subscribe"), f"`subscribe` applies only to SUB sockets, not {sock.type}")
