@@ -497,8 +497,8 @@ def test_one_snapshot_per_export() -> None:
 def test_idle_sockets_keep_their_points_and_the_payload_stays_equal(
     ctx: zmq.Context[zmq.Socket[bytes]],
 ) -> None:
-    """In-process, a real engine: between two exports an idle socket's data points are the
-    very same objects (only their collection time moves on); a socket with an event gets
+    """In-process, a real engine: between two exports an idle socket's data points are
+    kept, not rebuilt (only their collection time moves on); a socket with an event gets
     new ones, with the same start time. Over a real receiver, two exports of an idle state
     carry the same series, values and start times, and only time_unix_nano moves on."""
     from exporter.config import parse_config
@@ -517,14 +517,15 @@ def test_idle_sockets_keep_their_points_and_the_payload_stays_equal(
     rx = Receiver("grpc").start()
     output = OtlpOutput(OtlpSettings("grpc", rx.endpoint, interval=3600), engine.snapshot)
     dealers: list[Any] = []
+    rebuilt: list[str] = []  # sockets whose points a build made anew, over all builds
 
-    def points(name: str) -> dict[tuple[str, Attrs], Any]:
-        data = output.builder.build(engine.snapshot())
+    def points(name: str) -> dict[tuple[str, Attrs], Point]:
+        request = output.builder.build(engine.snapshot())
+        rebuilt.extend(output.builder.last_built)
         return {
-            (m.name, frozenset(p.attributes.items())): p
-            for m in data.resource_metrics[0].scope_metrics[0].metrics
-            for p in m.data.data_points
-            if p.attributes.get("socket") == name
+            (p.metric, p.attrs): p
+            for p in decode(request)[1]
+            if dict(p.attrs).get("socket") == name
         }
 
     def count(name: str, metric: str) -> float:
@@ -539,13 +540,18 @@ def test_idle_sockets_keep_their_points_and_the_payload_stays_equal(
             what="both sockets listening",
         )
         idle1, busy1 = points("idle"), points("busy")
+        rebuilt.clear()
         time.sleep(0.01)  # so that the next collection has a later clock
         idle2, busy2 = points("idle"), points("busy")
+        assert rebuilt == []  # both idle: every point kept
         assert idle1.keys() == idle2.keys() and busy1.keys() == busy2.keys()
-        assert all(idle1[k] is idle2[k] for k in idle1)
-        assert all(busy1[k] is busy2[k] for k in busy1)
-        assert len({p.time_unix_nano for p in idle2.values()}) == 1
-        assert all(p.time_unix_nano > 0 for p in idle1.values())
+        for before, after in ((idle1, idle2), (busy1, busy2)):
+            for k, p in before.items():
+                q = after[k]
+                assert (q.value, q.start) == (p.value, p.start)
+                assert q.time > p.time
+                assert p.time >= p.start > 0 if p.kind == "sum" else p.start == 0
+        assert len({p.time for p in idle2.values()}) == 1
 
         dealers = connect_dealers(ctx, zport, 1)
         wait_until(
@@ -554,10 +560,11 @@ def test_idle_sockets_keep_their_points_and_the_payload_stays_equal(
             what="the dealer's handshake counted",
         )
         idle3, busy3 = points("idle"), points("busy")
-        assert all(idle1[k] is idle3[k] for k in idle1)
-        assert not set(map(id, busy3.values())) & set(map(id, busy1.values()))
-        start = {p.start_time_unix_nano for p in busy1.values()}
-        assert len(start) == 1 and {p.start_time_unix_nano for p in busy3.values()} == start
+        assert "busy" in rebuilt and "idle" not in rebuilt
+        assert {k: p.value for k, p in idle3.items()} == {k: p.value for k, p in idle1.items()}
+        start = {p.start for p in busy1.values() if p.kind == "sum"}
+        assert len(start) == 1
+        assert {p.start for p in busy3.values() if p.kind == "sum"} == start
 
         # Over a real receiver: two exports of the (again idle) state.
         output.start()
@@ -692,4 +699,149 @@ def test_grpc_endpoint_without_scheme(variables: dict[str, str], arrives: bool) 
             assert rx.count() == 0
     finally:
         assert d.stop() == 0
+        rx.stop()
+
+
+def _sockets() -> tuple[Any, ...]:
+    """Snapshots of sockets with every kind of row: configured labels (non-ASCII, and
+    longer than 127 bytes: two-byte lengths), counters beyond 2**32, errno and unknown
+    event rows, endpoints of both roles."""
+    from exporter.endpoints import EndpointMap
+    from exporter.events import Event
+    from exporter.state import SocketState, apply_event, snapshot_socket
+
+    long = "x" * 200
+    states = [
+        SocketState(
+            "router-é",
+            "ROUTER",
+            {"team": "zürich", "note": long},
+            EndpointMap(("tcp://127.0.0.1:5555",), ()),
+        ),
+        SocketState(
+            "dealer", "DEALER", {}, EndpointMap((), ("tcp://127.0.0.1:5555", "ipc:///tmp/a"))
+        ),
+    ]
+    router, dealer = states
+    for t, (event, arg) in enumerate(
+        [
+            (Event.LISTENING, 9),
+            (Event.ACCEPTED, 10),
+            (Event.HANDSHAKE_SUCCEEDED, 0),
+            (Event.HANDSHAKE_FAILED_AUTH, 400),
+            (Event.DISCONNECTED, 11),
+            (Event.ACCEPT_FAILED, 24),
+        ]
+    ):
+        apply_event(router, int(event), arg, "tcp://127.0.0.1:5555", 1_700_000_000.0 + t)
+    apply_event(router, 1 << 20, 0, "tcp://127.0.0.1:5555", 1_700_000_100.0)  # unknown event
+    router.endpoints["tcp://127.0.0.1:5555"].counts[Event.ACCEPTED] += 5_000_000_000
+    apply_event(dealer, int(Event.CONNECT_DELAYED), 0, "tcp://127.0.0.1:5555", 1_700_000_000.0)
+    apply_event(dealer, int(Event.CONNECT_RETRIED), 100, "ipc:///tmp/a", 1_700_000_001.0)
+    return tuple(snapshot_socket(s) for s in states)
+
+
+def test_request_equals_the_official_encoding() -> None:
+    """The request `MetricsBuilder` writes by hand (kept serialized points joined with
+    each export's time) parses to the very message the official encoder
+    (`encode_metrics`) makes of the same series as SDK data classes: the rows of
+    /metrics, one start time per socket, the export's time on every point."""
+    from opentelemetry.exporter.otlp.proto.common._internal.metrics_encoder import (
+        encode_metrics,
+    )
+    from opentelemetry.sdk.metrics.export import (
+        AggregationTemporality,
+        Gauge,
+        Metric,
+        MetricsData,
+        NumberDataPoint,
+        ResourceMetrics,
+        ScopeMetrics,
+        Sum,
+    )
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.util.instrumentation import InstrumentationScope
+
+    from exporter import __version__
+    from exporter.metrics import SOCKET_FAMILIES
+    from exporter.otlp import MetricsBuilder
+    from exporter.render.prometheus import render_self
+    from exporter.render.rows import row_labels, socket_rows
+    from exporter.state import EngineSnapshot, ReaderStats
+
+    resource = Resource.create({"service.name": "t", "k8s.pod.name": "pod-ü", "n": 3, "b": True})
+    times = iter([10**18, 10**18 + 5, 10**18 + 9, 10**18 + 20])
+    builder = MetricsBuilder(resource, clock=lambda: next(times))
+    snap = EngineSnapshot(_sockets(), ReaderStats(), True)
+
+    def reference(now: int, start: int) -> Any:
+        slots: list[list[NumberDataPoint]] = [[] for _ in PUSHED]
+        for sock in snap.sockets:
+            for index, endpoint, extra, v in socket_rows(sock):
+                slot = PUSHED.index(SOCKET_FAMILIES[index])
+                labels = row_labels(sock, endpoint, extra)
+                slots[slot].append(NumberDataPoint(labels, start, now, float(v)))
+        by_name = {f.metric_name: n for n, f in enumerate(PUSHED)}
+        for family in render_self(snap):
+            if family.name in by_name:
+                slots[by_name[family.name]] += [
+                    NumberDataPoint(dict(s.labels), 10**18, now, float(s.value))
+                    for s in family.samples
+                ]
+        out = []
+        for family, points in zip(PUSHED, slots, strict=True):
+            if points:
+                data = (
+                    Sum(points, AggregationTemporality.CUMULATIVE, True)
+                    if family.type == "counter"
+                    else Gauge(points)
+                )
+                out.append(Metric(family.otel_name, family.help, family.otel_unit, data))
+        scope = ScopeMetrics(InstrumentationScope("zmq-exporter", __version__), out, "")
+        return encode_metrics(MetricsData([ResourceMetrics(resource, [scope], "")]))
+
+    first = builder.build(snap)  # the sockets are new: their start time is this export's
+    assert first == reference(10**18 + 5, 10**18 + 5)
+    assert builder.last_built == ["router-é", "dealer"]
+    second = builder.build(snap)  # kept points, a new time
+    assert builder.last_built == []
+    assert second == reference(10**18 + 9, 10**18 + 5)
+    assert len(second.SerializeToString()) == len(builder.encode(snap))
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http/protobuf"])
+def test_official_exporters_send_the_built_request(protocol: str) -> None:
+    """The official exporters are handed the built request through the private methods
+    named in `exporter.otlp.HOOKS` (the step where they would encode). Fails loudly if a
+    version of the exporters drops or stops calling them: making the exporter raises, or
+    the export fails, or the receiver gets something else."""
+    from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import (
+        OTLPMetricExporter as GrpcExporter,
+    )
+    from opentelemetry.exporter.otlp.proto.http.metric_exporter import (
+        OTLPMetricExporter as HttpExporter,
+    )
+    from opentelemetry.sdk.metrics.export import MetricExportResult
+    from opentelemetry.sdk.resources import Resource
+
+    from exporter.config.otlp import OtlpSettings
+    from exporter.otlp import HOOKS, MetricsBuilder, sdk_exporter
+    from exporter.state import EngineSnapshot, ReaderStats
+
+    official = GrpcExporter if protocol == "grpc" else HttpExporter
+    for name in HOOKS[protocol]:
+        assert callable(getattr(official, name, None)), f"{official} has no {name}"
+    rx = Receiver(protocol).start()
+    endpoint = rx.endpoint if protocol == "grpc" else rx.endpoint + "/v1/metrics"
+    exporter = sdk_exporter(OtlpSettings(protocol, endpoint, interval=3600))
+    try:
+        assert isinstance(exporter, official)
+        request = MetricsBuilder(Resource.create({})).build(
+            EngineSnapshot(_sockets(), ReaderStats(), True)
+        )
+        assert exporter.export(request, timeout_millis=5000) == MetricExportResult.SUCCESS
+        assert rx.count() == 1
+        assert rx.exports[0].points == decode(request)[1]
+    finally:
+        exporter.shutdown()
         rx.stop()
