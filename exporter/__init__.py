@@ -1,3 +1,26 @@
-"""zmq-exporter: ZeroMQ socket-monitor events as exact Prometheus/OpenTelemetry metrics."""
+"""zmq-exporter: ZeroMQ socket-monitor events as exact Prometheus/OpenTelemetry metrics.
+
+`exporter.instrument(socket, name, ...)` (library mode, exporter/library.py) is loaded on
+first use: importing `exporter` imports nothing else and starts nothing.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+if TYPE_CHECKING:
+    from exporter.library import Instrumentation, InstrumentError, instrument
+
+__all__ = ["InstrumentError", "Instrumentation", "__version__", "instrument"]
+_LAZY = frozenset({"InstrumentError", "Instrumentation", "instrument"})
+
+
+def __getattr__(name: str) -> Any:
+    # PEP 562: library mode costs nothing until an application asks for it.
+    if name in _LAZY:
+        from exporter import library
+
+        return getattr(library, name)
+    raise AttributeError(f"module 'exporter' has no attribute {name!r}")

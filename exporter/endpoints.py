@@ -141,6 +141,17 @@ class EndpointMap:
                 # Two connects to the same port on different hosts are ambiguous: None.
                 self._by_port[key] = None if key in self._by_port else configured
 
+    @property
+    def learning(self) -> bool:
+        """Whether endpoints not configured are learned (`LearningEndpointMap`)."""
+        return False
+
+    def learn(self, seen: str, role: Role | None) -> str:
+        return UNMAPPED
+
+    def add(self, endpoint: str, role: Role | None) -> bool:
+        return False
+
     def add_resolved(self, resolved: str, configured: str) -> None:
         """Record what a bind resolved to (socket.last_endpoint right after bind())."""
         self._exact[resolved] = configured
@@ -158,3 +169,79 @@ class EndpointMap:
             if found is not None:
                 return found
         return UNMAPPED
+
+
+# Library mode: distinct endpoints one socket learns from its events at most; the events
+# of any further endpoint count under `unmapped` (label values stay bounded).
+LEARN_LIMIT = 64
+
+
+@dataclass
+class LearningEndpointMap(EndpointMap):
+    """Library mode (exporter/library.py): the application's endpoints are not configured
+    but learned, each the first time an event names it (or when the application binds or
+    connects through `Instrumentation.bind/connect`, which records the string it gave,
+    mapped from what the bind resolved to, as the daemon does).
+
+    The label of a learned endpoint is the string libzmq reports: a connect as given, a
+    bind as resolved (`tcp://*:5555` is `tcp://0.0.0.0:5555`), a BIND_FAILED string with
+    `tcp://` put back. Connect-side drift (`localhost` <-> `127.0.0.1`, libzmq #4056) maps
+    to the connect endpoint first learned on that port. At most `limit` endpoints are
+    learned; further ones are `unmapped`."""
+
+    limit: int = LEARN_LIMIT
+    learned: list[str] = field(default_factory=list)
+
+    @property
+    def learning(self) -> bool:
+        return True
+
+    def lookup(self, seen: str) -> str:
+        # Exact strings only: a new endpoint is learned (`learn`) with the role of the
+        # event that names it, and port matching is never for bind events (a new bind on
+        # a port that a connect also uses is not that connect).
+        if not seen:
+            return SOCKET_WIDE
+        return self._exact.get(seen, UNMAPPED)
+
+    def learn(self, seen: str, role: Role | None) -> str:
+        """The label of `seen`, an endpoint string that `lookup` did not know."""
+        label = seen if "://" in seen else _with_scheme(seen)
+        found = self._exact.get(label)
+        if found is None and role != "bind" and label.startswith("tcp://"):
+            found = self._by_port.get(("tcp", label.rsplit(":", 1)[1]))
+        if found is not None:
+            self._exact[seen] = found  # an alias: costs no label
+            return found
+        if not self.add(label, role):
+            return UNMAPPED
+        self._exact[seen] = label
+        return label
+
+    def add(self, endpoint: str, role: Role | None) -> bool:
+        """Learn `endpoint` as a label of its own; False once `limit` are learned."""
+        if endpoint in self.learned:
+            return True
+        if len(self.learned) >= self.limit:
+            return False
+        self.learned.append(endpoint)
+        self._exact[endpoint] = endpoint
+        if "://" in endpoint:
+            self._exact.setdefault(endpoint.split("://", 1)[1], endpoint)  # BIND_FAILED form
+        if role == "bind":
+            self.binds = (*self.binds, endpoint)
+        elif role == "connect":
+            self.connects = (*self.connects, endpoint)
+            if endpoint.startswith("tcp://"):
+                key = ("tcp", endpoint.rsplit(":", 1)[1])
+                self._by_port[key] = None if key in self._by_port else endpoint
+        return True
+
+
+def _with_scheme(seen: str) -> str:
+    """BIND_FAILED reports a bind's address without its transport: `host:port` is tcp
+    (IPv6 hosts are bracketed), anything else an ipc path."""
+    host, sep, port = seen.rpartition(":")
+    if sep and host and (port == "*" or _PORT.fullmatch(port)) and not host.startswith(("/", "@")):
+        return "tcp://" + seen
+    return "ipc://" + seen

@@ -1,10 +1,10 @@
-"""The event engine: one thread that owns every ZeroMQ socket of the exporter.
+"""The daemon's event engine: one thread that owns every ZeroMQ socket of the exporter.
 
-It reads all monitor PAIRs through one epoll set (each PAIR's `zmq.FD`, drained until
-EAGAIN), so the cost is O(1) per event and nothing while idle, whatever the number of
-sockets. It also runs bind/connect retries with backoff and applies configs. Other threads
-talk to it through a command queue and an eventfd, and read state only via `snapshot()`,
-which copies under a lock that the engine holds only while reducing a batch of events.
+It is a `Reader` (exporter/reader.py: one epoll set over all monitor PAIRs, edge-triggered
+drains, the reducer under a lock, `snapshot()`, failure handling) that also creates the
+configured sockets, binds and connects them with retries and backoff, and applies configs.
+Other threads talk to it through the reader's command queue, and read state only via
+`snapshot()`.
 
 Failures: an exception raised while serving one socket (its monitor or inbound handler, a
 retry timer, a bind/connect) is caught, logged once per socket and counted
@@ -22,52 +22,34 @@ their counters stay exactly as they were.
 from __future__ import annotations
 
 import contextlib
-import heapq
-import itertools
 import logging
-import os
-import queue
-import select
-import threading
 import time
-from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
 
 import zmq
 
 from exporter.config import Settings, SocketSpec
 from exporter.contexts import BindNames, ContextPool
 from exporter.endpoints import EndpointMap, Role
-from exporter.events import MONITOR_HEAD
 from exporter.fdbudget import fd_budget_problem, open_fds, specs_fds
+from exporter.reader import BATCH, COALESCE_SECONDS, EngineStopped, Handler, Reader
 from exporter.sockets import MonitoredSocket, open_socket
-from exporter.state import (
-    EngineSnapshot,
-    ReaderStats,
-    SocketSnapshot,
-    SocketState,
-    apply_event,
-    record_bind,
-    snapshot_socket,
-)
+from exporter.state import SocketState, apply_event, record_bind
 
-T = TypeVar("T")
+__all__ = [
+    "BATCH",
+    "COALESCE_SECONDS",
+    "MAX_BACKOFF_EXPONENT",
+    "ApplyError",
+    "ApplyResult",
+    "Engine",
+    "EngineStopped",
+    "retry_delay",
+]
 
 log = logging.getLogger("zmq_exporter.engine")
-
-# Messages read from one monitor before moving on to the next ready one: bounds the lock
-# hold time and keeps one stormy socket from starving the others.
-BATCH = 256
-# After a pass that drained every monitor, the reader waits this long (answering commands
-# only) before it looks again, so the events that arrive meanwhile are read in one batch
-# instead of one wakeup each. In a storm that cuts the reader's CPU per event ~3x; under
-# 1,000 connections/s it keeps the reader at ~1% of a core (bench/: app_throughput). The
-# price: state lags the events by at most this much (Prometheus scrapes every few
-# seconds). Nothing is lost or blocked meanwhile: the monitor pipes are unbounded.
-COALESCE_SECONDS = 0.05
 
 
 @dataclass
@@ -83,10 +65,6 @@ class ApplyResult:
 MAX_BACKOFF_EXPONENT = 60
 
 
-class EngineStopped(RuntimeError):
-    """A command sent to an engine whose thread has ended."""
-
-
 class ApplyError(RuntimeError):
     """A config could not be applied; nothing running was changed."""
 
@@ -97,7 +75,7 @@ def retry_delay(attempt: int, base: float, cap: float) -> float:
     return min(base * float(1 << exponent), cap)
 
 
-class Engine:
+class Engine(Reader):
     def __init__(
         self,
         ctx: zmq.Context[zmq.Socket[bytes]] | None = None,
@@ -106,6 +84,7 @@ class Engine:
         on_failure: Callable[[str], None] | None = None,
         fd_reserve: int = 0,
     ) -> None:
+        super().__init__(clock=clock, coalesce=coalesce, on_failure=on_failure)
         self._owns_ctx = ctx is None
         self.ctx: zmq.Context[zmq.Socket[bytes]] = ctx if ctx is not None else zmq.Context()
         if self._owns_ctx:  # 3 zmq sockets per monitored socket; the default cap is 1023
@@ -114,61 +93,20 @@ class Engine:
         # host names resolved off this thread: DNS never stalls the others (contexts.py).
         self.contexts = ContextPool(self.ctx)
         self._bind_names = BindNames()
-        self._clock = clock
-        self._coalesce = coalesce
-        self._on_failure = on_failure
         # File descriptors an apply must leave free (web server, logs, accepted peers).
         self._fd_reserve = fd_reserve
-        self._lock = threading.Lock()
-        # Guarded by _lock:
-        self._states: dict[str, SocketState] = {}
-        self._stats = ReaderStats()
-        self._ready = False
         # (first, max) interval of bind/connect retries, from the config applied last.
         self._backoff = (1.0, 30.0)
-        self._failure: str | None = None
-        # The last SocketSnapshot of each socket, with the state it was taken from:
-        self._snapshots: dict[str, tuple[SocketState, SocketSnapshot]] = {}
         # Engine thread only:
         self._sockets: dict[str, MonitoredSocket] = {}
-        self._handlers: dict[int, tuple[str, Callable[[], tuple[bool, int]]]] = {}
-        self._burst = 0
-        self._ready_fds: deque[int] = deque()
-        self._ready_set: set[int] = set()
-        self._timers: list[tuple[float, int, Callable[[], None]]] = []
-        self._timer_seq = itertools.count()
         self._retry_attempts: dict[tuple[str, str], int] = {}
-        self._errors_logged: set[str] = set()  # sockets whose first error was logged
-        self._epoll = select.epoll()
-        self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        self._epoll.register(self._wake_fd, select.EPOLLIN)
-        self._commands_only = select.epoll()  # waits for commands while coalescing
-        self._commands_only.register(self._wake_fd, select.EPOLLIN)
-        # Commands and the futures they complete; _command_lock orders them against the
-        # thread's death, so no command is left waiting on a dead thread.
-        self._commands: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]]] = (
-            queue.SimpleQueue()
-        )
-        self._command_lock = threading.Lock()
-        self._running = False
-        self._thread = threading.Thread(target=self._run, name="zmq-exporter-engine", daemon=True)
 
     # -- public API, any thread ---------------------------------------------------------
-
-    def start(self) -> None:
-        self._running = True
-        self._thread.start()
 
     def apply(self, settings: Settings) -> Future[ApplyResult]:
         """Make the running sockets match `settings` (validated already). Raises (through
         the future) ApplyError when the config cannot be applied; nothing changed then."""
         return self._call(lambda: self._apply(settings))
-
-    @property
-    def failure(self) -> str | None:
-        """Why the engine thread ended unexpectedly; None while it runs (or never ran)."""
-        with self._lock:
-            return self._failure
 
     def stop(self, timeout: float = 2.0) -> None:
         """Close monitors and sockets in the safe order and end the thread."""
@@ -188,214 +126,9 @@ class Engine:
         if self._owns_ctx:
             self.ctx.term()
 
-    def cpu_seconds(self) -> float:
-        """CPU time the engine thread has used so far (bench/ measures the reader by it)."""
-        ident = self._thread.ident
-        if ident is None:
-            return 0.0
-        return time.clock_gettime(time.pthread_getcpuclockid(ident))
-
-    @contextlib.contextmanager
-    def stall_reader(self) -> Iterator[None]:
-        """Hold the reader back while the block runs: it blocks before reducing its next
-        batch, a reader infinitely slower than any storm (bench/ and tests use it to show
-        that nothing is lost meanwhile). Snapshots wait too."""
-        with self._lock:
-            yield
-
-    def snapshot(self) -> EngineSnapshot:
-        """A consistent copy of the state. A socket that had no event since the previous
-        snapshot gets the very same `SocketSnapshot` object again (`SocketState.events`
-        counts every event applied, and nothing else changes what is rendered), so an
-        idle socket costs a dict lookup here and renderers can cache by identity."""
-        with self._lock:
-            cache = self._snapshots
-            sockets = []
-            for name, state in self._states.items():
-                cached = cache.get(name)
-                if cached is not None and cached[0] is state and cached[1].events == state.events:
-                    sockets.append(cached[1])
-                    continue
-                snap = snapshot_socket(state)
-                cache[name] = (state, snap)
-                sockets.append(snap)
-            if len(cache) > len(self._states):  # sockets removed since
-                for name in [n for n in cache if n not in self._states]:
-                    del cache[name]
-            stats = ReaderStats(**vars(self._stats))
-            ready = self._ready and self._failure is None
-            return EngineSnapshot(tuple(sockets), stats, ready, self._failure)
-
-    def _call(self, fn: Callable[[], T]) -> Future[T]:
-        future: Future[T] = Future()
-        with self._command_lock:
-            failure = self._failure
-            if failure is None:
-                self._commands.put((fn, future))
-        if failure is not None:
-            future.set_exception(EngineStopped(f"engine thread ended: {failure}"))
-            return future
-        os.eventfd_write(self._wake_fd, 1)
-        return future
-
     # -- engine thread ------------------------------------------------------------------
 
-    def _run(self) -> None:
-        try:
-            while self._running:
-                self._poll_once()
-        except BaseException as err:  # anything that ends the thread
-            self._died(err)
-
-    def _died(self, err: BaseException) -> None:
-        reason = f"{type(err).__name__}: {err}"
-        log.critical(
-            "engine thread ended; the exporter is unready and exits",
-            exc_info=err,
-            extra={"err": reason},
-        )
-        with self._command_lock, self._lock:
-            self._failure = reason
-            self._ready = False
-        self._fail_pending(reason)
-        if self._on_failure is not None:
-            self._on_failure(reason)
-
-    def _fail_pending(self, reason: str) -> None:
-        while True:
-            try:
-                _, future = self._commands.get_nowait()
-            except queue.Empty:
-                return
-            if future.set_running_or_notify_cancel():
-                future.set_exception(EngineStopped(f"engine thread ended: {reason}"))
-
-    def _poll_once(self) -> None:
-        if self._ready_fds:
-            timeout = 0.0
-        elif self._timers:
-            timeout = max(0.0, self._timers[0][0] - time.monotonic())
-        else:
-            timeout = -1
-        for fd, _mask in self._epoll.poll(timeout):
-            if fd == self._wake_fd:
-                self._run_commands()
-            elif fd in self._handlers and fd not in self._ready_set:
-                self._ready_set.add(fd)
-                self._ready_fds.append(fd)
-        self._run_timers()
-        if self._drain_ready() and not self._ready_fds and self._coalesce > 0:
-            self._wait_for_commands(self._coalesce)
-
-    def _wait_for_commands(self, seconds: float) -> None:
-        if self._timers:
-            seconds = min(seconds, max(0.0, self._timers[0][0] - time.monotonic()))
-        if self._commands_only.poll(seconds):
-            self._run_commands()
-
-    def _run_commands(self) -> None:
-        with contextlib.suppress(BlockingIOError):
-            os.eventfd_read(self._wake_fd)
-        while True:
-            try:
-                fn, future = self._commands.get_nowait()
-            except queue.Empty:
-                return
-            if not future.set_running_or_notify_cancel():
-                continue
-            try:
-                future.set_result(fn())
-            except Exception as err:
-                future.set_exception(err)
-
-    def _run_timers(self) -> None:
-        now = time.monotonic()
-        while self._timers and self._timers[0][0] <= now:
-            _, _, callback = heapq.heappop(self._timers)
-            callback()
-
-    def _schedule(self, delay: float, callback: Callable[[], None]) -> None:
-        heapq.heappush(self._timers, (time.monotonic() + delay, next(self._timer_seq), callback))
-
-    def _socket_error(self, name: str, where: str, err: Exception) -> None:
-        """Count an unexpected exception of one socket; log it the first time only, so a
-        socket that fails on every event cannot flood the log."""
-        with self._lock:
-            self._stats.engine_errors += 1
-        first = name not in self._errors_logged
-        self._errors_logged.add(name)
-        log.log(
-            logging.ERROR if first else logging.DEBUG,
-            "unexpected error serving a socket; counted, the engine goes on",
-            exc_info=err if first else None,
-            extra={"socket": name, "in": where, "err": f"{type(err).__name__}: {err}"},
-        )
-
-    def _drain_ready(self) -> int:
-        """One pass over the ready fds, at most BATCH messages each; fds that still have
-        messages stay ready for the next pass (edge-triggered: drain until EAGAIN).
-        Returns the number of monitor events read."""
-        if not self._ready_fds:
-            return 0
-        events = 0
-        for _ in range(len(self._ready_fds)):
-            fd = self._ready_fds.popleft()
-            entry = self._handlers.get(fd)
-            more = False
-            if entry is not None:
-                try:
-                    more, count = entry[1]()
-                except Exception as err:
-                    # Not retried at once: an fd that fails on every read would spin. The
-                    # next edge (new event or message) tries again.
-                    self._socket_error(entry[0], "reader", err)
-                    more, count = False, 0
-                events += count
-            if more:
-                self._ready_fds.append(fd)
-            else:
-                self._ready_set.discard(fd)
-        # A burst runs from the first ready fd until all are drained again; its size is
-        # the backlog the reader found (events queued in libzmq's unbounded monitor pipes).
-        self._burst += events
-        with self._lock:
-            stats = self._stats
-            stats.wakeups += 1
-            stats.events += events
-            stats.backlog = self._burst
-            stats.backlog_max = max(stats.backlog_max, self._burst)
-        if not self._ready_fds:
-            self._burst = 0
-        return events
-
-    def _monitor_handler(
-        self, managed: MonitoredSocket, state: SocketState
-    ) -> Callable[[], tuple[bool, int]]:
-        recv = managed.monitor.recv
-        noblock = zmq.NOBLOCK
-        unpack_head = MONITOR_HEAD.unpack_from
-
-        def drain() -> tuple[bool, int]:
-            frames: list[tuple[bytes, bytes]] = []
-            more = True
-            for _ in range(BATCH):
-                try:
-                    head = recv(noblock)
-                except zmq.Again:
-                    more = False
-                    break
-                frames.append((head, recv()))  # frame 2 arrives atomically with frame 1
-            if frames:
-                now = self._clock()
-                with self._lock:
-                    for head, endpoint in frames:
-                        event_id, value = unpack_head(head)
-                        apply_event(state, event_id, value, endpoint.decode(), now)
-            return more, len(frames)
-
-        return drain
-
-    def _inbound_handler(self, managed: MonitoredSocket) -> Callable[[], tuple[bool, int]]:
+    def _inbound_handler(self, managed: MonitoredSocket) -> Handler:
         sock = managed.socket
 
         def drain() -> tuple[bool, int]:
@@ -471,7 +204,9 @@ class Engine:
         self._sockets[spec.name] = managed
         with self._lock:
             self._states[spec.name] = state
-        self._register(spec.name, managed.monitor_fd, self._monitor_handler(managed, state))
+        # `apply_event` as this module sees it (tests replace it here to inject failures).
+        handler = self._monitor_handler(managed.monitor, state, apply_event)
+        self._register(spec.name, managed.monitor_fd, handler)
         if managed.socket_fd is not None:
             self._register(spec.name, managed.socket_fd, self._inbound_handler(managed))
         for endpoint in spec.binds:
@@ -479,21 +214,11 @@ class Engine:
         for endpoint in spec.connects:
             self._attach(managed, state, "connect", endpoint)
 
-    def _register(self, name: str, fd: int, handler: Callable[[], tuple[bool, int]]) -> None:
-        self._handlers[fd] = (name, handler)
-        self._epoll.register(fd, select.EPOLLIN | select.EPOLLET)
-        # Events may already be queued; an edge-triggered fd would not report them.
-        if fd not in self._ready_set:
-            self._ready_set.add(fd)
-            self._ready_fds.append(fd)
-
     def _remove(self, name: str) -> None:
         managed = self._sockets.pop(name)
         for fd in (managed.monitor_fd, managed.socket_fd):
-            if fd is not None and self._handlers.pop(fd, None) is not None:
-                with contextlib.suppress(OSError):
-                    self._epoll.unregister(fd)
-                self._ready_set.discard(fd)
+            if fd is not None:
+                self._unregister(fd)
         self.contexts.close_socket(managed)
         with self._lock:
             del self._states[name]
@@ -573,12 +298,6 @@ class Engine:
     def _close_all(self) -> None:
         for name in list(self._sockets):
             self._remove(name)
-
-    def _close_fds(self) -> None:
-        if not self._epoll.closed:
-            self._epoll.close()
-            self._commands_only.close()
-            os.close(self._wake_fd)
 
 
 def _describe(err: BaseException) -> str:

@@ -1,0 +1,503 @@
+"""Library mode: a Python application instruments its own sockets in one call.
+
+    handle = exporter.instrument(sock, "backend", labels={"team": "payments"})
+    sock.bind("tcp://*:5555")
+    ...
+    handle.close()  # from the thread that uses `sock`, before closing `sock`
+
+The same reader and reducer as the daemon's (exporter/reader.py, exporter/state.py), and
+the same families and label names, served by one prometheus_client Collector per registry
+and, with `meter_provider`, by OTel observable instruments named as the daemon's OTLP
+output.
+
+Threads: `instrument()` and `Instrumentation.close()` run on the caller's thread, which is
+the only one that touches the application's socket (`socket.monitor()`,
+`disable_monitor()`); one background reader per process, started by the first
+`instrument()`, owns nothing but the monitor PAIRs. Each PAIR lives in its socket's own
+context (inproc reaches only that context) with RCVHWM=0, so an event burst queues in
+memory and never blocks the application's I/O thread; it is created outside the context's
+socket list, so `ctx.destroy()` does not close it from the application's thread, and the
+reader closes it itself when the monitor stops (the socket was closed) or the context is
+being terminated (`ctx.term()`), so `term()` never waits for it.
+
+Misuse, each with a defined outcome (tests/test_library.py):
+- the socket closed without `close()`: its counters stay, its gauges drop to 0 (the
+  monitor's MONITOR_STOPPED), until `close()` or until a new socket takes its name;
+- `ctx.term()`/`ctx.destroy()` with instrumented sockets open: the reader closes their
+  PAIRs; `term()` returns once the application has closed its own sockets;
+- fork: the child starts with no instrumented socket and no reader; the parent's handles
+  are inert there (their `close()` does nothing) and the parent's sockets must not be used
+  in the child (libzmq's rule). The child instruments the sockets it creates;
+- the same socket twice while instrumented, a closed socket, a name in use:
+  `InstrumentError` (a ValueError).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import os
+import re
+import threading
+import weakref
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import zmq
+from prometheus_client import REGISTRY
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import CollectorRegistry
+
+from exporter import __version__, metrics
+from exporter.endpoints import LearningEndpointMap
+from exporter.events import ALL_EVENTS_MASK, EVENT_BY_NAME, Event
+from exporter.reader import EngineStopped, Reader
+from exporter.render.prometheus import StateCollector, render_self, render_sockets
+from exporter.render.rows import row_labels, socket_rows
+from exporter.state import (
+    EngineSnapshot,
+    ReaderStats,
+    SocketSnapshot,
+    SocketState,
+    record_endpoint,
+)
+
+if TYPE_CHECKING:
+    from opentelemetry.metrics import CallbackOptions, MeterProvider, Observation
+
+__all__ = ["InstrumentError", "Instrumentation", "instrument", "reader"]
+
+log = logging.getLogger("zmq_exporter.library")
+
+T = TypeVar("T")
+
+# How long instrument() and close() wait for the reader to take or give back a PAIR. It
+# answers commands within its coalescing pause (50 ms) plus one batch; this is a bound.
+COMMAND_TIMEOUT = 5.0
+READER_THREAD = "zmq-exporter-reader"
+
+_LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
+_monitor_ids = itertools.count(1)
+
+
+class InstrumentError(ValueError):
+    """The application asked for something library mode cannot do (the message says what)."""
+
+
+@dataclass
+class _Process:
+    """Library state of this process. A forked child gets a fresh one (`_after_fork`)
+    that keeps the exports: collectors stay registered on inherited registries."""
+
+    reader: Reader | None = None
+    handles: dict[str, Instrumentation] = field(default_factory=dict)
+    # Collectors and OTel instruments, one per registry / meter provider (by id; the
+    # object is kept alive with it so the id stays unique).
+    collectors: dict[int, tuple[CollectorRegistry, _LibraryCollector]] = field(default_factory=dict)
+    meters: dict[int, tuple[object, _OtelExport]] = field(default_factory=dict)
+    # Names of the sockets shown by each registry / meter provider; replaced, never
+    # changed, so scrapes read them without the lock.
+    shown: dict[int, frozenset[str]] = field(default_factory=dict)
+
+    def show(self) -> None:
+        shown: dict[int, set[str]] = {}
+        for name, handle in self.handles.items():
+            for key in (id(handle.registry), id(handle.meter_provider)):
+                shown.setdefault(key, set()).add(name)
+        self.shown = {key: frozenset(names) for key, names in shown.items()}
+
+
+_lock = threading.RLock()
+_process = _Process()
+
+
+def _after_fork() -> None:
+    """In a forked child: no reader thread exists, and the parent's sockets and PAIRs
+    belong to contexts the child must not use. Start afresh; keep the exports."""
+    global _lock, _process
+    old = _process
+    _lock = threading.RLock()  # the parent's may have been held by another thread
+    _process = _Process(collectors=old.collectors, meters=old.meters)
+    if old.reader is not None:
+        old.reader._close_fds()  # the child's copies of its epoll and eventfd
+
+
+os.register_at_fork(after_in_child=_after_fork)
+
+
+def reader() -> Reader | None:
+    """The process's reader, once an `instrument()` started it (bench/ and tests read its
+    CPU time and counters)."""
+    return _process.reader
+
+
+def _reader() -> Reader:
+    """The process's reader, started on first use. Called with `_lock` held."""
+    current = _process.reader
+    if current is None or current.failure is not None:
+        if current is not None:
+            log.error("the monitor reader had ended; starting a new one: %s", current.failure)
+        current = Reader(thread_name=READER_THREAD)
+        current.start()
+        _process.reader = current
+    return current
+
+
+def _wait(future: Future[T], what: str) -> T:
+    try:
+        return future.result(COMMAND_TIMEOUT)
+    except FutureTimeout:
+        raise RuntimeError(f"the reader did not {what} within {COMMAND_TIMEOUT} s") from None
+
+
+class Instrumentation:
+    """One instrumented socket. `close()` (or leaving the `with` block) detaches the
+    monitor in the safe order, from the thread that uses the socket; twice is fine."""
+
+    def __init__(
+        self,
+        name: str,
+        sock: zmq.Socket[Any],
+        pair: zmq.Socket[bytes],
+        state: SocketState,
+        registry: CollectorRegistry | None,
+        meter_provider: object | None,
+    ) -> None:
+        self.name = name
+        self.labels = dict(state.labels)
+        self.registry = registry
+        self.meter_provider = meter_provider
+        self._socket = weakref.ref(sock)
+        self._underlying = int(sock.underlying)
+        self._pair = pair
+        self._state = state
+        self._pid = os.getpid()
+        self._closed = False
+        self._close_lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"<Instrumentation {self.name!r}{' closed' if self._closed else ''}>"
+
+    def __enter__(self) -> Instrumentation:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def _socket_open(self) -> zmq.Socket[Any] | None:
+        sock = self._socket()
+        return None if sock is None or sock.closed else sock
+
+    def _live(self) -> bool:
+        """Still watching an open socket (not closed, not inherited through fork)."""
+        return not self._closed and self._pid == os.getpid() and self._socket_open() is not None
+
+    def bind(self, endpoint: str) -> None:
+        """`socket.bind(endpoint)`, its series labelled `endpoint` as given (as the daemon
+        labels a configured bind: `tcp://*:5555`, not the `tcp://0.0.0.0:5555` libzmq
+        reports). From the socket's thread, like `socket.bind`."""
+        self._attach("bind", endpoint)
+
+    def connect(self, endpoint: str) -> None:
+        """`socket.connect(endpoint)`, its series labelled `endpoint` as given from the
+        first event on."""
+        self._attach("connect", endpoint)
+
+    def _attach(self, role: str, endpoint: str) -> None:
+        sock = self._socket_open()
+        if sock is None or self._closed:
+            raise InstrumentError(f"{self!r}: the socket is closed or no longer instrumented")
+        current = _process.reader
+        if current is None or self._pid != os.getpid():
+            raise InstrumentError(f"{self!r} belongs to the parent process (fork)")
+        # The reader is held while the socket binds: the events the bind sends wait until
+        # the endpoint map knows what they name.
+        with current.hold():
+            try:
+                if role == "bind":
+                    sock.bind(endpoint)
+                else:
+                    sock.connect(endpoint)
+            except BaseException:
+                record_endpoint(self._state, endpoint, "bind" if role == "bind" else "connect")
+                current.forget_snapshot(self.name)
+                raise
+            if role == "bind":
+                resolved = sock.getsockopt_string(zmq.LAST_ENDPOINT)
+                record_endpoint(self._state, endpoint, "bind", resolved)
+            else:
+                record_endpoint(self._state, endpoint, "connect")
+            current.forget_snapshot(self.name)
+
+    def snapshot(self) -> SocketSnapshot | None:
+        """This socket's current state (None once closed)."""
+        current = _process.reader
+        if current is None or self._closed or self._pid != os.getpid():
+            return None
+        for sock in current.snapshot().sockets:
+            if sock.name == self.name and _process.handles.get(self.name) is self:
+                return sock
+        return None
+
+    def close(self) -> None:
+        """Detach: `socket.disable_monitor()` here, then the reader reads what is queued
+        and closes the PAIR, then the socket's series disappear. The socket stays open
+        (closing it is the application's business, after this)."""
+        with self._close_lock:
+            if self._closed:
+                return
+            self._closed = True
+        if self._pid != os.getpid():
+            return  # inherited through fork: the parent's socket is not ours to touch
+        sock = self._socket_open()
+        if sock is not None:
+            # ETERM: its context is being terminated; the reader closes the PAIR anyway.
+            with contextlib.suppress(zmq.ZMQError):
+                sock.disable_monitor()
+        with _lock:
+            if _process.handles.get(self.name) is self:
+                del _process.handles[self.name]
+                _process.show()
+            current = _process.reader
+        if current is None:
+            self._pair.close(linger=0)
+            return
+        try:
+            _wait(current.unwatch(self.name), "release the monitor")
+        except EngineStopped:
+            self._pair.close(linger=0)  # the reader ended: nothing else uses the PAIR
+
+
+def _mask(events: Iterable[str | Event] | None) -> int:
+    if events is None:
+        return ALL_EVENTS_MASK
+    # MONITOR_STOPPED always: it resets the connection gauges and tells the reader that
+    # the monitor ended (so it closes the PAIR).
+    mask = int(Event.MONITOR_STOPPED)
+    for item in [events] if isinstance(events, str) else events:
+        if isinstance(item, Event):
+            mask |= int(item)
+        elif item == "all":
+            return ALL_EVENTS_MASK
+        elif item in EVENT_BY_NAME:
+            mask |= int(EVENT_BY_NAME[item])
+        else:
+            raise InstrumentError(
+                f"unknown event {item!r}; expected 'all' or some of {', '.join(EVENT_BY_NAME)}"
+            )
+    return mask
+
+
+def _check_labels(labels: Mapping[str, str] | None) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for key, val in (labels or {}).items():
+        if not isinstance(key, str) or not _LABEL_NAME.fullmatch(key) or key.startswith("__"):
+            raise InstrumentError(f"invalid label name {key!r} (expected [a-zA-Z_][a-zA-Z0-9_]*)")
+        if key in metrics.RESERVED_LABELS:
+            raise InstrumentError(f"label name {key!r} is reserved by the exporter")
+        if not isinstance(val, str):
+            raise InstrumentError(f"label {key!r}: value must be a str, not {type(val).__name__}")
+        out[key] = val
+    return out
+
+
+def instrument(
+    socket: zmq.Socket[Any],
+    name: str,
+    *,
+    labels: Mapping[str, str] | None = None,
+    events: Iterable[str | Event] | None = None,
+    registry: CollectorRegistry | None = REGISTRY,
+    meter_provider: MeterProvider | None = None,
+) -> Instrumentation:
+    """Watch `socket`'s monitor events: the daemon's socket families, with `socket=name`,
+    `labels`, and the endpoints the socket binds and connects as `endpoint`.
+
+    Call it from the thread that uses `socket`, before its bind()/connect() (connections
+    made before are not counted). `events`: event names as in the daemon's config (None:
+    all). `registry`: where the socket's series are collected (None: nowhere);
+    `meter_provider`: an OpenTelemetry MeterProvider to observe them on as well."""
+    if not isinstance(socket, zmq.Socket):
+        raise InstrumentError(f"expected a zmq.Socket, got {type(socket).__name__}")
+    if not isinstance(name, str) or not name:
+        raise InstrumentError("name must be a non-empty str")
+    checked = _check_labels(labels)
+    mask = _mask(events)
+    if socket.closed:
+        raise InstrumentError(f"cannot instrument {name!r}: the socket is closed")
+    with _lock:
+        process = _process
+        for other in list(process.handles.values()):
+            if other._underlying == int(socket.underlying) and other._live():
+                raise InstrumentError(
+                    f"this socket is instrumented already, as {other.name!r}; "
+                    "close that Instrumentation first"
+                )
+        previous = process.handles.get(name)
+        if previous is not None:
+            if previous._live():
+                raise InstrumentError(f"the name {name!r} is in use by another open socket")
+            previous.close()  # its socket was closed without close(): the name is free
+        current = _reader()
+        pair = _attach_monitor(socket, name, mask)
+        state = SocketState(
+            name=name,
+            socket_type=zmq.SocketType(socket.type).name,
+            labels=checked,
+            endpoint_map=LearningEndpointMap((), ()),
+        )
+        try:
+            _wait(current.watch(name, pair, state), "take the monitor")
+        except BaseException:
+            _detach(socket, pair, current)
+            raise
+        handle = Instrumentation(name, socket, pair, state, registry, meter_provider)
+        process.handles[name] = handle
+        process.show()
+        if registry is not None and id(registry) not in process.collectors:
+            collector = _LibraryCollector(id(registry))
+            registry.register(collector)
+            process.collectors[id(registry)] = (registry, collector)
+        if meter_provider is not None and id(meter_provider) not in process.meters:
+            process.meters[id(meter_provider)] = (meter_provider, _OtelExport(meter_provider))
+    return handle
+
+
+def _attach_monitor(socket: zmq.Socket[Any], name: str, mask: int) -> zmq.Socket[bytes]:
+    # A unique address on every attach: reusing an inproc monitor address hangs (libzmq
+    # #1315). The pid keeps a forked child's addresses apart from the parent's.
+    addr = f"inproc://zmq-exporter.library.{os.getpid()}.{next(_monitor_ids)}"
+    try:
+        socket.monitor(addr, mask)
+    except zmq.ContextTerminated:
+        raise InstrumentError(f"cannot instrument {name!r}: its context is terminated") from None
+    except zmq.ZMQError as err:
+        raise InstrumentError(f"cannot instrument {name!r}: {err.strerror}") from err
+    # A plain socket even for zmq.asyncio (only the reader reads it), made directly rather
+    # than by ctx.socket(): the context does not list it, so ctx.destroy() leaves it to
+    # the reader instead of closing it under the reader's feet.
+    pair: zmq.Socket[bytes] = zmq.Socket(socket.context, zmq.PAIR)
+    try:
+        pair.setsockopt(zmq.RCVHWM, 0)  # unbounded: a burst never blocks the I/O thread
+        pair.setsockopt(zmq.LINGER, 0)
+        pair.connect(addr)
+    except BaseException:
+        pair.close(linger=0)
+        socket.disable_monitor()
+        raise
+    return pair
+
+
+def _detach(socket: zmq.Socket[Any], pair: zmq.Socket[bytes], current: Reader) -> None:
+    """Undo `_attach_monitor` after the reader refused the PAIR (or never answered)."""
+    with contextlib.suppress(zmq.ZMQError):
+        socket.disable_monitor()
+    if not current.alive:
+        pair.close(linger=0)
+
+
+# ---------------------------------------------------------------------------------------
+# Exports: what each registry and meter provider shows.
+
+
+def _snapshot(key: int) -> EngineSnapshot:
+    """The reader's snapshot, restricted to the sockets instrumented for `key` (a registry
+    or meter provider)."""
+    process = _process
+    current = process.reader
+    if current is None:
+        return EngineSnapshot((), ReaderStats(), False)
+    snap = current.snapshot()
+    names = process.shown.get(key, frozenset())
+    sockets = tuple(s for s in snap.sockets if s.name in names)
+    if len(sockets) == len(snap.sockets):
+        return snap
+    return EngineSnapshot(sockets, snap.stats, snap.ready, snap.failure)
+
+
+class _LibraryCollector(StateCollector):
+    """The socket families and the reader's self-metrics, for one registry."""
+
+    def __init__(self, key: int) -> None:
+        super().__init__(lambda: _snapshot(key))
+
+    def describe(self) -> Iterator[Metric]:
+        # The families without touching the reader (registering must start nothing).
+        yield from render_sockets(())
+        yield from render_self(EngineSnapshot((), ReaderStats(), False))
+
+
+# Instrument slot (index into metrics.PUSHED) of each socket family's rows, and of the
+# self-metrics by their prometheus_client name.
+_PUSHED_SLOT = {f.metric_name: n for n, f in enumerate(metrics.PUSHED)}
+_SOCKET_SLOT = tuple(
+    metrics.PUSHED.index(f) if f in metrics.PUSHED else None for f in metrics.SOCKET_FAMILIES
+)
+
+Points = list[tuple[float, dict[str, str]]]
+
+
+class _OtelExport:
+    """Observable instruments on an application's MeterProvider, one per family the daemon
+    pushes over OTLP (same names, units and descriptions). Each callback reads a snapshot;
+    a socket's points are rebuilt only when its SocketSnapshot changed."""
+
+    def __init__(self, provider: MeterProvider) -> None:
+        self._key = id(provider)
+        self._cache: dict[str, tuple[SocketSnapshot, dict[int, Points]]] = {}
+        self._cache_lock = threading.Lock()  # OTel readers may collect concurrently
+        meter = provider.get_meter("zmq-exporter", __version__)
+        for slot, family in enumerate(metrics.PUSHED):
+            assert family.otel_name is not None
+            callback = self._callback(slot)
+            if family.type == "counter":
+                meter.create_observable_counter(
+                    family.otel_name, [callback], family.otel_unit, family.help
+                )
+            else:
+                meter.create_observable_gauge(
+                    family.otel_name, [callback], family.otel_unit, family.help
+                )
+
+    def _callback(self, slot: int) -> Callable[[CallbackOptions], Iterable[Observation]]:
+        def observe(options: CallbackOptions) -> Iterable[Observation]:
+            return self._observe(slot)
+
+        return observe
+
+    def _observe(self, slot: int) -> list[Observation]:
+        from opentelemetry.metrics import Observation
+
+        snap = _snapshot(self._key)
+        out = []
+        with self._cache_lock:
+            cache, fresh = self._cache, {}
+            for sock in snap.sockets:
+                entry = cache.get(sock.name)
+                if entry is None or entry[0] is not sock:
+                    entry = (sock, _points(sock))
+                fresh[sock.name] = entry
+                for value, attrs in entry[1].get(slot, ()):
+                    out.append(Observation(value, attrs))
+            self._cache = fresh
+        for family in render_self(snap):
+            if _PUSHED_SLOT.get(family.name) == slot:
+                out += [Observation(float(s.value), dict(s.labels)) for s in family.samples]
+        return out
+
+
+def _points(sock: SocketSnapshot) -> dict[int, Points]:
+    by_slot: dict[int, Points] = {}
+    for index, endpoint, extra, value in socket_rows(sock):
+        slot = _SOCKET_SLOT[index]
+        if slot is not None:
+            by_slot.setdefault(slot, []).append((float(value), row_labels(sock, endpoint, extra)))
+    return by_slot
