@@ -26,6 +26,7 @@ from exporter.config.model import (
     SocketOptions,
     label_name_problem,
 )
+from exporter.config.modules import ProbeModule, default_modules, resolve_modules
 from exporter.config.otlp import OtlpConfig
 from exporter.config.yamlnodes import decode, line_of, load_with_lines
 from exporter.endpoints import Role, parse_endpoint
@@ -55,6 +56,8 @@ class Settings:
     # Sections read by other parts. Not the whole validated model: it would keep a second
     # copy of every socket alive (~3 KB each).
     otlp: OtlpConfig | None = field(default=None, repr=False, compare=False)
+    # /probe modules (exporter/config/modules.py); always holds the default `zmtp`.
+    modules: dict[str, ProbeModule] = field(default_factory=default_modules, compare=False)
 
 
 def load_config(file: str) -> Settings:
@@ -83,7 +86,7 @@ def parse_config(text: str, file: str) -> Settings:
 
 # Keys whose value is a secret, or may be one pasted in the wrong place: no message ever
 # quotes their value (a CURVE secret key pasted into curve_secretkey_file is a classic).
-SECRET_KEYS = frozenset({"curve_secretkey_file"})
+SECRET_KEYS = frozenset({"curve_secretkey_file", "curve_client_key_file", "plain_password_file"})
 SECRET_SECTIONS: tuple[Path, ...] = (("otlp", "headers"),)
 
 
@@ -134,7 +137,8 @@ def _resolve(model: Config, file: str, lines: dict[Path, int]) -> Settings:
             f"about {series} series estimated for {len(specs)} sockets, more than "
             f"limits.max_series ({model.limits.max_series})",
         )
-    return Settings(file, tuple(specs), model.global_, model.limits, model.otlp)
+    modules = resolve_modules(model.modules, fail)
+    return Settings(file, tuple(specs), model.global_, model.limits, model.otlp, modules)
 
 
 # Defaults for the options of sockets that connect, under the file's own (global, then per

@@ -5,7 +5,7 @@ checks across keys (duplicate names, CURVE pairs, key files) are in `exporter.co
 from __future__ import annotations
 
 import re
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
@@ -196,8 +196,47 @@ class LimitsConfig(_Strict):
     max_series: PositiveInt = 200_000
 
 
+# -- /probe modules (issue 17), as blackbox_exporter's `modules:` --------------------------
+
+MECHANISMS = ("NULL", "PLAIN", "CURVE")
+
+
+def _mechanism(value: str) -> str:
+    upper = value.upper()
+    if upper not in MECHANISMS:
+        raise ValueError(f"unknown mechanism {value!r} (expected one of {', '.join(MECHANISMS)})")
+    return upper
+
+
+def _probe_socket_type(value: str) -> str:
+    upper = _socket_type(value)
+    if upper == "STREAM":  # a STREAM socket does no ZMTP handshake: nothing to time
+        raise ValueError("a STREAM socket does no ZMTP handshake; probe with another type")
+    return upper
+
+
+ModuleName = Annotated[Name, Field(min_length=1, max_length=128)]
+
+
+class ModuleConfig(_Strict):
+    """One /probe module: how to probe a target (exporter/prober)."""
+
+    socket_type: Annotated[str, AfterValidator(_probe_socket_type)] = "DEALER"
+    # None: the scrape's timeout (X-Prometheus-Scrape-Timeout-Seconds) minus the offset.
+    timeout: Duration | None = None
+    mechanism: Annotated[str, AfterValidator(_mechanism)] = "NULL"
+    curve_server_key_file: str | None = None  # the server's public key (Z85 or certificate)
+    curve_client_key_file: str | None = None  # our secret key; none: a new pair per probe
+    plain_username: str | None = None
+    plain_password_file: str | None = None
+    ip_protocol: Literal["ip4", "ip6"] = "ip4"
+    ip_protocol_fallback: bool = True
+    allowed_targets: list[Annotated[str, Field(min_length=1)]] | None = None
+
+
 class Config(_Strict):
     global_: GlobalConfig = Field(GlobalConfig(), alias="global")
     limits: LimitsConfig = LimitsConfig()
     sockets: list[SocketConfig] = []
     otlp: OtlpConfig | None = None  # OTLP push; see exporter/config/otlp.py
+    modules: dict[ModuleName, ModuleConfig] = {}  # /probe modules; see ModuleConfig
