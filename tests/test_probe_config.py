@@ -9,11 +9,12 @@ import pytest
 import zmq
 
 from exporter.config import ConfigError, parse_config
+from exporter.config.modules import ProbeModule
 
 from helpers import run_cli
 
 
-def load(text: str) -> dict[str, object]:
+def load(text: str) -> dict[str, ProbeModule]:
     return dict(parse_config(text, "c.yml").modules)
 
 
@@ -111,3 +112,9 @@ def test_secrets_are_never_echoed(tmp_path: Path) -> None:
         f"modules: {{c: {{mechanism: PLAIN, plain_username: u, plain_password_file: '{pasted}'}}}}"
     )
     assert pasted not in message
+
+
+def test_yaml_null_is_the_null_mechanism() -> None:
+    for spelling in ("NULL", "null", "~", "'NULL'"):
+        modules = load(f"modules: {{m: {{mechanism: {spelling}}}}}")
+        assert modules["m"].mechanism == "NULL"

@@ -208,6 +208,11 @@ def _mechanism(value: str) -> str:
     return upper
 
 
+def _yaml_null_is_null(value: object) -> object:
+    # `mechanism: NULL` is YAML's null; the user means the NULL mechanism.
+    return "NULL" if value is None else value
+
+
 def _probe_socket_type(value: str) -> str:
     upper = _socket_type(value)
     if upper == "STREAM":  # a STREAM socket does no ZMTP handshake: nothing to time
@@ -216,6 +221,7 @@ def _probe_socket_type(value: str) -> str:
 
 
 ModuleName = Annotated[Name, Field(min_length=1, max_length=128)]
+Mechanism = Annotated[str, BeforeValidator(_yaml_null_is_null), AfterValidator(_mechanism)]
 
 
 class ModuleConfig(_Strict):
@@ -224,7 +230,7 @@ class ModuleConfig(_Strict):
     socket_type: Annotated[str, AfterValidator(_probe_socket_type)] = "DEALER"
     # None: the scrape's timeout (X-Prometheus-Scrape-Timeout-Seconds) minus the offset.
     timeout: Duration | None = None
-    mechanism: Annotated[str, AfterValidator(_mechanism)] = "NULL"
+    mechanism: Mechanism = "NULL"
     curve_server_key_file: str | None = None  # the server's public key (Z85 or certificate)
     curve_client_key_file: str | None = None  # our secret key; none: a new pair per probe
     plain_username: str | None = None

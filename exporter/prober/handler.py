@@ -10,6 +10,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
+from email.message import Message
 
 from exporter.config.modules import DEFAULT_MODULE, ProbeModule
 from exporter.endpoints import shown
@@ -35,10 +36,13 @@ def _error(status: int, message: str) -> Response:
     return status, {"Content-Type": TEXT}, (message + "\n").encode()
 
 
-def probe_timeout(headers: Mapping[str, str], module: ProbeModule, offset: float) -> float:
+Headers = Mapping[str, str] | Message  # a dict, or the web server's http.client.HTTPMessage
+
+
+def probe_timeout(headers: Headers, module: ProbeModule, offset: float) -> float:
     """The probe's time budget: the scrape's timeout minus `offset`, capped by the module's
     timeout (blackbox_exporter's getTimeout). ValueError for a header that is no number."""
-    header = next((v for k, v in headers.items() if k.lower() == TIMEOUT_HEADER), "")
+    header = str(next((v for k, v in headers.items() if k.lower() == TIMEOUT_HEADER), ""))
     scrape = float(header) if header.strip() else 0.0
     if not scrape > 0 or scrape != scrape or scrape == float("inf"):
         if header.strip():
@@ -62,7 +66,7 @@ class Prober:
         self.timeout_offset = timeout_offset
         self._slots = threading.BoundedSemaphore(max_concurrent)
 
-    def handle_probe(self, query: Mapping[str, list[str]], headers: Mapping[str, str]) -> Response:
+    def handle_probe(self, query: Mapping[str, list[str]], headers: Headers) -> Response:
         def param(name: str) -> str:
             values = query.get(name) or [""]
             return values[-1]
