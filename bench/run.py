@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from importlib.metadata import version
 from typing import Any
 
-from bench import app, ingest, memory, otlp, scrape
+from bench import app, ingest, library, memory, otlp, scrape
 from bench.common import BenchEngine, process_cpu, raise_fd_limit, wait_quiet, wait_until
 from exporter.engine import COALESCE_SECONDS
 
@@ -211,6 +211,26 @@ def measure_app(p: Profile, out: dict[str, Measure]) -> None:
     )
 
 
+def measure_library(p: Profile, out: dict[str, Measure]) -> None:
+    result = library.run(p.app_pairs, p.app_window, p.app_rate)
+    out["library_app_throughput"] = Measure(
+        result.ratio,
+        0.98,
+        ">=",
+        "ratio",
+        {
+            "churn_ratio": round(result.churn_ratio, 4),
+            "churn_per_second": p.app_rate,
+            "window_pairs": p.app_pairs,
+            "round_trips_per_second": {
+                k: round(v) for k, v in result.round_trips_per_second.items()
+            },
+            "reader_us_per_event": round(result.reader_us_per_event, 2),
+            "daemon_engine_us_per_event": round(result.daemon_us_per_event, 2),
+        },
+    )
+
+
 def measure_scrape(p: Profile, out: dict[str, Measure]) -> None:
     t = scrape.run(p.scrape_sockets, p.scrape_repeats)
     out["scrape_vs_generate_latest"] = Measure(
@@ -290,7 +310,7 @@ def measure_overload(p: Profile, out: dict[str, Measure]) -> None:
     )
 
 
-STEPS = ("pipeline", "scale", "app", "scrape", "otlp", "memory", "overload")
+STEPS = ("pipeline", "scale", "app", "library", "scrape", "otlp", "memory", "overload")
 
 
 def run(
@@ -303,6 +323,7 @@ def run(
         "pipeline": lambda: measure_pipeline(profile, out),
         "scale": lambda: measure_scale(profile, out, curve),
         "app": lambda: measure_app(profile, out),
+        "library": lambda: measure_library(profile, out),
         "scrape": lambda: measure_scrape(profile, out),
         "otlp": lambda: measure_otlp(profile, out),
         "memory": lambda: measure_memory(profile, out),

@@ -6,11 +6,13 @@ first use: importing `exporter` imports nothing else and starts nothing.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
-
 __version__ = "0.1.0"
 
+# Not `typing.TYPE_CHECKING`: importing typing would be most of this module's import time.
+TYPE_CHECKING = False
 if TYPE_CHECKING:
+    from typing import Any
+
     from exporter.library import Instrumentation, InstrumentError, instrument
 
 __all__ = ["InstrumentError", "Instrumentation", "__version__", "instrument"]

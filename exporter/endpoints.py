@@ -191,6 +191,9 @@ class LearningEndpointMap(EndpointMap):
 
     limit: int = LEARN_LIMIT
     learned: list[str] = field(default_factory=list)
+    # Drifted connect-side strings -> the connect endpoint they belong to. Kept apart from
+    # the exact strings: a bind event naming the same string is not that connect.
+    _aliases: dict[str, str] = field(default_factory=dict)
 
     @property
     def learning(self) -> bool:
@@ -208,11 +211,17 @@ class LearningEndpointMap(EndpointMap):
         """The label of `seen`, an endpoint string that `lookup` did not know."""
         label = seen if "://" in seen else _with_scheme(seen)
         found = self._exact.get(label)
-        if found is None and role != "bind" and label.startswith("tcp://"):
-            found = self._by_port.get(("tcp", label.rsplit(":", 1)[1]))
         if found is not None:
-            self._exact[seen] = found  # an alias: costs no label
+            self._exact[seen] = found
             return found
+        if role != "bind" and label.startswith("tcp://"):
+            found = self._aliases.get(label)
+            if found is None:
+                found = self._by_port.get(("tcp", label.rsplit(":", 1)[1]))
+            if found is not None:
+                if len(self._aliases) < self.limit:  # bounded too; past it, looked up again
+                    self._aliases[label] = found  # costs no label
+                return found
         if not self.add(label, role):
             return UNMAPPED
         self._exact[seen] = label

@@ -188,7 +188,7 @@ def test_storm_never_stalls_the_application_and_counts_exactly(
         assert len(ping.rtts) >= 20
         print(
             f"storm {tally}, pings {len(ping.rtts)}, max rtt {max(ping.rtts) * 1e3:.1f} ms, "
-            f"backlog max {value(m, 'zmq_exporter_reader_backlog_max')}"
+            f"backlog max {value(m, 'zmq_exporter_reader_backlog_max_events')}"
         )
     finally:
         ping.stop.set()
@@ -567,3 +567,63 @@ def test_examples_serve_their_metrics(script: str, ctx: Ctx) -> None:
         if proc.poll() is None:
             os.kill(proc.pid, signal.SIGKILL)
             proc.wait()
+
+
+# -- learning endpoints (pure) --------------------------------------------------------------
+
+
+def test_learned_endpoints_are_bounded_and_mapped_back() -> None:
+    from exporter.endpoints import UNMAPPED, LearningEndpointMap
+    from exporter.events import Event
+    from exporter.state import SocketState, apply_event, record_endpoint
+
+    sock = SocketState("s", "ROUTER", {}, LearningEndpointMap((), (), limit=3))
+    apply_event(sock, Event.CONNECT_DELAYED, 115, "tcp://localhost:6000", 0)
+    apply_event(sock, Event.CONNECTED, 9, "tcp://localhost:6000", 0)
+    apply_event(sock, Event.DISCONNECTED, 9, "tcp://127.0.0.1:6000", 0)  # drift
+    apply_event(sock, Event.LISTENING, 5, "tcp://127.0.0.1:6000", 0)  # a bind, same port
+    apply_event(sock, Event.CLOSED, 0, "", 0)
+    apply_event(sock, Event.BIND_FAILED, 98, "127.0.0.1:7000", 0)  # no scheme
+    # The cap: a fourth endpoint counts as unmapped, and so does a handle.bind() beyond it.
+    apply_event(sock, Event.LISTENING, 6, "ipc:///tmp/x", 0)
+    assert not record_endpoint(sock, "tcp://*:8000", "bind", "tcp://0.0.0.0:8000")
+    eps = {label: state for label, state in sock.endpoints.items()}
+    assert list(eps) == [
+        "tcp://localhost:6000",
+        "tcp://127.0.0.1:6000",
+        "tcp://127.0.0.1:7000",
+        UNMAPPED,
+    ]
+    connect = eps["tcp://localhost:6000"]
+    assert connect.role == "connect" and connect.counts[Event.DISCONNECTED] == 1
+    assert not connect.live_fds
+    assert eps["tcp://127.0.0.1:6000"].role == "bind"
+    failed = eps["tcp://127.0.0.1:7000"]
+    assert failed.role == "bind" and failed.counts[Event.CLOSED] == 1
+    assert eps[UNMAPPED].counts[Event.LISTENING] == 1
+
+    # handle.bind(): the string given, with a configured endpoint's series from start.
+    sock = SocketState("t", "ROUTER", {}, LearningEndpointMap((), ()))
+    assert record_endpoint(sock, "tcp://*:8000", "bind", "tcp://0.0.0.0:8000")
+    assert sock.endpoints["tcp://*:8000"].counts[Event.ACCEPTED] == 0  # exists at 0
+    apply_event(sock, Event.LISTENING, 5, "tcp://0.0.0.0:8000", 0)
+    apply_event(sock, Event.ACCEPTED, 7, "tcp://0.0.0.0:8000", 0)
+    assert list(sock.endpoints) == ["tcp://*:8000"]
+    assert sock.endpoints["tcp://*:8000"].live_fds == {7}
+
+
+def test_events_restricts_what_is_counted(ctx: Ctx, registry: CollectorRegistry) -> None:
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    with exporter.instrument(router, "only-accepted", events=["accepted"], registry=registry) as h:
+        port = free_port()
+        h.bind(f"tcp://127.0.0.1:{port}")
+        dealer = ctx.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.LINGER, 0)
+        dealer.connect(f"tcp://127.0.0.1:{port}")
+        wait_until(lambda: value(scrape(registry), "zmq_accepted_total", socket="only-accepted"))
+        m = scrape(registry)
+        assert value(m, "zmq_accepted_total", socket="only-accepted") == 1
+        assert value(m, "zmq_handshake_succeeded_total", socket="only-accepted") == 0
+        dealer.close()
+    router.close()
