@@ -253,7 +253,7 @@ def test_example_yml_otlp_section_is_valid() -> None:
     """config/example.yml carries the `otlp:` section commented out; uncommented, it is a
     valid config that resolves as documented."""
     text = (ROOT / "config" / "example.yml").read_text()
-    block = text[text.index("# otlp:") :].splitlines()
+    block = text[text.index("# otlp:") :].split("\n\n", 1)[0].splitlines()  # to its end
     yaml = "\n".join(line.removeprefix("# ") for line in block if line.startswith("# ")) + "\n"
     settings = parse_config(SOCKETS + yaml, "example.yml")
     s = resolve_otlp(settings.otlp, {})
