@@ -1,7 +1,12 @@
 # zmq-exporter: ZeroMQ socket-monitor events as Prometheus metrics. See deploy/README.md.
 #   docker build -t zmq-exporter .
+#   docker run --read-only -p 19555:19555 zmq-exporter        # the default config (README's)
 #   docker run --read-only -p 19555:19555 \
-#     -v "$PWD/config.yml:/etc/zmq-exporter/config.yml:ro" zmq-exporter
+#     -v "$PWD/config.yml:/etc/zmq-exporter/config.yml:ro" zmq-exporter   # your own
+# podman: `podman build --format docker` (the OCI format drops HEALTHCHECK).
+# PYTHON_IMAGE: any Debian-based image with Python 3.11 as `python` and the venv module;
+# tests/test_deploy_docker.py passes one built with debootstrap where no registry is
+# reachable.
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 # ---- builder: dependencies and the package into a venv (pyzmq ships libzmq in its wheel,
@@ -14,7 +19,9 @@ RUN python -m venv /opt/venv
 COPY pyproject.toml README.md ./
 COPY exporter ./exporter
 # Non-editable install; bytecode is compiled here, so nothing is written at run time.
+# pip and setuptools leave the venv once it is installed: nothing runs them at run time.
 RUN /opt/venv/bin/pip install --no-cache-dir --no-compile . \
+    && /opt/venv/bin/python -m pip uninstall --yes --quiet pip setuptools \
     && /opt/venv/bin/python -m compileall -q /opt/venv/lib
 
 # ---- runtime
@@ -36,9 +43,12 @@ COPY config/zmq-exporter.yml /etc/zmq-exporter/config.yml
 # writable volume of their own).
 USER 10001:10001
 EXPOSE 19555
-# python -c, not curl: the slim image has no curl. Assumes the default listen port.
+# Python, not curl (the slim image has no curl). It reads the daemon's arguments from
+# /proc/1/cmdline, so it follows --web.listen-address and TLS from --web.config.file; with
+# basic auth on, 401 counts as answering (deploy/healthcheck.py).
+COPY deploy/healthcheck.py /usr/local/lib/zmq-exporter/healthcheck.py
 HEALTHCHECK --interval=30s --timeout=5s --start-period=10s --retries=3 \
-    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:19555/-/healthy', timeout=4)"]
+    CMD ["python", "/usr/local/lib/zmq-exporter/healthcheck.py"]
 # Exec form: the daemon is PID 1 and gets SIGTERM itself (clean close, exit 0).
 ENTRYPOINT ["zmq-exporter"]
 CMD ["--config.file=/etc/zmq-exporter/config.yml", "--web.listen-address=:19555"]
