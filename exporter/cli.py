@@ -14,6 +14,7 @@ import zmq
 from exporter import __version__
 from exporter.config import ConfigError, load_config
 from exporter.fdbudget import raise_nofile_limit, startup_fd_problem
+from exporter.prober.handler import DEFAULT_MAX_CONCURRENT, DEFAULT_TIMEOUT_OFFSET
 
 DEFAULT_LISTEN = ":19555"
 # sysexits.h EX_SOFTWARE: the engine thread ended; distinct from 1 (bad config or flags).
@@ -60,11 +61,31 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="path of the metrics endpoint (default: %(default)s)",
     )
+    # /probe (issue 17), named like blackbox_exporter's --timeout-offset.
+    p.add_argument(
+        "--probe.max-concurrent",
+        dest="probe_max_concurrent",
+        type=_positive_int,
+        default=DEFAULT_MAX_CONCURRENT,
+        metavar="N",
+        help="probes served at once on /probe; more wait within their timeout, then get "
+        "503 (default: %(default)s)",
+    )
+    p.add_argument(
+        "--probe.timeout-offset",
+        dest="probe_timeout_offset",
+        type=float,
+        default=DEFAULT_TIMEOUT_OFFSET,
+        metavar="SECONDS",
+        help="subtracted from X-Prometheus-Scrape-Timeout-Seconds for a probe's timeout "
+        "(default: %(default)s)",
+    )
     p.add_argument(
         "--log.level",
         dest="log_level",
         default="info",
-        choices=["debug", "info", "warn", "error"],
+        # Both spellings, as Prometheus' exporters accept them; log lines say `warn`.
+        choices=["debug", "info", "warn", "warning", "error"],
         help="minimum level of log lines (default: %(default)s)",
     )
     p.add_argument(
@@ -78,6 +99,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a number above 0, got {text}")
+    return value
+
+
 def version_text() -> str:
     return (
         f"zmq-exporter {__version__} (pyzmq {zmq.pyzmq_version()}, libzmq "
@@ -89,7 +117,17 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from exporter.logs import setup_logging
 
-    setup_logging("warning" if args.log_level == "warn" else args.log_level, args.log_format)
+    setup_logging(args.log_level, args.log_format)
+
+    def fail(message: str) -> int:
+        # One line on stderr, before anything starts: the plain `zmq-exporter: message`
+        # with logfmt (the line README and scripts know), one JSON log object with json.
+        if args.log_format == "json":
+            log.error("cannot start", extra={"err": message})
+        else:
+            print(f"zmq-exporter: {message}", file=sys.stderr)
+        return 1
+
     raise_nofile_limit()  # before the check, so that the check sees what the start will
     try:
         settings = load_config(args.config_file)
@@ -98,14 +136,12 @@ def main(argv: list[str] | None = None) -> int:
         # The `otlp:` section and the OTEL_* environment, resolved once; the daemon gets it.
         otlp = check_otlp(settings)
     except ConfigError as err:
-        print(f"zmq-exporter: {err}", file=sys.stderr)
-        return 1
+        return fail(str(err))
     from exporter.daemon import FD_RESERVE
 
     fd_problem = startup_fd_problem(settings.sockets, FD_RESERVE)
     if fd_problem is not None:
-        print(f"zmq-exporter: {settings.file}: {fd_problem}", file=sys.stderr)
-        return 1
+        return fail(f"{settings.file}: {fd_problem}")
     web_config = None
     if args.web_config_file:
         from exporter.webconfig import load_web_config
@@ -113,14 +149,12 @@ def main(argv: list[str] | None = None) -> int:
         try:
             web_config = load_web_config(args.web_config_file)
         except ConfigError as err:
-            print(f"zmq-exporter: bad --web.config.file: {err}", file=sys.stderr)
-            return 1
+            return fail(f"bad --web.config.file: {err}")
     if args.config_check:
         print(f"{args.config_file}: OK ({len(settings.sockets)} sockets)")
         return 0
     if not args.telemetry_path.startswith("/"):
-        print("zmq-exporter: --web.telemetry-path must start with '/'", file=sys.stderr)
-        return 1
+        return fail("--web.telemetry-path must start with '/'")
 
     from exporter.daemon import Daemon
 
@@ -138,18 +172,23 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         daemon = Daemon(
-            settings, args.listen_address, args.telemetry_path, web_config, engine_failed, otlp
+            settings,
+            args.listen_address,
+            args.telemetry_path,
+            web_config,
+            engine_failed,
+            otlp,
+            probe_max_concurrent=args.probe_max_concurrent,  # /probe (issue 17)
+            probe_timeout_offset=args.probe_timeout_offset,
         )
     except (ValueError, OSError) as err:
-        print(f"zmq-exporter: cannot listen on {args.listen_address}: {err}", file=sys.stderr)
-        return 1
+        return fail(f"cannot listen on {args.listen_address}: {err}")
 
     try:
         daemon.start()
     except Exception as err:  # a socket that cannot be created (EMFILE, ...): one line
-        print(f"zmq-exporter: cannot start: {err}", file=sys.stderr)
         daemon.stop()
-        return 1
+        return fail(f"cannot start: {err}")
     log.info("zmq-exporter started", extra={"version": __version__, "config": args.config_file})
     while signal.sigwait(handled) == signal.SIGHUP:
         threading.Thread(target=daemon.reload, name="zmq-exporter-reload", daemon=True).start()

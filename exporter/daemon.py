@@ -17,9 +17,12 @@ from exporter.config.otlp import OtlpSettings
 from exporter.engine import ApplyError, Engine, EngineStopped
 from exporter.fdbudget import MISC_RESERVE
 from exporter.otlp import OtlpOutput
+from exporter.prober import Prober
+from exporter.prober.handler import DEFAULT_MAX_CONCURRENT, DEFAULT_TIMEOUT_OFFSET
+from exporter.prober.handshake import close_context as close_prober_context
 from exporter.render.prometheus import StateCollector, one_sample
 from exporter.render.status import render_status
-from exporter.web import MAX_CONNECTIONS, WebApp, WebServer
+from exporter.web import MAX_CONNECTIONS, WebApp, WebServer, parse_listen_address
 from exporter.webconfig import WebConfig
 
 log = logging.getLogger("zmq_exporter")
@@ -37,8 +40,13 @@ class Daemon:
         web_config: WebConfig | None = None,
         on_failure: Callable[[str], None] | None = None,
         otlp: OtlpSettings | None = None,
+        probe_max_concurrent: int = DEFAULT_MAX_CONCURRENT,
+        probe_timeout_offset: float = DEFAULT_TIMEOUT_OFFSET,
     ) -> None:
         self.config_file = settings.file
+        # /probe (issue 17): the running config's modules, replaced by a successful reload.
+        self.modules = settings.modules
+        self.prober = Prober(lambda: self.modules, probe_max_concurrent, probe_timeout_offset)
         # The web server's connections and a margin stay free of sockets (fdbudget.py).
         self.engine = Engine(on_failure=on_failure, fd_reserve=FD_RESERVE)
         self._reload_lock = threading.Lock()
@@ -68,9 +76,15 @@ class Daemon:
             landing_page=lambda: render_status(self.engine.snapshot(), telemetry_path),
             reload=self.reload,
             state=self.state,
+            probe=self.prober.handle_probe,
+            max_concurrent_probes=probe_max_concurrent,
         )
         self._initial = settings
         self.web = WebServer(app, listen_address, web_config)
+        # As bound (`:0` resolved): `[::]` is every interface, IPv4 included.
+        host = parse_listen_address(listen_address)[0]
+        host = "[::]" if host == "" else f"[{host}]" if ":" in host else host
+        self.listen_address = f"{host}:{self.web.port}"
 
     def start(self) -> None:
         self.engine.start()
@@ -80,7 +94,10 @@ class Daemon:
         log.info("sockets started", extra={"sockets": len(result.added)})
         if self.otlp is not None:
             self.otlp.start()
-        log.info("listening", extra={"port": self.web.port, "tls": self.web.tls})
+        log.info(
+            "listening",
+            extra={"address": self.listen_address, "port": self.web.port, "tls": self.web.tls},
+        )
 
     def reload(self) -> tuple[bool, str]:
         """Load the config file again and apply the difference; on any error keep the
@@ -111,6 +128,7 @@ class Daemon:
                 )
             self.last_reload_successful = True
             self.last_reload_success_time = time.time()
+            self.modules = settings.modules  # /probe
             message = (
                 f"reloaded {self.config_file}: added {result.added}, removed {result.removed}, "
                 f"recreated {result.recreated}, unchanged {len(result.unchanged)}"
@@ -135,6 +153,7 @@ class Daemon:
         if self.otlp is not None:
             self.otlp.stop(timeout=0.5)  # bounded: a dead collector must not delay exit
         self.engine.stop()
+        close_prober_context()  # /probe's own sockets are closed by each probe
 
 
 class _ReloadCollector(Collector):

@@ -42,6 +42,7 @@ import ssl
 import sys
 import threading
 import time
+import urllib.parse
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -153,6 +154,10 @@ class WebApp:
     max_concurrent_scrapes: int = 8
     # False once the engine thread has died: /-/healthy and /-/ready answer 503.
     is_healthy: Callable[[], bool] = lambda: True
+    # GET /probe (issue 17, exporter/prober): Prober.handle_probe, on a lane of its own
+    # with `max_concurrent_probes` workers (--probe.max-concurrent). None: no /probe.
+    probe: ProbeHandler | None = None
+    max_concurrent_probes: int = 0
 
     def __post_init__(self) -> None:
         self._scrape_slots = threading.BoundedSemaphore(self.max_concurrent_scrapes)
@@ -212,6 +217,10 @@ _RECV_SIZE = 64 * 1024
 _TLS_WRITE_CHUNK = 16 * 1024  # an SSL write is retried with the same chunk after EAGAIN
 _PAUSE_ACCEPT = 0.1  # seconds without accepting after EMFILE, so the loop does not spin
 _SERVER = f"zmq-exporter Python/{sys.version.split()[0]}"
+# Prober.handle_probe (exporter/prober/handler.py): query, headers -> status, headers, body.
+ProbeHandler = Callable[
+    [dict[str, list[str]], http.client.HTTPMessage], tuple[int, dict[str, str], bytes]
+]
 _KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
 
 
@@ -293,7 +302,14 @@ class _Loop:
         self.probe = _Lane("probe", PROBE_WORKERS, 32, "too_many_connections")
         self.scrape = _Lane("scrape", scrape_workers, 16, "too_many_scrapes")
         self.reload = _Lane("reload", 1, 32, "too_many_connections")
-        self.lanes = (self.probe, self.scrape, self.reload)
+        self.lanes: tuple[_Lane, ...] = (self.probe, self.scrape, self.reload)
+        # /probe (issue 17): a probe may wait out its whole timeout, so probes have their
+        # own workers and never queue in front of scrapes or health checks.
+        self.zmtp_probe = _Lane(
+            "zmtp-probe", max(1, app.max_concurrent_probes), 64, "too_many_connections"
+        )
+        if app.probe is not None:
+            self.lanes = (*self.lanes, self.zmtp_probe)
         self.done: deque[tuple[_Lane, _Conn, bytes, bool]] = deque()
         self.wake_r, self.wake_w = socket.socketpair()
         self.wake_r.setblocking(False)
@@ -667,6 +683,8 @@ class _Loop:
         path = request.path
         if request.method == "POST" and path == "/-/reload":
             lane = self.reload
+        elif path == "/probe" and self.app.probe is not None:  # issue 17
+            lane = self.zmtp_probe
         elif (
             request.method in ("GET", "HEAD")
             and path in ("/-/healthy", "/-/ready")
@@ -738,6 +756,9 @@ class _Loop:
                     {**plain, "Allow": "POST"},
                     b"This endpoint requires a POST request.\n",
                 )
+            if path == "/probe" and app.probe is not None:  # issue 17: exporter/prober
+                query = urllib.parse.parse_qs(request.target.partition("?")[2])
+                return app.probe(query, request.headers)
             if path == "/":
                 body = app.landing_page().encode()
                 return 200, {"Content-Type": "text/html; charset=utf-8"}, body
