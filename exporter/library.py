@@ -262,18 +262,20 @@ class Instrumentation:
             # ETERM: its context is being terminated; the reader closes the PAIR anyway.
             with contextlib.suppress(zmq.ZMQError):
                 sock.disable_monitor()
+        # Under the lock until the reader gave the PAIR back: an instrument() of the same
+        # name meanwhile must not find it still watched.
         with _lock:
-            if _process.handles.get(self.name) is self:
-                del _process.handles[self.name]
-                _process.show()
+            if _process.handles.get(self.name) is not self:
+                return  # replaced already (its socket had been closed)
+            del _process.handles[self.name]
+            _process.show()
             current = _process.reader
-        if current is None:
-            self._pair.close(linger=0)
-            return
-        try:
-            _wait(current.unwatch(self.name), "release the monitor")
-        except EngineStopped:
-            self._pair.close(linger=0)  # the reader ended: nothing else uses the PAIR
+            if current is None:
+                return
+            try:
+                _wait(current.unwatch(self.name), "release the monitor")
+            except EngineStopped:
+                self._pair.close(linger=0)  # the reader ended: nothing else uses the PAIR
 
 
 def _mask(events: Iterable[str | Event] | None) -> int:
@@ -350,14 +352,19 @@ def instrument(
         pair = _attach_monitor(socket, name, mask)
         state = SocketState(
             name=name,
-            socket_type=zmq.SocketType(socket.type).name,
+            socket_type=zmq.SocketType(int(socket.getsockopt(zmq.TYPE))).name,
             labels=checked,
             endpoint_map=LearningEndpointMap((), ()),
         )
         try:
             _wait(current.watch(name, pair, state), "take the monitor")
+        except (ValueError, EngineStopped):
+            _detach(socket, pair)  # refused: the reader never took the PAIR
+            raise
         except BaseException:
-            _detach(socket, pair, current)
+            # No answer in time: the reader may still take the PAIR, so it is left to it.
+            with contextlib.suppress(zmq.ZMQError):
+                socket.disable_monitor()
             raise
         handle = Instrumentation(name, socket, pair, state, registry, meter_provider)
         process.handles[name] = handle
@@ -396,12 +403,11 @@ def _attach_monitor(socket: zmq.Socket[Any], name: str, mask: int) -> zmq.Socket
     return pair
 
 
-def _detach(socket: zmq.Socket[Any], pair: zmq.Socket[bytes], current: Reader) -> None:
-    """Undo `_attach_monitor` after the reader refused the PAIR (or never answered)."""
+def _detach(socket: zmq.Socket[Any], pair: zmq.Socket[bytes]) -> None:
+    """Undo `_attach_monitor` in the safe order."""
     with contextlib.suppress(zmq.ZMQError):
         socket.disable_monitor()
-    if not current.alive:
-        pair.close(linger=0)
+    pair.close(linger=0)
 
 
 # ---------------------------------------------------------------------------------------

@@ -259,6 +259,9 @@ class Reader:
             self._failure = reason
             self._ready = False
         self._fail_pending(reason)
+        # Watched PAIRs belong to the application's contexts: left open, they would make
+        # its ctx.term() wait for ever. This thread owned them; nothing reads them now.
+        self._close_watches()
         if self._on_failure is not None:
             self._on_failure(reason)
 
