@@ -56,8 +56,9 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from exporter import metrics
 from exporter.render.prometheus import StateCollector, one_sample
 from exporter.render.sockettext import fast_format
-from exporter.webauth import BasicAuth
-from exporter.webconfig import WebConfig
+from exporter.webauth import AuthResult
+from exporter.webconfig import WebConfig, WebConfigSource
+from exporter.webtls import check_client_sans
 
 log = logging.getLogger("zmq_exporter.web")
 
@@ -196,8 +197,12 @@ class WebApp:
 def parse_listen_address(address: str) -> tuple[str, int]:
     """`host:port`, `:port` (all interfaces) or `[v6]:port`; ValueError if malformed."""
     host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) < 65536:
+    if not sep or not (port.isascii() and port.isdigit()):
         raise ValueError(f"--web.listen-address {address!r}: expected host:port, e.g. :19555")
+    if int(port) > 65535:
+        raise ValueError(
+            f"--web.listen-address {address!r}: port {port} is out of range (0 to 65535)"
+        )
     host = host.strip("[]")
     return host, int(port)
 
@@ -280,14 +285,14 @@ class _Loop:
         self,
         listener: socket.socket,
         app: WebApp,
-        ssl_context: ssl.SSLContext | None,
-        auth: BasicAuth | None,
+        web_config: WebConfigSource | None,  # read per handshake and request (webconfig.py)
         max_connections: int,
     ) -> None:
         self.listener = listener
         self.app = app
-        self.ssl_context = ssl_context
-        self.auth = auth
+        self.web_config = web_config
+        # TLS or not is fixed for the listener; the context itself is the current one.
+        self.ssl_context = web_config.current().ssl_context if web_config else None
         self.max_connections = max_connections
         self.selector = selectors.DefaultSelector()
         self.conns: set[_Conn] = set()
@@ -490,7 +495,7 @@ class _Loop:
         now = time.monotonic()
         if self.ssl_context is not None:
             try:
-                sock = self.ssl_context.wrap_socket(
+                sock = self._current_context().wrap_socket(
                     sock, server_side=True, do_handshake_on_connect=False
                 )
             except (OSError, ValueError):
@@ -504,6 +509,11 @@ class _Loop:
         else:
             self._watch(conn, selectors.EVENT_READ)
 
+    def _current_context(self) -> ssl.SSLContext:
+        """The web config's context as of this handshake (webconfig.WebConfigSource)."""
+        context = self.web_config.current().ssl_context if self.web_config else None
+        return context or self.ssl_context  # type: ignore[return-value]
+
     def _handshake(self, conn: _Conn) -> None:
         assert isinstance(conn.sock, ssl.SSLSocket)
         try:
@@ -516,6 +526,10 @@ class _Loop:
             return
         except (OSError, ValueError) as err:
             log.debug("TLS handshake failed", extra={"peer": conn.peer, "err": str(err)})
+            self._close(conn, graceful=False)
+            return
+        if not check_client_sans(conn.sock):  # client_allowed_sans (webtls.py)
+            log.debug("TLS client certificate has no allowed SAN", extra={"peer": conn.peer})
             self._close(conn, graceful=False)
             return
         self._idle(conn, time.monotonic(), refresh=False)
@@ -726,10 +740,30 @@ class _Loop:
             self._wake()
 
     def _serve(self, request: _Request) -> tuple[int, dict[str, str], bytes]:
-        """The answer to a complete request (in a worker thread: may block)."""
+        """The answer to a complete request (in a worker thread: may block), with the
+        headers of the web config as of this request (webconfig.WebConfigSource)."""
+        config = self.web_config.current() if self.web_config else None
+        status, headers, body = self._answer(request, config)
+        if config is not None and config.headers:
+            headers = {**headers, **config.headers}
+        return status, headers, body
+
+    def _answer(
+        self, request: _Request, config: WebConfig | None
+    ) -> tuple[int, dict[str, str], bytes]:
         app = self.app
         plain = {"Content-Type": "text/plain"}
-        if self.auth is not None and not self.auth.check(request.headers.get("Authorization")):
+        # rate_limit (webauth.RateLimiter), except for health probes: a liveness probe
+        # answered 429 would get a healthy exporter restarted.
+        limiter = config.rate_limiter if config is not None else None
+        probe = request.path in ("/-/healthy", "/-/ready")
+        if limiter is not None and not probe and not limiter.allow():
+            return 429, plain, b"Too Many Requests\n"
+        auth = config.auth if config is not None else None
+        verdict = auth.verify(request.headers.get("Authorization")) if auth else AuthResult.OK
+        if verdict is AuthResult.BUSY:  # no bcrypt slot free in time (webauth.HashGate)
+            return 503, {**plain, "Retry-After": "1"}, b"Too many password checks at once\n"
+        if verdict is not AuthResult.OK:
             app.stats.reject("unauthorized")
             return (
                 401,
@@ -884,8 +918,7 @@ class WebServer:
         self._loop = _Loop(
             listener,
             app,
-            web_config.ssl_context if web_config else None,
-            web_config.basic_auth() if web_config else None,
+            WebConfigSource(web_config) if web_config else None,  # read per use from now on
             max_connections,
         )
         self._port = int(listener.getsockname()[1])

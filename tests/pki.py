@@ -1,5 +1,6 @@
 """Certificates for TLS tests, generated per run: a CA, a server certificate for 127.0.0.1,
-a client certificate it signed, and a client certificate from a CA the server does not
+a client certificate it signed (with a SAN of each kind `client_allowed_sans` compares), a
+second one with other SANs, and a client certificate from a CA the server does not
 trust."""
 
 from __future__ import annotations
@@ -24,6 +25,18 @@ class Pki:
     client_key: Path
     other_cert: Path  # a client certificate from a CA the server does not trust
     other_key: Path
+    stranger_cert: Path  # from the trusted CA, with SANs no test allows
+    stranger_key: Path
+
+
+# The client certificate's SANs, one of each kind Go compares (client_allowed_sans).
+CLIENT_SANS: list[x509.GeneralName] = [
+    x509.DNSName("prometheus.example"),
+    x509.RFC822Name("prometheus@example.net"),
+    x509.IPAddress(ipaddress.ip_address("2001:db8::1")),
+    x509.UniformResourceIdentifier("spiffe://example.net/prometheus"),
+]
+STRANGER_SANS: list[x509.GeneralName] = [x509.DNSName("stranger.example")]
 
 
 def _name(common: str) -> x509.Name:
@@ -38,6 +51,7 @@ def _issue(
     *,
     ca: bool = False,
     server: bool = False,
+    sans: list[x509.GeneralName] | None = None,
 ) -> x509.Certificate:
     now = datetime.datetime.now(datetime.UTC)
     builder = (
@@ -73,10 +87,9 @@ def _issue(
             critical=False,
         )
     if server:
-        builder = builder.add_extension(
-            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
-            critical=False,
-        )
+        sans = [x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]
+    if sans:
+        builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
     return builder.sign(issuer_key, hashes.SHA256())
 
 
@@ -93,7 +106,8 @@ def _write(path: Path, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey) 
 
 
 def make_pki(d: Path) -> Pki:
-    """Write ca.crt, server.crt/.key, client.crt/.key and other.crt/.key into `d`."""
+    """Write ca.crt, server.crt/.key, client.crt/.key, other.crt/.key and
+    stranger.crt/.key into `d`."""
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca = _issue("test CA", ca_key, _name("test CA"), ca_key, ca=True)
     _write(d / "ca.crt", ca, ca_key)
@@ -101,7 +115,11 @@ def make_pki(d: Path) -> Pki:
     _write(d / "server.crt", _issue("127.0.0.1", server_key, ca.subject, ca_key, server=True),
            server_key)  # fmt: skip
     client_key = ec.generate_private_key(ec.SECP256R1())
-    _write(d / "client.crt", _issue("prometheus", client_key, ca.subject, ca_key), client_key)
+    _write(d / "client.crt", _issue("prometheus", client_key, ca.subject, ca_key,
+           sans=CLIENT_SANS), client_key)  # fmt: skip
+    stranger_key = ec.generate_private_key(ec.SECP256R1())
+    _write(d / "stranger.crt", _issue("stranger", stranger_key, ca.subject, ca_key,
+           sans=STRANGER_SANS), stranger_key)  # fmt: skip
     other_ca_key = ec.generate_private_key(ec.SECP256R1())
     other_ca = _issue("other CA", other_ca_key, _name("other CA"), other_ca_key, ca=True)
     other_key = ec.generate_private_key(ec.SECP256R1())
@@ -109,5 +127,5 @@ def make_pki(d: Path) -> Pki:
            other_key)  # fmt: skip
     return Pki(
         d / "ca.crt", d / "server.crt", d / "server.key", d / "client.crt", d / "client.key",
-        d / "other.crt", d / "other.key",
+        d / "other.crt", d / "other.key", d / "stranger.crt", d / "stranger.key",
     )  # fmt: skip

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import ast
 import base64
+import contextlib
 import json
 import os
 import shutil
@@ -68,19 +69,33 @@ def summary(settings: WebSettings, base: Path) -> dict[str, Any]:
         return None if path is None else os.path.relpath(path, base)
 
     tls = settings.tls
-    return {
-        "tls": None
-        if tls is None
-        else {
+    out: dict[str, Any] = {"tls": None, "users": sorted(settings.users)}
+    if tls is not None:
+        out["tls"] = {
             "cert_file": name(tls.cert_file),
             "key_file": name(tls.key_file),
             "client_auth_type": tls.client_auth_type,
             "client_ca_file": name(tls.client_ca_file),
             "min_version": VERSION_NAMES[tls.min_version],
             "max_version": VERSION_NAMES[tls.max_version],
-        },
-        "users": sorted(settings.users),
-    }
+        }
+        # The other settings, where not the default.
+        extra = {
+            "ciphers": list(tls.ciphers),
+            "curve": tls.curve,
+            "prefer_server_ciphers": tls.prefer_server_ciphers,
+            "allowed_sans": None if tls.allowed_sans is None else list(tls.allowed_sans),
+        }
+        defaults: dict[str, Any] = {"ciphers": [], "curve": None, "prefer_server_ciphers": True}
+        out["tls"].update({k: v for k, v in extra.items() if v != defaults.get(k)})
+    if settings.headers:
+        out["headers"] = settings.headers
+    if settings.rate_limit is not None:
+        limit = settings.rate_limit
+        out["rate_limit"] = {"interval": limit.interval, "burst": limit.burst}
+    if not settings.http2:
+        out["http2"] = False
+    return out
 
 
 def basic(user: str, password: str) -> str:
@@ -119,6 +134,31 @@ def handshake(server: ssl.SSLContext, client: ssl.SSLContext) -> str:
     return version
 
 
+def cipher_of(server: ssl.SSLContext, client: ssl.SSLContext) -> str:
+    """The cipher suite the server picks for `client` (OpenSSL's name)."""
+    ours, theirs = socket.socketpair()
+    ours.settimeout(5)
+    theirs.settimeout(5)
+    picked: list[str] = []
+
+    def serve() -> None:
+        with contextlib.suppress(OSError), server.wrap_socket(ours, server_side=True) as tls:
+            picked.append((tls.cipher() or ("",))[0])
+            tls.sendall(b"ok")
+
+    thread = threading.Thread(target=serve, name="tls-server", daemon=True)
+    thread.start()
+    try:
+        with client.wrap_socket(theirs, server_hostname="127.0.0.1") as tls:
+            tls.recv(2)
+    finally:
+        thread.join(10)
+        ours.close()
+        theirs.close()
+    assert picked, "the server did not finish the handshake"
+    return picked[0]
+
+
 def client_context(pki: Pki, cert: bool) -> ssl.SSLContext:
     context = ssl.create_default_context(cafile=str(pki.ca))
     if cert:
@@ -127,7 +167,10 @@ def client_context(pki: Pki, cert: bool) -> ssl.SSLContext:
 
 
 @pytest.mark.parametrize("path", GOOD, ids=lambda p: p.name)
-def test_good_web_config(path: Path, pki: Pki) -> None:
+def test_good_web_config(path: Path, pki: Pki, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The system's CAs (what client auth without a client CA falls back to, as in Go) are
+    # the test CA: OpenSSL reads SSL_CERT_FILE when they are loaded.
+    monkeypatch.setenv("SSL_CERT_FILE", str(pki.ca))
     file = placed(path, pki)
     expect = json.loads(headers(path)["expect"])
     settings = load_web_settings(str(file))
@@ -160,12 +203,34 @@ def test_good_web_config(path: Path, pki: Pki) -> None:
         assert handshake(context, client_context(pki, cert=False))
         optional = tls["client_auth_type"] == "VerifyClientCertIfGiven"
         assert context.verify_mode == (ssl.CERT_OPTIONAL if optional else ssl.CERT_NONE)
-    if tls["client_auth_type"] != "NoClientCert":
-        # A client certificate from a CA the server does not trust is refused.
-        intruder = ssl.create_default_context(cafile=str(pki.ca))
-        intruder.load_cert_chain(str(pki.other_cert), str(pki.other_key))
+    # A client certificate from a CA the server does not trust is refused where client
+    # certificates are verified (RequestClientCert, as Go, lets every client in).
+    intruder = ssl.create_default_context(cafile=str(pki.ca))
+    intruder.load_cert_chain(str(pki.other_cert), str(pki.other_key))
+    if context.verify_mode == ssl.CERT_NONE:
+        assert handshake(context, intruder)
+    else:
         with pytest.raises((ssl.SSLError, OSError)):
             handshake(context, intruder)
+    if tls.get("ciphers"):
+        # A TLS 1.2 client offering every suite gets one of the listed ones; one offering
+        # none of them is refused.
+        client = client_context(pki, cert=True)
+        client.maximum_version = ssl.TLSVersion.TLSv1_2
+        with pytest.raises((ssl.SSLError, OSError)):
+            unlisted = client_context(pki, cert=True)
+            unlisted.maximum_version = ssl.TLSVersion.TLSv1_2
+            unlisted.set_ciphers("ECDHE-ECDSA-AES128-SHA")
+            handshake(context, unlisted)
+        assert cipher_of(context, client) in tls["ciphers"]
+    if tls.get("curve"):
+        # Only that curve is agreed to: a client offering another one only is refused.
+        same, other = client_context(pki, cert=True), client_context(pki, cert=True)
+        same.set_ecdh_curve(tls["curve"])
+        other.set_ecdh_curve("prime256v1" if tls["curve"] != "prime256v1" else "secp384r1")
+        assert handshake(context, same)
+        with pytest.raises((ssl.SSLError, OSError)):
+            handshake(context, other)
 
 
 def expected_message(path: Path, file: Path) -> str:
