@@ -7,13 +7,16 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import math
 import os
+import random
 import re
 import shutil
 import socket
 import struct
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -406,3 +409,141 @@ def test_endpoint_expectations() -> None:
     assert (e.peer_host, e.peer_port) == (None, 5555)
     with pytest.raises(ValueError):
         Expected.for_endpoint("inproc://x", "bind")
+
+
+class Churn:
+    """Raw TCP clients opened and closed at random against one port, with the interval
+    each local address was open: [before connect(), after close() returned]."""
+
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.lock = threading.Lock()
+        self.intervals: dict[str, list[list[float]]] = {}
+        self.stop = threading.Event()
+        self.opened = 0
+
+    def run(self, seconds: float, pool: int = 16) -> None:
+        rng = random.Random(18)
+        live: list[tuple[socket.socket, list[float]]] = []
+        deadline = time.monotonic() + seconds
+        try:
+            while time.monotonic() < deadline and not self.stop.is_set():
+                if live and (len(live) >= pool or rng.random() < 0.5):
+                    sock, span = live.pop(rng.randrange(len(live)))
+                    sock.close()
+                    with self.lock:
+                        span[1] = time.monotonic()
+                    continue
+                # Bound first, so the address is on record before the server can see it.
+                sock = socket.socket()
+                sock.bind(("127.0.0.1", 0))
+                host, local_port = sock.getsockname()
+                span = [time.monotonic(), math.inf]
+                with self.lock:
+                    self.intervals.setdefault(f"{host}:{local_port}", []).append(span)
+                    self.opened += 1
+                sock.settimeout(5)
+                sock.connect(("127.0.0.1", self.port))
+                live.append((sock, span))
+                time.sleep(rng.random() * 0.002)
+        finally:
+            for sock, span in live:
+                sock.close()
+                span[1] = time.monotonic()
+
+    def open_during(self, addr: str, t0: float, t1: float) -> bool:
+        with self.lock:
+            return any(a <= t1 and b >= t0 for a, b in self.intervals.get(addr, ()))
+
+
+def noise(stop: threading.Event) -> None:
+    """Files this process opens and closes meanwhile (an HTTP client's socket, a pipe, a
+    unix socket): they take the fd numbers libzmq frees."""
+    other = socket.create_server(("127.0.0.1", 0))
+    other.setblocking(False)
+    try:
+        while not stop.is_set():
+            c = socket.create_connection(other.getsockname(), timeout=5)
+            r, w = os.pipe()
+            a, b = socket.socketpair()
+            time.sleep(0.001)
+            with contextlib.suppress(BlockingIOError):
+                other.accept()[0].close()
+            for s in (c, a, b):
+                s.close()
+            os.close(r)
+            os.close(w)
+    finally:
+        other.close()
+
+
+def test_churn_never_reports_a_connection_that_is_not_open(ctx: Ctx) -> None:
+    """A reader fed by a ROUTER's ACCEPTED/DISCONNECTED events reads every fd it believes
+    live, continuously, while raw TCP clients churn and the process opens other files that
+    reuse the freed numbers. Entries stay 50 ms after DISCONNECTED (the engine coalesces
+    events that long). Every connection reported is one whose peer address the load
+    generator had open while it was read; stale entries read as Gone."""
+    port = free_port()
+    endpoint = f"tcp://127.0.0.1:{port}"
+    bind_exp = Expected.for_endpoint(endpoint, "bind")
+    churn = Churn(port)
+    stop_noise = threading.Event()
+    with monitored(ctx, zmq.ROUTER, zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED) as (
+        router,
+        mon,
+    ):
+        router.bind(endpoint)
+        threads = [
+            threading.Thread(target=churn.run, args=(2.0,), daemon=True),
+            threading.Thread(target=noise, args=(stop_noise,), daemon=True),
+        ]
+        for t in threads:
+            t.start()
+        live: dict[int, Expected] = {}
+        ending: dict[int, float] = {}  # fd -> when its DISCONNECTED arrived
+        reported = 0
+        gone: dict[str, int] = {}
+        bad: list[tuple[str, str | None]] = []
+        end = time.monotonic() + 10
+        try:
+            while threads[0].is_alive() and time.monotonic() < end:
+                for _ in range(1000):  # drain what is there, bounded
+                    try:
+                        frames = mon.recv_multipart(zmq.NOBLOCK)
+                    except zmq.Again:
+                        break
+                    event, value = struct.unpack_from("<HI", frames[0])
+                    if event == zmq.EVENT_ACCEPTED:
+                        live[value] = bind_exp
+                        ending.pop(value, None)
+                    elif value in live:
+                        ending.setdefault(value, time.monotonic())
+                now = time.monotonic()
+                for fd in [fd for fd, t in ending.items() if now - t > 0.05]:
+                    live.pop(fd, None)
+                    del ending[fd]
+                for fd, exp in list(live.items()):
+                    t0 = time.monotonic()
+                    info = read_connection(fd, exp)
+                    t1 = time.monotonic()
+                    if isinstance(info, Gone):
+                        gone[info.reason] = gone.get(info.reason, 0) + 1
+                        continue
+                    reported += 1
+                    if exp.inode is None:
+                        live[fd] = exp.pinned(info.inode)
+                    state = info.tcp.state_name if info.tcp else None
+                    # A peer that closed leaves our side in close_wait until libzmq reads
+                    # the EOF: still our connection (the row's tcp_state says so), so such
+                    # a row need only name a peer that was opened before the read ended.
+                    since = t0 if state == "established" else 0.0
+                    if not churn.open_during(info.peer_address, since, t1):
+                        bad.append((info.peer_address, state))
+        finally:
+            churn.stop.set()
+            stop_noise.set()
+            for t in threads:
+                t.join(10)
+    assert not bad, bad[:10]
+    assert churn.opened > 200 and reported > 200, (churn.opened, reported)
+    assert sum(gone.values()) > 0, f"the stale entries were never read ({gone}): no race was run"
