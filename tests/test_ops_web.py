@@ -124,7 +124,7 @@ def test_tls_serves_metrics_over_https_only(pki: Pki, tmp_path: Path) -> None:
         assert plain is None or b"zmq_socket_info" not in plain
         # Still serving after the failed handshake.
         assert request(daemon.port, context=context)[0] == 200
-        assert "tls=True" in daemon.logs()
+        assert "tls=true" in daemon.logs()  # logfmt: true, not a Python repr
     finally:
         assert daemon.stop() == 0
 

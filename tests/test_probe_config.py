@@ -25,7 +25,7 @@ def error(text: str) -> str:
 
 
 def test_default_module_without_config() -> None:
-    modules = load("sockets: []\n")
+    modules = load("modules: {}\n")  # a probe-only config without a module of its own
     assert list(modules) == ["zmtp"]
 
 

@@ -138,6 +138,14 @@ def _resolve(model: Config, file: str, lines: dict[Path, int]) -> Settings:
             f"limits.max_series ({model.limits.max_series})",
         )
     modules = resolve_modules(model.modules, fail)
+    if not specs and "modules" not in model.model_fields_set:
+        # An empty file, or `sockets: []` alone, would start a daemon that watches nothing;
+        # a `modules:` section (even `{}`, the default module only) makes a probe-only one.
+        fail(
+            ("sockets",) if ("sockets",) in lines else (),
+            "the config watches nothing: no socket configured (add one under `sockets:`, "
+            "or a `modules:` section for a probe-only exporter)",
+        )
     return Settings(file, tuple(specs), model.global_, model.limits, model.otlp, modules)
 
 
