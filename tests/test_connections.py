@@ -547,3 +547,31 @@ def test_churn_never_reports_a_connection_that_is_not_open(ctx: Ctx) -> None:
     assert not bad, bad[:10]
     assert churn.opened > 200 and reported > 200, (churn.opened, reported)
     assert sum(gone.values()) > 0, f"the stale entries were never read ({gone}): no race was run"
+
+
+def test_ipv6_and_ipv4_mapped_addresses() -> None:
+    # Plain IPv6 over ::1.
+    with socket.create_server(("::1", 0), family=socket.AF_INET6) as server:
+        port = server.getsockname()[1]
+        with socket.create_connection(("::1", port), timeout=5) as client:
+            info = connected(
+                read_connection(
+                    client.fileno(), Expected.for_endpoint(f"tcp://[::1]:{port}", "connect")
+                )
+            )
+            assert info.family == "ipv6" and info.peer_address == f"[::1]:{port}"
+            wrong = Expected.for_endpoint(f"tcp://[::2]:{port}", "connect")
+            got = read_connection(client.fileno(), wrong)
+            assert isinstance(got, Gone) and got.reason == "address_mismatch"
+    # A dual-stack listener (tcp://*:port with ZMQ_IPV6) sees IPv4 peers as ::ffff:a.b.c.d;
+    # an IPv4 literal endpoint still matches them.
+    with socket.create_server(("::", 0), family=socket.AF_INET6, dualstack_ipv6=True) as server:
+        port = server.getsockname()[1]
+        with socket.create_connection(("127.0.0.1", port), timeout=5):
+            accepted, _ = server.accept()
+            with accepted:
+                exp = Expected.for_endpoint(f"tcp://*:{port}", "bind")
+                info = connected(read_connection(accepted.fileno(), exp))
+                assert info.local_address == f"[::ffff:127.0.0.1]:{port}"
+                exp4 = Expected.for_endpoint(f"tcp://127.0.0.1:{port}", "bind")
+                assert connected(read_connection(accepted.fileno(), exp4)).inode == info.inode
