@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from importlib.metadata import version
 from typing import Any
 
-from bench import app, ingest, library, memory, otlp, scrape
+from bench import app, ingest, library, memory, otlp, probe, scrape
 from bench.common import BenchEngine, process_cpu, raise_fd_limit, wait_quiet, wait_until
 from exporter.engine import COALESCE_SECONDS
 
@@ -310,7 +310,32 @@ def measure_overload(p: Profile, out: dict[str, Measure]) -> None:
     )
 
 
-STEPS = ("pipeline", "scale", "app", "library", "scrape", "otlp", "memory", "overload")
+def measure_probe(p: Profile, out: dict[str, Measure]) -> None:
+    """/probe (issue 17): bench/probe.py."""
+    rounds, seconds = {"smoke": (50, 0.5), "quick": (300, 3.0)}.get(p.name, (1000, 10.0))
+    r = probe.run(rounds=rounds, concurrent=100, seconds=seconds)
+    out["probe_latency_overhead"] = Measure(
+        r.ratio,
+        1.5,
+        "<=",
+        "ratio",
+        {"probe_us": round(r.probe_s * 1e6, 1), "bare_us": round(r.bare_s * 1e6, 1),
+         "rounds": r.rounds},
+    )  # fmt: skip
+    out["probe_concurrent_100_failures"] = Measure(
+        sum(r.concurrent_failures.values()),
+        0,
+        "==",
+        "probes",
+        {"concurrent": r.concurrent, "probes": r.concurrent_probes,
+         "probes_per_second": round(r.concurrent_probes / r.concurrent_seconds),
+         "p99_s": round(r.concurrent_p99_s, 4), "failures": r.concurrent_failures},
+    )  # fmt: skip
+
+
+STEPS = (
+    "pipeline", "scale", "app", "library", "scrape", "otlp", "memory", "overload", "probe",
+)  # fmt: skip
 
 
 def run(
@@ -328,6 +353,7 @@ def run(
         "otlp": lambda: measure_otlp(profile, out),
         "memory": lambda: measure_memory(profile, out),
         "overload": lambda: measure_overload(profile, out),
+        "probe": lambda: measure_probe(profile, out),
     }
     assert tuple(steps) == STEPS
     for name, step in steps.items():

@@ -46,10 +46,12 @@ class Deadline:
 
 class ProbeLog:
     """The probe's log, kept for `debug=true` (logfmt lines) and passed to the logger at
-    debug level (a probe is a scrape: failing targets must not flood the daemon's log)."""
+    debug level (a probe is a scrape: failing targets must not flood the daemon's log).
+    Entries are formatted only when asked for: formatting every line of every probe cost
+    more than a third of a probe's time."""
 
     def __init__(self, module: str, target: str) -> None:
-        self.lines: list[str] = []
+        self.entries: list[tuple[float, str, str, dict[str, object]]] = []
         self._start = time.monotonic()
         self._context = {"module": module, "target": target}
 
@@ -60,13 +62,16 @@ class ProbeLog:
         self._add("error", msg, kv)
 
     def _add(self, level: str, msg: str, kv: dict[str, object]) -> None:
-        elapsed = time.monotonic() - self._start
-        fields = {"t": f"{elapsed * 1000:.3f}ms", "level": level, "msg": msg, **kv}
-        self.lines.append(" ".join(f"{k}={_logfmt(v)}" for k, v in fields.items()))
-        log.debug(msg, extra={**self._context, **kv})
+        self.entries.append((time.monotonic() - self._start, level, msg, kv))
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(msg, extra={**self._context, **kv})
 
     def text(self) -> str:
-        return "".join(line + "\n" for line in self.lines)
+        lines = []
+        for elapsed, level, msg, kv in self.entries:
+            fields = {"t": f"{elapsed * 1000:.3f}ms", "level": level, "msg": msg, **kv}
+            lines.append(" ".join(f"{k}={_logfmt(v)}" for k, v in fields.items()) + "\n")
+        return "".join(lines)
 
 
 def _logfmt(value: object) -> str:

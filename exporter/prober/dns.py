@@ -4,6 +4,7 @@ module's `ip_protocol` preference and fallback as blackbox_exporter's `choosePro
 from __future__ import annotations
 
 import concurrent.futures
+import ipaddress
 import socket
 import time
 
@@ -53,6 +54,13 @@ def _lookup(host: str, family: int, deadline: Deadline) -> list[tuple[int, tuple
     # asking a resolver (which may be slow or unreachable).
     if host.rstrip(".").lower().endswith(".invalid") or host.lower() == "invalid":
         raise ProbeFailed("dns", f"{host}: a .invalid name never resolves (RFC 6761)")
+    try:  # an address literal needs no resolver, nor a thread hand-off (~0.1 ms)
+        literal = ipaddress.ip_address(host)
+    except ValueError:
+        pass
+    else:
+        kind = socket.AF_INET if literal.version == 4 else socket.AF_INET6
+        return [(kind, (str(literal), 0))] if family in (socket.AF_UNSPEC, kind) else []
     future = _lookups.submit(socket.getaddrinfo, host, None, family, socket.SOCK_STREAM)
     try:
         infos = future.result(timeout=deadline.remaining())

@@ -6,6 +6,7 @@ calls; it never raises for a bad request or a failing target.
 
 from __future__ import annotations
 
+import errno
 import logging
 import threading
 import time
@@ -101,7 +102,11 @@ class Prober:
             plog.debug("Beginning probe", probe="zmtp", timeout_seconds=f"{seconds:g}")
             try:
                 result = PROBERS["zmtp"](target, module, deadline, plog)
-            except Exception:
+            except Exception as err:
+                if getattr(err, "errno", None) in (errno.EMFILE, errno.ENFILE):
+                    # Out of file descriptors (OSError) or libzmq sockets (ZMQError): a
+                    # load condition, not a bug, and not the target's fault.
+                    return _error(503, f"Cannot probe now: {err}")
                 log.exception("probe failed internally", extra={"target": target})
                 return _error(500, "The probe failed internally; see the exporter's log")
         finally:

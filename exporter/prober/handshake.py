@@ -33,6 +33,7 @@ from exporter.prober.base import Deadline, ProbeFailed, ProbeLog, ProbeResult
 from exporter.sockets import attach_monitor
 
 _ctx: zmq.Context[zmq.Socket[bytes]] | None = None
+MAX_SOCKETS = 16384
 _ctx_lock = threading.Lock()
 E = zmq.Event
 
@@ -44,6 +45,10 @@ def context() -> zmq.Context[zmq.Socket[bytes]]:
     with _ctx_lock:
         if _ctx is None or _ctx.closed:
             _ctx = zmq.Context(io_threads=1)
+            # libzmq's default of 1,023 sockets per context counts closed sockets until its
+            # reaper has freed them: many probes at once on a busy machine hit it (EMFILE).
+            # The process's file limit is the real bound.
+            _ctx.set(zmq.MAX_SOCKETS, MAX_SOCKETS)
         return _ctx
 
 
@@ -73,6 +78,59 @@ def endpoint(family: int, address: tuple[str, int] | str) -> str:
     return f"tcp://[{host}]:{port}" if family == socket.AF_INET6 else f"tcp://{host}:{port}"
 
 
+class Handshake:
+    """One libzmq connect + handshake. `start` connects at once (libzmq's I/O thread does
+    the work), so the probe reads the greeting over its raw connection meanwhile; `wait`
+    decides the outcome; `close` tears down in the safe order, whatever happened."""
+
+    def __init__(
+        self,
+        family: int,
+        address: tuple[str, int] | str,
+        module: ProbeModule,
+        deadline: Deadline,
+        log: ProbeLog,
+    ) -> None:
+        self.module = module
+        ctx = context()
+        self.sock: zmq.Socket[bytes] = ctx.socket(getattr(zmq, module.socket_type))
+        self.monitor: zmq.Socket[bytes] | None = None
+        try:
+            _options(self.sock, module, family, deadline)
+            self.monitor = attach_monitor(ctx, self.sock, zmq.EVENT_ALL)
+            url = endpoint(family, address)
+            log.debug(
+                "libzmq handshake started",
+                endpoint=url,
+                socket_type=module.socket_type,
+                mechanism=module.mechanism,
+            )
+            self.started = time.monotonic()
+            self.sock.connect(url)
+        except BaseException:
+            self.close()
+            raise
+
+    def wait(self, deadline: Deadline, log: ProbeLog, result: ProbeResult) -> None:
+        """Until the handshake ends; ProbeFailed unless it succeeded. Its duration ends
+        when the prober reads HANDSHAKE_SUCCEEDED (the greeting, read meanwhile, normally
+        takes less time than the handshake)."""
+        assert self.monitor is not None
+        try:
+            _wait(self.monitor, self.module, deadline, log)
+        finally:
+            result.handshake_seconds = time.monotonic() - self.started
+        log.debug("Handshake succeeded", seconds=f"{result.handshake_seconds:.6f}")
+
+    def close(self) -> None:
+        if self.monitor is not None:
+            with contextlib.suppress(zmq.ZMQError):
+                self.sock.disable_monitor()
+            self.monitor.close(linger=0)
+            self.monitor = None
+        self.sock.close(linger=0)
+
+
 def handshake(
     family: int,
     address: tuple[str, int] | str,
@@ -81,32 +139,12 @@ def handshake(
     log: ProbeLog,
     result: ProbeResult,
 ) -> None:
-    ctx = context()
-    sock: zmq.Socket[bytes] = ctx.socket(getattr(zmq, module.socket_type))
-    monitor: zmq.Socket[bytes] | None = None
+    """The step on its own: start, wait, close."""
+    pending = Handshake(family, address, module, deadline, log)
     try:
-        _options(sock, module, family, deadline)
-        monitor = attach_monitor(ctx, sock, zmq.EVENT_ALL)
-        url = endpoint(family, address)
-        log.debug(
-            "libzmq handshake",
-            endpoint=url,
-            socket_type=module.socket_type,
-            mechanism=module.mechanism,
-        )
-        started = time.monotonic()
-        try:
-            sock.connect(url)
-            _wait(monitor, module, deadline, log)
-        finally:
-            result.handshake_seconds = time.monotonic() - started
-        log.debug("Handshake succeeded", seconds=f"{result.handshake_seconds:.6f}")
+        pending.wait(deadline, log, result)
     finally:
-        if monitor is not None:
-            with contextlib.suppress(zmq.ZMQError):
-                sock.disable_monitor()
-            monitor.close(linger=0)
-        sock.close(linger=0)
+        pending.close()
 
 
 def _options(sock: zmq.Socket[bytes], module: ProbeModule, family: int, deadline: Deadline) -> None:
