@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import _socket
 import contextlib
+import dataclasses
 import errno
 import fcntl
 import ipaddress
@@ -182,6 +183,8 @@ class Expected:
     local_path: str | None = None  # ipc
     peer_path: str | None = None
     inode: int | None = None
+    local_address: str | None = None  # with inode: the pinned socket's addresses
+    peer_address: str | None = None
 
     @classmethod
     def for_endpoint(cls, endpoint: str, role: Role, inode: int | None = None) -> Expected:
@@ -214,16 +217,12 @@ class Expected:
             return cls("tcp", local_host=literal, local_port=port, inode=inode)
         return cls("tcp", peer_host=literal, peer_port=port, inode=inode)
 
-    def pinned(self, inode: int) -> Expected:
-        return Expected(
-            self.transport,
-            self.local_host,
-            self.local_port,
-            self.peer_host,
-            self.peer_port,
-            self.local_path,
-            self.peer_path,
-            inode,
+    def pinned(self, info: ConnectionInfo) -> Expected:
+        """This expectation, pinned to the socket `info` was read from: a later read must
+        find that very socket (inode), and takes its addresses from here instead of asking
+        the kernel again (a connected socket's addresses never change)."""
+        return dataclasses.replace(
+            self, inode=info.inode, local_address=info.local_address, peer_address=info.peer_address
         )
 
 
@@ -380,24 +379,54 @@ def _read(fd: int, sock: _socket.socket, expected: Expected) -> ConnectionInfo |
     elif fam != socket.AF_UNIX:
         return Gone(fd, "wrong_kind")
     dup = sock.fileno()
+    # The constructor proved a socket, and all sockets live in one filesystem (sockfs), so
+    # the inode alone names the socket while it is open.
     inode = os.fstat(dup).st_ino
-    if expected.inode is not None and inode != expected.inode:
-        return Gone(fd, "reused")
+    if expected.inode is not None:
+        if inode != expected.inode:
+            return Gone(fd, "reused")
+        if expected.local_address is not None and expected.peer_address is not None:
+            return _read_pinned(fd, sock, fam, expected, inode)
     local = sock.getsockname()
     peer = sock.getpeername()  # ENOTCONN for a listener or a torn-down connection
     if fam == socket.AF_UNIX:
-        return _read_unix(fd, sock, expected, inode, local, peer)
+        return _read_unix(fd, sock, expected, inode, format_address(fam, local),
+                          format_address(fam, peer))  # fmt: skip
     if not (_host_port_fits(local, expected.local_host, expected.local_port)
             and _host_port_fits(peer, expected.peer_host, expected.peer_port)):  # fmt: skip
         return Gone(fd, "address_mismatch")
+    return _read_tcp(fd, sock, fam, inode, format_address(fam, local), format_address(fam, peer))
+
+
+# TCP states in which a socket has no live peer: a listener, a connect in progress, or a
+# connection that is fully closed.
+_NO_PEER = frozenset({2, 7, 10})  # syn_sent, close, listen
+
+
+def _read_pinned(
+    fd: int, sock: _socket.socket, fam: int, expected: Expected, inode: int
+) -> ConnectionInfo | Gone:
+    # The same socket as at the first read: no address syscalls (about 2.5 us saved).
+    local, peer = expected.local_address or "", expected.peer_address or ""
+    if fam == socket.AF_UNIX:
+        return _read_unix(fd, sock, expected, inode, local, peer)
+    return _read_tcp(fd, sock, fam, inode, local, peer)
+
+
+def _read_tcp(
+    fd: int, sock: _socket.socket, fam: int, inode: int, local: str, peer: str
+) -> ConnectionInfo | Gone:
     tcp = parse_tcp_info(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCP_INFO_LEN))
+    if tcp.state in _NO_PEER:
+        return Gone(fd, "not_connected")
+    dup = sock.fileno()
     return ConnectionInfo(
         fd=fd,
         transport="tcp",
         family="ipv6" if fam == socket.AF_INET6 else "ipv4",
         inode=inode,
-        local_address=format_address(fam, local),
-        peer_address=format_address(fam, peer),
+        local_address=local,
+        peer_address=peer,
         send_queue_bytes=_queue(dup, SIOCOUTQ),
         recv_queue_bytes=_queue(dup, SIOCINQ),
         tcp=tcp,
@@ -419,13 +448,11 @@ def _host_port_fits(addr: object, host: str | None, port: int | None) -> bool:
 
 
 def _read_unix(
-    fd: int, sock: _socket.socket, expected: Expected, inode: int, local: object, peer: object
+    fd: int, sock: _socket.socket, expected: Expected, inode: int, local: str, peer: str
 ) -> ConnectionInfo | Gone:
-    local_s = format_address(socket.AF_UNIX, local)
-    peer_s = format_address(socket.AF_UNIX, peer)
-    if expected.local_path is not None and local_s != expected.local_path:
+    if expected.local_path is not None and local != expected.local_path:
         return Gone(fd, "address_mismatch")
-    if expected.peer_path is not None and peer_s != expected.peer_path:
+    if expected.peer_path is not None and peer != expected.peer_path:
         return Gone(fd, "address_mismatch")
     dup = sock.fileno()
     pid: int | None = None
@@ -441,8 +468,8 @@ def _read_unix(
         transport="ipc",
         family="unix",
         inode=inode,
-        local_address=local_s,
-        peer_address=peer_s,
+        local_address=local,
+        peer_address=peer,
         send_queue_bytes=_queue(dup, SIOCOUTQ),
         recv_queue_bytes=_queue(dup, SIOCINQ),
         peer_pid=pid if pid else None,  # 0: the peer's credentials are not known

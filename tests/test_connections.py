@@ -201,7 +201,7 @@ def test_reused_fd_number_is_never_misreported() -> None:
         exp = Expected.for_endpoint(f"tcp://127.0.0.1:{port}", "connect")
         os.dup2(client.fileno(), fd)
         first = connected(read_connection(fd, exp))
-        pinned = exp.pinned(first.inode)
+        pinned = exp.pinned(first)
         assert connected(read_connection(fd, pinned)).inode == first.inode
 
         r, w = os.pipe()
@@ -232,7 +232,7 @@ def test_reused_fd_number_is_never_misreported() -> None:
                 first_same = connected(read_connection(same.fileno(), same_exp))
                 os.dup2(same.fileno(), fd)
                 assert connected(read_connection(fd, same_exp)).inode == first_same.inode
-                got = read_connection(fd, same_exp.pinned(first.inode))
+                got = read_connection(fd, same_exp.pinned(first))
                 assert isinstance(got, Gone) and got.reason == "reused", got
             # An ipc endpoint's fd reused by a tcp connection: wrong kind again.
             os.dup2(other.fileno(), fd)
@@ -300,7 +300,7 @@ def test_zmq_router_dealer_fds_from_monitor_events(ctx: Ctx) -> None:
         assert r.local_address == d.peer_address == f"127.0.0.1:{port}"
         assert r.peer_address == d.local_address
         assert d.tcp is not None and d.tcp.state_name == "established"
-        d_exp = d_exp.pinned(d.inode)
+        d_exp = d_exp.pinned(d)
 
         payload = b"p" * 65536
         for _ in range(64):  # 4 MB offered; far more than the buffers and HWMs hold
@@ -531,7 +531,7 @@ def test_churn_never_reports_a_connection_that_is_not_open(ctx: Ctx) -> None:
                         continue
                     reported += 1
                     if exp.inode is None:
-                        live[fd] = exp.pinned(info.inode)
+                        live[fd] = exp.pinned(info)
                     state = info.tcp.state_name if info.tcp else None
                     # A peer that closed leaves our side in close_wait until libzmq reads
                     # the EOF: still our connection (the row's tcp_state says so), so such
@@ -575,3 +575,26 @@ def test_ipv6_and_ipv4_mapped_addresses() -> None:
                 assert info.local_address == f"[::ffff:127.0.0.1]:{port}"
                 exp4 = Expected.for_endpoint(f"tcp://127.0.0.1:{port}", "bind")
                 assert connected(read_connection(accepted.fileno(), exp4)).inode == info.inode
+
+
+def test_pinned_read_skips_addresses_but_not_the_end_of_the_connection() -> None:
+    with tcp_pair() as (client, server, port):
+        exp = Expected.for_endpoint(f"tcp://127.0.0.1:{port}", "bind")
+        first = connected(read_connection(server.fileno(), exp))
+        pinned = exp.pinned(first)
+        again = connected(read_connection(server.fileno(), pinned))
+        assert (again.local_address, again.peer_address, again.inode) == (
+            first.local_address,
+            first.peer_address,
+            first.inode,
+        )
+        # Both sides shut down: the socket is still open here, its connection is not.
+        client.shutdown(socket.SHUT_WR)
+        server.shutdown(socket.SHUT_WR)
+
+        def ended() -> Gone | None:
+            got = read_connection(server.fileno(), pinned)
+            return got if isinstance(got, Gone) else None
+
+        gone = wait_until(ended, timeout=5, what="the pinned read sees the connection end")
+        assert gone is not None and gone.reason == "not_connected"
