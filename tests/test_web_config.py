@@ -13,23 +13,36 @@ from __future__ import annotations
 import ast
 import base64
 import contextlib
+import http.client
 import json
 import os
 import shutil
 import socket
 import ssl
+import statistics
+import tempfile
 import threading
+import time
+from collections.abc import Callable, Iterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
+import bcrypt
 import pytest
 from pki import Pki, make_pki
+from prometheus_client.registry import CollectorRegistry
 
 from exporter.config.errors import ConfigError
 from exporter.config.web import TLS_VERSIONS, WebSettings, load_web_settings, parse_web_settings
+from exporter.render.prometheus import StateCollector
+from exporter.state import EngineSnapshot, ReaderStats
+from exporter.web import WebApp, WebServer
+from exporter.webauth import AuthResult, BasicAuth, HashGate
 from exporter.webconfig import load_web_config
 
-from helpers import ROOT, run_cli
+from helpers import ROOT, run_cli, write_atomic
+from testkit import free_port, wait_until
 
 DATA = Path(__file__).parent / "testdata" / "webconfigs"
 GOOD = sorted((DATA / "good").glob("*.yml"))
@@ -306,3 +319,242 @@ def test_config_web_imports_no_runtime_module() -> None:
         ours = [m for m in imported if m == "exporter" or m.startswith("exporter.")]
         assert all(m.startswith("exporter.config.") for m in ours), (name, ours)
         assert "bcrypt" not in imported, name
+
+
+# -- read per use ------------------------------------------------------------------------
+
+NO_SOCKETS = StateCollector(lambda: EngineSnapshot((), ReaderStats(), True))
+
+
+@contextlib.contextmanager
+def web_server(file: Path) -> Iterator[WebServer]:
+    app = WebApp(
+        registry=CollectorRegistry(auto_describe=False),
+        telemetry_path="/metrics",
+        is_ready=lambda: True,
+        landing_page=lambda: "",
+        reload=lambda: (True, ""),
+        state=NO_SOCKETS,
+    )
+    server = WebServer(app, f"127.0.0.1:{free_port()}", load_web_config(str(file)))
+    server.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def get(
+    port: int,
+    headers: dict[str, str] | None = None,
+    context: ssl.SSLContext | None = None,
+    path: str = "/",
+) -> tuple[int, dict[str, str], bytes | None]:
+    """Status, headers and the server's certificate (DER) of one request."""
+    conn: http.client.HTTPConnection
+    if context is None:
+        conn = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+    else:
+        conn = http.client.HTTPSConnection("127.0.0.1", port, timeout=5, context=context)
+    try:
+        conn.request("GET", path, headers=headers or {})
+        response = conn.getresponse()
+        response.read()
+        sock = conn.sock
+        cert = sock.getpeercert(binary_form=True) if isinstance(sock, ssl.SSLSocket) else None
+        return response.status, dict(response.getheaders()), cert
+    finally:
+        conn.close()
+
+
+def hashed(password: str, cost: int = 4) -> str:
+    return bcrypt.hashpw(password.encode(), bcrypt.gensalt(cost)).decode()
+
+
+def auth(user: str, password: str) -> dict[str, str]:
+    return {"Authorization": basic(user, password)}
+
+
+def test_users_and_headers_change_without_restart(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    file = tmp_path / "web.yml"
+    file.write_text(f"basic_auth_users:\n  alice: {hashed('one')}\n")
+    with web_server(file) as server:
+        assert get(server.port, auth("alice", "one"))[0] == 200
+        write_atomic(
+            file,
+            f"basic_auth_users:\n  alice: {hashed('two')}\n  bob: {hashed('three')}\n"
+            "http_server_config:\n  headers: {X-Frame-Options: deny}\n",
+        )
+        # The next request reads the new file: no restart, no SIGHUP.
+        status, headers, _ = get(server.port, auth("alice", "two"))
+        assert (status, headers.get("X-Frame-Options")) == (200, "deny")
+        assert get(server.port, auth("alice", "one"))[0] == 401  # even though it was cached
+        assert get(server.port, auth("bob", "three"))[0] == 200
+        # Headers go on refusals too, as with the toolkit (set before its auth check).
+        status, headers, _ = get(server.port)
+        assert (status, headers.get("X-Frame-Options")) == (401, "deny")
+
+        # A broken version keeps the last good one, and is logged once for that change.
+        caplog.clear()
+        file.write_text("basic_auth_users:\n  alice: not-a-hash\n")
+        for _ in range(5):
+            assert get(server.port, auth("alice", "two"))[0] == 200
+        errors = [r for r in caplog.records if r.levelname == "ERROR"]
+        assert len(errors) == 1, [r.getMessage() for r in errors]
+        assert "not a bcrypt hash" in str(getattr(errors[0], "err", ""))
+        assert "not-a-hash" not in str(getattr(errors[0], "err", ""))
+        # Fixed: applied at the next request.
+        write_atomic(file, f"basic_auth_users:\n  carol: {hashed('four')}\n")
+        assert get(server.port, auth("carol", "four"))[0] == 200
+        assert get(server.port, auth("alice", "two"))[0] == 401
+
+        # Plain HTTP cannot become TLS without a restart: kept, and said so.
+        caplog.clear()
+        write_atomic(file, "tls_server_config:\n  cert_file: a.crt\n  key_file: a.key\n")
+        assert get(server.port, auth("carol", "four"))[0] == 200
+        assert any("cannot read" in str(getattr(r, "err", "")) for r in caplog.records)
+
+
+def test_rotated_certificate_is_served_at_the_next_handshake(pki: Pki, tmp_path: Path) -> None:
+    for name in ("one", "two"):
+        (tmp_path / name).mkdir()
+    first = make_pki(tmp_path / "one")
+    d = tmp_path / "live"
+    d.mkdir()
+    for name in ("server.crt", "server.key"):
+        shutil.copyfile(first.ca.parent / name, d / name)
+    file = d / "web.yml"
+    file.write_text("tls_server_config:\n  cert_file: server.crt\n  key_file: server.key\n")
+    with web_server(file) as server:
+        client = ssl.create_default_context(cafile=str(first.ca))
+        status, _, cert = get(server.port, context=client)
+        assert status == 200 and cert == ssl.PEM_cert_to_DER_cert(first.server_cert.read_text())
+        second = make_pki(tmp_path / "two")
+        renewed = ssl.create_default_context(cafile=str(second.ca))
+        # Half a rotation (new certificate, old key) does not load: the old pair serves.
+        write_atomic(d / "server.crt", second.server_cert.read_text())
+        assert get(server.port, context=client)[0] == 200
+        # The key follows: the next handshake has the new certificate, no restart.
+        write_atomic(d / "server.key", second.server_key.read_text())
+        status, _, cert = get(server.port, context=renewed)
+        assert status == 200 and cert == ssl.PEM_cert_to_DER_cert(second.server_cert.read_text())
+        with pytest.raises(ssl.SSLError):
+            get(server.port, context=client)  # the old CA no longer verifies it
+
+
+# -- client_allowed_sans, inline PEM, rate limit -----------------------------------------
+
+
+@pytest.mark.parametrize(
+    "allowed",
+    ["prometheus.example", "prometheus@example.net", "2001:db8::1",
+     "spiffe://example.net/prometheus"],
+)  # fmt: skip
+def test_client_allowed_sans(pki: Pki, allowed: str) -> None:
+    file = pki.ca.parent / "sans.yml"
+    file.write_text(
+        f"tls_server_config:\n  cert_file: server.crt\n  key_file: server.key\n"
+        f"  client_auth_type: VerifyClientCertIfGiven\n  client_ca_file: ca.crt\n"
+        f"  client_allowed_sans: [{json.dumps(allowed)}]\n"
+    )
+    with web_server(file) as server:
+        assert get(server.port, context=client_context(pki, cert=True))[0] == 200
+        stranger = ssl.create_default_context(cafile=str(pki.ca))
+        stranger.load_cert_chain(str(pki.stranger_cert), str(pki.stranger_key))
+        for refused in (stranger, client_context(pki, cert=False)):
+            with pytest.raises((ssl.SSLError, OSError, http.client.HTTPException)):
+                get(server.port, context=refused)
+
+
+def test_inline_cert_key_and_client_ca(pki: Pki, tmp_path: Path) -> None:
+    def block(path: Path) -> str:
+        return "|\n" + "".join(f"    {line}\n" for line in path.read_text().splitlines())
+
+    file = tmp_path / "inline.yml"  # no file of the PKI next to it
+    file.write_text(
+        f"tls_server_config:\n  cert: {block(pki.server_cert)}  key: {block(pki.server_key)}"
+        f"  client_auth_type: RequireAndVerifyClientCert\n  client_ca: {block(pki.ca)}"
+    )
+    before = set(Path(tempfile.gettempdir()).iterdir())
+    with web_server(file) as server:
+        assert get(server.port, context=client_context(pki, cert=True))[0] == 200
+        with pytest.raises((ssl.SSLError, OSError)):
+            get(server.port, context=client_context(pki, cert=False))
+    # Loaded from memory (memfd): nothing was written to the temp directory.
+    assert set(Path(tempfile.gettempdir()).iterdir()) - before == set()
+
+
+def test_rate_limit_is_a_token_bucket(tmp_path: Path) -> None:
+    file = tmp_path / "web.yml"
+    file.write_text("rate_limit:\n  interval: 1s\n  burst: 3\n")
+    with web_server(file) as server:
+        assert [get(server.port)[0] for _ in range(4)] == [200, 200, 200, 429]
+        # Health probes are not limited (a liveness probe answered 429 restarts pods).
+        assert get(server.port, path="/-/healthy")[0] == 200
+        started = time.monotonic()
+        wait_until(lambda: get(server.port)[0] == 200, timeout=3, what="a token after 1 s")
+        assert time.monotonic() - started > 0.5  # one token per second, not sooner
+        assert get(server.port)[0] == 429
+
+
+# -- bcrypt ------------------------------------------------------------------------------
+
+
+def cpu_times(check: Callable[[], object], tries: int) -> list[float]:
+    times = []
+    for _ in range(tries):
+        start = time.thread_time()
+        check()
+        times.append(time.thread_time() - start)
+    return times
+
+
+def test_unknown_user_costs_what_a_wrong_password_costs() -> None:
+    """The README's claim, measured: an unknown name costs the CPU time of a wrong
+    password for a user hashed at cost 10 (the dummy's cost), even with a user of a
+    higher cost in the file (it set the dummy's cost before: 4x for cost 12)."""
+    users = {"dave": hashed("dave123", 10).encode(), "alice": hashed("alice123", 12).encode()}
+    checker = BasicAuth(users)
+    wrong, unknown = [], []
+    for i in range(8):  # interleaved: a slow phase of the machine hits both alike
+        wrong += cpu_times(partial(checker.check, basic("dave", f"bad{i}")), 1)
+        unknown += cpu_times(partial(checker.check, basic(f"nobody{i}", "bad")), 1)
+    w, u = statistics.median(wrong), statistics.median(unknown)
+    print(f"\nbcrypt CPU: wrong password {w * 1000:.1f} ms, unknown user {u * 1000:.1f} ms")
+    assert w > 0.01  # a real cost-10 check
+    assert abs(u - w) / w < 0.2, (wrong, unknown)
+
+
+def test_a_high_cost_user_does_not_slow_loading(tmp_path: Path) -> None:
+    # exporter-toolkit's users file has a cost-18 user (~15 s per check).
+    started = time.monotonic()
+    load_web_config(str(DATA / "toolkit" / "web_config_users_noTLS.good.yml"))
+    assert time.monotonic() - started < 1.0
+
+
+def test_hashing_is_bounded_and_cached_users_are_served_meanwhile() -> None:
+    gate = HashGate(slots=1, wait=0.2)
+    users = {"slow": hashed("x", 13).encode(), "fast": hashed("ok", 4).encode()}
+    checker = BasicAuth(users, gate)
+    assert checker.verify(basic("fast", "ok")) is AuthResult.OK  # now cached
+    results: list[AuthResult] = []
+    threads = [
+        threading.Thread(target=lambda: results.append(checker.verify(basic("slow", "no"))))
+        for _ in range(4)
+    ]
+    cpu = time.process_time()
+    for thread in threads:
+        thread.start()
+    started = time.monotonic()
+    assert checker.verify(basic("fast", "ok")) is AuthResult.OK  # no slot needed
+    assert time.monotonic() - started < 0.1
+    for thread in threads:
+        thread.join(30)
+    # One check ran; the others waited 0.2 s for the slot and were answered BUSY.
+    assert sorted(r.value for r in results) == ["busy", "busy", "busy", "denied"]
+    spent = time.process_time() - cpu
+    single = statistics.median(cpu_times(partial(bcrypt.checkpw, b"no", users["slow"]), 1))
+    print(f"\n4 concurrent checks: {spent:.2f} s of CPU, one check {single:.2f} s")
+    assert spent < 1.5 * single  # about one check's CPU, not four
