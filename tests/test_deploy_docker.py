@@ -9,6 +9,7 @@ import fnmatch
 import importlib.util
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -16,16 +17,19 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import time
+import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import bcrypt
 import pytest
 import yaml
 from pki import make_pki
-from test_deploy_tools import check, tool
+from test_deploy_tools import check, run, tool
 
-from helpers import ROOT, http_get
+from helpers import ROOT, Samples, http_get, parse_metrics, value
 from testkit import free_port, wait_until
 
 DOCKERFILE = ROOT / "Dockerfile"
@@ -275,3 +279,299 @@ def test_compose_file_uses_the_image_contract() -> None:
     targets = yaml.safe_load((ROOT / "deploy" / "prometheus" / "prometheus.yml").read_text())
     (job,) = targets["scrape_configs"]
     assert job["static_configs"][0]["targets"] == [f"zmq-exporter:{PORT}"]
+
+
+# -- the image, built and run ------------------------------------------------------------
+#
+# docker where a daemon answers `docker info`; otherwise podman as root, on storage of its
+# own (a temp dir, vfs: no fuse or overlay needed) that is deleted at the end. No registry
+# is needed by podman: the base image is a Debian bookworm minbase from debootstrap (the
+# apt mirror this machine uses) plus python3, python3-venv, python-is-python3 and this
+# machine's CA bundle (pip in the build goes through the same network as the host's).
+# The base is built once per pytest session, the image once per module.
+
+UID = 10001
+
+
+@dataclass
+class Engine:
+    kind: str  # "docker" or "podman"
+    command: list[str]  # the engine and its global flags
+    build_flags: list[str] = field(default_factory=list)
+    run_flags: list[str] = field(default_factory=list)
+    base_image: str | None = None  # PYTHON_IMAGE build-arg; None: the Dockerfile's default
+
+    def __call__(
+        self, *args: str, timeout: float = 60, ok: bool = True
+    ) -> subprocess.CompletedProcess[str]:
+        done = subprocess.run(
+            [*self.command, *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=ROOT,
+            stdin=subprocess.DEVNULL,
+        )
+        if ok:
+            assert done.returncode == 0, (
+                f"{self.kind} {args} exited {done.returncode}:\n{done.stdout}\n{done.stderr}"
+            )
+        return done
+
+
+def debian_mirror() -> str:
+    """The Debian mirror apt uses on this machine (one-line .list or deb822 .sources)."""
+    apt = Path("/etc/apt")
+    for path in [apt / "sources.list", *sorted((apt / "sources.list.d").glob("*"))]:
+        if not path.is_file():
+            continue
+        text = path.read_text()
+        if path.suffix == ".sources":
+            for stanza in re.split(r"\n\s*\n", text):
+                fields: dict[str, list[str]] = {}
+                for line in stanza.splitlines():
+                    if not line.startswith("#") and ":" in line:
+                        key, _, value = line.partition(":")
+                        fields[key.strip().lower()] = value.split()
+                if "deb" in fields.get("types", []) and "bookworm" in fields.get("suites", []):
+                    return fields["uris"][0]
+        elif path.suffix == ".list":
+            for line in text.splitlines():
+                words = re.sub(r"\[[^]]*\]", "", line.partition("#")[0]).split()
+                if len(words) >= 3 and words[0] == "deb" and words[2] == "bookworm":
+                    return words[1]
+    return "http://deb.debian.org/debian"
+
+
+BASE_CONTAINERFILE = """\
+FROM {debian}
+RUN apt-get update \\
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends \\
+       python3 python3-venv python-is-python3 \\
+    && rm -rf /var/lib/apt/lists/*
+# After apt: the ca-certificates package would regenerate the bundle.
+COPY ca-certificates.crt /etc/ssl/certs/ca-certificates.crt
+ENV PIP_CERT=/etc/ssl/certs/ca-certificates.crt
+"""
+
+
+VFS = ["--storage-driver", "vfs"]
+FORMAT_DOCKER = ["--format", "docker"]
+ULIMITS = ["--ulimit", "nofile=4096:4096", "--ulimit", "nproc=4096:4096"]
+
+
+def podman_engine(work: Path) -> Engine:
+    return Engine(
+        "podman",
+        [tool("podman"), "--root", f"{work}/storage", "--runroot", f"{work}/run", *VFS],
+        # --format docker: the OCI format has no HEALTHCHECK and podman drops it.
+        # --layers=false: no image per step (each is a full copy of the tree on vfs).
+        build_flags=[
+            *FORMAT_DOCKER,
+            "--isolation",
+            "chroot",
+            "--network",
+            "host",
+            "--layers=false",
+        ],
+        # runc fails on setrlimit here unless the limits are given.
+        run_flags=["--runtime", "runc", *ULIMITS, "--network", "host"],
+    )
+
+
+def podman_with_debootstrap_base(work: Path) -> Engine:
+    engine = podman_engine(work)
+    tool("runc")  # the runtime `run` is given
+    debootstrap = tool("debootstrap")
+    rootfs = work / "rootfs"
+    started = time.monotonic()
+    done = subprocess.run(
+        [debootstrap, "--variant=minbase", "bookworm", str(rootfs), debian_mirror()],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        stdin=subprocess.DEVNULL,
+    )
+    assert done.returncode == 0, f"debootstrap:\n{done.stdout[-3000:]}\n{done.stderr[-3000:]}"
+    debian = "localhost/zmq-exporter-test/debian:bookworm"
+    with subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE) as tar:
+        imported = subprocess.run(
+            [*engine.command, "import", "-", debian],
+            stdin=tar.stdout,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    assert tar.returncode == 0 and imported.returncode == 0, imported.stderr
+    shutil.rmtree(rootfs)
+    context = work / "base"
+    context.mkdir()
+    shutil.copy("/etc/ssl/certs/ca-certificates.crt", context / "ca-certificates.crt")
+    (context / "Containerfile").write_text(BASE_CONTAINERFILE.format(debian=debian))
+    engine.base_image = "localhost/zmq-exporter-test/python:3.11-bookworm"
+    engine("build", *engine.build_flags, "-t", engine.base_image, str(context), timeout=600)
+    print(f"\n[image] debootstrap base with python3: {time.monotonic() - started:.0f} s")
+    return engine
+
+
+def daemon_answers(docker: str) -> bool:
+    try:
+        return run([docker, "info"], timeout=30).returncode == 0
+    except subprocess.TimeoutExpired:
+        return False
+
+
+@pytest.fixture(scope="session")
+def engine() -> Iterator[Engine]:
+    docker = shutil.which("docker")
+    if docker and daemon_answers(docker):
+        yield Engine("docker", [docker], run_flags=["--network", "host"])
+        return
+    work = Path(tempfile.mkdtemp(prefix="zmq-exporter-podman-"))
+    try:
+        yield podman_with_debootstrap_base(work)
+    finally:
+        # Everything in this storage is the session's own; its images go by id, then the
+        # directory (vfs layers are plain directories).
+        if (work / "storage").exists():
+            podman = podman_engine(work)
+            ids = podman("images", "-a", "-q", ok=False).stdout.split()
+            if ids:
+                podman("rmi", "-f", *ids, ok=False, timeout=300)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def image(engine: Engine, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    iidfile = tmp_path_factory.mktemp("image") / "iid"
+    tag = f"localhost/zmq-exporter-test:{uuid.uuid4().hex[:12]}"
+    args = ["build", *engine.build_flags, "--iidfile", str(iidfile), "-t", tag]
+    if engine.base_image is not None:
+        args += ["--build-arg", f"PYTHON_IMAGE={engine.base_image}"]
+    started = time.monotonic()
+    engine(*args, str(ROOT), timeout=900)
+    image_id = iidfile.read_text().strip()
+    size = int(engine("image", "inspect", "--format", "{{.Size}}", image_id).stdout)
+    print(f"\n[image] {engine.kind} build: {time.monotonic() - started:.0f} s, {size / 1e6:.0f} MB")
+    try:
+        yield image_id
+    finally:
+        engine("rmi", "-f", image_id, ok=False)
+
+
+def run_in_image(
+    engine: Engine, image_id: str, *args: str, entrypoint: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """One throwaway container, read-only, as the image's user."""
+    flags = ["--entrypoint", entrypoint] if entrypoint else []
+    return engine(
+        "run", "--rm", "--read-only", *engine.run_flags, *flags, image_id, *args, ok=False
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)  # the first test builds the base and the image (~3-4 min here)
+def test_image_runs_read_only_as_uid_10001_until_healthy_and_serves_metrics(
+    engine: Engine, image: str, tmp_path: Path
+) -> None:
+    zmq_port, web_port = free_port(), free_port()
+    config = tmp_path / "config.yml"
+    config.write_text(
+        textwrap.dedent(f"""\
+            sockets:
+              - {{name: backend, type: ROUTER, bind: ['tcp://127.0.0.1:{zmq_port}']}}
+              - {{name: worker, type: DEALER, connect: ['tcp://127.0.0.1:{zmq_port}']}}
+            """)
+    )
+    config.chmod(0o644)  # the container's user (10001) reads it through the bind mount
+    name = f"zmq-exporter-test-{uuid.uuid4().hex[:12]}"
+    health = ["--health-interval", "1s"] if engine.kind == "docker" else []
+    engine(
+        "run",
+        "-d",
+        "--name",
+        name,
+        "--read-only",
+        *engine.run_flags,
+        *health,
+        "-v",
+        f"{config}:{CONFIG_IN_IMAGE}:ro",
+        image,
+        # Not the default port: the HEALTHCHECK must follow --web.listen-address.
+        f"--config.file={CONFIG_IN_IMAGE}",
+        f"--web.listen-address=127.0.0.1:{web_port}",
+    )
+    try:
+
+        def inspect(template: str) -> str:
+            return engine("inspect", "--format", template, name).stdout.strip()
+
+        def healthy() -> bool:
+            assert inspect("{{.State.Running}}") == "true", engine("logs", name, ok=False)
+            if engine.kind == "podman":  # no systemd here to run podman's health timer
+                engine("healthcheck", "run", name, ok=False)
+            return inspect("{{.State.Health.Status}}") == "healthy"
+
+        wait_until(healthy, timeout=60, interval=0.5, what="HEALTHCHECK healthy")
+        assert inspect("{{.HostConfig.ReadonlyRootfs}}") == "true"
+        assert inspect("{{.Config.User}}") == f"{UID}:{UID}"
+        # The kernel's word on who runs the daemon (no user namespace: host ids).
+        status = Path(f"/proc/{inspect('{{.State.Pid}}')}/status").read_text()
+        ids = {
+            k: v.split()
+            for k, v in (line.split(":", 1) for line in status.splitlines())
+            if k in ("Uid", "Gid")
+        }
+        assert ids == {"Uid": [str(UID)] * 4, "Gid": [str(UID)] * 4}, ids
+        write = engine("exec", name, "python", "-c", "open('/opt/venv/probe', 'w')", ok=False)
+        assert write.returncode != 0 and "Read-only file system" in write.stderr, write
+
+        def connected() -> Samples:
+            samples = parse_metrics(http_get(f"http://127.0.0.1:{web_port}/metrics"))
+            return samples if value(samples, "zmq_connections", socket="backend") == 1 else {}
+
+        samples = wait_until(connected, timeout=30, interval=0.2, what="backend connected")
+        assert value(samples, "zmq_connections", socket="worker") == 1
+        assert any(n == "zmq_exporter_build_info" for n, _ in samples)
+        engine("stop", "-t", "10", name, timeout=30)
+        assert inspect("{{.State.ExitCode}}") == "0"  # SIGTERM to PID 1: a clean exit
+        logs = engine("logs", name)
+        assert "Traceback" not in logs.stdout + logs.stderr, logs
+    finally:
+        engine("rm", "-f", name, ok=False)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_image_default_config_is_the_readmes_and_carries_no_pip(engine: Engine, image: str) -> None:
+    # README's first command runs config/zmq-exporter.yml; the image runs the same file
+    # unless one is mounted over it.
+    readme = (ROOT / "README.md").read_text()
+    first = readme.split("```sh\n", 1)[1].split("```", 1)[0]
+    assert "--config.file=config/zmq-exporter.yml" in first, first
+    # One container (each costs a copy of the image on vfs): it reports what it sees, and
+    # runs the image's own ENTRYPOINT + CMD with --config.check (the baked-in config is
+    # valid in the image).
+    probe = textwrap.dedent("""\
+        import importlib.util, json, os, subprocess, sys
+        check = subprocess.run(json.loads(sys.argv[1]), capture_output=True, text=True)
+        print(json.dumps({
+            "uid": os.getuid(), "gid": os.getgid(),
+            "config": open("/etc/zmq-exporter/config.yml").read(),
+            "pip": importlib.util.find_spec("pip") is not None,
+            "setuptools": importlib.util.find_spec("setuptools") is not None,
+            "check": [check.returncode, check.stdout + check.stderr],
+            "venv_bytes": sum(
+                os.lstat(os.path.join(d, f)).st_size
+                for d, _, files in os.walk("/opt/venv") for f in files
+            ),
+        }))""")
+    argv = [*exec_form("ENTRYPOINT"), "--config.check", *exec_form("CMD")]
+    done = run_in_image(engine, image, "-c", probe, json.dumps(argv), entrypoint="python")
+    assert done.returncode == 0, done
+    facts = json.loads(done.stdout)
+    assert facts["config"] == (ROOT / "config" / "zmq-exporter.yml").read_text()
+    assert (facts["uid"], facts["gid"]) == (UID, UID)
+    assert not facts["pip"] and not facts["setuptools"], facts  # left in the builder
+    assert facts["check"][0] == 0, facts["check"]
+    print(f"\n[image] /opt/venv: {facts['venv_bytes'] / 1e6:.0f} MB")
