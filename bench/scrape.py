@@ -47,9 +47,10 @@ def snapshots(states: list[SocketState]) -> tuple[SocketSnapshot, ...]:
 
 
 def baseline_registries(text: str) -> list[CollectorRegistry]:
-    """The series of `text` as prometheus_client Counters and Gauges. A registry refuses
-    the counter `zmq_listening_total` beside the gauge `zmq_listening` (both in our
-    contract), so the counter goes into a second registry."""
+    """The series of `text` as prometheus_client Counters and Gauges. (A second registry
+    held the counter `zmq_listening_total`, which one registry refused beside the gauge
+    `zmq_listening`; renamed `zmq_bind_succeeded_total`, it no longer clashes, and the
+    second registry stays empty.)"""
     main, second = CollectorRegistry(auto_describe=False), CollectorRegistry(auto_describe=False)
     for family in text_string_to_metric_families(text):
         if not family.samples:

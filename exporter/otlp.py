@@ -21,10 +21,8 @@ explicitly.
 
 OTel names map back to the Prometheus names of the contract through the standard
 OTLP→Prometheus translation (`.` → `_`, unit suffix such as `s` → `_seconds`, `_total`
-for monotonic sums; unit annotations in braces add nothing). The contract has a counter
-`zmq_listening_total` and a gauge `zmq_listening`: the counter is `zmq.listening_total`
-(the translation strips a trailing `total` token and appends `_total` once) and the gauge
-`zmq.listening`, two distinct OTel names that do not collide.
+for monotonic sums; unit annotations in braces add nothing). Names come from the metrics
+table (`exporter.metrics`), which keeps them distinct.
 
 A collector that is down or slow does not hurt: exports run on a thread of their own, never
 on the event path, each bounded by the export deadline; cumulative temporality means nothing
