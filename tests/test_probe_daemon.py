@@ -105,6 +105,7 @@ def test_thousand_probes_leave_the_daemon_fds_flat(ctx: Ctx) -> None:
             assert ("probe_success 1.0" in body) == (i % 2 == 0), (i, body)
         took = time.monotonic() - started
         conn.close()
-        after = open_fds(daemon.proc.pid)
-    assert after <= before + 2, (before, after)
+        pid = daemon.proc.pid
+        # libzmq closes sockets on its own threads: let them settle (a leak never does).
+        wait_until(lambda: open_fds(pid) <= before + 2, timeout=5, what=f"fds back to {before}")
     assert took < 60, took

@@ -14,7 +14,7 @@ How monitor events map to reasons (measured against real peers, libzmq 4.3.5):
   refusing our HELLO (a wrong server key: the server cannot decrypt it; a PLAIN server
   without credentials it accepts) -> `auth`; with NULL it is a peer refusing the exchange
   (an incompatible socket type drops the connection without an event) -> `protocol`.
-- CLOSED before CONNECTED: the connection itself failed -> `connect_refused`.
+- CLOSED or CONNECT_RETRIED: the connection itself failed -> `connect_refused`.
 """
 
 from __future__ import annotations
@@ -60,6 +60,18 @@ def close_context() -> None:
             _ctx = None
 
 
+# The events that decide a handshake (one on success, as for a bare connect + handshake):
+# CLOSED and CONNECT_RETRIED come only from a failed connect attempt, never from an
+# established connection (that one ends with DISCONNECTED).
+WATCHED = (
+    zmq.EVENT_HANDSHAKE_SUCCEEDED
+    | zmq.EVENT_HANDSHAKE_FAILED_AUTH
+    | zmq.EVENT_HANDSHAKE_FAILED_PROTOCOL
+    | zmq.EVENT_HANDSHAKE_FAILED_NO_DETAIL
+    | zmq.EVENT_DISCONNECTED
+    | zmq.EVENT_CLOSED
+    | zmq.EVENT_CONNECT_RETRIED
+)
 _PROTOCOL_AUTH = (zmq.PROTOCOL_ERROR_ZMTP_CRYPTOGRAPHIC,)
 
 
@@ -97,7 +109,7 @@ class Handshake:
         self.monitor: zmq.Socket[bytes] | None = None
         try:
             _options(self.sock, module, family, deadline)
-            self.monitor = attach_monitor(ctx, self.sock, zmq.EVENT_ALL)
+            self.monitor = attach_monitor(ctx, self.sock, WATCHED)
             url = endpoint(family, address)
             log.debug(
                 "libzmq handshake started",
@@ -173,7 +185,6 @@ def _wait(
     monitor: zmq.Socket[bytes], module: ProbeModule, deadline: Deadline, log: ProbeLog
 ) -> None:
     secured = module.mechanism != "NULL"
-    connected = False
     while True:
         remaining = deadline.remaining()
         if remaining <= 0 or not monitor.poll(int(remaining * 1000) + 1):
@@ -187,9 +198,7 @@ def _wait(
         log.debug("Monitor event", event=name, value=value)
         if event == E.HANDSHAKE_SUCCEEDED:
             return
-        if event == E.CONNECTED:
-            connected = True
-        elif event == E.HANDSHAKE_FAILED_AUTH:
+        if event == E.HANDSHAKE_FAILED_AUTH:
             raise ProbeFailed("auth", f"the peer refused us (ZAP status {value})")
         elif event == E.HANDSHAKE_FAILED_PROTOCOL:
             raise ProbeFailed(_protocol_reason(value), f"ZMTP protocol error {value:#x}")
@@ -207,5 +216,5 @@ def _wait(
                 f"the peer dropped the connection during the {module.mechanism} handshake "
                 "(for NULL: often an incompatible socket type)",
             )
-        elif event in (E.CLOSED, E.CONNECT_RETRIED) and not connected:
+        elif event in (E.CLOSED, E.CONNECT_RETRIED):  # only a connect attempt closes
             raise ProbeFailed("connect_refused", "the handshake connection failed")
