@@ -20,8 +20,10 @@ from exporter.otlp import OtlpOutput
 from exporter.prober import Prober
 from exporter.prober.handler import DEFAULT_MAX_CONCURRENT, DEFAULT_TIMEOUT_OFFSET
 from exporter.prober.handshake import close_context as close_prober_context
+from exporter.relay import RelayLimits, RelayServer
 from exporter.render.prometheus import StateCollector, one_sample
 from exporter.render.status import render_status
+from exporter.state import EngineSnapshot
 from exporter.web import MAX_CONNECTIONS, WebApp, WebServer, parse_listen_address
 from exporter.webconfig import WebConfig
 
@@ -52,16 +54,30 @@ class Daemon:
         self._reload_lock = threading.Lock()
         self.last_reload_successful = True
         self.last_reload_success_time = time.time()
+        # relay: (issue 16): relayed sockets join the engine's in every output. Its
+        # listener is set at start; a reload does not change it (restart to change it).
+        self.relay: RelayServer | None = None
+        if settings.relay is not None:
+            r = settings.relay
+            self.relay = RelayServer(
+                r.listen,
+                expire=r.expire,
+                limits=RelayLimits(r.max_processes, r.max_sockets_per_process, r.max_message_bytes),
+                ipc_mode=r.ipc_mode,
+                curve_secret_key=r.curve_secretkey,
+            )
         # /metrics: the state (socket families pre-rendered) first, then this registry.
-        self.state = StateCollector(self.engine.snapshot)
+        self.state = StateCollector(self.snapshot)
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_ReloadCollector(self))
         self.registry.register(PROCESS_COLLECTOR)
         self.registry.register(PLATFORM_COLLECTOR)
+        if self.relay is not None:
+            self.registry.register(self.relay.collector())
         # OTLP push, when configured (`otlp`: resolved once, by exporter.otlp.check_otlp):
         # the same snapshots and rows as /metrics, on a thread of its own.
         self.otlp = (
-            OtlpOutput(otlp, self.engine.snapshot, extra=[_ReloadCollector(self)])
+            OtlpOutput(otlp, self.snapshot, extra=[_ReloadCollector(self)])
             if otlp is not None
             else None
         )
@@ -73,7 +89,7 @@ class Daemon:
             is_ready=lambda: self.engine.snapshot().ready,
             # False once the engine thread ended: the process is about to exit non-zero.
             is_healthy=lambda: self.engine.failure is None,
-            landing_page=lambda: render_status(self.engine.snapshot(), telemetry_path),
+            landing_page=lambda: render_status(self.snapshot(), telemetry_path),
             reload=self.reload,
             state=self.state,
             probe=self.prober.handle_probe,
@@ -86,8 +102,21 @@ class Daemon:
         host = "[::]" if host == "" else f"[{host}]" if ":" in host else host
         self.listen_address = f"{host}:{self.web.port}"
 
+    def snapshot(self) -> EngineSnapshot:
+        """The engine's snapshot, with the relayed sockets after its own."""
+        snap = self.engine.snapshot()
+        if self.relay is None:
+            return snap
+        relayed = self.relay.snapshot_sockets()
+        if not relayed:
+            return snap
+        return EngineSnapshot(snap.sockets + relayed, snap.stats, snap.ready, snap.failure)
+
     def start(self) -> None:
         self.engine.start()
+        if self.relay is not None:
+            self.relay.start()
+            log.info("relay listening", extra={"endpoints": self.relay.bound})
         # Web first: /-/healthy answers at once, /-/ready only once every socket exists.
         self.web.start()
         result = self.engine.apply(self._initial).result(APPLY_TIMEOUT)
@@ -153,6 +182,8 @@ class Daemon:
         if self.otlp is not None:
             self.otlp.stop(timeout=0.5)  # bounded: a dead collector must not delay exit
         self.engine.stop()
+        if self.relay is not None:
+            self.relay.stop()
         close_prober_context()  # /probe's own sockets are closed by each probe
 
 

@@ -102,6 +102,8 @@ class _Process:
     # Names of the sockets shown by each registry / meter provider; replaced, never
     # changed, so scrapes read them without the lock.
     shown: dict[int, frozenset[str]] = field(default_factory=dict)
+    # Relay senders (issue 16), one per relay endpoint: relay.RelaySender.
+    relays: dict[str, Any] = field(default_factory=dict)
 
     def show(self) -> None:
         shown: dict[int, set[str]] = {}
@@ -178,6 +180,7 @@ class Instrumentation:
         self._pid = os.getpid()
         self._closed = False
         self._close_lock = threading.Lock()
+        self.relay: str | None = None  # the relay endpoint its state is sent to
 
     def __repr__(self) -> str:
         return f"<Instrumentation {self.name!r}{' closed' if self._closed else ''}>"
@@ -319,6 +322,8 @@ def instrument(
     events: Iterable[str | Event] | None = None,
     registry: CollectorRegistry | None = REGISTRY,
     meter_provider: MeterProvider | None = None,
+    relay: str | None = None,
+    relay_id: str | None = None,
 ) -> Instrumentation:
     """Watch `socket`'s monitor events: the daemon's socket families, with `socket=name`,
     `labels`, and the endpoints the socket binds and connects as `endpoint`.
@@ -326,7 +331,10 @@ def instrument(
     Call it from the thread that uses `socket`, before its bind()/connect() (connections
     made before are not counted). `events`: event names as in the daemon's config (None:
     all). `registry`: where the socket's series are collected (None: nowhere);
-    `meter_provider`: an OpenTelemetry MeterProvider to observe them on as well."""
+    `meter_provider`: an OpenTelemetry MeterProvider to observe them on as well.
+    `relay`: a sidecar daemon's relay endpoint (default: $ZMQ_EXPORTER_RELAY, if set) to
+    send the socket's state to (docs/relay.md), as process `relay_id` (default
+    hostname/pid)."""
     if not isinstance(socket, zmq.Socket):
         raise InstrumentError(f"expected a zmq.Socket, got {type(socket).__name__}")
     if not isinstance(name, str) or not name:
@@ -335,6 +343,7 @@ def instrument(
     mask = _mask(events)
     if socket.closed:
         raise InstrumentError(f"cannot instrument {name!r}: the socket is closed")
+    relay = relay or os.environ.get("ZMQ_EXPORTER_RELAY") or None
     with _lock:
         process = _process
         for other in list(process.handles.values()):
@@ -368,6 +377,9 @@ def instrument(
             raise
         handle = Instrumentation(name, socket, pair, state, registry, meter_provider)
         process.handles[name] = handle
+        if relay is not None:
+            _relay_sender(relay, relay_id)
+            handle.relay = relay
         process.show()
         if registry is not None and id(registry) not in process.collectors:
             collector = _LibraryCollector(id(registry))
@@ -376,6 +388,32 @@ def instrument(
         if meter_provider is not None and id(meter_provider) not in process.meters:
             process.meters[id(meter_provider)] = (meter_provider, _OtelExport(meter_provider))
     return handle
+
+
+def _relay_sender(endpoint: str, relay_id: str | None) -> None:
+    """The process's sender to `endpoint`, started on first use. With `_lock` held."""
+    from exporter.relay import RelaySender  # only applications that relay load it
+
+    sender = _process.relays.get(endpoint)
+    if sender is not None:
+        if relay_id is not None and relay_id != sender.relay_id:
+            raise InstrumentError(
+                f"relay {endpoint!r} is used already as process {sender.relay_id!r}"
+            )
+        return
+    sender = RelaySender(endpoint, lambda: _relayed(endpoint), relay_id)
+    sender.start()
+    _process.relays[endpoint] = sender
+
+
+def _relayed(endpoint: str) -> tuple[SocketSnapshot, ...]:
+    """The sockets sent to relay `endpoint` (from the sender's thread)."""
+    process = _process
+    current = process.reader
+    if current is None:
+        return ()
+    names = {n for n, h in list(process.handles.items()) if h.relay == endpoint}
+    return tuple(s for s in current.snapshot().sockets if s.name in names)
 
 
 def _attach_monitor(socket: zmq.Socket[Any], name: str, mask: int) -> zmq.Socket[bytes]:

@@ -32,7 +32,7 @@ from exporter.events import ERRNO_EVENTS, HANDSHAKE_REASONS, Event
 
 Type = Literal["counter", "gauge", "histogram"]
 # socket: one set of series per configured socket; the others are the exporter's own.
-Group = Literal["socket", "build", "engine", "reload", "web", "otlp", "probe"]
+Group = Literal["socket", "build", "engine", "reload", "web", "otlp", "probe", "relay"]
 # When a socket family's series first exist. Before their first event they are at 0, so
 # that rate() and increase() see that event (client_golang #296).
 Initial = Literal["bind", "connect", "endpoint", "socket", "event"]
@@ -726,6 +726,77 @@ def markdown_probe() -> str:
         lines.append(f"| {_code(f.name)} | {f.type} | {_code(f.labels)} | {meaning} |")
     return "\n".join(lines) + "\n"
 
+
+# -- relay (issue 16) -----------------------------------------------------------------------
+# Served by a daemon with a `relay:` section (exporter/relay.py), so not in FAMILIES (the
+# README's main table and tests/test_metrics_table.py cover a daemon without one). The
+# README's "Relay" table is `python -m exporter.metrics --markdown relay`.
+
+RELAY_PROCESSES = _self(
+    "zmq_exporter_relay_processes",
+    "gauge",
+    "relay",
+    "Relay sender processes connected (their state is live).",
+)
+RELAY_SOCKETS = _self(
+    "zmq_exporter_relay_sockets",
+    "gauge",
+    "relay",
+    "Relayed sockets held, of connected processes and of those not yet expired.",
+)
+RELAY_MESSAGES_RECEIVED = _self(
+    "zmq_exporter_relay_messages_received_total",
+    "counter",
+    "relay",
+    "Relay messages received and accepted.",
+)
+RELAY_MESSAGES_REJECTED = _self(
+    "zmq_exporter_relay_messages_rejected_total",
+    "counter",
+    "relay",
+    "Relay messages (or connections) dropped, by reason.",
+    labels=("reason",),
+    values=(
+        "malformed",
+        "version",
+        "too_large",
+        "invalid",
+        "max_processes",
+        "max_sockets",
+        "handshake",
+    ),
+)
+RELAY_STATE_AGE = _self(
+    "zmq_exporter_relay_state_age_seconds",
+    "gauge",
+    "relay",
+    "Time since the least recently heard connected sender's last message.",
+    unit="seconds",
+)
+RELAY_FAMILIES: tuple[Family, ...] = (
+    RELAY_PROCESSES,
+    RELAY_SOCKETS,
+    RELAY_MESSAGES_RECEIVED,
+    RELAY_MESSAGES_REJECTED,
+    RELAY_STATE_AGE,
+)
+assert not {f.name for f in RELAY_FAMILIES} & {f.name for f in FAMILIES}
+
+
+def markdown_relay() -> str:
+    """The README's table of the relay's self-metrics."""
+    lines = ["| relay metric | type | labels | meaning |", "|---|---|---|---|"]
+    for f in RELAY_FAMILIES:
+        meaning = f"{f.help} {f.note}".strip()
+        if f.values:
+            meaning += f" {_code(f.labels)}: {_code(f.values)}."
+        lines.append(f"| {_code(f.name)} | {f.type} | {_code(f.labels)} | {meaning} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__" and sys.argv[1:] == ["--markdown", "relay"]:
+    print(markdown_relay(), end="")
+    sys.exit(0)
 
 if __name__ == "__main__" and sys.argv[1:] == ["--markdown", "probe"]:
     print(markdown_probe(), end="")

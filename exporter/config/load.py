@@ -28,6 +28,7 @@ from exporter.config.model import (
 )
 from exporter.config.modules import ProbeModule, default_modules, resolve_modules
 from exporter.config.otlp import OtlpConfig
+from exporter.config.relay import RelaySettings, resolve_relay
 from exporter.config.yamlnodes import decode, line_of, load_with_lines
 from exporter.endpoints import Role, parse_endpoint
 from exporter.events import ALL_EVENTS_MASK, EVENT_BY_NAME, Event
@@ -58,6 +59,8 @@ class Settings:
     otlp: OtlpConfig | None = field(default=None, repr=False, compare=False)
     # /probe modules (exporter/config/modules.py); always holds the default `zmtp`.
     modules: dict[str, ProbeModule] = field(default_factory=default_modules, compare=False)
+    # relay: (exporter/config/relay.py); None: no relay listener.
+    relay: RelaySettings | None = field(default=None, repr=False, compare=False)
 
 
 def load_config(file: str) -> Settings:
@@ -138,7 +141,10 @@ def _resolve(model: Config, file: str, lines: dict[Path, int]) -> Settings:
             f"limits.max_series ({model.limits.max_series})",
         )
     modules = resolve_modules(model.modules, fail)
-    if not specs and "modules" not in model.model_fields_set:
+    relay = None
+    if model.relay is not None:
+        relay = resolve_relay(model.relay, _parse_secret_key, fail)
+    if not specs and "modules" not in model.model_fields_set and relay is None:
         # An empty file, or `sockets: []` alone, would start a daemon that watches nothing;
         # a `modules:` section (even `{}`, the default module only) makes a probe-only one.
         fail(
@@ -146,7 +152,7 @@ def _resolve(model: Config, file: str, lines: dict[Path, int]) -> Settings:
             "the config watches nothing: no socket configured (add one under `sockets:`, "
             "or a `modules:` section for a probe-only exporter)",
         )
-    return Settings(file, tuple(specs), model.global_, model.limits, model.otlp, modules)
+    return Settings(file, tuple(specs), model.global_, model.limits, model.otlp, modules, relay)
 
 
 # Defaults for the options of sockets that connect, under the file's own (global, then per

@@ -240,9 +240,39 @@ class ModuleConfig(_Strict):
     allowed_targets: list[Annotated[str, Field(min_length=1)]] | None = None
 
 
+# -- relay (issue 16): application processes send their sockets' state (docs/relay.md) --
+
+
+def _relay_endpoint(value: str) -> str:
+    if not value.startswith(("ipc://", "tcp://")):
+        raise ValueError(f"relay endpoint {value!r}: expected ipc:// or tcp://")
+    parse_endpoint(value, "bind")
+    return value
+
+
+def _file_mode(value: str) -> str:
+    if not re.fullmatch(r"0?[0-7]{3}", value):
+        raise ValueError(f"file mode {value!r}: expected octal digits such as '0660'")
+    return value
+
+
+class RelayConfig(_Strict):
+    listen: Annotated[
+        list[Annotated[str, AfterValidator(_relay_endpoint)]], Field(min_length=1, max_length=16)
+    ]
+    expire: Duration = 300.0  # how long a gone process's series are kept
+    ipc_mode: Annotated[str, AfterValidator(_file_mode)] | None = None  # ipc socket files
+    # Required for tcp on a non-loopback address: the ROUTER is a CURVE server.
+    curve_secretkey_file: str | None = None
+    max_processes: PositiveInt = 1000
+    max_sockets_per_process: PositiveInt = 1000
+    max_message_bytes: Annotated[int, Field(ge=1024, le=64 * 1024 * 1024)] = 256 * 1024
+
+
 class Config(_Strict):
     global_: GlobalConfig = Field(GlobalConfig(), alias="global")
     limits: LimitsConfig = LimitsConfig()
     sockets: list[SocketConfig] = []
     otlp: OtlpConfig | None = None  # OTLP push; see exporter/config/otlp.py
     modules: dict[ModuleName, ModuleConfig] = {}  # /probe modules; see ModuleConfig
+    relay: RelayConfig | None = None  # relay listener; see RelayConfig

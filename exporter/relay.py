@@ -1,0 +1,703 @@
+"""Relay (issue 16): application processes send their sockets' cumulative state to one
+sidecar daemon, which serves it with the daemon's families plus a `process` label.
+
+The wire format is docs/relay.md (version 1): one JSON object per ZeroMQ message, from a
+DEALER (the sender) to the daemon's ROUTER. Each state message carries a socket's whole
+cumulative state, so the latest one is all that matters: a message lost to a restart of
+either side is repaired by the next one, and totals stay exact.
+
+Public names:
+- `WIRE_VERSION`, `encode_socket(sock)`, `decode(data, limits)` -> `Message`,
+  `RejectedMessage` (its `reason` is the `reason` label of the rejected counter).
+- `RelaySender`: library mode's side (a thread with its own context and DEALER).
+- `RelayServer`: the daemon's side (a thread with its own context, ROUTER and monitor);
+  `snapshot_sockets()` for the renderers, `collector()` for the self-metrics.
+- `RelayLimits`: the daemon's bounds.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import logging
+import math
+import os
+import re
+import secrets
+import socket as _socket
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import zmq
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
+
+from exporter import __version__, metrics
+from exporter.events import MONITOR_HEAD, ZAP_STATUS, ZMTP_ERRORS, Event
+from exporter.state import EndpointSnapshot, SocketSnapshot
+
+log = logging.getLogger("zmq_exporter.relay")
+
+WIRE_VERSION = 1
+# Sender defaults (docs/relay.md).
+COALESCE_SECONDS = 0.1  # at most one state message per socket per 100 ms
+HEARTBEAT_SECONDS = 1.0
+REFRESH_SECONDS = 10.0  # every socket's state again, whatever happened
+SENDER_HWM = 16  # messages queued towards the daemon; beyond, send() fails and we retry
+ENV_RELAY = "ZMQ_EXPORTER_RELAY"
+
+# Why a message is dropped (the `reason` label): malformed (not a JSON object in UTF-8),
+# version ("v" is not 1), too_large (over max_message_bytes), invalid (a field missing, of
+# the wrong type or out of bounds), max_processes, max_sockets (limits), handshake (a
+# connection failed its handshake: CURVE with a wrong or no key).
+REJECT_REASONS = metrics.RELAY_MESSAGES_REJECTED.values
+MESSAGE_TYPES = ("hello", "state", "gone", "heartbeat", "bye")
+
+_EVENT_BY_NAME = {e.name: e for e in Event}
+_ERRNO_NAMES = frozenset({*errno.errorcode.values(), "other"})
+# The closed set of `error` values of each handshake failure reason (exporter.events).
+_HANDSHAKE_ERRORS = {
+    "no_detail": _ERRNO_NAMES,
+    "protocol": frozenset({*ZMTP_ERRORS.values(), "other"}),
+    "auth": frozenset({*ZAP_STATUS.values(), "other"}),
+}
+_LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]{0,63}")
+MAX_TEXT = 256  # process, instance, socket names, label values, endpoints
+MAX_LABELS = 16
+MAX_ENDPOINTS = 64  # per socket
+MAX_COUNTER_KEYS = 64  # entries of one counts/errno/handshake/unknown map
+MAX_COUNT = 2**53  # JSON numbers are exact integers up to here in every language
+
+
+class RejectedMessage(ValueError):
+    def __init__(self, reason: str, detail: str = "") -> None:
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class RelayLimits:
+    max_processes: int = 1000
+    max_sockets_per_process: int = 1000
+    max_message_bytes: int = 256 * 1024
+
+
+@dataclass(frozen=True)
+class Message:
+    type: str
+    process: str
+    instance: str
+    seq: int
+    heartbeat: float = HEARTBEAT_SECONDS
+    socket: SocketSnapshot | None = None  # state
+    name: str = ""  # gone: the socket's name
+
+
+# ---------------------------------------------------------------------------------------
+# Encoding (sender) and decoding (daemon).
+
+
+def encode_socket(sock: SocketSnapshot) -> dict[str, Any]:
+    """A socket's cumulative state as the `socket` object of a state message."""
+    return {
+        "name": sock.name,
+        "type": sock.socket_type,
+        "labels": dict(sock.labels),
+        "unknown_events": {str(k): v for k, v in sock.unknown_events.items()},
+        "endpoints": [
+            {
+                "endpoint": ep.endpoint,
+                "role": ep.role,
+                "counts": {e.name: n for e, n in ep.counts.items()},
+                "errno_counts": _errno_map(ep.errno_counts),
+                "handshake_failures": [
+                    {"reason": r, "error": e, "count": n}
+                    for (r, e), n in ep.handshake_failures.items()
+                ],
+                "connections": ep.connections,
+                "listening": ep.listening,
+                "ready": ep.ready,
+                "reconnect_interval_ms": ep.reconnect_interval_ms,
+                "last_event": ep.last_event.name if ep.last_event is not None else None,
+                "last_event_time": ep.last_event_time,
+            }
+            for ep in sock.endpoints
+        ],
+    }
+
+
+def _errno_map(counts: Mapping[tuple[Event, str], int]) -> dict[str, dict[str, int]]:
+    out: dict[str, dict[str, int]] = {}
+    for (event, name), n in counts.items():
+        out.setdefault(event.name, {})[name] = n
+    return out
+
+
+def encode(kind: str, process: str, instance: str, seq: int, **body: Any) -> bytes:
+    return json.dumps(
+        {"v": WIRE_VERSION, "type": kind, "process": process, "instance": instance, "seq": seq}
+        | body,
+        separators=(",", ":"),
+    ).encode()
+
+
+def _text(obj: Mapping[str, Any], key: str, *, empty: bool = False) -> str:
+    value = obj.get(key)
+    if not isinstance(value, str) or len(value) > MAX_TEXT or (not value and not empty):
+        raise RejectedMessage("invalid", f"{key}: expected a string of 1..{MAX_TEXT} chars")
+    return value
+
+
+def _count(value: Any, what: str) -> int:
+    if type(value) is not int or not 0 <= value <= MAX_COUNT:
+        raise RejectedMessage("invalid", f"{what}: expected an integer 0..2^53")
+    return value
+
+
+def _mapping(obj: Mapping[str, Any], key: str) -> Mapping[str, Any]:
+    value = obj.get(key, {})
+    if not isinstance(value, dict) or len(value) > MAX_COUNTER_KEYS:
+        raise RejectedMessage("invalid", f"{key}: expected an object of <= {MAX_COUNTER_KEYS}")
+    return value
+
+
+def _event(name: Any, what: str) -> Event:
+    event = _EVENT_BY_NAME.get(name) if isinstance(name, str) else None
+    if event is None:
+        raise RejectedMessage("invalid", f"{what}: unknown event {str(name)[:40]!r}")
+    return event
+
+
+def _decode_labels(value: Any) -> dict[str, str]:
+    if not isinstance(value, dict) or len(value) > MAX_LABELS:
+        raise RejectedMessage("invalid", f"labels: expected an object of <= {MAX_LABELS}")
+    out = {}
+    for key, val in value.items():
+        if not _LABEL_NAME.fullmatch(key) or key.startswith("__"):
+            raise RejectedMessage("invalid", "labels: invalid label name")
+        if not isinstance(val, str) or len(val) > MAX_TEXT:
+            raise RejectedMessage("invalid", "labels: values are strings")
+        # A sender never overrides the daemon's own labels: such labels are dropped.
+        if key not in metrics.RESERVED_LABELS and key != "process":
+            out[key] = val
+    return out
+
+
+def _decode_endpoint(obj: Any) -> EndpointSnapshot:
+    if not isinstance(obj, dict):
+        raise RejectedMessage("invalid", "endpoints: expected objects")
+    role = obj.get("role")
+    if role not in ("bind", "connect", None):
+        raise RejectedMessage("invalid", "role: expected bind, connect or null")
+    counts = {_event(k, "counts"): _count(v, "counts") for k, v in _mapping(obj, "counts").items()}
+    errno_counts: dict[tuple[Event, str], int] = {}
+    for ev, names in _mapping(obj, "errno_counts").items():
+        event = _event(ev, "errno_counts")
+        if not isinstance(names, dict) or len(names) > MAX_COUNTER_KEYS:
+            raise RejectedMessage("invalid", "errno_counts: expected objects")
+        for name, n in names.items():
+            if name not in _ERRNO_NAMES:
+                raise RejectedMessage("invalid", "errno_counts: unknown errno name")
+            errno_counts[(event, name)] = _count(n, "errno_counts")
+    failures: dict[tuple[str, str], int] = {}
+    raw = obj.get("handshake_failures", [])
+    if not isinstance(raw, list) or len(raw) > MAX_COUNTER_KEYS:
+        raise RejectedMessage("invalid", "handshake_failures: expected a list")
+    for item in raw:
+        if not isinstance(item, dict):
+            raise RejectedMessage("invalid", "handshake_failures: expected objects")
+        reason, error = item.get("reason"), item.get("error")
+        if not isinstance(reason, str) or not isinstance(error, str):
+            raise RejectedMessage("invalid", "handshake_failures: reason and error are strings")
+        if error not in _HANDSHAKE_ERRORS.get(reason, ()):
+            raise RejectedMessage("invalid", "handshake_failures: unknown reason or error")
+        failures[(reason, error)] = _count(item.get("count"), "handshake_failures")
+    last = obj.get("last_event")
+    last_time = obj.get("last_event_time", 0.0)
+    if type(last_time) not in (int, float) or not math.isfinite(last_time) or last_time < 0:
+        raise RejectedMessage("invalid", "last_event_time: expected a number >= 0")
+    flags = {k: obj.get(k, False) for k in ("listening", "ready")}
+    if any(type(v) is not bool for v in flags.values()):
+        raise RejectedMessage("invalid", "listening/ready: expected booleans")
+    return EndpointSnapshot(
+        endpoint=_text(obj, "endpoint"),
+        role=role,
+        counts=counts,
+        errno_counts=errno_counts,
+        handshake_failures=failures,
+        connections=_count(obj.get("connections", 0), "connections"),
+        listening=flags["listening"],
+        reconnect_interval_ms=_count(obj.get("reconnect_interval_ms", 0), "reconnect"),
+        last_event=None if last is None else _event(last, "last_event"),
+        last_event_time=float(last_time),
+        ready=flags["ready"],
+    )
+
+
+def _decode_socket(obj: Any, process: str) -> SocketSnapshot:
+    if not isinstance(obj, dict):
+        raise RejectedMessage("invalid", "socket: expected an object")
+    endpoints = obj.get("endpoints", [])
+    if not isinstance(endpoints, list) or len(endpoints) > MAX_ENDPOINTS:
+        raise RejectedMessage("invalid", f"endpoints: expected a list of <= {MAX_ENDPOINTS}")
+    eps = tuple(_decode_endpoint(ep) for ep in endpoints)
+    if len({ep.endpoint for ep in eps}) != len(eps):
+        raise RejectedMessage("invalid", "endpoints: duplicate endpoint")
+    unknown: dict[int, int] = {}
+    for key, n in _mapping(obj, "unknown_events").items():
+        if not key.isdigit() or not 0 <= int(key) <= 0xFFFF:
+            raise RejectedMessage("invalid", "unknown_events: keys are event ids")
+        unknown[int(key)] = _count(n, "unknown_events")
+    labels = _decode_labels(obj.get("labels", {}))
+    labels["process"] = process
+    socket_type = _text(obj, "type")
+    if not socket_type.isalpha() or len(socket_type) > 16:
+        raise RejectedMessage("invalid", "type: expected a socket type name")
+    return SocketSnapshot(
+        name=_text(obj, "name"),
+        socket_type=socket_type.upper(),
+        labels=labels,
+        endpoints=eps,
+        unknown_events=unknown,
+        events=0,
+    )
+
+
+def decode(data: bytes, limits: RelayLimits) -> Message:
+    """One wire message, checked; RejectedMessage (with its reason) otherwise. Bounded:
+    the size is checked before parsing, and every collection has a cap."""
+    if len(data) > limits.max_message_bytes:
+        raise RejectedMessage("too_large")
+    try:
+        obj = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError, RecursionError):
+        raise RejectedMessage("malformed") from None
+    if not isinstance(obj, dict):
+        raise RejectedMessage("malformed", "not an object")
+    if obj.get("v") != WIRE_VERSION or type(obj.get("v")) is not int:
+        raise RejectedMessage("version")
+    kind = obj.get("type")
+    if kind not in MESSAGE_TYPES:
+        raise RejectedMessage("invalid", "type: unknown message type")
+    process = _text(obj, "process")
+    instance = _text(obj, "instance")
+    seq = _count(obj.get("seq"), "seq")
+    heartbeat = HEARTBEAT_SECONDS
+    if kind in ("hello", "heartbeat") and "heartbeat_ms" in obj:
+        ms = _count(obj["heartbeat_ms"], "heartbeat_ms")
+        heartbeat = min(max(ms, 100), 60_000) / 1000
+    if kind == "state":
+        sock = _decode_socket(obj.get("socket"), process)
+        return Message(kind, process, instance, seq, heartbeat, socket=sock)
+    if kind == "gone":
+        return Message(kind, process, instance, seq, heartbeat, name=_text(obj, "socket"))
+    return Message(kind, process, instance, seq, heartbeat)
+
+
+# ---------------------------------------------------------------------------------------
+# Sender (library mode).
+
+
+def default_relay_id() -> str:
+    return f"{_socket.gethostname()}/{os.getpid()}"
+
+
+class RelaySender:
+    """Sends the changed sockets of `source()` to the daemon at `endpoint`, from a thread
+    with its own context: never on the application's thread, never blocking it.
+
+    A DEALER with IMMEDIATE (messages go only to a live connection) and a small SNDHWM,
+    sending with NOBLOCK: a message that cannot go now is not queued anywhere; its socket
+    stays "changed" and its latest state is sent on a later tick. Memory is bounded by the
+    number of sockets, whatever the number of events. Each new connection (the DEALER's
+    own monitor: HANDSHAKE_SUCCEEDED) makes it send hello and every socket again, so a
+    restarted daemon gets exact totals at once; a full resend every REFRESH_SECONDS covers
+    anything else."""
+
+    def __init__(
+        self,
+        endpoint: str,
+        source: Callable[[], tuple[SocketSnapshot, ...]],
+        relay_id: str | None = None,
+        *,
+        coalesce: float = COALESCE_SECONDS,
+        heartbeat: float = HEARTBEAT_SECONDS,
+        refresh: float = REFRESH_SECONDS,
+        curve_server_key: bytes | None = None,
+    ) -> None:
+        self.endpoint = endpoint
+        self.relay_id = relay_id or default_relay_id()
+        self.instance = secrets.token_hex(8)
+        self._source = source
+        self._coalesce = coalesce
+        self._heartbeat = heartbeat
+        self._refresh = refresh
+        self._curve_server_key = curve_server_key
+        self._seq = 0
+        self._sent: dict[str, SocketSnapshot] = {}  # what the daemon has, as far as we know
+        self._gone: set[str] = set()  # sockets removed, "gone" not sent yet
+        self._hello = True
+        self._stop = threading.Event()
+        self.sent = 0  # messages handed to libzmq
+        self.deferred = 0  # messages that could not go now (will be resent)
+        self._thread = threading.Thread(target=self._run, name="zmq-exporter-relay", daemon=True)
+        self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context(1)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 2.0) -> None:
+        """Sends bye (best effort) and ends the thread."""
+        self._stop.set()
+        self._thread.join(timeout)
+
+    def _send(self, dealer: zmq.Socket[bytes], kind: str, **body: Any) -> bool:
+        self._seq += 1
+        data = encode(kind, self.relay_id, self.instance, self._seq, **body)
+        try:
+            dealer.send(data, zmq.NOBLOCK)
+        except zmq.Again:
+            self.deferred += 1
+            return False
+        self.sent += 1
+        return True
+
+    def _run(self) -> None:
+        ctx = self._ctx
+        dealer: zmq.Socket[bytes] = ctx.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.LINGER, 0)
+        dealer.setsockopt(zmq.SNDHWM, SENDER_HWM)
+        dealer.setsockopt(zmq.IMMEDIATE, 1)
+        dealer.setsockopt(zmq.RECONNECT_IVL, 100)
+        dealer.setsockopt(zmq.RECONNECT_IVL_MAX, 1000)
+        if self._curve_server_key is not None:
+            public, secret = zmq.curve_keypair()
+            dealer.curve_serverkey = self._curve_server_key
+            dealer.curve_publickey = public
+            dealer.curve_secretkey = secret
+        addr = f"inproc://zmq-exporter.relay-monitor.{id(self)}"
+        dealer.monitor(addr, int(Event.HANDSHAKE_SUCCEEDED))
+        mon: zmq.Socket[bytes] = ctx.socket(zmq.PAIR)
+        mon.setsockopt(zmq.RCVHWM, 0)
+        mon.connect(addr)
+        dealer.connect(self.endpoint)
+        poller = zmq.Poller()
+        poller.register(mon, zmq.POLLIN)
+        next_tick = next_beat = time.monotonic()
+        next_refresh = next_beat + self._refresh
+        try:
+            while not self._stop.is_set():
+                timeout = max(0.0, min(next_tick, next_beat) - time.monotonic())
+                if poller.poll(int(timeout * 1000)):
+                    while True:
+                        try:
+                            mon.recv_multipart(zmq.NOBLOCK)
+                        except zmq.Again:
+                            break
+                    # A new connection (a restarted daemon): everything again.
+                    self._hello = True
+                    self._sent.clear()
+                now = time.monotonic()
+                if now >= next_refresh:
+                    self._sent.clear()
+                    next_refresh = now + self._refresh
+                if now >= next_tick:
+                    self._tick(dealer)
+                    next_tick = now + self._coalesce
+                if now >= next_beat:
+                    self._send(dealer, "heartbeat", heartbeat_ms=int(self._heartbeat * 1000))
+                    next_beat = now + self._heartbeat
+            self._send(dealer, "bye")
+        except Exception:
+            log.exception("relay sender failed; the application is unaffected")
+        finally:
+            dealer.setsockopt(zmq.LINGER, 100)  # give bye a moment
+            with contextlib.suppress(zmq.ZMQError):
+                dealer.disable_monitor()
+            mon.close(0)
+            dealer.close()
+            ctx.term()
+
+    def _tick(self, dealer: zmq.Socket[bytes]) -> None:
+        if self._hello:
+            if not self._send(dealer, "hello", heartbeat_ms=int(self._heartbeat * 1000),
+                              sender=f"zmq-exporter/{__version__}"):  # fmt: skip
+                return
+            self._hello = False
+        current = {s.name: s for s in self._source()}
+        self._gone |= set(self._sent) - set(current)
+        for name in list(self._gone):
+            if name in current:
+                self._gone.discard(name)
+            elif self._send(dealer, "gone", socket=name):
+                self._gone.discard(name)
+                self._sent.pop(name, None)
+        for name, sock in current.items():
+            if self._sent.get(name) is not sock:
+                if not self._send(dealer, "state", socket=encode_socket(sock)):
+                    return  # the queue is full or no daemon: the rest on a later tick
+                self._sent[name] = sock
+
+
+# ---------------------------------------------------------------------------------------
+# Daemon side.
+
+
+@dataclass
+class _Process:
+    instance: str
+    heartbeat: float
+    last_seen: float  # monotonic
+    fd: int | None = None  # the connection its last message came on
+    # name -> (seq of the state shown, state as received, as rendered)
+    sockets: dict[str, tuple[int, SocketSnapshot]] = field(default_factory=dict)
+    down_since: float | None = None  # monotonic: its connection ended / it went silent
+    rendered: dict[str, SocketSnapshot] = field(default_factory=dict)
+
+
+@dataclass
+class RelayStats:
+    received: int = 0
+    rejected: dict[str, int] = field(default_factory=lambda: dict.fromkeys(REJECT_REASONS, 0))
+
+
+class RelayServer:
+    """The daemon's relay: a ROUTER on `listen`, read by a thread of its own, with its own
+    monitor so that a sender's connection ending zeroes its gauges at once."""
+
+    def __init__(
+        self,
+        listen: tuple[str, ...],
+        *,
+        expire: float = 300.0,
+        limits: RelayLimits | None = None,
+        ipc_mode: int | None = None,
+        curve_secret_key: bytes | None = None,
+    ) -> None:
+        self.listen = listen
+        self.expire = expire
+        self.limits = limits or RelayLimits()
+        self._ipc_mode = ipc_mode
+        self._curve = curve_secret_key
+        self._lock = threading.Lock()
+        self._processes: dict[str, _Process] = {}  # guarded by _lock
+        self.stats = RelayStats()  # guarded by _lock
+        self._stop = threading.Event()
+        self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context(1)
+        self._router: zmq.Socket[bytes] = self._ctx.socket(zmq.ROUTER)
+        self._router.setsockopt(zmq.LINGER, 0)
+        self._router.setsockopt(zmq.RCVHWM, 10_000)
+        # A hard memory bound (libzmq drops the connection beyond it); messages between
+        # the limit and this are read and counted as too_large.
+        self._router.setsockopt(zmq.MAXMSGSIZE, 4 * self.limits.max_message_bytes)
+        if curve_secret_key is not None:
+            self._router.curve_server = True
+            self._router.curve_secretkey = curve_secret_key
+        addr = f"inproc://zmq-exporter.relay-server.{id(self)}"
+        self._router.monitor(addr, int(Event.DISCONNECTED) | _HANDSHAKE_FAILED)
+        self._mon: zmq.Socket[bytes] = self._ctx.socket(zmq.PAIR)
+        self._mon.setsockopt(zmq.RCVHWM, 0)
+        self._mon.setsockopt(zmq.LINGER, 0)
+        self._mon.connect(addr)
+        self.bound: list[str] = []
+        try:
+            for endpoint in listen:
+                self._router.bind(endpoint)
+                self.bound.append(self._router.getsockopt_string(zmq.LAST_ENDPOINT))
+                if endpoint.startswith("ipc://") and ipc_mode is not None:
+                    os.chmod(endpoint.removeprefix("ipc://"), ipc_mode)
+        except BaseException:
+            self._close()
+            raise
+        self._thread = threading.Thread(target=self._run, name="zmq-exporter-relay", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float = 2.0) -> None:
+        self._stop.set()
+        self._thread.join(timeout)
+        if not self._thread.is_alive():
+            self._close()
+
+    def _close(self) -> None:
+        self._mon.close(0)
+        self._router.close(0)
+        self._ctx.term()
+
+    # -- reader thread --------------------------------------------------------------------
+
+    def _run(self) -> None:
+        poller = zmq.Poller()
+        poller.register(self._router, zmq.POLLIN)
+        poller.register(self._mon, zmq.POLLIN)
+        while not self._stop.is_set():
+            try:
+                ready = dict(poller.poll(100))
+                if self._mon in ready:
+                    self._read_monitor()
+                if self._router in ready:
+                    self._read_messages()
+                self._expire(time.monotonic())
+            except Exception:
+                # Never crash the daemon: log, and go on with the next message.
+                log.exception("relay: unexpected error; counted as invalid, going on")
+                with self._lock:
+                    self.stats.rejected["invalid"] += 1
+
+    def _read_monitor(self) -> None:
+        for _ in range(1000):
+            try:
+                head, _endpoint = self._mon.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return
+            event, value = MONITOR_HEAD.unpack_from(head)
+            if event & _HANDSHAKE_FAILED:
+                with self._lock:
+                    self.stats.rejected["handshake"] += 1
+            elif event == Event.DISCONNECTED:
+                now = time.monotonic()
+                with self._lock:
+                    for proc in self._processes.values():
+                        if proc.fd == value and proc.down_since is None:
+                            self._down(proc, now)
+
+    def _read_messages(self) -> None:
+        for _ in range(1000):
+            try:
+                frames = self._router.recv_multipart(zmq.NOBLOCK, copy=False)
+            except zmq.Again:
+                return
+            now = time.monotonic()
+            if len(frames) != 2:
+                self._reject("malformed")
+                continue
+            frame = frames[1]
+            try:
+                msg = decode(frame.bytes, self.limits)
+            except RejectedMessage as err:
+                self._reject(err.reason)
+                continue
+            self._apply(msg, int(frame.get(zmq.SRCFD)), now)
+
+    def _reject(self, reason: str) -> None:
+        with self._lock:
+            self.stats.rejected[reason] += 1
+
+    def _apply(self, msg: Message, fd: int, now: float) -> None:
+        with self._lock:
+            proc = self._processes.get(msg.process)
+            if proc is None or proc.instance != msg.instance:
+                if proc is None and len(self._processes) >= self.limits.max_processes:
+                    self.stats.rejected["max_processes"] += 1
+                    return
+                # A new process, or a restarted one (new instance): it starts afresh.
+                proc = self._processes[msg.process] = _Process(msg.instance, msg.heartbeat, now)
+            self.stats.received += 1
+            proc.last_seen = now
+            proc.fd = fd
+            proc.heartbeat = msg.heartbeat
+            if proc.down_since is not None:
+                proc.down_since = None
+                proc.rendered.clear()
+            if msg.type == "bye":
+                self._down(proc, now)
+            elif msg.type == "gone":
+                proc.sockets.pop(msg.name, None)
+                proc.rendered.pop(msg.name, None)
+            elif msg.type == "state":
+                sock = msg.socket
+                assert sock is not None
+                held = proc.sockets.get(sock.name)
+                if held is None and len(proc.sockets) >= self.limits.max_sockets_per_process:
+                    self.stats.received -= 1
+                    self.stats.rejected["max_sockets"] += 1
+                    return
+                if held is not None and held[0] >= msg.seq:
+                    return  # an older state overtaken by a newer one: only the latest counts
+                proc.sockets[sock.name] = (msg.seq, sock)
+                proc.rendered.pop(sock.name, None)
+
+    def _down(self, proc: _Process, now: float) -> None:
+        """With the lock: a dead process holds no connections; its gauges show 0."""
+        proc.down_since = now
+        proc.rendered.clear()
+
+    def _expire(self, now: float) -> None:
+        with self._lock:
+            for name, proc in list(self._processes.items()):
+                if proc.down_since is None and now - proc.last_seen > 3 * proc.heartbeat:
+                    self._down(proc, now)  # silent past its heartbeat
+                if proc.down_since is not None and now - proc.down_since >= self.expire:
+                    del self._processes[name]
+
+    # -- any thread -----------------------------------------------------------------------
+
+    def snapshot_sockets(self) -> tuple[SocketSnapshot, ...]:
+        """Every relayed socket as the renderers take it (`process` among its labels).
+        The same object while a socket is unchanged, so renderers' caches hold."""
+        out: list[SocketSnapshot] = []
+        with self._lock:
+            for proc in self._processes.values():
+                for name, (_, sock) in proc.sockets.items():
+                    shown = proc.rendered.get(name)
+                    if shown is None:
+                        shown = proc.rendered[name] = (
+                            _zeroed(sock) if proc.down_since is not None else sock
+                        )
+                    out.append(shown)
+        return tuple(out)
+
+    def processes(self) -> dict[str, bool]:
+        """Process id -> connected."""
+        with self._lock:
+            return {k: p.down_since is None for k, p in self._processes.items()}
+
+    def collector(self) -> Collector:
+        return _RelayCollector(self)
+
+
+_HANDSHAKE_FAILED = (
+    int(Event.HANDSHAKE_FAILED_NO_DETAIL)
+    | int(Event.HANDSHAKE_FAILED_PROTOCOL)
+    | int(Event.HANDSHAKE_FAILED_AUTH)
+)
+
+
+def _zeroed(sock: SocketSnapshot) -> SocketSnapshot:
+    eps = tuple(replace(ep, connections=0, listening=False, ready=False) for ep in sock.endpoints)
+    return replace(sock, endpoints=eps)
+
+
+class _RelayCollector(Collector):
+    def __init__(self, server: RelayServer) -> None:
+        self._server = server
+
+    def collect(self) -> Iterator[Metric]:
+        server = self._server
+        now = time.monotonic()
+        with server._lock:
+            procs = list(server._processes.values())
+            received = server.stats.received
+            rejected = dict(server.stats.rejected)
+        connected = sum(1 for p in procs if p.down_since is None)
+        age = max((now - p.last_seen for p in procs if p.down_since is None), default=0.0)
+
+        def one(family: metrics.Family, value: float) -> Metric:
+            out = Metric(family.metric_name, family.help, family.type, family.unit or "")
+            out.add_sample(family.name, {}, value)
+            return out
+
+        yield one(metrics.RELAY_PROCESSES, connected)
+        yield one(metrics.RELAY_SOCKETS, sum(len(p.sockets) for p in procs))
+        yield one(metrics.RELAY_MESSAGES_RECEIVED, received)
+        family = metrics.RELAY_MESSAGES_REJECTED
+        out = Metric(family.metric_name, family.help, family.type)
+        for reason, n in rejected.items():
+            out.add_sample(family.name, {"reason": reason}, n)
+        yield out
+        yield one(metrics.RELAY_STATE_AGE, age)

@@ -1,0 +1,382 @@
+"""Relay (issue 16): application processes send their sockets' cumulative state to a
+sidecar daemon (exporter/relay.py, docs/relay.md). Real daemons, real senders, real
+SIGKILLs."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import zmq
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from exporter.endpoints import EndpointMap
+from exporter.events import Event
+from exporter.relay import (
+    REJECT_REASONS,
+    RejectedMessage,
+    RelayLimits,
+    decode,
+    encode,
+    encode_socket,
+)
+from exporter.state import SocketState, apply_event, snapshot_socket
+
+from helpers import ROOT, Daemon, total, value, wait_until
+
+LIMITS = RelayLimits(max_message_bytes=64 * 1024)
+
+
+def _relay_config(endpoint: str, expire: str = "5m") -> str:
+    return textwrap.dedent(
+        f"""\
+        relay:
+          listen: ["{endpoint}"]
+          expire: {expire}
+          ipc_mode: "0600"
+          max_message_bytes: 65536
+        """
+    )
+
+
+def _ipc(tmp: Path) -> str:
+    return f"ipc://{tmp}/relay.sock"
+
+
+# -- the codec ------------------------------------------------------------------------------
+
+
+def _state() -> SocketState:
+    sock = SocketState("backend", "ROUTER", {"team": "a"}, EndpointMap(("tcp://*:5555",), ()))
+    sock.endpoint_map.add_resolved("tcp://0.0.0.0:5555", "tcp://*:5555")
+    for event, val in [
+        (Event.LISTENING, 9),
+        (Event.ACCEPTED, 10),
+        (Event.ACCEPTED, 11),
+        (Event.DISCONNECTED, 10),
+        (Event.HANDSHAKE_FAILED_PROTOCOL, 0x11000001),
+        (Event.BIND_FAILED, 98),
+    ]:
+        apply_event(sock, int(event), val, "tcp://0.0.0.0:5555", 1.5)
+    apply_event(sock, 0x8000, 0, "", 2.0)  # an event id this exporter does not know
+    return sock
+
+
+def test_state_round_trips_with_process_label() -> None:
+    snap = snapshot_socket(_state())
+    data = encode("state", "host/1", "abc", 3, socket=encode_socket(snap))
+    msg = decode(data, LIMITS)
+    assert (msg.type, msg.process, msg.instance, msg.seq) == ("state", "host/1", "abc", 3)
+    assert msg.socket is not None
+    assert msg.socket.labels == {"team": "a", "process": "host/1"}
+    assert msg.socket.endpoints == snap.endpoints
+    assert msg.socket.unknown_events == {0x8000: 1}
+
+
+def test_sender_labels_never_override_reserved_ones() -> None:
+    snap = snapshot_socket(_state())
+    body = encode_socket(snap)
+    body["labels"] = {"socket": "x", "endpoint": "y", "process": "z", "job": "j", "ok": "1"}
+    msg = decode(encode("state", "p", "i", 1, socket=body), LIMITS)
+    assert msg.socket is not None and msg.socket.labels == {"ok": "1", "process": "p"}
+
+
+@pytest.mark.parametrize(
+    ("data", "reason"),
+    [
+        (b"\xff\xfe", "malformed"),
+        (b"[1,2]", "malformed"),
+        (b'{"v":2,"type":"hello","process":"p","instance":"i","seq":1}', "version"),
+        (b'{"v":true,"type":"hello","process":"p","instance":"i","seq":1}', "version"),
+        (b'{"v":1,"type":"nope","process":"p","instance":"i","seq":1}', "invalid"),
+        (b'{"v":1,"type":"hello","process":"","instance":"i","seq":1}', "invalid"),
+        (b'{"v":1,"type":"hello","process":"p","instance":"i","seq":-1}', "invalid"),
+        (b'{"v":1,"type":"state","process":"p","instance":"i","seq":1,"socket":[]}', "invalid"),
+        (b"x" * (64 * 1024 + 1), "too_large"),
+        (b"[" * 100_000 + b"]" * 100_000, "too_large"),
+    ],
+)
+def test_rejections_have_their_reason(data: bytes, reason: str) -> None:
+    with pytest.raises(RejectedMessage) as err:
+        decode(data, LIMITS)
+    assert err.value.reason == reason
+
+
+def test_unbounded_label_values_are_refused() -> None:
+    body = encode_socket(snapshot_socket(_state()))
+    body["endpoints"][0]["handshake_failures"] = [
+        {"reason": "no_detail", "error": "zmtp_cryptographic", "count": 1}
+    ]
+    with pytest.raises(RejectedMessage, match="invalid"):
+        decode(encode("state", "p", "i", 1, socket=body), LIMITS)
+    body = encode_socket(snapshot_socket(_state()))
+    body["endpoints"][0]["errno_counts"] = {"BIND_FAILED": {"ENOTANERRNO": 1}}
+    with pytest.raises(RejectedMessage, match="invalid"):
+        decode(encode("state", "p", "i", 1, socket=body), LIMITS)
+
+
+_json = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    lambda inner: (
+        st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=20), inner, max_size=5)
+    ),
+    max_leaves=30,
+)
+
+
+def _mutated(draw: st.DrawFn) -> bytes:
+    # A valid state message with one field replaced by arbitrary JSON.
+    body = encode_socket(snapshot_socket(_state()))
+    msg = json.loads(encode("state", "p", "i", 1, socket=body))
+    paths = [("socket",), ("socket", "endpoints"), ("socket", "labels"), ("seq",), ("v",)]
+    ep_keys = list(body["endpoints"][0])
+    path = draw(st.sampled_from(paths + [("socket", "endpoints", 0, k) for k in ep_keys]))
+    target = msg
+    for key in path[:-1]:
+        target = target[key]
+    target[path[-1]] = draw(_json)
+    return json.dumps(msg).encode()
+
+
+@settings(
+    max_examples=1500,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=list(HealthCheck),
+)
+@given(
+    st.one_of(
+        st.binary(max_size=300),
+        _json.map(lambda v: json.dumps(v).encode()),
+        st.composite(lambda draw: _mutated(draw))(),
+    )
+)
+def test_decoder_fuzz_never_crashes(data: bytes) -> None:
+    start = time.monotonic()
+    try:
+        msg = decode(data, LIMITS)
+    except RejectedMessage as err:
+        assert err.reason in REJECT_REASONS
+    else:
+        assert msg.type in ("hello", "state", "gone", "heartbeat", "bye")
+    assert time.monotonic() - start < 0.5
+
+
+# -- against a real daemon ------------------------------------------------------------------
+
+
+def test_plain_pyzmq_sender_following_the_doc(tmp_path: Path) -> None:
+    endpoint = _ipc(tmp_path)
+    with Daemon(_relay_config(endpoint)).start() as daemon:
+        assert os.stat(endpoint.removeprefix("ipc://")).st_mode & 0o777 == 0o600
+        sender = subprocess.Popen(
+            [sys.executable, str(ROOT / "tests" / "relay_plain_sender.py"), endpoint, "plain/1"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert sender.stdout is not None and sender.stdout.readline().strip() == "sent"
+            labels = {"socket": "orders", "process": "plain/1", "endpoint": "tcp://*:5555"}
+
+            def scraped() -> dict[tuple[str, frozenset[tuple[str, str]]], float] | None:
+                s = daemon.scrape()
+                ok = value(s, "zmq_accepted_total", **labels) == 7
+                ok = (
+                    ok
+                    and value(s, "zmq_exporter_relay_messages_rejected_total", reason="too_large")
+                    == 1
+                )
+                return s if ok else None
+
+            found = wait_until(scraped, timeout=10, what="the plain sender's state on /metrics")
+            assert found is not None
+            s = found
+            assert value(s, "zmq_connections", **labels) == 2
+            assert value(s, "zmq_listening", **labels) == 1
+            assert value(s, "zmq_accepted_total", team="payments", process="plain/1") == 7
+            failed = value(
+                s,
+                "zmq_handshake_failed_total",
+                reason="protocol",
+                error="zmtp_cryptographic",
+                **labels,
+            )
+            assert failed == 2
+            # A sender's `socket` label never replaces the daemon's.
+            assert total(s, "zmq_accepted_total", socket="not-allowed") == 0
+            for reason in ("malformed", "version", "too_large"):
+                assert value(s, "zmq_exporter_relay_messages_rejected_total", reason=reason) == 1
+            assert value(s, "zmq_exporter_relay_processes") == 1
+            assert value(s, "zmq_socket_info", process="plain/1", type="ROUTER") == 1
+        finally:
+            assert sender.stdin is not None
+            sender.stdin.close()
+            sender.wait(10)
+        # bye: a process that said goodbye holds no connections.
+        wait_until(
+            lambda: value(daemon.scrape(), "zmq_connections", process="plain/1") == 0,
+            timeout=5,
+            what="gauges at 0 after bye",
+        )
+
+
+APP = textwrap.dedent(
+    """\
+    import socket, sys, time, zmq, exporter
+    relay, mode, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.setsockopt(zmq.LINGER, 0)
+    handle = exporter.instrument(router, "backend", labels={"team": "t"}, relay=relay,
+                                 relay_id="app-1", registry=None)
+    handle.bind("tcp://127.0.0.1:*")
+    port = int(router.getsockopt_string(zmq.LAST_ENDPOINT).rsplit(":", 1)[1])
+    print("port", port, flush=True)
+    def accepted():
+        snap = handle.snapshot()
+        return sum(ep.counts.get(zmq.EVENT_ACCEPTED, 0) for ep in snap.endpoints)
+    if mode == "storm":
+        sys.stdin.readline()  # go
+        for i in range(n):  # raw TCP connects: each is exactly one ACCEPTED
+            s = socket.create_connection(("127.0.0.1", port))
+            s.close()
+            if i % 100 == 99:
+                time.sleep(0.02)
+        deadline = time.monotonic() + 20
+        while accepted() < n and time.monotonic() < deadline:
+            time.sleep(0.05)
+        print("done", accepted(), flush=True)
+    else:
+        other = zmq.Context()
+        peers = [other.socket(zmq.DEALER) for _ in range(n)]
+        for p in peers:
+            p.connect(f"tcp://127.0.0.1:{port}")
+        print("connected", flush=True)
+    sys.stdin.readline()  # hold until told, or killed
+    """
+)
+
+
+def _app(tmp: Path, endpoint: str, mode: str, n: int) -> subprocess.Popen[str]:
+    script = tmp / "app.py"
+    script.write_text(APP)
+    return subprocess.Popen(
+        [sys.executable, str(script), endpoint, mode, str(n)],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+
+
+def _line(proc: subprocess.Popen[str], word: str, timeout: float = 20) -> list[str]:
+    assert proc.stdout is not None
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            raise AssertionError(f"app exited ({proc.poll()}) before {word!r}")
+        if line.startswith(word):
+            return line.split()
+    raise AssertionError(f"no {word!r} within {timeout}s")
+
+
+def _accepted(daemon: Daemon) -> float:
+    try:
+        return total(daemon.scrape(), "zmq_accepted_total", process="app-1", socket="backend")
+    except OSError:
+        return -1
+
+
+def test_exact_across_sidecar_sigkill_and_restart(tmp_path: Path) -> None:
+    endpoint = _ipc(tmp_path)
+    first = Daemon(_relay_config(endpoint)).start()
+    app = _app(tmp_path, endpoint, "storm", 4000)
+    second: Daemon | None = None
+    try:
+        _line(app, "port")
+        assert app.stdin is not None
+        app.stdin.write("go\n")
+        app.stdin.flush()
+        wait_until(lambda: _accepted(first) > 0, timeout=10, what="relayed counts")
+        assert first.proc is not None
+        first.proc.kill()  # SIGKILL mid-storm
+        first.proc.wait(5)
+        time.sleep(0.3)  # down for a while: the sender's state keeps moving meanwhile
+        second = Daemon(_relay_config(endpoint), port=first.port).start()
+        truth = int(_line(app, "done", timeout=60)[1])
+        assert truth == 4000  # the app's own count equals the connects it made
+        got = wait_until(
+            lambda: (v := _accepted(second)) == truth and v,
+            timeout=15,
+            what=f"relayed zmq_accepted_total == {truth}",
+        )
+        assert got == truth
+        s = second.scrape()
+        assert value(s, "zmq_exporter_relay_processes") == 1
+    finally:
+        app.kill()
+        app.wait(5)
+        if first.proc is not None and first.proc.poll() is None:
+            first.stop()
+        if second is not None:
+            second.stop()
+
+
+def test_sender_sigkill_zeroes_gauges_then_expires(tmp_path: Path) -> None:
+    endpoint = _ipc(tmp_path)
+    with Daemon(_relay_config(endpoint, expire="2s")).start() as daemon:
+        app = _app(tmp_path, endpoint, "hold", 3)
+        try:
+            _line(app, "connected")
+            wait_until(
+                lambda: total(daemon.scrape(), "zmq_connections", process="app-1") == 3,
+                timeout=10,
+                what="3 relayed connections",
+            )
+            app.send_signal(signal.SIGKILL)
+            killed = time.monotonic()
+            wait_until(
+                lambda: total(daemon.scrape(), "zmq_connections", process="app-1") == 0,
+                timeout=1.0,
+                interval=0.02,
+                what="gauges at 0 within 1 s of SIGKILL",
+            )
+            zeroed = time.monotonic() - killed
+            assert zeroed < 1.0
+            s = daemon.scrape()
+            assert total(s, "zmq_accepted_total", process="app-1") == 3  # counters stay
+            assert value(s, "zmq_exporter_relay_processes") == 0
+            wait_until(
+                lambda: not any(("process", "app-1") in ls for (_, ls) in daemon.scrape()),
+                timeout=6,
+                what="series gone after expire",
+            )
+        finally:
+            app.kill()
+            app.wait(5)
+
+
+def test_relay_config_requires_curve_off_loopback(tmp_path: Path) -> None:
+    from exporter.config import ConfigError, parse_config
+
+    with pytest.raises(ConfigError, match="needs CURVE"):
+        parse_config(_relay_config("tcp://0.0.0.0:5999"), str(tmp_path / "c.yml"))
+    settings_ = parse_config(_relay_config("tcp://127.0.0.1:5999"), str(tmp_path / "c.yml"))
+    assert settings_.relay is not None and settings_.relay.listen == ("tcp://127.0.0.1:5999",)
+    key = tmp_path / "server.key"
+    key.write_text(zmq.curve_keypair()[1].decode())
+    text = _relay_config("tcp://0.0.0.0:5999") + f"  curve_secretkey_file: {key}\n"
+    settings_ = parse_config(text, str(tmp_path / "c.yml"))
+    assert settings_.relay is not None and settings_.relay.curve_secretkey is not None
