@@ -380,3 +380,32 @@ def test_relay_config_requires_curve_off_loopback(tmp_path: Path) -> None:
     text = _relay_config("tcp://0.0.0.0:5999") + f"  curve_secretkey_file: {key}\n"
     settings_ = parse_config(text, str(tmp_path / "c.yml"))
     assert settings_.relay is not None and settings_.relay.curve_secretkey is not None
+
+
+# -- docs ------------------------------------------------------------------------------------
+
+
+def test_docs_example_message_is_valid() -> None:
+    text = (ROOT / "docs" / "relay.md").read_text()
+    block = text.split("```json\n", 1)[1].split("```", 1)[0]
+    msg = decode(block.encode(), LIMITS)
+    assert msg.type == "state" and msg.socket is not None
+    assert msg.socket.labels == {"team": "payments", "process": "web-7/4242"}
+
+
+def test_readme_relay_table_is_generated() -> None:
+    from exporter.metrics import markdown_relay
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Relay\n", 1)[1].split("\n## ", 1)[0]
+    assert markdown_relay() in section
+
+
+def test_readme_relay_config_loads(tmp_path: Path) -> None:
+    from exporter.config import parse_config
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Relay\n", 1)[1].split("\n## ", 1)[0]
+    block = section.split("```yaml\n", 1)[1].split("```", 1)[0]
+    relay = parse_config(block, str(tmp_path / "c.yml")).relay
+    assert relay is not None and relay.expire == 300 and relay.ipc_mode == 0o660
