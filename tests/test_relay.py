@@ -24,13 +24,15 @@ from exporter.relay import (
     REJECT_REASONS,
     RejectedMessage,
     RelayLimits,
+    RelaySender,
+    RelayServer,
     decode,
     encode,
     encode_socket,
 )
-from exporter.state import SocketState, apply_event, snapshot_socket
+from exporter.state import SocketSnapshot, SocketState, apply_event, snapshot_socket
 
-from helpers import ROOT, Daemon, total, value, wait_until
+from helpers import ROOT, Daemon, established_in, total, value, wait_until
 
 LIMITS = RelayLimits(max_message_bytes=64 * 1024)
 
@@ -233,7 +235,7 @@ def test_plain_pyzmq_sender_following_the_doc(tmp_path: Path) -> None:
 APP = textwrap.dedent(
     """\
     import socket, sys, time, zmq, exporter
-    relay, mode, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    relay, mode, n = sys.argv[1] or None, sys.argv[2], int(sys.argv[3])  # "": from env
     ctx = zmq.Context()
     router = ctx.socket(zmq.ROUTER)
     router.setsockopt(zmq.LINGER, 0)
@@ -267,7 +269,9 @@ APP = textwrap.dedent(
 )
 
 
-def _app(tmp: Path, endpoint: str, mode: str, n: int) -> subprocess.Popen[str]:
+def _app(
+    tmp: Path, endpoint: str, mode: str, n: int, env: dict[str, str] | None = None
+) -> subprocess.Popen[str]:
     script = tmp / "app.py"
     script.write_text(APP)
     return subprocess.Popen(
@@ -276,7 +280,7 @@ def _app(tmp: Path, endpoint: str, mode: str, n: int) -> subprocess.Popen[str]:
         stdout=subprocess.PIPE,
         text=True,
         cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
     )
 
 
@@ -337,14 +341,18 @@ def test_exact_across_sidecar_sigkill_and_restart(tmp_path: Path) -> None:
 def test_sender_sigkill_zeroes_gauges_then_expires(tmp_path: Path) -> None:
     endpoint = _ipc(tmp_path)
     with Daemon(_relay_config(endpoint, expire="2s")).start() as daemon:
-        app = _app(tmp_path, endpoint, "hold", 3)
+        # The endpoint from ZMQ_EXPORTER_RELAY: no code change per deployment.
+        app = _app(tmp_path, "", "hold", 3, env={"ZMQ_EXPORTER_RELAY": endpoint})
         try:
+            port = int(_line(app, "port")[1])
             _line(app, "connected")
             wait_until(
                 lambda: total(daemon.scrape(), "zmq_connections", process="app-1") == 3,
                 timeout=10,
                 what="3 relayed connections",
             )
+            # The relayed gauge is the kernel's count of the sender's connections.
+            assert established_in(app.pid, local_port=port) == 3
             app.send_signal(signal.SIGKILL)
             killed = time.monotonic()
             wait_until(
@@ -409,3 +417,118 @@ def test_readme_relay_config_loads(tmp_path: Path) -> None:
     block = section.split("```yaml\n", 1)[1].split("```", 1)[0]
     relay = parse_config(block, str(tmp_path / "c.yml")).relay
     assert relay is not None and relay.expire == 300 and relay.ipc_mode == 0o660
+
+
+# -- in-process: the sender and the server alone ----------------------------------------------
+
+
+def _snap(name: str = "backend", accepted: int = 2) -> SocketSnapshot:
+    sock = _state()  # 2 accepted already
+    sock.name = name
+    for _ in range(accepted - 2):
+        apply_event(sock, int(Event.ACCEPTED), 99, "tcp://0.0.0.0:5555", 3.0)
+    return snapshot_socket(sock)
+
+
+def _accepted_of(sock: SocketSnapshot) -> int:
+    return sum(ep.counts.get(Event.ACCEPTED, 0) for ep in sock.endpoints)
+
+
+def _raw_dealer(ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str) -> zmq.Socket[bytes]:
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
+    dealer.connect(endpoint)
+    return dealer
+
+
+def test_curve_relay_and_unauthenticated_senders_rejected() -> None:
+    public, secret = zmq.curve_keypair()
+    server = RelayServer(("tcp://127.0.0.1:*",), curve_secret_key=secret)
+    server.start()
+    endpoint = server.bound[0]
+    snap = _snap(accepted=5)
+    sender = RelaySender(endpoint, lambda: (snap,), "curve/1", curve_server_key=public)
+    sender.start()
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    try:
+        got = wait_until(server.snapshot_sockets, timeout=5, what="state over CURVE")
+        assert [_accepted_of(s) for s in got] == [5]
+        # A NULL sender against the CURVE server: its handshake fails, nothing gets in.
+        plain = _raw_dealer(ctx, endpoint)
+        plain.send(encode("hello", "intruder/1", "x", 1), zmq.NOBLOCK)
+        wait_until(lambda: server.stats.rejected["handshake"] >= 1, timeout=5, what="counted")
+        assert set(server.processes()) == {"curve/1"}
+    finally:
+        sender.stop()
+        server.stop()
+        ctx.destroy(linger=0)
+
+
+def test_limits_gone_and_multiframe_are_enforced(tmp_path: Path) -> None:
+    endpoint = _ipc(tmp_path)
+    server = RelayServer((endpoint,), limits=RelayLimits(2, 2, 64 * 1024))
+    server.start()
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    try:
+        dealer = _raw_dealer(ctx, endpoint)
+        for n, process in enumerate(("a", "b", "c")):  # 3 processes, the limit is 2
+            dealer.send(encode("hello", process, "i", n + 1))
+        for n, name in enumerate(("s1", "s2", "s3")):  # 3 sockets of "a", the limit is 2
+            body = encode_socket(_snap(name))
+            dealer.send(encode("state", "a", "i", 10 + n, socket=body))
+        dealer.send_multipart([b"{}", b"{}"])
+        wait_until(
+            lambda: (
+                server.stats.rejected["max_sockets"] == 1
+                and server.stats.rejected["max_processes"] == 1
+                and server.stats.rejected["malformed"] == 1
+            ),
+            timeout=5,
+            what="rejections counted",
+        )
+        assert set(server.processes()) == {"a", "b"}
+        assert sorted(s.name for s in server.snapshot_sockets()) == ["s1", "s2"]
+        # An older state never replaces a newer one; gone removes the socket at once.
+        old = encode_socket(_snap("s1", accepted=9))
+        dealer.send(encode("state", "a", "i", 5, socket=old))
+        dealer.send(encode("gone", "a", "i", 20, socket="s2"))
+        wait_until(
+            lambda: [s.name for s in server.snapshot_sockets()] == ["s1"], timeout=5, what="gone"
+        )
+        assert [_accepted_of(s) for s in server.snapshot_sockets()] == [2]
+        # A restarted process (new instance) starts afresh.
+        dealer.send(encode("state", "a", "j", 1, socket=encode_socket(_snap("s9"))))
+        wait_until(
+            lambda: [s.name for s in server.snapshot_sockets()] == ["s9"], timeout=5, what="new"
+        )
+    finally:
+        server.stop()
+        ctx.destroy(linger=0)
+
+
+def test_sender_without_sidecar_never_blocks_then_catches_up(tmp_path: Path) -> None:
+    endpoint = _ipc(tmp_path)
+    calls = 0
+
+    def source() -> tuple[SocketSnapshot, ...]:
+        nonlocal calls
+        calls += 1
+        return (_snap(accepted=2 + calls),)  # a new state on every tick
+
+    sender = RelaySender(endpoint, source, "late/1", coalesce=0.01)
+    sender.start()
+    server: RelayServer | None = None
+    try:
+        # No connection: with IMMEDIATE every send fails at once (EAGAIN), nothing queues.
+        wait_until(lambda: sender.deferred > 50, timeout=5, what="ticks with no sidecar")
+        assert sender.sent == 0
+        server = RelayServer((endpoint,))
+        server.start()
+        got = wait_until(server.snapshot_sockets, timeout=5, what="state after the sidecar came")
+        assert _accepted_of(got[0]) > 2  # a state made after the sidecar came
+    finally:
+        start = time.monotonic()
+        sender.stop()
+        assert time.monotonic() - start < 1.0
+        if server is not None:
+            server.stop()
