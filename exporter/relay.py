@@ -503,31 +503,29 @@ class RelayServer:
         self._mon.setsockopt(zmq.RCVHWM, 0)
         self._mon.setsockopt(zmq.LINGER, 0)
         self._mon.connect(addr)
-        self.bound: list[str] = []
-        try:
-            for endpoint in listen:
-                self._router.bind(endpoint)
-                self.bound.append(self._router.getsockopt_string(zmq.LAST_ENDPOINT))
-                if endpoint.startswith("ipc://") and ipc_mode is not None:
-                    os.chmod(endpoint.removeprefix("ipc://"), ipc_mode)
-        except BaseException:
-            self._close()
-            raise
+        self.bound: list[str] = []  # as bound (tcp://127.0.0.1:* resolved), once started
+        self._closed = False
         self._thread = threading.Thread(target=self._run, name="zmq-exporter-relay", daemon=True)
 
     def start(self) -> None:
+        """Bind and start reading. Raises ZMQError/OSError if an endpoint cannot be bound
+        (the daemon then exits with one line); `stop()` cleans up either way."""
+        for endpoint in self.listen:
+            self._router.bind(endpoint)
+            self.bound.append(self._router.getsockopt_string(zmq.LAST_ENDPOINT))
+            if endpoint.startswith("ipc://") and self._ipc_mode is not None:
+                os.chmod(endpoint.removeprefix("ipc://"), self._ipc_mode)
         self._thread.start()
 
     def stop(self, timeout: float = 2.0) -> None:
         self._stop.set()
-        self._thread.join(timeout)
-        if not self._thread.is_alive():
-            self._close()
-
-    def _close(self) -> None:
-        self._mon.close(0)
-        self._router.close(0)
-        self._ctx.term()
+        if self._thread.ident is not None:
+            self._thread.join(timeout)
+        if not self._thread.is_alive() and not self._closed:
+            self._closed = True
+            self._mon.close(0)
+            self._router.close(0)
+            self._ctx.term()
 
     # -- reader thread --------------------------------------------------------------------
 
@@ -544,10 +542,12 @@ class RelayServer:
                     self._read_messages()
                 self._expire(time.monotonic())
             except Exception:
-                # Never crash the daemon: log, and go on with the next message.
+                # Never crash the daemon: log, and go on with the next message (after a
+                # pause, so that an error on every pass cannot spin).
                 log.exception("relay: unexpected error; counted as invalid, going on")
                 with self._lock:
                     self.stats.rejected["invalid"] += 1
+                self._stop.wait(0.1)
 
     def _read_monitor(self) -> None:
         for _ in range(1000):

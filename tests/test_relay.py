@@ -32,7 +32,7 @@ from exporter.relay import (
 )
 from exporter.state import SocketSnapshot, SocketState, apply_event, snapshot_socket
 
-from helpers import ROOT, Daemon, established_in, total, value, wait_until
+from helpers import ROOT, Daemon, established_in, run_cli, total, value, wait_until
 
 LIMITS = RelayLimits(max_message_bytes=64 * 1024)
 
@@ -532,3 +532,52 @@ def test_sender_without_sidecar_never_blocks_then_catches_up(tmp_path: Path) -> 
         assert time.monotonic() - start < 1.0
         if server is not None:
             server.stop()
+
+
+def test_unbindable_relay_endpoint_exits_with_one_line(tmp_path: Path) -> None:
+    config = tmp_path / "c.yml"
+    config.write_text(_relay_config(f"ipc://{tmp_path}/no/such/dir/relay.sock"))
+    done = run_cli(f"--config.file={config}", "--web.listen-address=127.0.0.1:0", timeout=30)
+    assert done.returncode != 0
+    assert "cannot start" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_live_server_survives_garbage(tmp_path: Path) -> None:
+    # Every kind of bad message at a running server, then a good one still gets in.
+    endpoint = _ipc(tmp_path)
+    server = RelayServer((endpoint,), limits=LIMITS)
+    server.start()
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    sent = 0
+
+    @settings(
+        max_examples=300,
+        deadline=None,
+        derandomize=True,
+        database=None,
+        suppress_health_check=list(HealthCheck),
+    )
+    @given(st.one_of(st.binary(max_size=300), _json.map(lambda v: json.dumps(v).encode())))
+    def blast(data: bytes) -> None:
+        nonlocal sent
+        dealer.send(data)
+        sent += 1
+
+    try:
+        dealer = _raw_dealer(ctx, endpoint)
+        blast()
+        dealer.send_multipart([b"a", b"b", b"c"])
+        dealer.send(encode("state", "good/1", "i", 1, socket=encode_socket(_snap())))
+        wait_until(
+            lambda: [s.labels["process"] for s in server.snapshot_sockets()] == ["good/1"],
+            timeout=10,
+            what="the good message after the garbage",
+        )
+        with server._lock:
+            rejected = sum(server.stats.rejected.values())
+            received = server.stats.received
+        assert rejected + received == sent + 2  # every message accounted for
+        assert server._thread.is_alive()
+    finally:
+        server.stop()
+        ctx.destroy(linger=0)
