@@ -15,6 +15,7 @@ from exporter import __version__
 from exporter.config import ConfigError, load_config
 from exporter.fdbudget import raise_nofile_limit, startup_fd_problem
 from exporter.prober.handler import DEFAULT_MAX_CONCURRENT, DEFAULT_TIMEOUT_OFFSET
+from exporter.web import DEFAULT_MAX_REQUESTS
 
 DEFAULT_LISTEN = ":19555"
 # sysexits.h EX_SOFTWARE: the engine thread ended; distinct from 1 (bad config or flags).
@@ -43,9 +44,27 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--web.listen-address",
         dest="listen_address",
-        default=DEFAULT_LISTEN,
+        action="append",  # repeatable, as the toolkit's: every address is served
+        default=None,  # (append would add to a default list instead of replacing it)
         metavar="HOST:PORT",
-        help="address for /metrics and the web endpoints (default: %(default)s)",
+        help=f"address for /metrics and the web endpoints; repeat for several "
+        f"(default: {DEFAULT_LISTEN})",
+    )
+    p.add_argument(
+        "--web.systemd-socket",
+        dest="systemd_socket",
+        action="store_true",
+        help="serve on the sockets passed by systemd socket activation instead of "
+        "--web.listen-address (Linux only)",
+    )
+    p.add_argument(
+        "--web.max-requests",
+        dest="max_requests",
+        type=_non_negative_int,
+        default=DEFAULT_MAX_REQUESTS,
+        metavar="N",
+        help="scrapes of the metrics endpoint served at once, 503 beyond; 0 for no limit "
+        "(default: %(default)s)",
     )
     p.add_argument(
         "--web.config.file",
@@ -106,6 +125,16 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected 0 or more, got {text}")
+    return value
+
+
 def version_text() -> str:
     return (
         f"zmq-exporter {__version__} (pyzmq {zmq.pyzmq_version()}, libzmq "
@@ -158,6 +187,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from exporter.daemon import Daemon
 
+    listen = args.listen_address or [DEFAULT_LISTEN]
+    if args.systemd_socket:
+        listen = ["the sockets systemd passed"]  # --web.listen-address is not used
+
     # Signals are taken synchronously by this thread (sigwait), blocked before any other
     # thread exists so that every thread inherits the mask. With a Python handler instead,
     # a signal that the kernel hands to another thread waits until the main thread wakes
@@ -173,16 +206,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         daemon = Daemon(
             settings,
-            args.listen_address,
+            listen,
             args.telemetry_path,
             web_config,
             engine_failed,
             otlp,
             probe_max_concurrent=args.probe_max_concurrent,  # /probe (issue 17)
             probe_timeout_offset=args.probe_timeout_offset,
+            max_requests=args.max_requests,
+            systemd_socket=args.systemd_socket,
         )
     except (ValueError, OSError) as err:
-        return fail(f"cannot listen on {args.listen_address}: {err}")
+        return fail(f"cannot listen on {', '.join(listen)}: {err}")
 
     try:
         daemon.start()

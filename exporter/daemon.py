@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 
 from prometheus_client import PLATFORM_COLLECTOR, PROCESS_COLLECTOR
 from prometheus_client.metrics_core import Metric
@@ -24,7 +24,7 @@ from exporter.relay import RelayLimits, RelayServer
 from exporter.render.prometheus import StateCollector, one_sample
 from exporter.render.status import render_status
 from exporter.state import EngineSnapshot
-from exporter.web import MAX_CONNECTIONS, WebApp, WebServer, parse_listen_address
+from exporter.web import DEFAULT_MAX_REQUESTS, MAX_CONNECTIONS, WebApp, WebServer
 from exporter.webconfig import WebConfig
 
 log = logging.getLogger("zmq_exporter")
@@ -37,13 +37,15 @@ class Daemon:
     def __init__(
         self,
         settings: Settings,
-        listen_address: str,
+        listen_address: str | Sequence[str],  # --web.listen-address, one or more
         telemetry_path: str,
         web_config: WebConfig | None = None,
         on_failure: Callable[[str], None] | None = None,
         otlp: OtlpSettings | None = None,
         probe_max_concurrent: int = DEFAULT_MAX_CONCURRENT,
         probe_timeout_offset: float = DEFAULT_TIMEOUT_OFFSET,
+        max_requests: int = DEFAULT_MAX_REQUESTS,  # --web.max-requests
+        systemd_socket: bool = False,  # --web.systemd-socket: systemd's sockets instead
     ) -> None:
         self.config_file = settings.file
         # /probe (issue 17): the running config's modules, replaced by a successful reload.
@@ -94,13 +96,10 @@ class Daemon:
             state=self.state,
             probe=self.prober.handle_probe,
             max_concurrent_probes=probe_max_concurrent,
+            max_concurrent_scrapes=max_requests,
         )
         self._initial = settings
-        self.web = WebServer(app, listen_address, web_config)
-        # As bound (`:0` resolved): `[::]` is every interface, IPv4 included.
-        host = parse_listen_address(listen_address)[0]
-        host = "[::]" if host == "" else f"[{host}]" if ":" in host else host
-        self.listen_address = f"{host}:{self.web.port}"
+        self.web = WebServer(app, listen_address, web_config, systemd_socket=systemd_socket)
 
     def snapshot(self) -> EngineSnapshot:
         """The engine's snapshot, with the relayed sockets after its own."""
@@ -123,10 +122,11 @@ class Daemon:
         log.info("sockets started", extra={"sockets": len(result.added)})
         if self.otlp is not None:
             self.otlp.start()
-        log.info(
-            "listening",
-            extra={"address": self.listen_address, "port": self.web.port, "tls": self.web.tls},
-        )
+        # One line per listener, as bound (`:0` resolved; `[::]` is every interface).
+        for address in self.web.addresses:
+            port = address.rpartition(":")[2]
+            extra = {"address": address, "port": int(port) if port.isdigit() else None}
+            log.info("listening", extra={**extra, "tls": self.web.tls})
 
     def reload(self) -> tuple[bool, str]:
         """Load the config file again and apply the difference; on any error keep the

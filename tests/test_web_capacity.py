@@ -22,7 +22,7 @@ from collections.abc import Iterator
 import pytest
 from prometheus_client.registry import CollectorRegistry
 
-from exporter import web
+from exporter import httpserver
 from exporter.render.prometheus import StateCollector
 from exporter.state import EngineSnapshot, ReaderStats
 from exporter.web import MAX_CONNECTIONS, WebApp, WebServer
@@ -307,7 +307,7 @@ def test_unread_responses_are_bounded_in_memory(monkeypatch: pytest.MonkeyPatch)
     them beyond the kernel's send buffers (up to 4 MiB each here) is bounded by
     MAX_OUTPUT_BYTES (lowered to 16 MiB), the writers stalled longest are closed, and the
     newest response is always delivered."""
-    monkeypatch.setattr(web, "MAX_OUTPUT_BYTES", 16 * 1024 * 1024)
+    monkeypatch.setattr(httpserver, "MAX_OUTPUT_BYTES", 16 * 1024 * 1024)
     page = "x" * (16 * 1024 * 1024)
     app = WebApp(
         registry=CollectorRegistry(auto_describe=False),

@@ -1,0 +1,727 @@
+"""The HTTP transport under `exporter.web`: listeners, connections, HTTP/1.x framing, TLS
+and worker lanes. It knows nothing of the endpoints: a `Handler` (exporter.web.WebApp's
+routing) names the lanes, picks one per request and answers it; a `TlsProvider` hands out
+the SSL context per handshake and checks the peer after it (the web config, read per use).
+
+Why hand-written and not a server library: cheroot, hypercorn and aiohttp (with strict
+timeouts) were run against the probe-lockout requirement (1,000 idle + 200 slowloris
+connections, silent TLS clients); see the commit that split web.py for the figures. None of
+them bounds its connections or evicts idle ones, so they hold one descriptor per attacker
+and fail probes once the descriptor limit is reached; cheroot also handshakes TLS and reads
+request heads on its worker threads, so a few silent clients lock everything out.
+
+Connections are owned by one event-loop thread (selectors) while they are in the TLS
+handshake, idle between requests, sending a request head or body: none of that costs a
+thread, and each has a deadline (TLS_HANDSHAKE_TIMEOUT from accept, IDLE_TIMEOUT between
+requests, HEADER_TIMEOUT from a request's first byte to the end of its head and again for
+its body). A request head over MAX_REQUEST_LINE gets 414, over MAX_HEADER_BYTES 431, a body
+over MAX_BODY_BYTES 413, conflicting Content-Length headers 400, HTTP/2 and later 505, and
+plain HTTP on a TLS listener Go's 400 answer. Only a complete request reaches a worker, in
+the lane the handler picks (its own threads and bounded queue, 503 when full), so that
+nothing queues in front of a health probe. The loop writes the response without blocking;
+a response must make progress every WRITE_TIMEOUT, and responses not yet read are bounded
+to MAX_OUTPUT_BYTES in total.
+
+At most MAX_CONNECTIONS connections are open, over every listener. A new one is never
+refused for an idle or slow one: at the cap the connection waiting longest without a
+complete request (idle, in its handshake, head or body) is closed, or failing that the
+writer stalled longest; evictions are reported to the handler as too_many_connections.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import email.utils
+import errno
+import http.client
+import io
+import logging
+import queue
+import selectors
+import socket
+import ssl
+import sys
+import threading
+import time
+from collections import OrderedDict, deque
+from collections.abc import Sequence
+from dataclasses import dataclass
+from http import HTTPStatus
+from typing import Any, Protocol
+
+log = logging.getLogger("zmq_exporter.web")
+
+MAX_REQUEST_LINE = 8 * 1024  # 414 beyond
+MAX_HEADER_BYTES = 16 * 1024  # request line + headers; 431 beyond
+MAX_BODY_BYTES = 64 * 1024  # 413 beyond (no endpoint here takes a body)
+HEADER_TIMEOUT = 10.0  # seconds from a request's first byte to the end of its headers
+IDLE_TIMEOUT = 30.0  # seconds a kept-alive connection may wait for its next request
+WRITE_TIMEOUT = 30.0  # seconds a response may take to be read by the client
+TLS_HANDSHAKE_TIMEOUT = 10.0
+# Open connections, every state included. The web side's descriptors are at most this plus
+# 5 (the listener, the selector, its wake-up pair, a connection accepted before another is
+# evicted); 1,000 idle clients are handled by eviction.
+MAX_CONNECTIONS = 256
+MAX_OUTPUT_BYTES = 64 * 1024 * 1024  # responses written but not yet read, all connections
+LISTEN_BACKLOG = 1024  # a burst of connects waits in the kernel, not in SYN retries
+
+PROBE_WORKERS = 2
+# Go's answer to plain HTTP on a TLS listener (net/http), word for word.
+HTTP_TO_HTTPS = b"HTTP/1.0 400 Bad Request\r\n\r\nClient sent an HTTP request to an HTTPS server.\n"
+
+Response = tuple[int, dict[str, str], bytes]  # status, headers, body
+
+
+@dataclass(frozen=True)
+class LaneSpec:
+    """Worker threads for one kind of request, with `backlog` more queued; past that the
+    loop answers 503 and reports `reason`."""
+
+    name: str
+    workers: int
+    backlog: int
+    reason: str
+
+
+class Handler(Protocol):
+    """The application: its lanes, the lane of a complete request, and the answer (called
+    in a worker thread of that lane: may block)."""
+
+    def lanes(self) -> Sequence[LaneSpec]: ...
+
+    def lane_for(self, request: Request) -> str: ...
+
+    def serve(self, request: Request) -> Response: ...
+
+    def reject(self, reason: str) -> None: ...
+
+
+class TlsProvider(Protocol):
+    """TLS for a listener: the context for each new connection (so rotated certificates
+    apply to the next handshake) and a check of the peer once the handshake is done."""
+
+    def context(self) -> ssl.SSLContext: ...
+
+    def check_peer(self, sock: ssl.SSLSocket) -> bool: ...
+
+
+# -- the server --------------------------------------------------------------------------
+#
+# One event-loop thread owns every connection while it does not have a complete request:
+# TLS handshake, idle keep-alive, request head, request body. Each of those states has a
+# deadline and costs no thread, so idle or slow clients cannot use up the capacity real
+# requests need. A complete request goes to a worker lane (its own threads and a bounded
+# queue); the loop then writes the response without blocking.
+
+_HANDSHAKE, _IDLE, _HEAD, _BODY, _BUSY, _WRITING = range(6)
+_SWEEP_INTERVAL = 0.25  # how often deadlines are checked, while there are connections
+_ACCEPT_BATCH = 64  # connections accepted per wake-up, so reads are not starved
+_RECV_SIZE = 64 * 1024
+_TLS_WRITE_CHUNK = 16 * 1024  # an SSL write is retried with the same chunk after EAGAIN
+_PAUSE_ACCEPT = 0.1  # seconds without accepting after EMFILE, so the loop does not spin
+_SERVER = f"zmq-exporter Python/{sys.version.split()[0]}"
+_KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
+
+
+@dataclass
+class Request:
+    method: str
+    target: str
+    headers: http.client.HTTPMessage
+    keep_alive: bool
+    peer: Any = None
+
+    @property
+    def path(self) -> str:
+        return self.target.split("?", 1)[0]
+
+
+class _Conn:
+    """One client connection; touched only by the event loop (workers get a `Request`)."""
+
+    __slots__ = (
+        "body_left", "buf", "closed", "deadline", "events", "out", "peer", "request",
+        "scanned", "sent", "sock", "state", "then", "tls",
+    )  # fmt: skip
+
+    def __init__(self, sock: socket.socket, peer: Any, tls: bool, now: float) -> None:
+        self.sock = sock
+        self.peer = peer
+        self.tls = tls
+        self.state = _HANDSHAKE if tls else _IDLE
+        self.buf = bytearray()
+        self.scanned = 0  # bytes of buf already searched for the end of the head
+        self.deadline = now + (TLS_HANDSHAKE_TIMEOUT if tls else IDLE_TIMEOUT)
+        self.events = 0  # what the selector watches
+        self.out: memoryview | None = None
+        self.sent = 0
+        self.then = _IDLE  # state after the response is written; -1: close
+        self.body_left = 0
+        self.request: Request | None = None
+        self.closed = False
+
+
+class _Lane:
+    """Worker threads for one kind of request, so that scrapes and reloads (which may
+    block for up to 30 s) never queue in front of health probes. Only the event loop
+    submits and counts `pending`; past `limit` it answers 503 itself."""
+
+    def __init__(self, name: str, workers: int, backlog: int, reason: str) -> None:
+        self.name = name
+        self.workers = workers
+        self.limit = workers + backlog
+        self.reason = reason  # zmq_exporter_http_requests_rejected_total reason when full
+        self.pending = 0
+        self.queue: queue.SimpleQueue[tuple[_Conn, Request] | None] = queue.SimpleQueue()
+
+
+class HttpServer:
+    """Serves `handler` on `listeners` (bound, listening sockets; closed by `stop`)."""
+
+    def __init__(
+        self,
+        listeners: Sequence[socket.socket],
+        handler: Handler,
+        tls: TlsProvider | None = None,  # TLS or not is fixed for the listeners
+        max_connections: int = MAX_CONNECTIONS,
+    ) -> None:
+        self.listeners = list(listeners)
+        for listener in self.listeners:
+            listener.setblocking(False)
+        self.handler = handler
+        self.tls = tls
+        self.max_connections = max_connections
+        self.selector = selectors.DefaultSelector()
+        self.conns: set[_Conn] = set()
+        # Evictable connections, the one waiting longest for a complete request first:
+        # accepted or done with its last response earliest (a slow trickle of header
+        # bytes does not move a connection back).
+        self.waiting: OrderedDict[_Conn, None] = OrderedDict()
+        # Connections writing a response, the one without progress longest first.
+        self.writing: OrderedDict[_Conn, float] = OrderedDict()
+        self.out_bytes = 0
+        self.lanes = {
+            spec.name: _Lane(spec.name, spec.workers, spec.backlog, spec.reason)
+            for spec in handler.lanes()
+        }
+        self.done: deque[tuple[_Lane, _Conn, bytes, bool]] = deque()
+        self.wake_r, self.wake_w = socket.socketpair()
+        self.wake_r.setblocking(False)
+        self.wake_w.setblocking(False)
+        self.stopping = False
+        self.accept_paused_until = 0.0
+        self.threads: list[threading.Thread] = []
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def start(self) -> None:
+        for listener in self.listeners:
+            self.selector.register(listener, selectors.EVENT_READ, listener)
+        self.selector.register(self.wake_r, selectors.EVENT_READ, self.wake_r)
+        for lane in self.lanes.values():
+            for index in range(lane.workers):
+                self.threads.append(
+                    threading.Thread(
+                        target=self._work,
+                        args=(lane,),
+                        name=f"zmq-exporter-web-{lane.name}-{index}",
+                        daemon=True,
+                    )
+                )
+        self.threads.append(
+            threading.Thread(target=self._run, name="zmq-exporter-web", daemon=True)
+        )
+        for thread in self.threads:
+            thread.start()
+
+    def stop(self) -> None:
+        self.stopping = True
+        self._wake()
+        for lane in self.lanes.values():
+            for _ in range(lane.workers):
+                lane.queue.put(None)
+        loop = self.threads[-1] if self.threads else None
+        if loop is not None:
+            loop.join(5.0)
+        if loop is None or not loop.is_alive():
+            for conn in list(self.conns):
+                self._close(conn, graceful=False)
+            self.selector.close()
+        for listener in self.listeners:
+            listener.close()
+        self.wake_r.close()
+        self.wake_w.close()
+
+    def _wake(self) -> None:
+        with contextlib.suppress(OSError):  # full: a wake-up is pending already
+            self.wake_w.send(b"\0")
+
+    # -- the event loop ------------------------------------------------------------------
+
+    def _run(self) -> None:
+        next_sweep = time.monotonic() + _SWEEP_INTERVAL
+        while not self.stopping:
+            try:
+                # Deadlines only matter while there are connections: no wake-ups otherwise.
+                timeout = None
+                if self.conns or self.accept_paused_until:
+                    timeout = max(0.0, next_sweep - time.monotonic())
+                events = self.selector.select(timeout)
+                for key, mask in events:
+                    if isinstance(key.data, _Conn):
+                        self._on_event(key.data, mask)
+                    elif key.data is self.wake_r:
+                        with contextlib.suppress(OSError):
+                            while self.wake_r.recv(4096):
+                                pass
+                    else:
+                        self._accept(key.data)
+                self._finish_responses()
+                now = time.monotonic()
+                if now >= next_sweep:
+                    self._sweep(now)
+                    next_sweep = now + _SWEEP_INTERVAL
+            except Exception:  # a bug must not take HTTP down for good
+                log.exception("HTTP event loop error")
+                time.sleep(0.01)
+
+    def _on_event(self, conn: _Conn, mask: int) -> None:
+        if conn.closed:  # closed earlier in this batch (evicted, for example)
+            return
+        try:
+            if conn.state == _HANDSHAKE:
+                self._handshake(conn)
+            elif conn.state == _WRITING:
+                self._write(conn)
+            elif conn.state in (_IDLE, _HEAD, _BODY):
+                self._read(conn)
+        except Exception:
+            log.exception("HTTP connection error", extra={"peer": conn.peer})
+            self._close(conn, graceful=False)
+
+    def _watch(self, conn: _Conn, events: int) -> None:
+        if events == conn.events:
+            return
+        if not events:
+            self.selector.unregister(conn.sock)
+        elif not conn.events:
+            self.selector.register(conn.sock, events, conn)
+        else:
+            self.selector.modify(conn.sock, events, conn)
+        conn.events = events
+
+    def _close(self, conn: _Conn, graceful: bool = True) -> None:
+        if conn.closed:
+            return
+        conn.closed = True
+        if conn.events:
+            with contextlib.suppress(KeyError, ValueError, OSError):
+                self.selector.unregister(conn.sock)
+            conn.events = 0
+        self.conns.discard(conn)
+        self.waiting.pop(conn, None)
+        if self.writing.pop(conn, None) is not None and conn.out is not None:
+            self.out_bytes -= len(conn.out) - conn.sent
+        conn.out = None
+        conn.buf = bytearray()
+        if graceful:
+            with contextlib.suppress(OSError):
+                conn.sock.shutdown(socket.SHUT_WR)
+        with contextlib.suppress(OSError):
+            conn.sock.close()
+
+    def _evict(self) -> bool:
+        """Close the connection that has waited longest without a complete request, or
+        else the writer that has made no progress for longest."""
+        victim = next(iter(self.waiting), None) or next(iter(self.writing), None)
+        if victim is None:
+            return False
+        log.debug("HTTP connection evicted", extra={"peer": victim.peer})
+        self.handler.reject("too_many_connections")
+        self._close(victim, graceful=False)
+        return True
+
+    def _sweep(self, now: float) -> None:
+        for conn in [c for c in self.conns if c.deadline <= now and c.state != _BUSY]:
+            log.debug("HTTP connection timed out", extra={"peer": conn.peer})
+            self._close(conn, graceful=conn.state != _WRITING)
+        if self.accept_paused_until and now >= self.accept_paused_until:
+            self.accept_paused_until = 0.0
+            for listener in self.listeners:
+                self.selector.register(listener, selectors.EVENT_READ, listener)
+
+    # -- accepting -----------------------------------------------------------------------
+
+    def _accept(self, listener: socket.socket) -> None:
+        for _ in range(_ACCEPT_BATCH):
+            try:
+                sock, peer = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as err:
+                if err.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    # Out of descriptors: free one and stop accepting for a moment, or
+                    # the listener stays readable and the loop spins.
+                    log.warning("HTTP accept failed", extra={"err": str(err)})
+                    self._evict()
+                    self.accept_paused_until = time.monotonic() + _PAUSE_ACCEPT
+                    for other in self.listeners:
+                        self.selector.unregister(other)
+                    return
+                continue  # ECONNABORTED and the like: that client is gone
+            if len(self.conns) >= self.max_connections:
+                self._evict()  # the newcomer is not among the candidates yet
+            if len(self.conns) >= self.max_connections:
+                # Every connection is busy with a complete request (bounded by the lanes,
+                # so only with a small max_connections).
+                self.handler.reject("too_many_connections")
+                with contextlib.suppress(OSError):
+                    sock.setblocking(False)
+                    if self.tls is None:
+                        sock.send(_error(503, "too many open connections", head_only=False))
+                    sock.close()
+                continue
+            self._add(sock, peer)
+
+    def _add(self, sock: socket.socket, peer: Any) -> None:
+        sock.setblocking(False)
+        now = time.monotonic()
+        if self.tls is not None:
+            try:  # the context as of this handshake
+                sock = self.tls.context().wrap_socket(
+                    sock, server_side=True, do_handshake_on_connect=False
+                )
+            except (OSError, ValueError):
+                sock.close()
+                return
+        conn = _Conn(sock, peer, self.tls is not None, now)
+        self.conns.add(conn)
+        self.waiting[conn] = None
+        if conn.tls:
+            self._handshake(conn)
+        else:
+            self._watch(conn, selectors.EVENT_READ)
+
+    def _handshake(self, conn: _Conn) -> None:
+        assert isinstance(conn.sock, ssl.SSLSocket)
+        try:
+            conn.sock.do_handshake()
+        except ssl.SSLWantReadError:
+            self._watch(conn, selectors.EVENT_READ)
+            return
+        except ssl.SSLWantWriteError:
+            self._watch(conn, selectors.EVENT_WRITE)
+            return
+        except (OSError, ValueError) as err:
+            log.debug("TLS handshake failed", extra={"peer": conn.peer, "err": str(err)})
+            if isinstance(err, ssl.SSLError) and err.reason == "HTTP_REQUEST":
+                # OpenSSL saw "GET ", "POST", "HEAD" or "PUT " where a ClientHello should
+                # be: answer as Go does, on the socket itself (not through TLS).
+                with contextlib.suppress(OSError):
+                    socket.socket.send(conn.sock, HTTP_TO_HTTPS)
+                    # The rest of the request is read away first: closing with unread
+                    # bytes sends a reset, which can discard the answer at the client.
+                    for _ in range(4):
+                        if not socket.socket.recv(conn.sock, _RECV_SIZE, socket.MSG_DONTWAIT):
+                            break
+                self._close(conn, graceful=True)
+                return
+            self._close(conn, graceful=False)
+            return
+        assert self.tls is not None
+        if not self.tls.check_peer(conn.sock):
+            log.debug("TLS client refused after the handshake", extra={"peer": conn.peer})
+            self._close(conn, graceful=False)
+            return
+        self._idle(conn, time.monotonic(), refresh=False)
+
+    # -- reading requests ----------------------------------------------------------------
+
+    def _idle(self, conn: _Conn, now: float, refresh: bool = True) -> None:
+        """Wait for the next request (a pipelined one may be buffered already)."""
+        conn.state = _IDLE
+        conn.deadline = now + IDLE_TIMEOUT
+        conn.scanned = 0
+        conn.request = None
+        if refresh:
+            self.waiting[conn] = None  # at the end: its wait starts now
+        if conn.buf:
+            conn.state = _HEAD
+            conn.deadline = now + HEADER_TIMEOUT
+            if not self._parse(conn):
+                return
+        # Always try: a TLS socket may hold decrypted bytes the selector cannot see.
+        self._read(conn)
+
+    def _read(self, conn: _Conn) -> None:
+        for _ in range(64):  # bounded: other connections get their turn
+            if conn.state == _BODY:
+                room = min(conn.body_left, _RECV_SIZE)
+            else:  # one byte over the budget is enough to refuse the request
+                room = min(MAX_HEADER_BYTES + 1 - len(conn.buf), _RECV_SIZE)
+            try:
+                data = conn.sock.recv(max(room, 1))
+            except (BlockingIOError, InterruptedError, ssl.SSLWantReadError):
+                self._watch(conn, selectors.EVENT_READ)
+                return
+            except ssl.SSLWantWriteError:
+                self._watch(conn, selectors.EVENT_READ | selectors.EVENT_WRITE)
+                return
+            except (OSError, ValueError):  # ssl.SSLError included
+                self._close(conn, graceful=False)
+                return
+            if not data:  # the client closed (mid-request: no answer is possible)
+                self._close(conn)
+                return
+            if conn.state == _IDLE:
+                conn.state = _HEAD
+                conn.deadline = time.monotonic() + HEADER_TIMEOUT
+            if conn.state == _BODY:
+                conn.body_left -= len(data)  # read and ignored: no endpoint takes a body
+                if conn.body_left <= 0:
+                    self._dispatch(conn)
+                    return
+                continue
+            conn.buf += data
+            if not self._parse(conn):
+                return
+        self._watch(conn, selectors.EVENT_READ)
+
+    def _parse(self, conn: _Conn) -> bool:
+        """Look for a complete request head in conn.buf; True while more bytes are needed."""
+        buf = conn.buf
+        # Empty lines before a request line are ignored (RFC 9112 2.2).
+        skip = 0
+        while skip < len(buf) and buf[skip] in b"\r\n":
+            skip += 1
+        if skip:
+            del buf[:skip]
+            conn.scanned = 0
+        line_end = buf.find(b"\n")
+        if line_end < 0:
+            if len(buf) > MAX_REQUEST_LINE:
+                return self._refuse(conn, 414, "Request line too long", "too_large")
+            return True
+        if line_end + 1 > MAX_REQUEST_LINE:
+            return self._refuse(conn, 414, "Request line too long", "too_large")
+        start = max(line_end, conn.scanned - 2)
+        ends = [
+            i + n
+            for i, n in ((buf.find(b"\n\r\n", start), 3), (buf.find(b"\n\n", start), 2))
+            if i >= 0
+        ]
+        if not ends:
+            conn.scanned = len(buf)
+            if len(buf) > MAX_HEADER_BYTES:
+                return self._refuse(conn, 431, "Request header fields too large", "too_large")
+            return True
+        end = min(ends)
+        if end > MAX_HEADER_BYTES:
+            return self._refuse(conn, 431, "Request header fields too large", "too_large")
+        head = bytes(buf[:end])
+        del buf[:end]
+        conn.scanned = 0
+        return self._head(conn, head, line_end)
+
+    def _head(self, conn: _Conn, head: bytes, line_end: int) -> bool:
+        """A complete head: check it as http.server would, then read the body or
+        dispatch. Returns False (the connection is no longer reading a head)."""
+        words = head[:line_end].decode("iso-8859-1").split()
+        if len(words) != 3:
+            return self._refuse(conn, 400, "Bad request syntax")
+        method, target, version = words
+        number = version[5:].split(".")
+        if (
+            not version.startswith("HTTP/")
+            or len(number) != 2
+            or not all(n.isascii() and n.isdigit() and len(n) <= 10 for n in number)
+        ):
+            return self._refuse(conn, 400, "Bad request version")
+        if int(number[0]) >= 2:
+            return self._refuse(conn, 505, "Invalid HTTP version")
+        try:
+            headers = http.client.parse_headers(io.BytesIO(head[line_end + 1 :]))
+        except http.client.HTTPException:  # over 100 header lines
+            return self._refuse(conn, 431, "Too many headers", "too_large")
+        keep_alive = (int(number[0]), int(number[1])) >= (1, 1)
+        connection = headers.get("Connection", "").lower()
+        if connection == "close":
+            keep_alive = False
+        elif connection == "keep-alive":
+            keep_alive = True
+        if target.startswith("//"):  # as http.server: not an absolute URL
+            target = "/" + target.lstrip("/")
+        if method not in _KNOWN_METHODS:
+            return self._refuse(conn, 501, f"Unsupported method ({method!r})")
+        if "chunked" in headers.get("Transfer-Encoding", "").lower():
+            return self._refuse(conn, 411, "Content-Length required")
+        # Several Content-Length values (headers or a list) must agree (RFC 9110 8.6);
+        # otherwise where the body ends is ambiguous: request smuggling.
+        lengths = {
+            value.strip()
+            for header in headers.get_all("Content-Length") or ["0"]
+            for value in header.split(",")
+        }
+        if len(lengths) != 1:
+            return self._refuse(conn, 400, "Conflicting Content-Length")
+        length = lengths.pop() or "0"
+        if not (length.isascii() and length.isdigit()):  # int() refuses "²", isdigit not
+            return self._refuse(conn, 400, "Bad Content-Length")
+        if int(length) > MAX_BODY_BYTES:
+            return self._refuse(conn, 413, "Request body too large", "too_large")
+        conn.request = Request(method, target, headers, keep_alive, conn.peer)
+        conn.body_left = int(length)
+        if not conn.body_left:
+            self._dispatch(conn)
+            return False
+        # A body: whatever is buffered first, then the socket, within the header deadline.
+        taken = min(conn.body_left, len(conn.buf))
+        del conn.buf[:taken]
+        conn.body_left -= taken
+        if not conn.body_left:
+            self._dispatch(conn)
+            return False
+        conn.deadline = time.monotonic() + HEADER_TIMEOUT
+        if (
+            headers.get("Expect", "").lower() == "100-continue"
+            and int(number[0]) == 1
+            and int(number[1]) >= 1
+        ):
+            self._respond(conn, b"HTTP/1.1 100 Continue\r\n\r\n", then=_BODY)
+        else:
+            conn.state = _BODY
+            self._read(conn)
+        return False
+
+    def _refuse(self, conn: _Conn, status: int, message: str, reason: str = "") -> bool:
+        """Answer a request that is not served and close: returns False."""
+        if reason:
+            self.handler.reject(reason)
+        head_only = conn.request is not None and conn.request.method == "HEAD"
+        self._respond(conn, _error(status, message, head_only), then=-1)
+        return False
+
+    def _dispatch(self, conn: _Conn) -> None:
+        request = conn.request
+        assert request is not None
+        lane = self.lanes[self.handler.lane_for(request)]
+        if lane.pending >= lane.limit:
+            conn.request = None
+            self.handler.reject(lane.reason)
+            head_only = request.method == "HEAD"
+            self._respond(conn, _error(503, "too many concurrent requests", head_only), then=-1)
+            return
+        self.waiting.pop(conn, None)  # a complete request: not evictable while served
+        conn.state = _BUSY
+        conn.deadline = float("inf")
+        self._watch(conn, 0)
+        lane.pending += 1
+        lane.queue.put((conn, request))
+
+    # -- workers -------------------------------------------------------------------------
+
+    def _work(self, lane: _Lane) -> None:
+        while True:
+            job = lane.queue.get()
+            if job is None:
+                return
+            conn, request = job
+            try:
+                status, headers, body = self.handler.serve(request)
+                keep_alive = request.keep_alive
+                data = _response(status, headers, body, request.method == "HEAD", not keep_alive)
+            except Exception:
+                log.exception("HTTP handler error", extra={"path": request.path})
+                keep_alive = False
+                data = _error(500, "Internal server error", request.method == "HEAD")
+            self.done.append((lane, conn, data, keep_alive))
+            self._wake()
+
+    # -- writing responses ---------------------------------------------------------------
+
+    def _finish_responses(self) -> None:
+        while self.done:
+            lane, conn, data, keep_alive = self.done.popleft()
+            lane.pending -= 1
+            if conn.closed or self.stopping:
+                continue
+            try:
+                self._respond(conn, data, then=_IDLE if keep_alive else -1)
+            except Exception:
+                log.exception("HTTP connection error", extra={"peer": conn.peer})
+                self._close(conn, graceful=False)
+
+    def _respond(self, conn: _Conn, data: bytes, then: int) -> None:
+        now = time.monotonic()
+        self.waiting.pop(conn, None)
+        conn.state = _WRITING
+        conn.then = then
+        conn.out = memoryview(data)
+        conn.sent = 0
+        conn.deadline = now + WRITE_TIMEOUT
+        self.writing[conn] = now
+        self.out_bytes += len(data)
+        self._write(conn)
+        # Responses that clients do not read are bounded in memory as a whole: past the
+        # budget, the writers stalled longest are dropped (never the newest response).
+        while self.out_bytes > MAX_OUTPUT_BYTES and not conn.closed:
+            oldest = next(iter(self.writing), None)
+            if oldest is None or oldest is conn:
+                break
+            self.handler.reject("too_many_connections")
+            self._close(oldest, graceful=False)
+
+    def _write(self, conn: _Conn) -> None:
+        out = conn.out
+        assert out is not None
+        while conn.sent < len(out):
+            end = conn.sent + _TLS_WRITE_CHUNK if conn.tls else len(out)
+            try:
+                sent = conn.sock.send(out[conn.sent : end])
+            except (BlockingIOError, InterruptedError, ssl.SSLWantWriteError):
+                self._watch(conn, selectors.EVENT_WRITE)
+                return
+            except ssl.SSLWantReadError:
+                self._watch(conn, selectors.EVENT_READ)
+                return
+            except (OSError, ValueError):
+                self._close(conn, graceful=False)
+                return
+            conn.sent += sent
+            self.out_bytes -= sent
+            now = time.monotonic()
+            conn.deadline = now + WRITE_TIMEOUT  # the timeout runs from the last progress
+            self.writing[conn] = now
+            self.writing.move_to_end(conn)
+        del self.writing[conn]
+        conn.out = None
+        if conn.then == -1:
+            self._close(conn)
+        elif conn.then == _BODY:
+            conn.state = _BODY
+            conn.deadline = time.monotonic() + HEADER_TIMEOUT
+            self.waiting[conn] = None
+            self._read(conn)
+        else:
+            self._idle(conn, time.monotonic())
+
+
+def _response(
+    status: int, headers: dict[str, str], body: bytes, head_only: bool, close: bool
+) -> bytes:
+    lines = [
+        f"HTTP/1.1 {status} {HTTPStatus(status).phrase}",
+        f"Server: {_SERVER}",
+        f"Date: {email.utils.formatdate(usegmt=True)}",
+    ]
+    lines += [f"{key}: {value}" for key, value in headers.items()]
+    lines.append(f"Content-Length: {len(body)}")
+    if close:
+        lines.append("Connection: close")
+    head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+    return head if head_only else head + body
+
+
+def _error(status: int, message: str, head_only: bool) -> bytes:
+    body = message.encode("latin-1", "replace") + b"\n"
+    return _response(status, {"Content-Type": "text/plain"}, body, head_only, close=True)
