@@ -358,6 +358,8 @@ def instrument(
                 raise InstrumentError(f"the name {name!r} is in use by another open socket")
             previous.close()  # its socket was closed without close(): the name is free
         current = _reader()
+        if relay is not None:
+            _relay_sender(relay, relay_id)  # before the monitor: it may refuse relay_id
         pair = _attach_monitor(socket, name, mask)
         state = SocketState(
             name=name,
@@ -377,9 +379,7 @@ def instrument(
             raise
         handle = Instrumentation(name, socket, pair, state, registry, meter_provider)
         process.handles[name] = handle
-        if relay is not None:
-            _relay_sender(relay, relay_id)
-            handle.relay = relay
+        handle.relay = relay
         process.show()
         if registry is not None and id(registry) not in process.collectors:
             collector = _LibraryCollector(id(registry))

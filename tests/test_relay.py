@@ -581,3 +581,57 @@ def test_live_server_survives_garbage(tmp_path: Path) -> None:
     finally:
         server.stop()
         ctx.destroy(linger=0)
+
+
+GONE_APP = textwrap.dedent(
+    """\
+    import sys, zmq, exporter
+    ctx = zmq.Context()
+    a, b = ctx.socket(zmq.ROUTER), ctx.socket(zmq.DEALER)
+    ha = exporter.instrument(a, "a", relay=sys.argv[1], relay_id="lib/1", registry=None)
+    try:
+        exporter.instrument(b, "b", relay=sys.argv[1], relay_id="other", registry=None)
+    except exporter.InstrumentError as err:
+        print("refused", err, flush=True)
+    hb = exporter.instrument(b, "b", relay=sys.argv[1], registry=None)  # not left attached
+    print("both", flush=True)
+    sys.stdin.readline()
+    hb.close()
+    print("closed", flush=True)
+    sys.stdin.readline()
+    """
+)
+
+
+def test_library_relay_id_conflict_and_close_sends_gone(tmp_path: Path) -> None:
+    endpoint = _ipc(tmp_path)
+    server = RelayServer((endpoint,))
+    server.start()
+    script = tmp_path / "gone_app.py"
+    script.write_text(GONE_APP)
+    app = subprocess.Popen(
+        [sys.executable, str(script), endpoint],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    try:
+        assert "lib/1" in " ".join(_line(app, "refused"))
+        _line(app, "both")
+
+        def names() -> list[str]:
+            return sorted(s.name for s in server.snapshot_sockets())
+
+        wait_until(lambda: names() == ["a", "b"], timeout=5, what="both relayed as lib/1")
+        assert set(server.processes()) == {"lib/1"}
+        assert app.stdin is not None
+        app.stdin.write("\n")
+        app.stdin.flush()
+        _line(app, "closed")
+        wait_until(lambda: names() == ["a"], timeout=5, what="b gone after close()")
+    finally:
+        app.kill()
+        app.wait(5)
+        server.stop()
