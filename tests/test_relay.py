@@ -11,6 +11,7 @@ import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -635,3 +636,36 @@ def test_library_relay_id_conflict_and_close_sends_gone(tmp_path: Path) -> None:
         app.kill()
         app.wait(5)
         server.stop()
+
+
+def _const(socks: tuple[SocketSnapshot, ...]) -> Callable[[], tuple[SocketSnapshot, ...]]:
+    return lambda: socks
+
+
+def test_fifty_senders_twenty_sockets_each_totals_exact(tmp_path: Path) -> None:
+    # 50 senders (in this process: each with its own context, DEALER and thread, as in 50
+    # processes) x 20 sockets, every socket with its own count, into a real daemon.
+    endpoint = _ipc(tmp_path)
+    with Daemon(_relay_config(endpoint)).start() as daemon:
+        senders = []
+        truth = 0
+        for p in range(50):
+            socks = tuple(_snap(f"s{n}", accepted=2 + p * 20 + n) for n in range(20))
+            truth += sum(_accepted_of(s) for s in socks)
+            sender = RelaySender(endpoint, _const(socks), f"proc-{p}")
+            senders.append(sender)
+            sender.start()
+        try:
+
+            def relayed() -> bool:
+                s = daemon.scrape()
+                return (
+                    total(s, "zmq_accepted_total") == truth
+                    and value(s, "zmq_exporter_relay_processes") == 50
+                    and value(s, "zmq_exporter_relay_sockets") == 1000
+                )
+
+            wait_until(relayed, timeout=30, interval=0.2, what=f"{truth} accepted in total")
+        finally:
+            for sender in senders:
+                sender.stop()
