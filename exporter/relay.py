@@ -600,7 +600,8 @@ class RelayServer:
             self.stats.received += 1
             proc.last_seen = now
             proc.fd = fd
-            proc.heartbeat = msg.heartbeat
+            if msg.type in ("hello", "heartbeat"):  # others carry no interval
+                proc.heartbeat = msg.heartbeat
             if proc.down_since is not None:
                 proc.down_since = None
                 proc.rendered.clear()

@@ -669,3 +669,32 @@ def test_fifty_senders_twenty_sockets_each_totals_exact(tmp_path: Path) -> None:
         finally:
             for sender in senders:
                 sender.stop()
+
+
+def test_silent_sender_gauges_zero_after_three_heartbeats(tmp_path: Path) -> None:
+    # A sender that stops talking but keeps its connection (hung, SIGSTOPped): after 3
+    # heartbeats of silence its gauges are 0; a message makes it live again.
+    endpoint = _ipc(tmp_path)
+    server = RelayServer((endpoint,))
+    server.start()
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    try:
+        dealer = _raw_dealer(ctx, endpoint)
+        dealer.send(encode("hello", "quiet/1", "i", 1, heartbeat_ms=200))
+        body = encode_socket(_snap())
+        body["endpoints"][0]["connections"] = 4
+        dealer.send(encode("state", "quiet/1", "i", 2, socket=body))
+
+        def connections() -> int:
+            return sum(ep.connections for s in server.snapshot_sockets() for ep in s.endpoints)
+
+        wait_until(lambda: connections() == 4, timeout=5, what="4 connections relayed")
+        start = time.monotonic()
+        wait_until(lambda: connections() == 0, timeout=3, what="gauges 0 after silence")
+        assert 0.5 <= time.monotonic() - start < 1.5  # 3 x 200 ms, checked every 100 ms
+        assert server.processes() == {"quiet/1": False}
+        dealer.send(encode("heartbeat", "quiet/1", "i", 3, heartbeat_ms=200))
+        wait_until(lambda: connections() == 4, timeout=5, what="live again")
+    finally:
+        server.stop()
+        ctx.destroy(linger=0)
