@@ -249,7 +249,7 @@ def _decode_socket(obj: Any, process: str) -> SocketSnapshot:
         raise RejectedMessage("invalid", "endpoints: duplicate endpoint")
     unknown: dict[int, int] = {}
     for key, n in _mapping(obj, "unknown_events").items():
-        if not key.isdigit() or not 0 <= int(key) <= 0xFFFF:
+        if not (key.isascii() and key.isdigit() and len(key) <= 5) or int(key) > 0xFFFF:
             raise RejectedMessage("invalid", "unknown_events: keys are event ids")
         unknown[int(key)] = _count(n, "unknown_events")
     labels = _decode_labels(obj.get("labels", {}))
@@ -581,6 +581,10 @@ class RelayServer:
                 msg = decode(frame.bytes, self.limits)
             except RejectedMessage as err:
                 self._reject(err.reason)
+                continue
+            except Exception:  # a decoder bug: the message is dropped, never the daemon
+                log.exception("relay: cannot decode a message; counted as invalid")
+                self._reject("invalid")
                 continue
             self._apply(msg, int(frame.get(zmq.SRCFD)), now)
 

@@ -92,6 +92,12 @@ def test_sender_labels_never_override_reserved_ones() -> None:
     assert msg.socket is not None and msg.socket.labels == {"ok": "1", "process": "p"}
 
 
+def _unknown_events(value: dict[str, int]) -> bytes:
+    body = encode_socket(snapshot_socket(_state()))
+    body["unknown_events"] = value
+    return encode("state", "p", "i", 1, socket=body)
+
+
 @pytest.mark.parametrize(
     ("data", "reason"),
     [
@@ -104,6 +110,9 @@ def test_sender_labels_never_override_reserved_ones() -> None:
         (b'{"v":1,"type":"hello","process":"p","instance":"i","seq":-1}', "invalid"),
         (b'{"v":1,"type":"state","process":"p","instance":"i","seq":1,"socket":[]}', "invalid"),
         (b"x" * (64 * 1024 + 1), "too_large"),
+        (_unknown_events({"\u00b2": 1}), "invalid"),  # a digit to isdigit(), not to int()
+        (_unknown_events({"99999": 1}), "invalid"),
+        (_unknown_events({"1" * 5000: 1}), "invalid"),
         (b"[" * 100_000 + b"]" * 100_000, "too_large"),
     ],
 )
@@ -140,6 +149,7 @@ def _mutated(draw: st.DrawFn) -> bytes:
     body = encode_socket(snapshot_socket(_state()))
     msg = json.loads(encode("state", "p", "i", 1, socket=body))
     paths = [("socket",), ("socket", "endpoints"), ("socket", "labels"), ("seq",), ("v",)]
+    paths += [("socket", "unknown_events"), ("socket", "type"), ("socket", "name")]
     ep_keys = list(body["endpoints"][0])
     path = draw(st.sampled_from(paths + [("socket", "endpoints", 0, k) for k in ep_keys]))
     target = msg
