@@ -81,6 +81,7 @@ COMMAND_TIMEOUT = 5.0
 READER_THREAD = "zmq-exporter-reader"
 
 _LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
+_Z85_KEY = re.compile(r"[0-9a-zA-Z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}")
 _monitor_ids = itertools.count(1)
 
 
@@ -324,6 +325,7 @@ def instrument(
     meter_provider: MeterProvider | None = None,
     relay: str | None = None,
     relay_id: str | None = None,
+    relay_server_key: str | None = None,
 ) -> Instrumentation:
     """Watch `socket`'s monitor events: the daemon's socket families, with `socket=name`,
     `labels`, and the endpoints the socket binds and connects as `endpoint`.
@@ -334,7 +336,8 @@ def instrument(
     `meter_provider`: an OpenTelemetry MeterProvider to observe them on as well.
     `relay`: a sidecar daemon's relay endpoint (default: $ZMQ_EXPORTER_RELAY, if set) to
     send the socket's state to (docs/relay.md), as process `relay_id` (default
-    hostname/pid)."""
+    hostname/pid). `relay_server_key`: the daemon's CURVE public key (Z85; default:
+    $ZMQ_EXPORTER_RELAY_SERVER_KEY), for a relay over tcp off loopback."""
     if not isinstance(socket, zmq.Socket):
         raise InstrumentError(f"expected a zmq.Socket, got {type(socket).__name__}")
     if not isinstance(name, str) or not name:
@@ -344,6 +347,9 @@ def instrument(
     if socket.closed:
         raise InstrumentError(f"cannot instrument {name!r}: the socket is closed")
     relay = relay or os.environ.get("ZMQ_EXPORTER_RELAY") or None
+    server_key = relay_server_key or os.environ.get("ZMQ_EXPORTER_RELAY_SERVER_KEY") or None
+    if server_key is not None and not _Z85_KEY.fullmatch(server_key):
+        raise InstrumentError("relay_server_key: expected a 40-character Z85 CURVE public key")
     with _lock:
         process = _process
         for other in list(process.handles.values()):
@@ -359,7 +365,8 @@ def instrument(
             previous.close()  # its socket was closed without close(): the name is free
         current = _reader()
         if relay is not None:
-            _relay_sender(relay, relay_id)  # before the monitor: it may refuse relay_id
+            # Before the monitor: it may refuse relay_id.
+            _relay_sender(relay, relay_id, server_key)
         pair = _attach_monitor(socket, name, mask)
         state = SocketState(
             name=name,
@@ -390,7 +397,7 @@ def instrument(
     return handle
 
 
-def _relay_sender(endpoint: str, relay_id: str | None) -> None:
+def _relay_sender(endpoint: str, relay_id: str | None, server_key: str | None) -> None:
     """The process's sender to `endpoint`, started on first use. With `_lock` held."""
     from exporter.relay import RelaySender  # only applications that relay load it
 
@@ -401,7 +408,8 @@ def _relay_sender(endpoint: str, relay_id: str | None) -> None:
                 f"relay {endpoint!r} is used already as process {sender.relay_id!r}"
             )
         return
-    sender = RelaySender(endpoint, lambda: _relayed(endpoint), relay_id)
+    key = server_key.encode() if server_key is not None else None
+    sender = RelaySender(endpoint, lambda: _relayed(endpoint), relay_id, curve_server_key=key)
     sender.start()
     _process.relays[endpoint] = sender
 

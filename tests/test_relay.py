@@ -33,7 +33,16 @@ from exporter.relay import (
 )
 from exporter.state import SocketSnapshot, SocketState, apply_event, snapshot_socket
 
-from helpers import ROOT, Daemon, established_in, run_cli, total, value, wait_until
+from helpers import (
+    ROOT,
+    Daemon,
+    established_in,
+    free_port,
+    run_cli,
+    total,
+    value,
+    wait_until,
+)
 
 LIMITS = RelayLimits(max_message_bytes=64 * 1024)
 
@@ -708,3 +717,26 @@ def test_silent_sender_gauges_zero_after_three_heartbeats(tmp_path: Path) -> Non
     finally:
         server.stop()
         ctx.destroy(linger=0)
+
+
+def test_library_sender_over_curve_tcp_from_the_environment(tmp_path: Path) -> None:
+    public, secret = zmq.curve_keypair()
+    key = tmp_path / "relay.key_secret"
+    key.write_text(secret.decode())
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    config = _relay_config(endpoint) + f"  curve_secretkey_file: {key}\n"
+    with Daemon(config).start() as daemon:
+        env = {"ZMQ_EXPORTER_RELAY": endpoint, "ZMQ_EXPORTER_RELAY_SERVER_KEY": public.decode()}
+        app = _app(tmp_path, "", "hold", 2, env=env)
+        try:
+            _line(app, "connected")
+            wait_until(
+                lambda: total(daemon.scrape(), "zmq_connections", process="app-1") == 2,
+                timeout=10,
+                what="2 connections relayed over CURVE",
+            )
+            s = daemon.scrape()
+            assert value(s, "zmq_exporter_relay_messages_rejected_total", reason="handshake") == 0
+        finally:
+            app.kill()
+            app.wait(5)
