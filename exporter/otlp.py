@@ -405,7 +405,7 @@ def sdk_exporter(settings: OtlpSettings) -> PayloadExporter:
         # grpc core prints its own INFO lines (a GOAWAY from a restarting collector) to
         # stderr unless told otherwise; it reads this when first imported.
         os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
-        import grpc  # type: ignore[import-untyped]  # no stubs; only for Compression
+        import grpc  # only for Compression (no stubs: pyproject's mypy override)
         from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import (
             OTLPMetricExporter as GrpcExporter,
         )

@@ -12,12 +12,11 @@ import socket
 import threading
 import time
 import zlib
-from collections.abc import Iterator
 from concurrent import futures
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import pytest
@@ -58,7 +57,9 @@ def _attrs(kvs: Any) -> dict[str, str]:
     return {kv.key: kv.value.string_value for kv in kvs}
 
 
-def decode(request: metrics_service_pb2.ExportMetricsServiceRequest) -> tuple[dict, list]:
+def decode(
+    request: metrics_service_pb2.ExportMetricsServiceRequest,
+) -> tuple[dict[str, str], list[Point]]:
     resource: dict[str, str] = {}
     points: list[Point] = []
     for rm in request.resource_metrics:
@@ -209,13 +210,6 @@ def router_config(port: int, extra: str = "") -> str:
     )
 
 
-@pytest.fixture
-def ctx() -> Iterator[zmq.Context[zmq.Socket[bytes]]]:
-    context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
-    yield context
-    context.destroy(linger=0)
-
-
 def connect_dealers(ctx: zmq.Context[zmq.Socket[bytes]], port: int, k: int) -> list[Any]:
     dealers = []
     for _ in range(k):
@@ -239,6 +233,7 @@ def accepted_everywhere(
     t = time.monotonic()
     scraped = d.scrape()
     export = wait_until(lambda: rx.after(t), timeout=10, what="an export after the scrape")
+    assert export is not None
     return scraped, export
 
 
@@ -654,6 +649,7 @@ def test_gzip_compression_arrives(protocol: str) -> None:
     d = Daemon(router_config(free_port()), env=env).start()
     try:
         export = wait_until(rx.last, timeout=10, what="an export")
+        assert export is not None
         assert point(export, "zmq.socket_info", socket="backend") is not None
         if protocol == "http/protobuf":  # (grpcio decompresses before the servicer sees it)
             assert export.headers.get("content-encoding") == "gzip", export.headers
@@ -789,14 +785,15 @@ def test_request_equals_the_official_encoding() -> None:
                     for s in family.samples
                 ]
         out = []
-        for family, points in zip(PUSHED, slots, strict=True):
+        for pushed, points in zip(PUSHED, slots, strict=True):
             if points:
                 data = (
                     Sum(points, AggregationTemporality.CUMULATIVE, True)
-                    if family.type == "counter"
+                    if pushed.type == "counter"
                     else Gauge(points)
                 )
-                out.append(Metric(family.otel_name, family.help, family.otel_unit, data))
+                assert pushed.otel_name is not None  # PUSHED: every one has a name
+                out.append(Metric(pushed.otel_name, pushed.help, pushed.otel_unit, data))
         scope = ScopeMetrics(InstrumentationScope("zmq-exporter", __version__), out, "")
         return encode_metrics(MetricsData([ResourceMetrics(resource, [scope], "")]))
 
@@ -824,7 +821,7 @@ def test_official_exporters_send_the_built_request(protocol: str) -> None:
     from opentelemetry.sdk.metrics.export import MetricExportResult
     from opentelemetry.sdk.resources import Resource
 
-    from exporter.config.otlp import OtlpSettings
+    from exporter.config.otlp import OtlpSettings, Protocol
     from exporter.otlp import HOOKS, MetricsBuilder, sdk_exporter
     from exporter.state import EngineSnapshot, ReaderStats
 
@@ -833,7 +830,7 @@ def test_official_exporters_send_the_built_request(protocol: str) -> None:
         assert callable(getattr(official, name, None)), f"{official} has no {name}"
     rx = Receiver(protocol).start()
     endpoint = rx.endpoint if protocol == "grpc" else rx.endpoint + "/v1/metrics"
-    exporter = sdk_exporter(OtlpSettings(protocol, endpoint, interval=3600))
+    exporter = sdk_exporter(OtlpSettings(cast(Protocol, protocol), endpoint, interval=3600))
     try:
         assert isinstance(exporter, official)
         request = MetricsBuilder(Resource.create({})).build(
