@@ -158,6 +158,9 @@ class Daemon:
             self.last_reload_successful = True
             self.last_reload_success_time = time.time()
             self.modules = settings.modules  # /probe
+            if settings.relay != self._initial.relay:
+                # The relay's listener is bound once; changing it would drop every sender.
+                log.warning("relay: section changed in the file; restart to apply it")
             message = (
                 f"reloaded {self.config_file}: added {result.added}, removed {result.removed}, "
                 f"recreated {result.recreated}, unchanged {len(result.unchanged)}"

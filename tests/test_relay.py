@@ -198,7 +198,7 @@ def test_decoder_fuzz_never_crashes(data: bytes) -> None:
 
 def test_plain_pyzmq_sender_following_the_doc(tmp_path: Path) -> None:
     endpoint = _ipc(tmp_path)
-    with Daemon(_relay_config(endpoint)).start() as daemon:
+    with Daemon(_relay_config(endpoint)) as daemon:
         assert os.stat(endpoint.removeprefix("ipc://")).st_mode & 0o777 == 0o600
         sender = subprocess.Popen(
             [sys.executable, str(ROOT / "tests" / "relay_plain_sender.py"), endpoint, "plain/1"],
@@ -360,7 +360,7 @@ def test_exact_across_sidecar_sigkill_and_restart(tmp_path: Path) -> None:
 
 def test_sender_sigkill_zeroes_gauges_then_expires(tmp_path: Path) -> None:
     endpoint = _ipc(tmp_path)
-    with Daemon(_relay_config(endpoint, expire="2s")).start() as daemon:
+    with Daemon(_relay_config(endpoint, expire="2s")) as daemon:
         # The endpoint from ZMQ_EXPORTER_RELAY: no code change per deployment.
         app = _app(tmp_path, "", "hold", 3, env={"ZMQ_EXPORTER_RELAY": endpoint})
         try:
@@ -665,7 +665,7 @@ def test_fifty_senders_twenty_sockets_each_totals_exact(tmp_path: Path) -> None:
     # 50 senders (in this process: each with its own context, DEALER and thread, as in 50
     # processes) x 20 sockets, every socket with its own count, into a real daemon.
     endpoint = _ipc(tmp_path)
-    with Daemon(_relay_config(endpoint)).start() as daemon:
+    with Daemon(_relay_config(endpoint)) as daemon:
         senders = []
         truth = 0
         for p in range(50):
@@ -725,7 +725,7 @@ def test_library_sender_over_curve_tcp_from_the_environment(tmp_path: Path) -> N
     key.write_text(secret.decode())
     endpoint = f"tcp://127.0.0.1:{free_port()}"
     config = _relay_config(endpoint) + f"  curve_secretkey_file: {key}\n"
-    with Daemon(config).start() as daemon:
+    with Daemon(config) as daemon:
         env = {"ZMQ_EXPORTER_RELAY": endpoint, "ZMQ_EXPORTER_RELAY_SERVER_KEY": public.decode()}
         app = _app(tmp_path, "", "hold", 2, env=env)
         try:
@@ -740,3 +740,31 @@ def test_library_sender_over_curve_tcp_from_the_environment(tmp_path: Path) -> N
         finally:
             app.kill()
             app.wait(5)
+
+
+def test_reload_keeps_the_relay_and_says_a_change_needs_a_restart(tmp_path: Path) -> None:
+    endpoint = _ipc(tmp_path)
+    with Daemon(_relay_config(endpoint)) as daemon:
+        assert daemon.config_path is not None and daemon.proc is not None
+        daemon.config_path.write_text(_relay_config(endpoint, expire="1m"))
+        daemon.proc.send_signal(signal.SIGHUP)
+        try:
+            wait_until(lambda: "restart to apply" in daemon.logs(), timeout=10, what="warning")
+        except AssertionError:
+            raise AssertionError(daemon.logs()) from None
+        sender = subprocess.Popen(
+            [sys.executable, str(ROOT / "tests" / "relay_plain_sender.py"), endpoint, "r/1"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            wait_until(
+                lambda: value(daemon.scrape(), "zmq_accepted_total", process="r/1") == 7,
+                timeout=10,
+                what="the relay still serving after the reload",
+            )
+        finally:
+            assert sender.stdin is not None
+            sender.stdin.close()
+            sender.wait(10)
