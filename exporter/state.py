@@ -48,7 +48,13 @@ class EndpointState:
     errno_counts: Counter[tuple[Event, str]] = field(default_factory=Counter)
     # (reason, error label) for HANDSHAKE_FAILED_*
     handshake_failures: Counter[tuple[str, str]] = field(default_factory=Counter)
-    live_fds: set[int] = field(default_factory=set)
+    # Live connections: fd -> connected-since (the event's `now`; no syscalls here: reading
+    # the kernel at event time would double an event's cost, exporter/connections.py reads
+    # at request time).
+    live: dict[int, float] = field(default_factory=dict)
+    # The endpoint as libzmq names it in ACCEPTED/CONNECTED (a bind's resolved address, so
+    # `tcp://*:0` has its port): what exporter/connections.py checks a fd's addresses against.
+    address: str = ""
     listener_fd: int | None = None
     reconnect_interval_ms: int = 0
     # The current connection completed its ZMTP handshake and has not ended (connect
@@ -60,6 +66,10 @@ class EndpointState:
     def __post_init__(self) -> None:
         for event in _initial_counters(self.role):
             self.counts[event] = 0
+
+    @property
+    def live_fds(self) -> set[int]:
+        return set(self.live)
 
 
 def _initial_counters(role: Role | None) -> tuple[Event, ...]:
@@ -132,7 +142,7 @@ def apply_event(sock: SocketState, event_id: int, value: int, seen: str, now: fl
         # The socket closed: its connections and listeners are gone, without
         # DISCONNECTED/CLOSED events for them.
         for state in sock.endpoints.values():
-            state.live_fds.clear()
+            state.live.clear()
             state.listener_fd = None
             state.ready = False
         label = SOCKET_WIDE
@@ -143,12 +153,14 @@ def apply_event(sock: SocketState, event_id: int, value: int, seen: str, now: fl
     state.last_event_time = now
 
     if event is Event.ACCEPTED or event is Event.CONNECTED:
-        state.live_fds.add(value)
+        # A repeated fd overwrites: a new connection on a reused number.
+        state.live[value] = now
+        state.address = seen
         state.ready = False  # a new connection starts its handshake
     elif event is Event.HANDSHAKE_SUCCEEDED:
         state.ready = True
     elif event is Event.DISCONNECTED:
-        state.live_fds.discard(value)
+        state.live.pop(value, None)
         state.ready = False
     elif event is Event.LISTENING:
         state.listener_fd = value
@@ -206,7 +218,8 @@ def record_endpoint(
             state.counts.update(known.counts)
             state.errno_counts.update(known.errno_counts)
             state.handshake_failures.update(known.handshake_failures)
-            state.live_fds |= known.live_fds
+            state.live.update(known.live)
+            state.address = known.address
     if resolved is not None and resolved != endpoint:
         sock.endpoint_map.add_resolved(resolved, endpoint)
     return True
@@ -238,6 +251,9 @@ class EndpointSnapshot:
     last_event: Event | None
     last_event_time: float
     ready: bool = False  # connect endpoints: zmq_connection_ready
+    # (fd, connected-since) of each live connection, sorted by fd; empty for relayed sockets.
+    live: tuple[tuple[int, float], ...] = ()
+    address: str = ""  # EndpointState.address
 
 
 @dataclass(frozen=True)
@@ -264,12 +280,14 @@ def snapshot_socket(sock: SocketState) -> SocketSnapshot:
                 counts=dict(state.counts),
                 errno_counts=dict(state.errno_counts),
                 handshake_failures=dict(state.handshake_failures),
-                connections=len(state.live_fds),
+                connections=len(state.live),
                 listening=state.listener_fd is not None,
                 reconnect_interval_ms=state.reconnect_interval_ms,
                 last_event=state.last_event,
                 last_event_time=state.last_event_time,
                 ready=state.ready,
+                live=tuple(sorted(state.live.items())),
+                address=state.address,
             )
             for label, state in sock.endpoints.items()
         ),

@@ -368,3 +368,56 @@ def test_connection_ready_only_for_connect_endpoints() -> None:
     other = "tcp://10.0.0.1:1"
     feed(sock, (E.CONNECTED, 10, other), (E.HANDSHAKE_SUCCEEDED, 0, other))
     assert _ready_rows(sock) == {}
+
+
+# -- live connections with their connected-since time (issue 18) -------------------------
+
+
+def test_live_connections_carry_fd_and_since_from_the_event_time() -> None:
+    sock = make(binds=("tcp://*:5555",), connects=(CONNECT,))
+    sock.endpoint_map.add_resolved("tcp://0.0.0.0:5555", "tcp://*:5555")
+    apply_event(sock, int(E.ACCEPTED), 12, "tcp://0.0.0.0:5555", 100.5)
+    apply_event(sock, int(E.ACCEPTED), 9, "tcp://0.0.0.0:5555", 101.0)
+    apply_event(sock, int(E.CONNECTED), 14, CONNECT, 102.0)
+    bind = ep(sock, "tcp://*:5555")
+    # Sorted by fd; the address is libzmq's (resolved) one, what the kernel reads check.
+    assert bind.live == ((9, 101.0), (12, 100.5))
+    assert bind.address == "tcp://0.0.0.0:5555"
+    assert ep(sock, CONNECT).live == ((14, 102.0),)
+    assert ep(sock, CONNECT).address == CONNECT
+    apply_event(sock, int(E.DISCONNECTED), 12, "tcp://0.0.0.0:5555", 103.0)
+    # A reused number is a new connection: its since is the new event's.
+    apply_event(sock, int(E.ACCEPTED), 9, "tcp://0.0.0.0:5555", 104.0)
+    bind = ep(sock, "tcp://*:5555")
+    assert (bind.live, bind.connections) == (((9, 104.0),), 1)
+    apply_event(sock, int(E.MONITOR_STOPPED), 0, "", 105.0)
+    assert ep(sock, "tcp://*:5555").live == () and ep(sock, CONNECT).live == ()
+
+
+def test_live_snapshot_is_a_copy_and_reused_while_idle() -> None:
+    sock = make()
+    feed(sock, (E.ACCEPTED, 9, BIND))
+    before = ep(sock, BIND)
+    feed(sock, (E.ACCEPTED, 10, BIND), (E.DISCONNECTED, 9, BIND))
+    assert before.live == ((9, 0.0),)
+    assert ep(sock, BIND).live == ((10, 0.0),)
+
+
+def test_live_equals_accepted_not_disconnected_under_random_churn() -> None:
+    import random
+
+    rng = random.Random(18)
+    sock = make()
+    live: dict[int, float] = {}
+    for step in range(3000):
+        fd = rng.randrange(3, 40)
+        kind = rng.choice([E.ACCEPTED, E.DISCONNECTED, E.CLOSED])
+        if kind is E.ACCEPTED and fd in live:
+            continue
+        apply_event(sock, int(kind), fd, BIND, float(step))
+        if kind is E.ACCEPTED:
+            live[fd] = float(step)
+        elif kind is E.DISCONNECTED:
+            live.pop(fd, None)
+        row = ep(sock, BIND)
+        assert row.live == tuple(sorted(live.items())) and row.connections == len(live)
