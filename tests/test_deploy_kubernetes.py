@@ -182,3 +182,78 @@ def test_configmap_config_is_valid_for_the_exporter() -> None:
             cwd=ROOT,
         )
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+# -- deploy/kubernetes/relay/: the relay sidecar over a shared ipc volume (issue 16) --
+
+RELAY_DIR = K8S / "relay"
+RELAY = RELAY_DIR / "sidecar.yml"
+
+
+def relay_documents() -> dict[str, dict[str, Any]]:
+    docs = [doc for path in sorted(RELAY_DIR.glob("*.yml")) for doc in documents(path)]
+    kinds = [doc["kind"] for doc in docs]
+    assert sorted(kinds) == ["ConfigMap", "Deployment", "PodMonitor"], kinds
+    return {doc["kind"]: doc for doc in docs}
+
+
+def test_relay_manifests_validate() -> None:
+    docs = relay_documents()
+    out = check([tool("kubernetes-validate"), "--strict", str(RELAY)])
+    for kind in ("configmap", "deployment"):
+        assert f"passed for resource {kind}/" in out, out
+    assert crd_errors(docs["PodMonitor"]) is None, crd_errors(docs["PodMonitor"])
+
+
+def test_relay_wiring_shares_the_ipc_socket() -> None:
+    """The daemon listens on an ipc path inside an emptyDir that the application container
+    mounts at the same place, and the application's ZMQ_EXPORTER_RELAY names that path."""
+    docs = relay_documents()
+    pod = docs["Deployment"]["spec"]["template"]
+    assert docs["Deployment"]["spec"]["selector"]["matchLabels"].items() <= (
+        pod["metadata"]["labels"].items()
+    )
+    assert docs["PodMonitor"]["spec"]["selector"]["matchLabels"].items() <= (
+        pod["metadata"]["labels"].items()
+    )
+    containers = {c["name"]: c for c in pod["spec"]["containers"]}
+    exporter = containers.pop("zmq-exporter")
+    (app,) = containers.values()
+    config = yaml.safe_load(docs["ConfigMap"]["data"]["config.yml"])
+    (listen,) = config["relay"]["listen"]
+    assert listen.startswith("ipc:///")
+    socket_dir = str(Path(listen.removeprefix("ipc://")).parent)
+    env = {e["name"]: e["value"] for e in app["env"]}
+    assert env["ZMQ_EXPORTER_RELAY"] == listen
+    volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
+    shared = []
+    for container in (exporter, app):
+        (mount,) = [m for m in container["volumeMounts"] if m["mountPath"] == socket_dir]
+        assert not mount.get("readOnly"), "connecting to an ipc socket needs write access"
+        shared.append(mount["name"])
+    assert shared[0] == shared[1] and "emptyDir" in volumes[shared[0]]
+    # Different users: the socket file is group-writable for the pod's fsGroup.
+    assert int(config["relay"]["ipc_mode"], 8) & 0o060 == 0o060
+    assert pod["spec"]["securityContext"]["fsGroup"] == exporter["securityContext"]["runAsGroup"]
+    config_volume = {m["mountPath"]: m["name"] for m in exporter["volumeMounts"]}[
+        "/etc/zmq-exporter"
+    ]
+    assert volumes[config_volume]["configMap"]["name"] == docs["ConfigMap"]["metadata"]["name"]
+    assert "--config.file=/etc/zmq-exporter/config.yml" in exporter["args"]
+    assert docs["PodMonitor"]["spec"]["podMetricsEndpoints"][0]["port"] == "metrics"
+    assert {"name": "metrics", "containerPort": 19555, "protocol": "TCP"} in exporter["ports"]
+
+
+def test_relay_configmap_config_is_valid_for_the_exporter() -> None:
+    config = relay_documents()["ConfigMap"]["data"]["config.yml"]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "config.yml"
+        path.write_text(config)
+        done = subprocess.run(
+            [sys.executable, "-m", "exporter", "--config.check", f"--config.file={path}"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=ROOT,
+        )
+    assert done.returncode == 0, done.stdout + done.stderr
