@@ -14,6 +14,7 @@ from prometheus_client.registry import Collector, CollectorRegistry
 from exporter import metrics
 from exporter.config import ConfigError, Settings, load_config
 from exporter.config.otlp import OtlpSettings
+from exporter.conntable import ConnectionTable
 from exporter.engine import ApplyError, Engine, EngineStopped
 from exporter.fdbudget import MISC_RESERVE
 from exporter.otlp import OtlpOutput
@@ -70,6 +71,9 @@ class Daemon:
             )
         # /metrics: the state (socket families pre-rendered) first, then this registry.
         self.state = StateCollector(self.snapshot)
+        # Who is connected (issue 18): the engine's own live fds only (relayed sockets' fds
+        # belong to other processes), read from the kernel at request time.
+        self.connections = ConnectionTable(self.engine.snapshot)
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_ReloadCollector(self))
         self.registry.register(PROCESS_COLLECTOR)
@@ -95,6 +99,7 @@ class Daemon:
             reload=self.reload,
             state=self.state,
             probe=self.prober.handle_probe,
+            connections=self.connections.handle,
             max_concurrent_probes=probe_max_concurrent,
             max_concurrent_scrapes=max_requests,
         )

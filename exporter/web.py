@@ -165,6 +165,9 @@ class WebApp:
     # with `max_concurrent_probes` workers (--probe.max-concurrent). None: no /probe.
     probe: ProbeHandler | None = None
     max_concurrent_probes: int = 0
+    # GET /api/v1/connections (issue 18, exporter/conntable.py): query -> response, in the
+    # scrape lane (it reads the kernel, like a scrape). None: no such route.
+    connections: Callable[[dict[str, list[str]]], Response] | None = None
 
     def __post_init__(self) -> None:
         self._scrape_slots = (
@@ -310,6 +313,9 @@ class WebHandler:
             if path == "/probe" and app.probe is not None:  # issue 17: exporter/prober
                 query = urllib.parse.parse_qs(request.target.partition("?")[2])
                 return app.probe(query, request.headers)
+            if path == "/api/v1/connections" and app.connections is not None:
+                query = urllib.parse.parse_qs(request.target.partition("?")[2])
+                return app.connections(query)
             if path == "/":
                 body = app.landing_page().encode()
                 return 200, {"Content-Type": "text/html; charset=utf-8"}, body
