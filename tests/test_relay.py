@@ -778,3 +778,93 @@ def test_reload_keeps_the_relay_and_says_a_change_needs_a_restart(tmp_path: Path
             assert sender.stdin is not None
             sender.stdin.close()
             sender.wait(10)
+
+
+_ABSENT_SIDECAR_APP = textwrap.dedent(
+    """\
+    # An application in library mode whose relay has no sidecar: a ROUTER churned from
+    # outside and a REQ/REP ping-pong, all three instrumented with relay=, in one context.
+    import json, sys, time
+    import zmq
+    import exporter
+    from exporter import library
+    from testkit import free_port
+
+    endpoint, seconds = sys.argv[1], float(sys.argv[2])
+    ctx = zmq.Context()
+    router, rep, req = ctx.socket(zmq.ROUTER), ctx.socket(zmq.REP), ctx.socket(zmq.REQ)
+    handles = []
+    for sock, name in ((router, "churned"), (rep, "rep"), (req, "req")):
+        sock.setsockopt(zmq.LINGER, 0)
+        handles.append(exporter.instrument(sock, name, registry=None, relay=endpoint))
+    port, ping = free_port(), free_port()
+    router.bind(f"tcp://127.0.0.1:{port}")
+    rep.bind(f"tcp://127.0.0.1:{ping}")
+    req.connect(f"tcp://127.0.0.1:{ping}")
+    print(json.dumps({"port": port}), flush=True)
+    sys.stdin.readline()  # the churn has started
+    reader = library.reader()
+    events0 = reader.snapshot().stats.events
+    worst, trips = 0.0, 0
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        t0 = time.monotonic()
+        req.send(b"ping")
+        if not rep.poll(5000):
+            break
+        rep.send(rep.recv())
+        if not req.poll(5000):
+            break
+        req.recv()
+        worst = max(worst, time.monotonic() - t0)
+        trips += 1
+    sender = library._process.relays[endpoint]
+    print(json.dumps({"worst": worst, "trips": trips, "sent": sender.sent,
+                      "deferred": sender.deferred,
+                      "events": reader.snapshot().stats.events - events0}), flush=True)
+    for h in handles:
+        h.close()
+    for s in (router, rep, req):
+        s.close()
+    ctx.term()
+    """
+)
+
+
+def test_application_never_stalls_while_its_sidecar_is_absent(tmp_path: Path) -> None:
+    """A subprocess application relays to an ipc endpoint nobody binds while its ROUTER is
+    churned at 500 connections/s: its ping-pong in the same context never takes 200 ms,
+    and the sender sent nothing (no sidecar) while the churn's events were read."""
+    from testkit import LoadGen
+
+    endpoint = _ipc(tmp_path)
+    app = subprocess.Popen(
+        [sys.executable, "-c", _ABSENT_SIDECAR_APP, endpoint, "3"],
+        cwd=ROOT,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    load: LoadGen | None = None
+    try:
+        assert app.stdin is not None and app.stdout is not None
+        port = json.loads(app.stdout.readline())["port"]
+        load = LoadGen(port, 2000, 4.0, rate=500)
+        app.stdin.write("go\n")
+        app.stdin.flush()
+        line = app.stdout.readline()
+        assert line, "the application died"
+        result = json.loads(line)
+        tally = load.tally()
+        assert app.wait(30) == 0
+    finally:
+        if load is not None:
+            load.kill()
+        if app.poll() is None:
+            app.kill()
+            app.wait()
+    assert tally.completed > 500, tally
+    assert result["events"] > 1000, result  # the churn was read while it relayed
+    assert result["sent"] == 0 and result["deferred"] > 10, result  # no sidecar, ticks on
+    assert result["trips"] > 100, result
+    assert result["worst"] < 0.2, result
