@@ -49,6 +49,7 @@ class Row:
     connected_since: float
     ready: bool | None
     info: ConnectionInfo
+    labels: dict[str, str]  # the socket's configured labels (shared, never changed)
 
     def to_json(self) -> dict[str, object]:
         row: dict[str, object] = {
@@ -125,7 +126,13 @@ class ConnectionTable:
             self._pins[key] = exp.pinned(info)
         role = ep.role or ""
         return Row(
-            sock.name, ep.endpoint, role, since, ep.ready if role == "connect" else None, info
+            sock.name,
+            ep.endpoint,
+            role,
+            since,
+            ep.ready if role == "connect" else None,
+            info,
+            sock.labels,
         )
 
     def _prune(self, snap: EngineSnapshot) -> None:
@@ -184,12 +191,18 @@ class ConnectionTable:
                     out.append(row)
         return out
 
-    def summaries(self) -> dict[tuple[str, str], EndpointConnections]:
-        """Per (socket, endpoint label) with live connections: summarize() of its rows."""
-        groups: dict[tuple[str, str], list[ConnectionInfo]] = {}
+    def summaries(self) -> list[tuple[dict[str, str], EndpointConnections]]:
+        """Per endpoint with live connections, in (socket, endpoint) order: its metric
+        labels (socket, endpoint, configured labels) and summarize() of its rows."""
+        groups: dict[tuple[str, str], tuple[dict[str, str], list[ConnectionInfo]]] = {}
         for row in self.all_rows():
-            groups.setdefault((row.socket, row.endpoint), []).append(row.info)
-        return {key: summarize(infos) for key, infos in groups.items()}
+            key = (row.socket, row.endpoint)
+            group = groups.get(key)
+            if group is None:
+                labels = {"socket": row.socket, "endpoint": row.endpoint, **row.labels}
+                group = groups[key] = (labels, [])
+            group[1].append(row.info)
+        return [(labels, summarize(infos)) for labels, infos in groups.values()]
 
     # -- GET /api/v1/connections -------------------------------------------------------
 

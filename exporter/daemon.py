@@ -95,7 +95,9 @@ class Daemon:
             is_ready=lambda: self.engine.snapshot().ready,
             # False once the engine thread ended: the process is about to exit non-zero.
             is_healthy=lambda: self.engine.failure is None,
-            landing_page=lambda: render_status(self.snapshot(), telemetry_path),
+            landing_page=lambda: render_status(
+                self.snapshot(), telemetry_path, self.connections.all_rows()
+            ),
             reload=self.reload,
             state=self.state,
             probe=self.prober.handle_probe,

@@ -5,6 +5,7 @@ filters and keyset paging cover every live connection once."""
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -14,6 +15,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
+from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
@@ -204,5 +206,79 @@ def test_paging_filters_and_limits(
             assert status_of(daemon, bad) == 400, bad
         assert status_of(daemon, "limit=1000") == 200
     finally:
+        for c in clients:
+            c.close()
+
+
+class ConnectionTables(HTMLParser):
+    """The status page's "Who is connected" tables: id -> rows of cells; and the links."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tables: dict[str, list[list[str]]] = {}
+        self.links: list[str] = []
+        self._table: str | None = None
+        self._cell: list[str] | None = None
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = dict(attrs)
+        if tag == "table" and a.get("class") == "connections":
+            self._table = a.get("id") or ""
+            self.tables[self._table] = []
+        elif tag == "a":
+            self.links.append(a.get("href") or "")
+        elif self._table is not None and tag == "tr" and "data-fd" in a:
+            self.tables[self._table].append([])
+        elif self._table is not None and tag == "td":
+            self._cell = []
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "table":
+            self._table = None
+        elif tag == "td" and self._cell is not None and self._table is not None:
+            self.tables[self._table][-1].append("".join(self._cell).strip())
+            self._cell = None
+
+    def handle_data(self, data: str) -> None:
+        if self._cell is not None:
+            self._cell.append(data)
+
+
+def test_status_page_shows_the_top_connections_per_socket(
+    setup: tuple[Daemon, int, str, int, zmq.Socket[bytes]],
+) -> None:
+    daemon, port, ipc_path, upstream_port, _ = setup
+    clients = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(12)]
+    unix = socket.socket(socket.AF_UNIX)
+    try:
+        unix.connect(ipc_path)
+        wait_until(
+            lambda: (
+                get(daemon, "socket=backend")["total"] == 12
+                and get(daemon, "socket=local")["total"] == 1
+                and get(daemon, "socket=upstream")["total"] == 1
+            ),
+            timeout=15,
+            what="12 tcp clients, 1 ipc client, the upstream connection",
+        )
+        with urllib.request.urlopen(daemon.url + "/", timeout=10) as resp:
+            page = ConnectionTables()
+            page.feed(resp.read().decode())
+        ours = {f"127.0.0.1:{c.getsockname()[1]}" for c in clients}
+        backend = page.tables["connections-backend"]
+        assert len(backend) == 10  # the top 10 of 12
+        # Endpoint, Peer, Connected since, RTT (ms), Retransmits, Send-Q, Recv-Q
+        assert {r[1] for r in backend} <= ours
+        for r in backend:
+            assert r[0] == f"tcp://127.0.0.1:{port}" and r[2].endswith(" UTC"), r
+            assert float(r[3]) > 0 and r[4:] == ["0", "0", "0"], r
+        (local,) = page.tables["connections-local"]
+        assert local[1].endswith(f"(pid {os.getpid()})") and local[3:5] == ["-", "-"], local
+        (up,) = page.tables["connections-upstream"]
+        assert up[1] == f"127.0.0.1:{upstream_port}", up
+        for name in ("backend", "local", "upstream"):
+            assert f"/api/v1/connections?socket={name}" in page.links
+    finally:
+        unix.close()
         for c in clients:
             c.close()

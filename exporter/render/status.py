@@ -5,12 +5,68 @@ from __future__ import annotations
 
 import html
 import time
+import urllib.parse
+from collections.abc import Sequence
 
 from exporter import __version__
+from exporter.conntable import Row
 from exporter.state import EngineSnapshot
 
+TOP_CONNECTIONS = 10  # per socket, by send queue
 
-def render_status(snap: EngineSnapshot, telemetry_path: str) -> str:
+
+def _num(value: float | None, scale: float = 1.0, fmt: str = "{:.0f}") -> str:
+    return "-" if value is None else fmt.format(value * scale)
+
+
+def render_connections(rows: Sequence[Row], top: int = TOP_CONNECTIONS) -> str:
+    """Who is connected (issue 18): per socket, the `top` connections with the largest
+    kernel send queue (a slow consumer first), and a link to the whole table as JSON."""
+    by_socket: dict[str, list[Row]] = {}
+    for row in rows:
+        by_socket.setdefault(row.socket, []).append(row)
+    parts = []
+    for name in sorted(by_socket):
+        conns = sorted(
+            by_socket[name],
+            key=lambda r: (-(r.info.send_queue_bytes or 0), r.endpoint, r.info.fd),
+        )
+        shown = conns[:top]
+        link = "/api/v1/connections?" + urllib.parse.urlencode({"socket": name})
+        lines = []
+        for r in shown:
+            i = r.info
+            since = time.strftime("%Y-%m-%d %H:%M:%S", time.gmtime(r.connected_since))
+            retrans = "-" if i.tcp is None else str(i.tcp.total_retrans)
+            peer = html.escape(i.peer_address)
+            if i.peer_pid is not None:
+                peer += f" (pid {i.peer_pid})"
+            lines.append(
+                f'<tr data-fd="{i.fd}"><td><code>{html.escape(r.endpoint)}</code></td>'
+                f"<td>{peer}</td><td>{since} UTC</td>"
+                f'<td class="num">{_num(i.rtt_seconds, 1e3, "{:.3f}")}</td>'
+                f'<td class="num">{retrans}</td>'
+                f'<td class="num">{_num(i.send_queue_bytes)}</td>'
+                f'<td class="num">{_num(i.recv_queue_bytes)}</td></tr>'
+            )
+        esc = html.escape(name)
+        parts.append(
+            f"<h3>{esc}: {len(conns)} connections, top {len(shown)} by send queue "
+            f'(<a href="{html.escape(link)}">all as JSON</a>)</h3>\n'
+            f'<table class="connections" id="connections-{esc}">\n'
+            "<thead><tr><th>Endpoint</th><th>Peer</th><th>Connected since</th>"
+            "<th>RTT (ms)</th><th>Retransmits</th><th>Send-Q (bytes)</th>"
+            "<th>Recv-Q (bytes)</th></tr></thead>\n"
+            f"<tbody>{''.join(lines)}</tbody></table>"
+        )
+    if not parts:
+        parts.append("<p>No live tcp or ipc connections.</p>")
+    return "<h2>Who is connected</h2>\n" + "\n".join(parts) + "\n"
+
+
+def render_status(
+    snap: EngineSnapshot, telemetry_path: str, connections: Sequence[Row] | None = None
+) -> str:
     rows = []
     for sock in snap.sockets:
         for ep in sock.endpoints:
@@ -54,5 +110,5 @@ th {{ background: #eee; }} td.num {{ text-align: right; }}
 <tbody>
 {"".join(rows)}
 </tbody></table>
-</body></html>
+{"" if connections is None else render_connections(connections)}</body></html>
 """
