@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.error
 import urllib.parse
@@ -282,3 +284,69 @@ def test_status_page_shows_the_top_connections_per_socket(
         unix.close()
         for c in clients:
             c.close()
+
+
+def test_churn_while_reading_reports_only_connections_the_generator_had_open(
+    setup: tuple[Daemon, int, str, int, zmq.Socket[bytes]],
+) -> None:
+    """fd reuse through the whole daemon: clients connect and close continuously while the
+    API is read (and /metrics scraped, which opens and closes HTTP connections, so fd numbers
+    are reused by other sockets). Every established row names a peer port the load generator
+    had open during that request; any other row (close_wait: the client closed, libzmq did
+    not yet) a port it had opened."""
+    daemon, port, _, _, _ = setup
+    intervals: dict[int, list[tuple[float, float]]] = {}  # port -> (opened, closed)
+    lock = threading.Lock()
+    stop = threading.Event()
+    inf = float("inf")
+
+    def generate() -> None:
+        rng = random.Random(18)
+        live: list[tuple[socket.socket, int, int]] = []
+        deadline = time.monotonic() + 20
+        while not stop.is_set() and time.monotonic() < deadline:
+            if len(live) < 30 and (not live or rng.random() < 0.55):
+                opened = time.monotonic()
+                c = socket.create_connection(("127.0.0.1", port), timeout=5)
+                p = c.getsockname()[1]
+                with lock:
+                    intervals.setdefault(p, []).append((opened, inf))
+                    live.append((c, p, len(intervals[p]) - 1))
+            else:
+                c, p, index = live.pop(rng.randrange(len(live)))
+                c.close()
+                with lock:
+                    intervals[p][index] = (intervals[p][index][0], time.monotonic())
+            time.sleep(0.002)
+        for c, _, _ in live:
+            c.close()
+
+    gen = threading.Thread(target=generate)
+    gen.start()
+    checked = states = 0
+    try:
+        deadline = time.monotonic() + 4
+        while time.monotonic() < deadline:
+            t0 = time.monotonic()
+            rows = get(daemon, "socket=backend&limit=1000")["connections"]
+            t1 = time.monotonic()
+            with lock:
+                snapshot = {p: list(v) for p, v in intervals.items()}
+            for r in rows:
+                host, _, p_text = r["peer_address"].rpartition(":")
+                assert host == "127.0.0.1", r
+                spans = snapshot.get(int(p_text), [])
+                if r["tcp_state"] == "established":
+                    ok = any(o <= t1 and c >= t0 for o, c in spans)
+                else:
+                    ok = any(o <= t1 for o, _ in spans)
+                    states += 1
+                assert ok, (r, spans, t0, t1)
+                checked += 1
+            urllib.request.urlopen(daemon.url + "/metrics", timeout=10).read()
+    finally:
+        stop.set()
+        gen.join(30)
+    assert not gen.is_alive()
+    print(f"churn: {checked} rows checked ({states} not established), {len(intervals)} ports")
+    assert checked > 100 and len(intervals) > 100
