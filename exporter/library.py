@@ -35,7 +35,6 @@ Misuse, each with a defined outcome (tests/test_library.py):
 from __future__ import annotations
 
 import contextlib
-import itertools
 import logging
 import os
 import re
@@ -58,6 +57,7 @@ from exporter.events import ALL_EVENTS_MASK, EVENT_BY_NAME, Event
 from exporter.reader import EngineStopped, Reader
 from exporter.render.prometheus import StateCollector, render_self, render_sockets
 from exporter.render.rows import row_labels, socket_rows
+from exporter.sockets import attach_monitor
 from exporter.state import (
     EngineSnapshot,
     ReaderStats,
@@ -82,7 +82,6 @@ READER_THREAD = "zmq-exporter-reader"
 
 _LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
 _Z85_KEY = re.compile(r"[0-9a-zA-Z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}")
-_monitor_ids = itertools.count(1)
 
 
 class InstrumentError(ValueError):
@@ -425,28 +424,12 @@ def _relayed(endpoint: str) -> tuple[SocketSnapshot, ...]:
 
 
 def _attach_monitor(socket: zmq.Socket[Any], name: str, mask: int) -> zmq.Socket[bytes]:
-    # A unique address on every attach: reusing an inproc monitor address hangs (libzmq
-    # #1315). The pid keeps a forked child's addresses apart from the parent's.
-    addr = f"inproc://zmq-exporter.library.{os.getpid()}.{next(_monitor_ids)}"
     try:
-        socket.monitor(addr, mask)
+        return attach_monitor(socket.context, socket, mask)
     except zmq.ContextTerminated:
         raise InstrumentError(f"cannot instrument {name!r}: its context is terminated") from None
     except zmq.ZMQError as err:
         raise InstrumentError(f"cannot instrument {name!r}: {err.strerror}") from err
-    # A plain socket even for zmq.asyncio (only the reader reads it), made directly rather
-    # than by ctx.socket(): the context does not list it, so ctx.destroy() leaves it to
-    # the reader instead of closing it under the reader's feet.
-    pair: zmq.Socket[bytes] = zmq.Socket(socket.context, zmq.PAIR)
-    try:
-        pair.setsockopt(zmq.RCVHWM, 0)  # unbounded: a burst never blocks the I/O thread
-        pair.setsockopt(zmq.LINGER, 0)
-        pair.connect(addr)
-    except BaseException:
-        pair.close(linger=0)
-        socket.disable_monitor()
-        raise
-    return pair
 
 
 def _detach(socket: zmq.Socket[Any], pair: zmq.Socket[bytes]) -> None:

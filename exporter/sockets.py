@@ -54,16 +54,20 @@ def open_socket(ctx: zmq.Context[zmq.Socket[bytes]], spec: SocketSpec) -> Monito
     )
 
 
-def attach_monitor(
-    ctx: zmq.Context[zmq.Socket[bytes]], sock: zmq.Socket[bytes], mask: int
-) -> zmq.Socket[bytes]:
+def attach_monitor(ctx: zmq.Context[Any], sock: zmq.Socket[Any], mask: int) -> zmq.Socket[bytes]:
+    """Start `sock`'s monitor and connect our end of it, a PAIR in `ctx` (the socket's own
+    context: inproc). Call it on the thread that owns `sock`."""
     # A unique address on every attach: reusing an inproc monitor address hangs
-    # (libzmq #1315). RCVHWM=0 before connect makes the monitor pipe unbounded, so an
-    # event burst queues in memory instead of blocking the context's I/O thread
-    # (get_monitor_socket() keeps the default HWM and stalls every socket after ~2,300).
+    # (libzmq #1315); the pid keeps a forked child's addresses apart from the parent's.
+    # RCVHWM=0 before connect makes the monitor pipe unbounded, so an event burst queues
+    # in memory instead of blocking the context's I/O thread (get_monitor_socket() keeps
+    # the default HWM and stalls every socket after ~2,300).
     addr = f"inproc://zmq-exporter.monitor.{os.getpid()}.{next(_monitor_ids)}"
     sock.monitor(addr, mask)
-    pair = ctx.socket(zmq.PAIR)
+    # A plain socket even for zmq.asyncio (only our reader reads it), made directly rather
+    # than by ctx.socket(): the context does not list it, so an application's
+    # ctx.destroy() leaves it to the reader instead of closing it under the reader's feet.
+    pair: zmq.Socket[bytes] = zmq.Socket(ctx, zmq.PAIR)
     try:
         pair.setsockopt(zmq.RCVHWM, 0)
         pair.setsockopt(zmq.LINGER, 0)

@@ -9,23 +9,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from exporter import metrics
 from exporter.config.modules import ProbeModule
 
-# `probe_zmtp_failure_info{reason}`: the closed set. The first eight are the issue's;
-# `handshake_timeout` is libzmq's own handshake error (stream_engine_base_t::timer_event:
-# the handshake_ivl timer fires, error(timeout_error)): the greeting came, the security
-# handshake did not finish in time.
-REASONS = (
-    "dns",
-    "connect_refused",
-    "connect_timeout",
-    "not_zmtp",
-    "greeting_timeout",
-    "mechanism_mismatch",
-    "auth",
-    "protocol",
-    "handshake_timeout",
-)
+# `probe_zmtp_failure_info{reason}`: the closed set, defined in the metrics table. The
+# first eight are the issue's; `handshake_timeout` is libzmq's own handshake error
+# (stream_engine_base_t::timer_event: the handshake_ivl timer fires, error(timeout_error)):
+# the greeting came, the security handshake did not finish in time.
+REASONS = metrics.PROBE_FAILURE_INFO.values
 
 log = logging.getLogger("zmq_exporter.probe")
 
