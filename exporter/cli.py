@@ -166,9 +166,10 @@ def main(argv: list[str] | None = None) -> int:
         otlp = check_otlp(settings)
     except ConfigError as err:
         return fail(str(err))
-    from exporter.daemon import FD_RESERVE
+    from exporter.daemon import fd_reserve
 
-    fd_problem = startup_fd_problem(settings.sockets, FD_RESERVE)
+    reserve = fd_reserve(args.probe_max_concurrent, len(args.listen_address or [DEFAULT_LISTEN]))
+    fd_problem = startup_fd_problem(settings.sockets, reserve)
     if fd_problem is not None:
         return fail(f"{settings.file}: {fd_problem}")
     web_config = None

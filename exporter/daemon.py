@@ -31,7 +31,18 @@ from exporter.webconfig import WebConfig
 log = logging.getLogger("zmq_exporter")
 
 APPLY_TIMEOUT = 30.0
-FD_RESERVE = MAX_CONNECTIONS + MISC_RESERVE
+# Descriptors one probe holds at most: its raw connection for the greeting, the libzmq
+# socket's mailbox and connection, the monitor PAIR's mailbox, the probe context's share.
+FDS_PER_PROBE = 5
+
+
+def fd_reserve(probe_max_concurrent: int = DEFAULT_MAX_CONCURRENT, listeners: int = 1) -> int:
+    """Descriptors kept free of sockets (fdbudget.py): the web server's connections and
+    listeners, every concurrent probe's, and a margin."""
+    return MAX_CONNECTIONS + listeners + FDS_PER_PROBE * probe_max_concurrent + MISC_RESERVE
+
+
+FD_RESERVE = fd_reserve()
 
 
 class Daemon:
@@ -53,7 +64,10 @@ class Daemon:
         self.modules = settings.modules
         self.prober = Prober(lambda: self.modules, probe_max_concurrent, probe_timeout_offset)
         # The web server's connections and a margin stay free of sockets (fdbudget.py).
-        self.engine = Engine(on_failure=on_failure, fd_reserve=FD_RESERVE)
+        listeners = 1 if isinstance(listen_address, str) else max(1, len(listen_address))
+        self.engine = Engine(
+            on_failure=on_failure, fd_reserve=fd_reserve(probe_max_concurrent, listeners)
+        )
         self._reload_lock = threading.Lock()
         self.last_reload_successful = True
         self.last_reload_success_time = time.time()

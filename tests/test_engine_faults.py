@@ -374,7 +374,7 @@ def test_fd_budget_refuses_start_check_and_reload_that_cannot_fit(tmp_path: Path
     """On 8b429ee, with a low RLIMIT_NOFILE, a reload to more sockets left the process with
     every fd used and HTTP unreachable, or aborted it inside libzmq."""
     per_socket = FDS_PER_SOCKET + 1
-    start_count, big_count = 50, 200
+    start_count, big_count = 50, 400
     nofile = BASE_FDS + start_count * per_socket + FD_RESERVE + 40
     assert BASE_FDS + big_count * per_socket + FD_RESERVE > nofile
     # Refused up front, by the check and by the start alike.
