@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from importlib.metadata import version
 from typing import Any
 
-from bench import app, ingest, library, memory, otlp, probe, scrape
+from bench import app, ingest, library, memory, otlp, probe, relay, scrape
 from bench.common import BenchEngine, process_cpu, raise_fd_limit, wait_quiet, wait_until
 from exporter.engine import COALESCE_SECONDS
 
@@ -333,8 +333,36 @@ def measure_probe(p: Profile, out: dict[str, Measure]) -> None:
     )  # fmt: skip
 
 
+def measure_relay(p: Profile, out: dict[str, Measure]) -> None:
+    """relay_fanin (issue 16): bench/relay.py (senders are threads, see its docstring)."""
+    size = {"smoke": (5, 4, 100.0, 0.5, 4, 0.5, 1), "quick": (50, 20, 1000.0, 2.0, 20, 2.0, 1)}
+    r = relay.run(*size.get(p.name, (50, 20, 1000.0, 10.0, 20, 5.0, 3)))
+    out["relay_fanin"] = Measure(
+        r.staleness_p99_s,
+        1.0,
+        "<=",
+        "s (staleness p99, event to /metrics)",
+        {"senders": r.senders, "sockets_per_sender": r.sockets_per_sender,
+         "churn_per_second": r.rate, "staleness_p50_s": round(r.staleness_p50_s, 3),
+         "staleness_max_s": round(r.staleness_max_s, 3), "samples": r.staleness_samples,
+         "sidecar_us_per_message": round(r.daemon_us_per_message, 1),
+         "sidecar_us_per_connection": round(r.daemon_us_per_connection, 1),
+         "messages": r.messages, "connections": r.connections,
+         "sidecar_rss_per_socket_bytes": round(r.rss_per_socket_bytes),
+         "sidecar_rss_per_socket_before_churn_bytes": round(r.rss_per_socket_before_churn_bytes)},
+    )  # fmt: skip
+    out["relay_fanin_sender_cost"] = Measure(
+        r.sender_ratio,
+        1.2,
+        "<=",
+        "ratio",
+        {f"{k}_us_per_event": round(v, 2) for k, v in r.sender.items()},
+    )
+
+
 STEPS = (
     "pipeline", "scale", "app", "library", "scrape", "otlp", "memory", "overload", "probe",
+    "relay",
 )  # fmt: skip
 
 
@@ -354,6 +382,7 @@ def run(
         "memory": lambda: measure_memory(profile, out),
         "overload": lambda: measure_overload(profile, out),
         "probe": lambda: measure_probe(profile, out),
+        "relay": lambda: measure_relay(profile, out),
     }
     assert tuple(steps) == STEPS
     for name, step in steps.items():
