@@ -221,8 +221,14 @@ def test_entrypoint_and_cmd_start_the_daemon_and_healthcheck_sees_it(
 
         wait_until(serving, timeout=15, interval=0.05, what=f"port {port}")
         if kind == "plain":  # it runs on the config that replaced the image's path
-            metrics = http_get(f"http://127.0.0.1:{port}/metrics")
-            assert 'socket="backend",type="ROUTER"' in metrics, metrics[:2000]
+            # The web server answers before the sockets exist (/-/ready says when they do).
+            wait_until(
+                lambda: (
+                    'socket="backend",type="ROUTER"' in http_get(f"http://127.0.0.1:{port}/metrics")
+                ),
+                timeout=15,
+                what="the mounted config's ROUTER in /metrics",
+            )
         health = healthcheck_on_host(proc.pid)
         assert health.returncode == 0, health  # the image's HEALTHCHECK command
         scheme = "https" if kind == "tls" else "http"
