@@ -27,7 +27,18 @@ from exporter.prober import REASONS, Prober, probe_timeout
 from exporter.prober.greeting import parse_greeting
 
 from helpers import parse_metrics, value
-from testkit import wait_until
+from testkit import established, wait_until
+
+
+def accept_queue(port: int) -> int:
+    """Connections waiting in the accept queue of the IPv4 listener on `port`: the
+    rx_queue of its LISTEN row in /proc/net/tcp."""
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        if int(fields[1].rsplit(":", 1)[1], 16) == port and fields[3] == "0A":
+            return int(fields[4].split(":")[1], 16)
+    return 0
+
 
 Ctx = zmq.Context[zmq.Socket[bytes]]
 
@@ -265,7 +276,8 @@ def test_full_accept_queue_is_connect_timeout(prober: Prober) -> None:
                 filler.setblocking(False)
                 filler.connect_ex(("127.0.0.1", port))
                 fillers.append(filler)
-            time.sleep(0.05)  # let the handshakes of the fillers settle
+            # The kernel completes handshakes into the accept queue until it is full.
+            wait_until(lambda: accept_queue(port) >= 1, timeout=5, what="accept queue full")
             _, body = probe(prober, f"tcp://127.0.0.1:{port}", timeout="1.5")
         finally:
             for filler in fillers:
@@ -378,7 +390,9 @@ def test_concurrency_bound(prober: Prober) -> None:
         ]
         for thread in threads:
             thread.start()
-        time.sleep(0.2)  # the four hold their slots (each waits up to 2 s for a greeting)
+        # The four hold their slots once each has its two connections (raw greeting read,
+        # libzmq handshake) to the silent listener; each then waits up to 2 s.
+        wait_until(lambda: established(silent.getsockname()[1]) >= 8, timeout=5, what="slots")
         status, body = probe(prober, target, timeout="1.0")
         for thread in threads:
             thread.join(10)
