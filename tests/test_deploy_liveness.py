@@ -32,9 +32,8 @@ from typing import Any
 import pytest
 import yaml
 from test_deploy_e2e import ALERTS, SCRAPE_CONFIG, Prometheus, start_peer, stop_peer
-from test_deploy_tools import tool
 
-from helpers import Daemon, http_get, http_post, value, write_atomic
+from helpers import Daemon, http_post, value, write_atomic
 from testkit import free_port, wait_until
 
 pytestmark = pytest.mark.slow
@@ -90,35 +89,7 @@ def start_prometheus(tmp: Path, instance: str) -> Prometheus:
     prom_config["rule_files"] = [str(rules)]
     (job,) = prom_config["scrape_configs"]
     job["static_configs"] = [{"targets": [instance]}]
-    (tmp / "prometheus.yml").write_text(yaml.safe_dump(prom_config))
-    port = free_port()
-    log = tmp / "prometheus.log"
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            [
-                tool("prometheus"),
-                f"--config.file={tmp / 'prometheus.yml'}",
-                f"--storage.tsdb.path={tmp / 'data'}",
-                f"--web.listen-address=127.0.0.1:{port}",
-                "--log.level=warn",
-            ],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            cwd=tmp,
-        )
-    prom = Prometheus(proc, f"http://127.0.0.1:{port}", log)
-
-    def ready() -> bool:
-        assert proc.poll() is None, f"prometheus exited: {log.read_text()}"
-        try:
-            http_get(prom.url + "/-/ready", timeout=1)
-            return True
-        except OSError:
-            return False
-
-    wait_until(ready, timeout=30, interval=0.1, what="prometheus ready")
-    return prom
+    return Prometheus.start(tmp, prom_config)
 
 
 def active(prom: Prometheus) -> list[tuple[str, str, str]]:
@@ -255,12 +226,7 @@ def test_frozen_peer_down_peer_and_a_bind_that_fails_once(tmp: Path) -> None:
         for peer in peers.values():
             stop_peer(peer)
         if prom is not None:
-            prom.proc.terminate()
-            try:
-                prom.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                prom.proc.kill()
-                prom.proc.wait(5)
+            prom.stop()
         assert daemon.stop() == 0
         holder.close()
         late_holder.close()

@@ -23,7 +23,7 @@ from test_deploy_tools import DEPLOY, check, tool
 
 from exporter.prober.target import parse_target
 
-from helpers import ROOT, Daemon, http_get
+from helpers import ROOT, Daemon
 from testkit import free_port, wait_until
 
 PROBE_CONFIG = DEPLOY / "prometheus" / "prometheus-probe.yml"
@@ -108,7 +108,7 @@ def test_real_prometheus_probes_through_relabelling(tmp: Path) -> None:
     rep = ctx.socket(zmq.REP)
     live = [f"tcp://127.0.0.1:{s.bind_to_random_port('tcp://127.0.0.1')}" for s in (router, rep)]
     dead = f"tcp://127.0.0.1:{free_port()}"
-    proc: subprocess.Popen[bytes] | None = None
+    prom: Prometheus | None = None
     try:
         with Daemon("modules:\n  zmtp: {allowed_targets: ['tcp://127.0.0.1:*']}\n") as daemon:
             alerts = tmp / "probe-alerts.yml"
@@ -119,34 +119,7 @@ def test_real_prometheus_probes_through_relabelling(tmp: Path) -> None:
             (job,) = config["scrape_configs"]
             job["static_configs"] = [{"targets": [*live, dead]}]
             job["relabel_configs"][-1]["replacement"] = f"127.0.0.1:{daemon.port}"
-            (tmp / "prometheus.yml").write_text(yaml.safe_dump(config))
-            port = free_port()
-            log = tmp / "prometheus.log"
-            with open(log, "wb") as out:
-                proc = subprocess.Popen(
-                    [
-                        tool("prometheus"),
-                        f"--config.file={tmp / 'prometheus.yml'}",
-                        f"--storage.tsdb.path={tmp / 'data'}",
-                        f"--web.listen-address=127.0.0.1:{port}",
-                        "--log.level=warn",
-                    ],
-                    stdout=out,
-                    stderr=subprocess.STDOUT,
-                    stdin=subprocess.DEVNULL,
-                    cwd=tmp,
-                )
-            prom = Prometheus(proc, f"http://127.0.0.1:{port}", log)
-
-            def ready() -> bool:
-                assert proc is not None and proc.poll() is None, log.read_text()
-                try:
-                    http_get(prom.url + "/-/ready", timeout=1)
-                    return True
-                except OSError:
-                    return False
-
-            wait_until(ready, timeout=30, interval=0.1, what="prometheus ready")
+            prom = Prometheus.start(tmp, config)
 
             def success() -> dict[str, float]:
                 rows = prom.query('probe_success{job="zmq_probe"}')
@@ -174,11 +147,6 @@ def test_real_prometheus_probes_through_relabelling(tmp: Path) -> None:
             assert firing() == [dead] and time.monotonic() - started < 30
             assert all(a["labels"]["instance"] == dead for a in prom.alerts("ZmqProbeFailed"))
     finally:
-        if proc is not None:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+        if prom is not None:
+            prom.stop()
         ctx.destroy(linger=0)
