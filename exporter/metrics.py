@@ -556,8 +556,10 @@ EVENT_COUNTERS: dict[Event, Family] = {f.event: f for f in SOCKET_FAMILIES if f.
 SOCKET_LABELS = ("socket", "endpoint")
 EXTRA_LABELS = frozenset(label for f in SOCKET_FAMILIES for label in f.labels)
 TARGET_LABELS = ("instance", "job")
+# The connection families' per-peer mode (`connections: {per_peer: true}`) adds `peer`.
+PEER_LABEL = "peer"
 # Configured labels may not use these (they would shadow the exporter's own).
-RESERVED_LABELS = frozenset({*SOCKET_LABELS, *EXTRA_LABELS, *TARGET_LABELS})
+RESERVED_LABELS = frozenset({*SOCKET_LABELS, *EXTRA_LABELS, *TARGET_LABELS, PEER_LABEL})
 
 
 def initial_counters(role: Role) -> tuple[Event, ...]:

@@ -20,6 +20,7 @@ from exporter.config.files import CONFIG_MAX_BYTES, KEY_MAX_BYTES, FileProblem, 
 from exporter.config.messages import first_problem
 from exporter.config.model import (
     Config,
+    ConnectionsConfig,
     GlobalConfig,
     LimitsConfig,
     SocketConfig,
@@ -61,6 +62,8 @@ class Settings:
     modules: dict[str, ProbeModule] = field(default_factory=default_modules, compare=False)
     # relay: (exporter/config/relay.py); None: no relay listener.
     relay: RelaySettings | None = field(default=None, repr=False, compare=False)
+    # connections: (issue 18): the per-endpoint connection metrics and their sampler.
+    connections: ConnectionsConfig = field(default=ConnectionsConfig(), compare=False)
 
 
 def load_config(file: str) -> Settings:
@@ -152,7 +155,16 @@ def _resolve(model: Config, file: str, lines: dict[Path, int]) -> Settings:
             "the config watches nothing: no socket configured (add one under `sockets:`, "
             "or a `modules:` section for a probe-only exporter)",
         )
-    return Settings(file, tuple(specs), model.global_, model.limits, model.otlp, modules, relay)
+    return Settings(
+        file,
+        tuple(specs),
+        model.global_,
+        model.limits,
+        model.otlp,
+        modules,
+        relay,
+        model.connections,
+    )
 
 
 # Defaults for the options of sockets that connect, under the file's own (global, then per

@@ -191,6 +191,29 @@ class GlobalConfig(_Strict):
     bind_retry_max_interval: Duration = 30.0
 
 
+def _between_millis(low: int, high: int, shown: str) -> AfterValidator:
+    def check(seconds: float) -> float:
+        if not low <= to_millis(seconds) <= high:
+            raise ValueError(f"expected {shown}, got {format_millis(to_millis(seconds))}")
+        return seconds
+
+    return AfterValidator(check)
+
+
+class ConnectionsConfig(_Strict):
+    """Who is connected (issue 18): the per-endpoint metrics read from the kernel by a
+    sampler thread (exporter/connsampler.py; docs/connections.md)."""
+
+    metrics: bool = True  # the six zmq_connection* families; False: no sampler thread
+    per_peer: bool = False  # opt-in: the families per peer address (`peer` label)
+    # Peers beyond it (per endpoint) aggregate under peer="other".
+    max_peers_per_endpoint: Annotated[int, _int_range(1, 1000)] = 50
+    # How often the live connections are read (at least 20x the last read's duration).
+    sample_interval: Annotated[
+        float, BeforeValidator(parse_duration), _between_millis(100, 3_600_000, "100ms to 1h")
+    ] = 2.0
+
+
 class LimitsConfig(_Strict):
     max_sockets: PositiveInt = 1000
     max_series: PositiveInt = 200_000
@@ -276,3 +299,4 @@ class Config(_Strict):
     otlp: OtlpConfig | None = None  # OTLP push; see exporter/config/otlp.py
     modules: dict[ModuleName, ModuleConfig] = {}  # /probe modules; see ModuleConfig
     relay: RelayConfig | None = None  # relay listener; see RelayConfig
+    connections: ConnectionsConfig = ConnectionsConfig()  # see ConnectionsConfig
