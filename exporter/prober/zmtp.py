@@ -1,11 +1,18 @@
-"""The `zmtp` prober: DNS (tcp:// only), raw connect, the peer's greeting, and a libzmq
+"""The `zmtp` prober: DNS (tcp:// only), raw connect, the peer's greeting, and the ZMTP
 handshake; each step in its own module, each timed. The first step that fails, in that
-order, decides the reason. The handshake is started right after DNS and runs concurrently
-with the raw connect and greeting (it is closed unused when they fail)."""
+order, decides the reason.
+
+NULL and PLAIN modules finish the handshake themselves on the raw connection that carried
+the greeting (`wire`): one connection per probe. CURVE modules (no crypto library here)
+and peers whose greeting is older than ZMTP 3.0 use a real libzmq socket (`handshake`),
+which needs a second connection: for CURVE it is started right after DNS and runs
+concurrently with the raw connect and greeting (it is closed unused when they fail); for
+an old peer it starts once its greeting says so."""
 
 from __future__ import annotations
 
 import socket
+import time
 
 from exporter.config.modules import ProbeModule
 from exporter.prober.base import Deadline, ProbeFailed, ProbeLog, ProbeResult
@@ -14,31 +21,40 @@ from exporter.prober.dns import resolve
 from exporter.prober.greeting import read_greeting
 from exporter.prober.handshake import Handshake
 from exporter.prober.target import parse_target
+from exporter.prober.wire import OWN_MECHANISMS, handshake_over
 
 
 def probe_zmtp(target: str, module: ProbeModule, deadline: Deadline, log: ProbeLog) -> ProbeResult:
     result = ProbeResult()
     parsed = parse_target(target)  # the handler checked it: a ValueError here is a bug
     address: tuple[str, int] | str
+    own = module.mechanism in OWN_MECHANISMS
     try:
         if parsed.transport == "ipc":
             family, address = int(socket.AF_UNIX), parsed.path
         else:
             family, ip = resolve(parsed, module, deadline, log, result)
             address = (ip, parsed.port)
-        # The libzmq handshake runs on libzmq's I/O thread while this thread connects and
-        # reads the greeting: a probe costs about one handshake, not two connections in a
-        # row. Its outcome counts only once the earlier steps passed.
-        pending = Handshake(family, address, module, deadline, log)
+        # CURVE: the libzmq handshake runs on libzmq's I/O thread while this thread
+        # connects and reads the greeting; its outcome counts only once those passed.
+        pending = None if own else Handshake(family, address, module, deadline, log)
         try:
             raw = connect(family, address, deadline, log, result)
+            connected_at = time.monotonic()
             try:
-                read_greeting(raw, module, deadline, log, result)
+                greeting = read_greeting(raw, module, deadline, log, result)
+                if own and int(greeting.version.split(".")[0]) >= 3:
+                    handshake_over(raw, module, connected_at, deadline, log, result)
+                elif own:  # ZMTP/1.0 or 2.0: libzmq speaks those, we do not
+                    log.debug("The peer speaks ZMTP < 3; handing the handshake to libzmq")
+                    pending = Handshake(family, address, module, deadline, log)
             finally:
                 raw.close()
-            pending.wait(deadline, log, result)
+            if pending is not None:
+                pending.wait(deadline, log, result)
         finally:
-            pending.close()
+            if pending is not None:
+                pending.close()
     except ProbeFailed as failure:
         result.reason = failure.reason
         log.error("Probe step failed", reason=failure.reason, err=str(failure))
