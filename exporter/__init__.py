@@ -1,7 +1,8 @@
 """zmq-exporter: ZeroMQ socket-monitor events as exact Prometheus/OpenTelemetry metrics.
 
-`exporter.instrument(socket, name, ...)` (library mode, exporter/library.py) is loaded on
-first use: importing `exporter` imports nothing else and starts nothing.
+`exporter.instrument(socket, name, ...)` and `exporter.connections_table(...)` (library
+mode, exporter/library.py) are loaded on first use: importing `exporter` imports nothing
+else and starts nothing.
 """
 
 from __future__ import annotations
@@ -13,10 +14,15 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
-    from exporter.library import Instrumentation, InstrumentError, instrument
+    from exporter.library import (
+        Instrumentation,
+        InstrumentError,
+        connections_table,
+        instrument,
+    )
 
-__all__ = ["InstrumentError", "Instrumentation", "__version__", "instrument"]
-_LAZY = frozenset({"InstrumentError", "Instrumentation", "instrument"})
+__all__ = ["InstrumentError", "Instrumentation", "__version__", "connections_table", "instrument"]
+_LAZY = frozenset({"InstrumentError", "Instrumentation", "connections_table", "instrument"})
 
 
 def __getattr__(name: str) -> Any:
