@@ -1,5 +1,6 @@
 """GET /api/v1/connections (issue 18) against a real daemon with real peers: the rows are
-the kernel's (peer ports as in the daemon's /proc/PID/net/tcp, peer pids of ipc clients),
+the kernel's (peer ports as in the daemon's /proc/PID/net/tcp; clients from known local
+ports as `ss -tnp` lists them for the daemon's pid, fd for fd; peer pids of ipc clients),
 filters and keyset paging cover every live connection once."""
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from typing import Any
 
 import pytest
 import zmq
+from test_library_connections import ss_established
 
 from helpers import Daemon, free_port, wait_until
 
@@ -166,6 +168,50 @@ def test_rows_match_the_kernel_and_the_peers(
         for p in peers:
             p.kill()
             p.wait()
+
+
+def test_known_local_ports_match_ss_for_the_daemons_pid(
+    setup: tuple[Daemon, int, str, int, zmq.Socket[bytes]],
+) -> None:
+    """10 clients connect from local ports chosen beforehand (bound before connect): the
+    table lists exactly those peers, and its rows are the established connections
+    `ss -tnp` attributes to the daemon's pid on that port: same addresses, same fd."""
+    daemon, port, _, _, _ = setup
+    assert daemon.proc is not None
+    pid = daemon.proc.pid
+    clients = []
+    try:
+        for _ in range(N_TCP):
+            c = socket.socket()
+            c.bind(("127.0.0.1", free_port()))
+            c.settimeout(5)
+            c.connect(("127.0.0.1", port))
+            clients.append(c)
+        known = {f"127.0.0.1:{c.getsockname()[1]}" for c in clients}
+        assert len(known) == N_TCP
+
+        def kernel() -> set[tuple[str, str, int]]:
+            return {
+                (local, peer, fd)
+                for local, peer, _, _, fd in ss_established(pid)
+                if local == f"127.0.0.1:{port}"
+            }
+
+        def table() -> set[tuple[str, str, int]]:
+            body = get(daemon, "socket=backend&limit=1000")
+            assert body["gone"] == 0 and body["next"] is None, body
+            return {(r["local_address"], r["peer_address"], r["fd"]) for r in body["connections"]}
+
+        wait_until(
+            lambda: {peer for _, peer, _ in table()} == known, timeout=15, what="the 10 peers"
+        )
+        rows, ss_rows, rows_after = table(), kernel(), table()
+        assert rows == rows_after, "the table moved while nothing connected or left"
+        assert rows == ss_rows, (sorted(rows), sorted(ss_rows))
+        assert {peer for _, peer, _ in rows} == known and len(rows) == N_TCP
+    finally:
+        for c in clients:
+            c.close()
 
 
 def open_fd_is_socket(pid: int, fd: int) -> bool:
