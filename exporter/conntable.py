@@ -31,10 +31,11 @@ from exporter.connections import (
 )
 from exporter.state import EndpointSnapshot, EngineSnapshot, SocketSnapshot
 
-__all__ = ["DEFAULT_LIMIT", "MAX_LIMIT", "ConnectionTable", "Page", "Row"]
+__all__ = ["DEFAULT_LIMIT", "MAX_LIMIT", "SAMPLE_BATCH", "ConnectionTable", "Page", "Row"]
 
 DEFAULT_LIMIT = 100
 MAX_LIMIT = 1000
+SAMPLE_BATCH = 256  # reads per hold of the lock in read_batched (the sampler's walk)
 _JSON = {"Content-Type": "application/json"}
 _PLAIN = {"Content-Type": "text/plain"}
 
@@ -190,6 +191,32 @@ class ConnectionTable:
                 if row is not None:
                     out.append(row)
         return out
+
+    def read_batched(
+        self, snap: EngineSnapshot | None = None, batch: int = SAMPLE_BATCH
+    ) -> list[Row]:
+        """Every live connection of `snap` (default: a new snapshot), read as `all_rows`
+        reads them (same pins, same checks) but holding the lock for at most `batch` reads
+        at a time, so that an API request or the status page never waits for a whole
+        sample (exporter/connsampler.py)."""
+        if snap is None:
+            snap = self._snapshot()
+        out: list[Row] = []
+        with self._lock:
+            self._prune(snap)
+        candidates = list(_candidates(snap, None, None))
+        for start in range(0, len(candidates), batch):
+            with self._lock:
+                for sock, ep, fd, since in candidates[start : start + batch]:
+                    row = self._read(sock, ep, fd, since)
+                    if row is not None:
+                        out.append(row)
+        return out
+
+    def gone_counts(self) -> dict[str, int]:
+        """Reads refused so far, by Gone reason (a copy)."""
+        with self._lock:
+            return dict(self.gone)
 
     def summaries(self) -> list[tuple[dict[str, str], EndpointConnections]]:
         """Per endpoint with live connections, in (socket, endpoint) order: its metric

@@ -13,7 +13,9 @@ from prometheus_client.registry import Collector, CollectorRegistry
 
 from exporter import metrics
 from exporter.config import ConfigError, Settings, load_config
+from exporter.config.model import ConnectionsConfig
 from exporter.config.otlp import OtlpSettings
+from exporter.connsampler import ConnectionSample, ConnectionSampler, reads_gone_family
 from exporter.conntable import ConnectionTable
 from exporter.engine import ApplyError, Engine, EngineStopped
 from exporter.fdbudget import MISC_RESERVE
@@ -83,13 +85,17 @@ class Daemon:
                 ipc_mode=r.ipc_mode,
                 curve_secret_key=r.curve_secretkey,
             )
-        # /metrics: the state (socket families pre-rendered) first, then this registry.
-        self.state = StateCollector(self.snapshot)
         # Who is connected (issue 18): the engine's own live fds only (relayed sockets' fds
-        # belong to other processes), read from the kernel at request time.
+        # belong to other processes), read from the kernel at request time for the API and
+        # the status page, and by the sampler thread (`connections.metrics`) for /metrics.
         self.connections = ConnectionTable(self.engine.snapshot)
+        self.sampler: ConnectionSampler | None = None  # started by start() / reload()
+        # /metrics: the state (socket families pre-rendered, then the latest connection
+        # sample's families) first, then this registry.
+        self.state = StateCollector(self.snapshot, self.connection_sample)
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_ReloadCollector(self))
+        self.registry.register(_SamplerCollector(self))
         self.registry.register(PROCESS_COLLECTOR)
         self.registry.register(PLATFORM_COLLECTOR)
         if self.relay is not None:
@@ -97,7 +103,9 @@ class Daemon:
         # OTLP push, when configured (`otlp`: resolved once, by exporter.otlp.check_otlp):
         # the same snapshots and rows as /metrics, on a thread of its own.
         self.otlp = (
-            OtlpOutput(otlp, self.snapshot, extra=[_ReloadCollector(self)])
+            OtlpOutput(
+                otlp, self.snapshot, extra=[_ReloadCollector(self), _ConnectionFamilies(self)]
+            )
             if otlp is not None
             else None
         )
@@ -132,6 +140,24 @@ class Daemon:
             return snap
         return EngineSnapshot(snap.sockets + relayed, snap.stats, snap.ready, snap.failure)
 
+    def connection_sample(self) -> ConnectionSample | None:
+        """The latest connection sample, None while `connections.metrics` is off."""
+        sampler = self.sampler
+        return sampler.latest if sampler is not None else None
+
+    def _apply_connections(self, settings: ConnectionsConfig) -> None:
+        """Start, reconfigure or stop the connection sampler for a `connections:` section."""
+        sampler = self.sampler
+        if settings.metrics and sampler is None:
+            sampler = ConnectionSampler(self.connections, self.engine.snapshot, settings)
+            sampler.start()
+            self.sampler = sampler
+        elif settings.metrics and sampler is not None:
+            sampler.configure(settings)
+        elif sampler is not None:
+            self.sampler = None  # /metrics stops serving its families at once
+            sampler.stop()
+
     def start(self) -> None:
         self.engine.start()
         if self.relay is not None:
@@ -141,6 +167,7 @@ class Daemon:
         self.web.start()
         result = self.engine.apply(self._initial).result(APPLY_TIMEOUT)
         log.info("sockets started", extra={"sockets": len(result.added)})
+        self._apply_connections(self._initial.connections)
         if self.otlp is not None:
             self.otlp.start()
         # One line per listener, as bound (`:0` resolved; `[::]` is every interface).
@@ -179,6 +206,7 @@ class Daemon:
             self.last_reload_successful = True
             self.last_reload_success_time = time.time()
             self.modules = settings.modules  # /probe
+            self._apply_connections(settings.connections)
             if settings.relay != self._initial.relay:
                 # The relay's listener is bound once; changing it would drop every sender.
                 log.warning("relay: section changed in the file; restart to apply it")
@@ -203,6 +231,8 @@ class Daemon:
 
     def stop(self) -> None:
         self.web.stop()
+        if self.sampler is not None:
+            self.sampler.stop()
         if self.otlp is not None:
             self.otlp.stop(timeout=0.5)  # bounded: a dead collector must not delay exit
         self.engine.stop()
@@ -219,3 +249,30 @@ class _ReloadCollector(Collector):
         daemon = self._daemon
         yield one_sample(metrics.RELOAD_SUCCESSFUL, 1 if daemon.last_reload_successful else 0)
         yield one_sample(metrics.RELOAD_SUCCESS_TIME, daemon.last_reload_success_time)
+
+
+class _SamplerCollector(Collector):
+    """The connection sampler's self-metrics (while it runs) and the connection table's
+    refused reads (always: the API and the status page read too)."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self._daemon = daemon
+
+    def collect(self) -> Iterator[Metric]:
+        sampler = self._daemon.sampler
+        if sampler is not None:
+            yield from sampler.self_metrics()
+        yield reads_gone_family(self._daemon.connections)
+
+
+class _ConnectionFamilies(Collector):
+    """The latest connection sample's families, for the OTLP push (the same objects
+    /metrics renders)."""
+
+    def __init__(self, daemon: Daemon) -> None:
+        self._daemon = daemon
+
+    def collect(self) -> Iterator[Metric]:
+        sample = self._daemon.connection_sample()
+        if sample is not None:
+            yield from sample.families

@@ -32,7 +32,11 @@ from exporter.events import ERRNO_EVENTS, HANDSHAKE_REASONS, Event
 
 Type = Literal["counter", "gauge", "histogram"]
 # socket: one set of series per configured socket; the others are the exporter's own.
-Group = Literal["socket", "build", "engine", "reload", "web", "otlp", "probe", "relay"]
+# connection: per configured endpoint, from the connection sampler (exporter/connsampler.py);
+# sampler: the sampler's own.
+Group = Literal[
+    "socket", "connection", "build", "engine", "reload", "web", "otlp", "sampler", "probe", "relay"
+]
 # When a socket family's series first exist. Before their first event they are at 0, so
 # that rate() and increase() see that event (client_golang #296).
 Initial = Literal["bind", "connect", "endpoint", "socket", "event"]
@@ -51,9 +55,12 @@ class Family:
     type: Type
     help: str  # HELP on /metrics; description of the OTel instrument
     group: Group
-    # Label names. Socket families: those beyond `socket`, `endpoint` (`SOCKET_LABELS`)
-    # and the configured labels.
+    # Label names. Socket and connection families: those beyond `socket`, `endpoint`
+    # (`SOCKET_LABELS`) and the configured labels.
     labels: tuple[str, ...] = ()
+    # Labels a mode of the config adds (connection families: `peer` with per_peer).
+    optional_labels: tuple[str, ...] = ()
+    series_from: str = ""  # the README's "series from" column, where no `initial` rule fits
     unit: str | None = None  # base unit, the name's suffix (`seconds`); None: a count
     otel_name: str | None = None  # the OTel instrument pushed over OTLP; None: not pushed
     otel_unit: str = ""  # UCUM; annotations in braces add no suffix in translation
@@ -80,10 +87,10 @@ class Family:
     @property
     def label_names(self) -> tuple[str, ...]:
         """Every label name, configured labels aside."""
-        if self.group != "socket":
+        if self.group not in ("socket", "connection"):
             return self.labels
         own = SOCKET_LABELS if self.per_endpoint else SOCKET_LABELS[:1]
-        return (*own, *self.labels)
+        return (*own, *self.labels, *self.optional_labels)
 
     @property
     def series(self) -> int:
@@ -389,6 +396,118 @@ SOCKET_FAMILIES: tuple[Family, ...] = (
     SOCKET_INFO,
 )
 
+# -- connection families (issue 18): per endpoint, from the kernel ------------------------
+# Read by the connection sampler (exporter/connsampler.py) every `connections.sample_interval`
+# through the connection table's pinned reads (docs/connections.md), never at scrape time.
+# Served while `connections.metrics` is true, for every configured tcp and ipc endpoint.
+
+PEER_LABEL = "peer"  # the connection families' label in per-peer mode
+_TCP_ONLY = "a tcp connection of the endpoint, first sample"
+_EVERY_ENDPOINT = "first sample, every tcp/ipc endpoint"
+_PER_PEER = "With `connections.per_peer`: per `peer` too."
+
+
+def _connection(
+    name: str,
+    help_text: str,
+    otel: str,
+    otel_unit: str,
+    source: str,
+    series_from: str,
+    unit: str | None = None,
+    note: str = "",
+) -> Family:
+    return Family(
+        name,
+        "gauge",
+        help_text,
+        "connection",
+        optional_labels=(PEER_LABEL,),
+        unit=unit,
+        otel_name=otel,
+        otel_unit=otel_unit,
+        note=f"{note} {_PER_PEER}".strip(),
+        source=source,
+        series_from=series_from,
+    )
+
+
+CONNECTION_RTT_MAX = _connection(
+    "zmq_connection_rtt_max_seconds",
+    "Largest smoothed RTT among the endpoint's live tcp connections (TCP_INFO), as of the "
+    "last sample.",
+    "zmq.connection.rtt.max",
+    "s",
+    "kernel: TCP_INFO",
+    _TCP_ONLY,
+    unit="seconds",
+    note="No sample while the endpoint has no tcp connection (0 would read as a perfect "
+    "network); never for ipc.",
+)
+CONNECTION_RTT_AVG = _connection(
+    "zmq_connection_rtt_avg_seconds",
+    "Mean smoothed RTT of the endpoint's live tcp connections (TCP_INFO), as of the last sample.",
+    "zmq.connection.rtt.avg",
+    "s",
+    "kernel: TCP_INFO",
+    _TCP_ONLY,
+    unit="seconds",
+    note="No sample while the endpoint has no tcp connection; never for ipc.",
+)
+CONNECTIONS_RETRANSMITTING = _connection(
+    "zmq_connections_retransmitting",
+    "Live connections retransmitting as of the last sample: an RTO retransmission "
+    "outstanding, or in congestion state Recovery or Loss.",
+    "zmq.connections.retransmitting",
+    "{connection}",
+    "kernel: TCP_INFO",
+    _EVERY_ENDPOINT,
+    note="Always 0 for ipc.",
+)
+CONNECTION_SEND_QUEUE = _connection(
+    "zmq_connection_send_queue_bytes",
+    "Bytes in the kernel send queues of the endpoint's live connections, summed (SIOCOUTQ), "
+    "as of the last sample.",
+    "zmq.connection.send_queue",
+    "By",
+    "kernel: SIOCOUTQ",
+    _EVERY_ENDPOINT,
+    unit="bytes",
+    note="tcp: unacknowledged plus unsent bytes (ss's Send-Q); ipc: kernel memory charged "
+    "(more than the payload).",
+)
+CONNECTION_RECV_QUEUE = _connection(
+    "zmq_connection_recv_queue_bytes",
+    "Bytes in the kernel receive queues of the endpoint's live connections, summed "
+    "(SIOCINQ), as of the last sample.",
+    "zmq.connection.recv_queue",
+    "By",
+    "kernel: SIOCINQ",
+    _EVERY_ENDPOINT,
+    unit="bytes",
+)
+CONNECTION_SEND_QUEUE_MAX = _connection(
+    "zmq_connection_send_queue_max_bytes",
+    "Largest kernel send queue among the endpoint's live connections (SIOCOUTQ), as of the "
+    "last sample.",
+    "zmq.connection.send_queue.max",
+    "By",
+    "kernel: SIOCOUTQ",
+    _EVERY_ENDPOINT,
+    unit="bytes",
+)
+# In the order of exporter.connections.EndpointConnections' fields after `connections`.
+CONNECTION_FAMILIES: tuple[Family, ...] = (
+    CONNECTION_RTT_MAX,
+    CONNECTION_RTT_AVG,
+    CONNECTIONS_RETRANSMITTING,
+    CONNECTION_SEND_QUEUE,
+    CONNECTION_RECV_QUEUE,
+    CONNECTION_SEND_QUEUE_MAX,
+)
+# Without a tcp connection an endpoint has only these (the RTT families have no sample).
+CONNECTION_FAMILIES_ALWAYS: tuple[Family, ...] = CONNECTION_FAMILIES[2:]
+
 # -- the exporter's own ------------------------------------------------------------------
 
 BUILD_INFO = _self(
@@ -523,6 +642,66 @@ OTLP_LAST_DURATION = _self(
     unit="seconds",
 )
 
+# The connection sampler's own (exporter/connsampler.py); the reads refused are the
+# connection table's, API and status page reads included.
+SAMPLE_DURATION = _self(
+    "zmq_exporter_connection_sample_duration_seconds",
+    "gauge",
+    "sampler",
+    "Time the last connection sample took (reading every live connection from the kernel).",
+    unit="seconds",
+    note="Served while `connections.metrics` is true. The next sample starts at least 20 "
+    "times this later.",
+)
+SAMPLE_AGE = _self(
+    "zmq_exporter_connection_sample_age_seconds",
+    "gauge",
+    "sampler",
+    "Time since the last connection sample finished, at scrape time (since the sampler "
+    "started, before its first).",
+    unit="seconds",
+    note="Served while `connections.metrics` is true; a sampler that froze shows here.",
+)
+SAMPLE_ERRORS = _self(
+    "zmq_exporter_connection_sample_errors_total",
+    "counter",
+    "sampler",
+    "Connection samples that failed with an unexpected error; the sampler went on.",
+    note="Served while `connections.metrics` is true; logged once per kind of error.",
+)
+PEERS_SUPPRESSED = _self(
+    "zmq_exporter_connection_peers_suppressed",
+    "gauge",
+    "sampler",
+    'Peers aggregated under peer="other" in the last sample (more than '
+    "connections.max_peers_per_endpoint on an endpoint), summed over endpoints.",
+    note="Served while `connections.metrics` is true; 0 unless `connections.per_peer`.",
+)
+READS_GONE = _self(
+    "zmq_exporter_connection_reads_gone_total",
+    "counter",
+    "sampler",
+    "Connection reads refused because the fd was no longer the connection its event named, "
+    "by reason (sampler, /api/v1/connections and status page reads).",
+    labels=("reason",),
+    values=(
+        "closed",
+        "not_socket",
+        "wrong_kind",
+        "not_connected",
+        "address_mismatch",
+        "reused",
+        "error",
+    ),
+)
+SAMPLER_FAMILIES: tuple[Family, ...] = (
+    SAMPLE_DURATION,
+    SAMPLE_AGE,
+    SAMPLE_ERRORS,
+    PEERS_SUPPRESSED,
+    READS_GONE,
+)
+
 ENGINE_FAMILIES: tuple[Family, ...] = (
     EVENTS_PROCESSED,
     READER_BACKLOG,
@@ -539,10 +718,12 @@ OTLP_FAMILIES: tuple[Family, ...] = (OTLP_EXPORTS, OTLP_LAST_SUCCESS, OTLP_LAST_
 
 FAMILIES: tuple[Family, ...] = (
     *SOCKET_FAMILIES,
+    *CONNECTION_FAMILIES,
     BUILD_INFO,
     *ENGINE_FAMILIES,
     *RELOAD_FAMILIES,
     *WEB_FAMILIES,
+    *SAMPLER_FAMILIES,
     *OTLP_FAMILIES,
 )
 # Pushed over OTLP: what describes the sockets and the engine. The web server's and the
@@ -556,8 +737,6 @@ EVENT_COUNTERS: dict[Event, Family] = {f.event: f for f in SOCKET_FAMILIES if f.
 SOCKET_LABELS = ("socket", "endpoint")
 EXTRA_LABELS = frozenset(label for f in SOCKET_FAMILIES for label in f.labels)
 TARGET_LABELS = ("instance", "job")
-# The connection families' per-peer mode (`connections: {per_peer: true}`) adds `peer`.
-PEER_LABEL = "peer"
 # Configured labels may not use these (they would shadow the exporter's own).
 RESERVED_LABELS = frozenset({*SOCKET_LABELS, *EXTRA_LABELS, *TARGET_LABELS, PEER_LABEL})
 
@@ -614,7 +793,7 @@ def markdown_metrics() -> str:
     for f in FAMILIES:
         if f.group == "otlp":
             continue
-        initial = INITIAL_RULES[f.initial] if f.group == "socket" else "start"
+        initial = f.series_from or (INITIAL_RULES[f.initial] if f.group == "socket" else "start")
         meaning = f"{f.help} {f.note}".strip()
         if f.values:
             meaning += f" {_code(f.labels)}: {_code(f.values)}."

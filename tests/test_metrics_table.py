@@ -25,8 +25,8 @@ from exporter.events import ERRNO_EVENTS
 from exporter.render.rows import SOCKET_FAMILIES, socket_rows
 from exporter.state import SocketState, snapshot_socket
 
-from helpers import ROOT, Daemon, http_get
-from testkit import free_port
+from helpers import ROOT, Daemon, http_get, value
+from testkit import free_port, wait_until
 
 README = (ROOT / "README.md").read_text()
 OPENMETRICS = "application/openmetrics-text; version=1.0.0; charset=utf-8"
@@ -91,6 +91,8 @@ def translate(family: metrics.Family) -> str:
     name = family.otel_name.replace(".", "_")
     if family.otel_unit == "s":
         name += "_seconds"
+    elif family.otel_unit == "By":
+        name += "_bytes"
     if family.type == "counter":
         name = name.removesuffix("_total") + "_total"
     return name
@@ -99,7 +101,13 @@ def translate(family: metrics.Family) -> str:
 def test_otel_names_translate_to_the_prometheus_names() -> None:
     assert [translate(f) for f in metrics.PUSHED] == [f.name for f in metrics.PUSHED]
     assert all(f.type in ("counter", "gauge") for f in metrics.PUSHED)
-    assert {f.group for f in metrics.PUSHED} == {"socket", "build", "engine", "reload"}
+    assert {f.group for f in metrics.PUSHED} == {
+        "socket",
+        "connection",
+        "build",
+        "engine",
+        "reload",
+    }
     rows = tables(metrics.markdown_otel_names())[0][1:]
     assert [(r[0], r[2], r[3]) for r in rows] == [
         (f"`{f.otel_name}`", f"`{f.otel_unit}`" if f.otel_unit else "", f"`{f.name}`")
@@ -115,7 +123,8 @@ def expected(family: metrics.Family, openmetrics: bool) -> tuple[str, str]:
 
 def test_scrape_serves_exactly_the_table() -> None:
     """Both formats of a real /metrics, OTLP on (to a port nobody listens on, so its own
-    families are there too): every family is in the table with its type, help and labels."""
+    families are there too), the connection sampler on (its default) and a tcp connection
+    sampled: every family is in the table with its type, help and labels."""
     router = free_port()
     config = textwrap.dedent(f"""\
         global:
@@ -135,6 +144,13 @@ def test_scrape_serves_exactly_the_table() -> None:
         "OTEL_METRIC_EXPORT_INTERVAL": "60000",
     }
     with Daemon(config, env=env) as daemon:
+        wait_until(
+            lambda: (
+                value(daemon.scrape(), "zmq_connection_rtt_max_seconds", socket="client")
+                is not None
+            ),
+            what="the client's tcp connection sampled",
+        )
         bodies = {
             False: http_get(daemon.url + "/metrics"),
             True: http_get(daemon.url + "/metrics", {"Accept": OPENMETRICS}),
@@ -159,7 +175,7 @@ def test_scrape_serves_exactly_the_table() -> None:
             allowed = {*spec.label_names, "team"} | ({"le"} if spec.type == "histogram" else set())
             for sample in family.samples:
                 assert set(sample.labels) <= allowed, sample
-                if spec.group != "socket":
+                if spec.group not in ("socket", "connection"):
                     assert set(sample.labels) - {"le"} == set(spec.labels), sample
             if spec.values:
                 assert sorted(s.labels[spec.labels[0]] for s in family.samples) == sorted(

@@ -15,10 +15,15 @@ import zmq
 
 from exporter import metrics
 from exporter.config import parse_config
-from exporter.config.cardinality import FIXED_SERIES, estimate_series
+from exporter.config.cardinality import (
+    FIXED_SERIES,
+    TCP_CONNECTION_SERIES,
+    connection_series,
+    estimate_series,
+)
 from exporter.events import HANDSHAKE_REASONS, ZAP_STATUS, ZMTP_ERRORS
 
-from helpers import ROOT, Daemon, value
+from helpers import ROOT, Daemon, Samples, total, value
 from testkit import free_port, wait_until
 
 
@@ -54,9 +59,13 @@ def test_limits_refuse_config_at_start(tmp_path: Path) -> None:
     assert run(config, "--config.check").returncode == 0
 
 
+CONNECTION_NAMES = frozenset(f.name for f in metrics.CONNECTION_FAMILIES)
+
+
 def test_series_estimate_matches_a_scrape(ctx: zmq.Context[zmq.Socket[bytes]]) -> None:
     router, dead = free_port(), free_port()
     text = textwrap.dedent(f"""\
+        connections: {{sample_interval: 200ms}}
         sockets:
           - name: backend
             type: ROUTER
@@ -66,30 +75,39 @@ def test_series_estimate_matches_a_scrape(ctx: zmq.Context[zmq.Socket[bytes]]) -
             connect: [tcp://127.0.0.1:{dead}, tcp://127.0.0.1:{router}]
             options: {{reconnect_ivl: 100ms}}
         """)
-    estimate = estimate_series(parse_config(text, "x.yml").sockets)
+    settings = parse_config(text, "x.yml")
+    estimate = estimate_series(settings.sockets, settings.connections)
+    connection_estimate = sum(connection_series(s, settings.connections) for s in settings.sockets)
+    assert connection_estimate == 4 * TCP_CONNECTION_SERIES  # 4 tcp endpoints, 6 each
     with Daemon(text) as daemon:
         wait_until(
             lambda: (
                 value(
                     daemon.scrape(),
-                    "zmq_connected_total",
+                    "zmq_connection_rtt_max_seconds",
                     socket="client",
                     endpoint=f"tcp://127.0.0.1:{router}",
                 )
-                == 1
+                is not None
             ),
-            what="client connected",
+            what="client connected and sampled",
         )
         m = daemon.scrape()
-        sockets = [k for k in m if k[0].startswith("zmq_") and not k[0].startswith("zmq_exp")]
-        print(f"estimate {estimate} series ({estimate - FIXED_SERIES} socket series), "
-              f"scrape {len(m)} ({len(sockets)} socket series)")  # fmt: skip
-        assert len(sockets) <= estimate - FIXED_SERIES
-        assert len(sockets) >= 0.8 * (estimate - FIXED_SERIES)
+        zmq_series = [k for k in m if k[0].startswith("zmq_") and not k[0].startswith("zmq_exp")]
+        sockets = [k for k in zmq_series if k[0] not in CONNECTION_NAMES]
+        connections = [k for k in zmq_series if k[0] in CONNECTION_NAMES]
+        socket_estimate = estimate - FIXED_SERIES - connection_estimate
+        print(f"estimate {estimate} series ({socket_estimate} socket series, "
+              f"{connection_estimate} connection series), scrape {len(m)} "
+              f"({len(sockets)} socket series, {len(connections)} connection series)")  # fmt: skip
+        assert len(sockets) <= socket_estimate
+        assert len(sockets) >= 0.8 * socket_estimate
+        # 4 families on each of the 4 endpoints, the 2 RTT families on the 2 connected.
+        assert len(connections) == 4 * 4 + 2 * 2 <= connection_estimate
         assert len(m) <= estimate
         # The fixed part: everything but the OTLP push's own series (it is off here).
         otlp = sum(f.series for f in metrics.OTLP_FAMILIES)
-        assert len(m) - len(sockets) == FIXED_SERIES - otlp
+        assert len(m) - len(zmq_series) == FIXED_SERIES - otlp
         # zmq_exporter_series is the size of the previous scrape; nothing changes between
         # these two, so it equals the sample count of the first.
         first = daemon.scrape()
@@ -102,6 +120,57 @@ def test_series_estimate_matches_a_scrape(ctx: zmq.Context[zmq.Socket[bytes]]) -
         for name in ("process_resident_memory_bytes", "zmq_exporter_events_processed_total",
                      "zmq_exporter_reader_backlog_events"):  # fmt: skip
             assert value(second, name) is not None, name
+
+
+def _connection_series(m: Samples) -> list[tuple[str, frozenset[tuple[str, str]]]]:
+    return [k for k in m if k[0] in CONNECTION_NAMES]
+
+
+def test_connection_series_estimate_is_exact_when_every_endpoint_is_connected(
+    tmp_path: Path,
+) -> None:
+    """Every tcp endpoint with a tcp connection and an ipc endpoint with one: the connection
+    series served are the estimate's, exactly; with `metrics: false`, none and none
+    estimated; per peer, the estimate bounds them."""
+    a, b = free_port(), free_port()
+    ipc = tmp_path / "s.ipc"
+    sockets = textwrap.dedent(f"""\
+        sockets:
+          - name: backend
+            type: ROUTER
+            bind: [tcp://127.0.0.1:{a}, tcp://127.0.0.1:{b}, ipc://{ipc}]
+          - name: client
+            type: DEALER
+            connect: [tcp://127.0.0.1:{a}, tcp://127.0.0.1:{b}, ipc://{ipc}]
+        """)
+    for section, want in (
+        ("connections: {sample_interval: 200ms}\n", 4 * 6 + 2 * 4),
+        ("connections: {sample_interval: 200ms, per_peer: true, max_peers_per_endpoint: 3}\n",
+         4 * 6 + 2 * 4),
+        ("connections: {metrics: false}\n", 0),
+    ):  # fmt: skip
+        text = section + sockets
+        settings = parse_config(text, "x.yml")
+        estimate = sum(connection_series(s, settings.connections) for s in settings.sockets)
+        if settings.connections.per_peer:
+            assert estimate == want * 4  # max_peers_per_endpoint + 1 (`other`)
+        else:
+            assert estimate == want
+        with Daemon(text) as daemon:
+            if want:
+                wait_until(
+                    lambda n=want: len(_connection_series(daemon.scrape())) == n,  # type: ignore[misc]
+                    what=f"{want} connection series",
+                )
+            else:
+                wait_until(
+                    lambda: total(daemon.scrape(), "zmq_connections", socket="client") == 3,
+                    what="3 client connections",
+                )
+            m = daemon.scrape()
+            assert len(_connection_series(m)) == want <= estimate
+            if not want:
+                assert not [k for k in m if k[0].startswith("zmq_exporter_connection_sample")]
 
 
 def test_label_values_come_from_config_and_bounded_decodings(

@@ -6,6 +6,11 @@ series of a socket follow from its endpoints. The figures come from the metrics 
 (`exporter.metrics`): the series each configured endpoint and socket has from start, plus
 the series that usually appear later; tests/test_ops_limits.py compares the estimate with
 a scrape.
+
+The connection families (`connections.metrics`, issue 18) are counted as an upper bound:
+all six per tcp endpoint, four per ipc endpoint (the RTT families exist only while the
+endpoint has a tcp connection), times `max_peers_per_endpoint + 1` per-peer (`other`), none
+with the metrics off. The sampler's self-metrics are in the fixed part.
 """
 
 from __future__ import annotations
@@ -27,7 +32,12 @@ SOCKET_SERIES = metrics.initial_series(None) + _LATER_PER_SOCKET
 PLATFORM_SERIES = 7
 # Independent of the sockets: the exporter's own series (the OTLP push's included, as if it
 # were on), and the platform's.
-FIXED_SERIES = sum(f.series for f in metrics.FAMILIES if f.group != "socket") + PLATFORM_SERIES
+FIXED_SERIES = (
+    sum(f.series for f in metrics.FAMILIES if f.group not in ("socket", "connection"))
+    + PLATFORM_SERIES
+)
+TCP_CONNECTION_SERIES = len(metrics.CONNECTION_FAMILIES)
+IPC_CONNECTION_SERIES = len(metrics.CONNECTION_FAMILIES_ALWAYS)
 
 
 class _Spec(Protocol):
@@ -38,9 +48,38 @@ class _Spec(Protocol):
     def connects(self) -> tuple[str, ...]: ...
 
 
+class _Connections(Protocol):
+    @property
+    def metrics(self) -> bool: ...
+
+    @property
+    def per_peer(self) -> bool: ...
+
+    @property
+    def max_peers_per_endpoint(self) -> int: ...
+
+
 def socket_series(spec: _Spec) -> int:
     return SOCKET_SERIES + BIND_SERIES * len(spec.binds) + CONNECT_SERIES * len(spec.connects)
 
 
-def estimate_series(specs: Iterable[_Spec]) -> int:
-    return FIXED_SERIES + sum(socket_series(spec) for spec in specs)
+def connection_series(spec: _Spec, connections: _Connections | None) -> int:
+    """Upper bound of the socket's connection family series (None: the defaults, on)."""
+    if connections is not None and not connections.metrics:
+        return 0
+    per_endpoint = 0
+    for endpoint in (*spec.binds, *spec.connects):
+        if endpoint.startswith("tcp://"):
+            per_endpoint += TCP_CONNECTION_SERIES
+        elif endpoint.startswith("ipc://"):
+            per_endpoint += IPC_CONNECTION_SERIES
+    if connections is not None and connections.per_peer:
+        return per_endpoint * (connections.max_peers_per_endpoint + 1)
+    return per_endpoint
+
+
+def estimate_series(specs: Iterable[_Spec], connections: _Connections | None = None) -> int:
+    """`connections`: the `connections:` section (None: its defaults)."""
+    return FIXED_SERIES + sum(
+        socket_series(spec) + connection_series(spec, connections) for spec in specs
+    )

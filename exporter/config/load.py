@@ -135,7 +135,8 @@ def _resolve(model: Config, file: str, lines: dict[Path, int]) -> Settings:
             )
         seen[sock.name] = index
         specs.append(_resolve_socket(sock, model.global_, connect_base, here, fail))
-    series = estimate_series(specs)  # label values come only from here: see cardinality
+    # Label values come only from here: see cardinality.
+    series = estimate_series(specs, model.connections)
     if series > model.limits.max_series:
         where: Path = ("limits", "max_series") if ("limits", "max_series") in lines else ()
         fail(

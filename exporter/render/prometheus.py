@@ -16,6 +16,7 @@ from __future__ import annotations
 import platform
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from typing import Protocol
 
 import zmq
 from prometheus_client.metrics_core import Metric
@@ -27,6 +28,7 @@ from exporter.render.sockettext import SocketText
 from exporter.state import EngineSnapshot, SocketSnapshot
 
 __all__ = [
+    "ConnectionText",
     "Prerendered",
     "StateCollector",
     "one_sample",
@@ -53,25 +55,57 @@ class Prerendered:
     families: list[Metric]  # render_self(), for the encoder
 
 
+class ConnectionText(Protocol):
+    """The latest connection sample (exporter/connsampler.py `ConnectionSample`): its
+    families, and the text each format's encoder writes for them."""
+
+    @property
+    def families(self) -> tuple[Metric, ...]: ...
+
+    @property
+    def text(self) -> bytes: ...
+
+    @property
+    def openmetrics(self) -> bytes: ...
+
+    @property
+    def series(self) -> int: ...
+
+
 class StateCollector(Collector):
-    """Socket metrics (`zmq_*`) and the reader's self-metrics (`zmq_exporter_*`).
+    """Socket metrics (`zmq_*`), the connection families of the latest connection sample
+    (when `connections` gives one) and the reader's self-metrics (`zmq_exporter_*`).
 
     `collect()` yields them all as `Metric` families; `prerender()` is what /metrics uses:
-    the socket families as pre-rendered text (`SocketText`), self-metrics as families."""
+    the socket families as pre-rendered text (`SocketText`), the connection sample's text
+    as its sampler rendered it, self-metrics as families."""
 
-    def __init__(self, snapshot: Callable[[], EngineSnapshot]) -> None:
+    def __init__(
+        self,
+        snapshot: Callable[[], EngineSnapshot],
+        connections: Callable[[], ConnectionText | None] = lambda: None,
+    ) -> None:
         self._snapshot = snapshot
+        self._connections = connections
         self.text = SocketText()
 
     def collect(self) -> Iterator[Metric]:
         snap = self._snapshot()
+        sample = self._connections()
         yield from render_sockets(snap.sockets)
+        if sample is not None:
+            yield from sample.families
         yield from render_self(snap)
 
     def prerender(self, openmetrics: bool) -> Prerendered:
-        """Byte for byte what an encoder writes for `render_sockets`, then `render_self`."""
+        """Byte for byte what an encoder writes for `render_sockets`, the connection
+        families, then `render_self`."""
         snap = self._snapshot()
+        sample = self._connections()
         text, series = self.text.render_counted(snap.sockets, openmetrics)
+        if sample is not None and sample.series:
+            text += sample.openmetrics if openmetrics else sample.text
+            series += sample.series
         return Prerendered(text, series, list(render_self(snap)))
 
 
