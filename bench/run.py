@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from importlib.metadata import version
 from typing import Any
 
-from bench import app, ingest, library, memory, otlp, probe, relay, scrape
+from bench import app, connections, ingest, library, memory, otlp, probe, relay, scrape
 from bench.common import BenchEngine, process_cpu, raise_fd_limit, wait_quiet, wait_until
 from exporter.engine import COALESCE_SECONDS
 
@@ -360,9 +360,36 @@ def measure_relay(p: Profile, out: dict[str, Measure]) -> None:
     )
 
 
+def measure_connections(p: Profile, out: dict[str, Measure]) -> None:
+    """connections_scrape_cost (issue 18): bench/connections.py (two real daemons)."""
+    size = {"smoke": (2, 20, 10, 0.5, 0.5), "quick": (4, 1000, 100, 5.0, 5.0)}
+    r = connections.run(*size.get(p.name, (4, 1000, 400, 20.0, 10.0)))
+
+    def rounded(x: float | None, digits: int) -> float | None:
+        return None if x is None else round(x, digits)
+
+    out["connections_scrape_cost"] = Measure(
+        r.ratio,
+        1.5,
+        "<=",
+        "ratio",
+        {"connections": r.connections, "rounds": r.rounds,
+         "scrape_on_s": round(r.scrape_on_s, 5), "scrape_off_s": round(r.scrape_off_s, 5),
+         "scrape_on_p95_s": round(r.detail["scrape_on_p95_s"], 5),
+         "scrape_off_p95_s": round(r.detail["scrape_off_p95_s"], 5),
+         "tcp_info_us": round(r.tcp_info_us, 2), "first_read_us": round(r.first_read_us, 2),
+         "pinned_read_us": round(r.pinned_read_us, 2),
+         "sample_duration_s": rounded(r.sample_duration_s, 4),
+         "first_sample_duration_s": rounded(r.first_sample_duration_s, 4),
+         "sample_interval_s": r.sample_interval_s,
+         "sampler_cpu_share": round(r.sampler_cpu_share, 4),
+         "connection_series": r.series_on},
+    )  # fmt: skip
+
+
 STEPS = (
     "pipeline", "scale", "app", "library", "scrape", "otlp", "memory", "overload", "probe",
-    "relay",
+    "relay", "connections",
 )  # fmt: skip
 
 
@@ -383,6 +410,7 @@ def run(
         "overload": lambda: measure_overload(profile, out),
         "probe": lambda: measure_probe(profile, out),
         "relay": lambda: measure_relay(profile, out),
+        "connections": lambda: measure_connections(profile, out),
     }
     assert tuple(steps) == STEPS
     for name, step in steps.items():
