@@ -20,6 +20,7 @@ MEASURES = (
     "scrape_vs_generate_latest",
     "rss_per_socket_vs_libzmq",
     "storm_loss",
+    "connections_scrape_cost",
 )
 
 
@@ -43,6 +44,11 @@ def test_bench_smoke_produces_every_measure(tmp_path: Path) -> None:
     loss = doc["storm_loss"]
     assert loss["value"] == 0 and loss["counted"] == loss["generated"] > 0, loss
     assert doc["_run"]["curve"]["sockets"] == [10, 40]
+    conn = doc["connections_scrape_cost"]  # smoke: 2 endpoints x 20 connections per daemon
+    assert conn["connections"] == 40 and conn["scrape_on_s"] > 0 and conn["scrape_off_s"] > 0
+    assert conn["tcp_info_us"] > 0 and conn["pinned_read_us"] > 0, conn
+    # The on-daemon served the six families for both endpoints, from a sample of all 40.
+    assert conn["connection_series"] == 12 and conn["sample_duration_s"] > 0, conn
     assert png.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
 
 
