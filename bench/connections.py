@@ -299,7 +299,8 @@ def run(
                 order = ((on, "on"), (off, "off")) if i % 2 == 0 else ((off, "off"), (on, "on"))
                 for d, key in order:
                     times[key].append(d.timed_scrape())
-            families, series = connection_series(on.scrape())
+            on_text, off_text = on.scrape(), off.scrape()
+            families, series = connection_series(on_text)
             tcp_info_us, first_us, pinned_us = read_costs(on_clients, port_of)
             # Idle window: no scrape, no connection moves; the on-daemon's sampler runs.
             a0, b0, t0 = on.cpu(), off.cpu(), time.monotonic()
@@ -329,6 +330,8 @@ def run(
                     "off_idle_cpu_share": (b1 - b0) / wall,
                     "scrape_on_p95_s": on_sorted[p95],
                     "scrape_off_p95_s": off_sorted[p95],
+                    "metrics_bytes_on": len(on_text),
+                    "metrics_bytes_off": len(off_text),
                     "scrape_on_mean_s": statistics.fmean(on_sorted),
                     "scrape_off_mean_s": statistics.fmean(off_sorted),
                 },

@@ -383,7 +383,9 @@ def measure_connections(p: Profile, out: dict[str, Measure]) -> None:
          "first_sample_duration_s": rounded(r.first_sample_duration_s, 4),
          "sample_interval_s": r.sample_interval_s,
          "sampler_cpu_share": round(r.sampler_cpu_share, 4),
-         "connection_series": r.series_on},
+         "connection_series": r.series_on,
+         "metrics_bytes_on": r.detail["metrics_bytes_on"],
+         "metrics_bytes_off": r.detail["metrics_bytes_off"]},
     )  # fmt: skip
 
 
