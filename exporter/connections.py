@@ -480,7 +480,8 @@ def _read_unix(
 
 @dataclass(frozen=True, slots=True)
 class EndpointConnections:
-    """Per-endpoint aggregate of the live connections, computed at scrape time.
+    """Per-endpoint aggregate of the live connections, computed per connection sample
+    (exporter/connsampler.py; the families are `metrics.CONNECTION_FAMILIES`).
 
     RTT figures cover tcp connections only and are None when there are none (the metric
     then has no sample for the endpoint: 0 would read as a perfect network)."""
@@ -537,22 +538,3 @@ def summarize_by(rows: Iterable[tuple[K, ConnectionInfo]]) -> dict[K, EndpointCo
     for key, conn in rows:
         groups.setdefault(key, []).append(conn)
     return {key: summarize(conns) for key, conns in groups.items()}
-
-
-# Prometheus families for the aggregates (gauges, labels: the endpoint's), in the order
-# of EndpointConnections' fields; the lead adds them to exporter/metrics.py's table.
-FAMILIES: tuple[tuple[str, str, str], ...] = (
-    ("zmq_connection_rtt_max_seconds", "rtt_max_seconds",
-     "Largest smoothed RTT among the endpoint's live tcp connections (TCP_INFO)."),
-    ("zmq_connection_rtt_avg_seconds", "rtt_avg_seconds",
-     "Mean smoothed RTT of the endpoint's live tcp connections (TCP_INFO)."),
-    ("zmq_connections_retransmitting", "retransmitting",
-     "Live connections retransmitting now: an RTO retransmission outstanding, or in "
-     "congestion state Recovery or Loss."),
-    ("zmq_connection_send_queue_bytes", "send_queue_bytes",
-     "Bytes in the kernel send queues of the endpoint's live connections, summed (SIOCOUTQ)."),
-    ("zmq_connection_recv_queue_bytes", "recv_queue_bytes",
-     "Bytes in the kernel receive queues of the endpoint's live connections, summed (SIOCINQ)."),
-    ("zmq_connection_send_queue_max_bytes", "send_queue_max_bytes",
-     "Largest kernel send queue among the endpoint's live connections (SIOCOUTQ)."),
-)  # fmt: skip

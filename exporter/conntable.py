@@ -1,6 +1,7 @@
-"""The connection table (issue 18): the engine snapshot's live fds read from the kernel at
-request time with `exporter.connections`, for GET /api/v1/connections, the status page and
-the per-endpoint metrics.
+"""The connection table (issue 18): the engine snapshot's live fds read from the kernel with
+`exporter.connections`: at request time for GET /api/v1/connections and the status page,
+and by the connection sampler's thread (`read_batched`, exporter/connsampler.py) for the
+per-endpoint metrics. One read path (`_read`) for all of them.
 
 It owns the pins (docs/connections.md, "The fd-reuse race"): the first good read of a
 connection pins its socket inode, later reads must find that very socket. Keys are

@@ -11,11 +11,13 @@ Public names:
 - `Family`: one family: Prometheus name, type, unit, help, labels, OTel instrument, and
   for socket families the event that feeds it and when its series first exist.
 - One constant per family (`CONNECTED`, ..., `OTLP_EXPORTS`), and the groups
-  `SOCKET_FAMILIES` (in /metrics order), `ENGINE_FAMILIES`, `RELOAD_FAMILIES`,
-  `WEB_FAMILIES`, `OTLP_FAMILIES`; `FAMILIES`: all of them, in the README's order.
+  `SOCKET_FAMILIES` (in /metrics order), `CONNECTION_FAMILIES` (per endpoint, from the
+  connection sampler; `CONNECTION_FAMILIES_ALWAYS`: those served without a tcp
+  connection), `ENGINE_FAMILIES`, `RELOAD_FAMILIES`, `WEB_FAMILIES`, `SAMPLER_FAMILIES`,
+  `OTLP_FAMILIES`; `FAMILIES`: all of them, in the README's order.
 - `PUSHED`: the families pushed over OTLP, in instrument order (`otel_name`, `otel_unit`).
 - `EVENT_COUNTERS`: counted event -> its socket family.
-- `SOCKET_LABELS`, `EXTRA_LABELS`, `RESERVED_LABELS`: label names.
+- `SOCKET_LABELS`, `EXTRA_LABELS`, `PEER_LABEL`, `RESERVED_LABELS`: label names.
 - `INITIAL_RULES`, `initial_counters(role)`, `initial_series(role)`: the series that
   exist before any event.
 - `markdown_metrics()`, `markdown_otel_names()`: the README's tables.

@@ -469,3 +469,64 @@ def test_metrics_off_means_no_sampler_and_reload_toggles_it(tmp_path: Path) -> N
                 wait_until(shows, timeout=10, what=f"connection families served: {served}")
         finally:
             client.close()
+
+
+class _CountingLock:
+    """threading.Lock that counts its acquisitions (the table's lock, observed)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.acquired = 0
+
+    def __enter__(self) -> None:
+        self._lock.acquire()
+        self.acquired += 1
+
+    def __exit__(self, *exc: object) -> None:
+        self._lock.release()
+
+
+def test_sampler_reads_are_the_tables_pinned_reads_in_batches() -> None:
+    """`ConnectionTable.read_batched` (the sampler's walk) reads through the same pins as
+    the API: the first walk pins every connection, and a connection whose fd number now
+    names another connection of the same endpoint is refused as `reused`, not reported.
+    The lock is taken once per batch (and once to prune), never for the whole walk."""
+    from exporter.conntable import ConnectionTable
+    from exporter.state import EndpointSnapshot, EngineSnapshot, ReaderStats, SocketSnapshot
+
+    n, batch = 300, 128
+    with socket.create_server(("127.0.0.1", 0), backlog=n) as listener:
+        port = listener.getsockname()[1]
+        clients = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(n)]
+        accepted = [listener.accept()[0] for _ in range(n)]
+        extra_client = socket.create_connection(("127.0.0.1", port), timeout=5)
+        extra, _ = listener.accept()
+        try:
+            since = time.time()
+            endpoint = f"tcp://127.0.0.1:{port}"
+            ep = EndpointSnapshot(
+                endpoint, "bind", {}, {}, {}, n, True, 0, None, 0.0,
+                live=tuple(sorted((s.fileno(), since) for s in accepted)), address=endpoint,
+            )  # fmt: skip
+            snap = EngineSnapshot(
+                (SocketSnapshot("backend", "ROUTER", {}, (ep,), {}, 0),), ReaderStats(), True
+            )
+            table = ConnectionTable(lambda: snap)
+            lock = _CountingLock()
+            table._lock = lock  # type: ignore[assignment]
+            rows = table.read_batched(snap, batch)
+            assert len(rows) == n and len(table._pins) == n
+            assert lock.acquired == 1 + -(-n // batch)  # prune, then one per batch
+            assert {r.info.peer_address for r in rows} == {
+                f"127.0.0.1:{c.getsockname()[1]}" for c in clients
+            }
+            # The number of accepted[0] now names another connection of the same endpoint.
+            victim = accepted[0].fileno()
+            os.dup2(extra.fileno(), victim)
+            rows = table.read_batched(snap, batch)
+            assert len(rows) == n - 1
+            assert victim not in {r.info.fd for r in rows}
+            assert table.gone_counts() == {"reused": 1}
+        finally:
+            for s in [*clients, *accepted, extra_client, extra]:
+                s.close()

@@ -5,7 +5,12 @@ builds families outside the lock, so a slow scrape never holds up event processi
 /metrics uses `StateCollector.prerender()` instead: the socket families as text from
 `SocketText` (exporter/render/sockettext.py), identical bytes at a fraction of the cost.
 
+The connection families (issue 18) are not read here: the connection sampler
+(exporter/connsampler.py) renders them once per sample, and `StateCollector` appends the
+latest sample (`ConnectionText`) after the socket families.
+
 Public names: `StateCollector` (`collect()`, `prerender(openmetrics)`), `Prerendered`,
+`ConnectionText`,
 `render_sockets(sockets)` (socket families, rows from `exporter.render.rows.socket_rows`),
 `render_self(snapshot)`, `one_sample(family, value, labels)` (a family of
 `exporter.metrics` with one sample).
