@@ -20,14 +20,16 @@ from test_deploy_tools import tool
 from exporter import metrics
 
 from helpers import Daemon, http_get
-from testkit import free_port
+from testkit import free_port, wait_until
 
 OPENMETRICS = "application/openmetrics-text; version=1.0.0; charset=utf-8"
 
 
 def test_promtool_and_both_parsers_accept_every_family() -> None:
     router = free_port()
+    # The connection sampler every 100 ms: its RTT families need a sampled tcp connection.
     config = textwrap.dedent(f"""\
+        connections: {{sample_interval: 100ms}}
         sockets:
           - {{name: backend, type: ROUTER, bind: ['tcp://127.0.0.1:{router}']}}
           - name: client
@@ -40,6 +42,10 @@ def test_promtool_and_both_parsers_accept_every_family() -> None:
         "OTEL_METRIC_EXPORT_INTERVAL": "60000",
     }
     with Daemon(config, env=env) as daemon:
+        wait_until(
+            lambda: "zmq_connection_rtt_max_seconds{" in http_get(daemon.url + "/metrics"),
+            what="the client's tcp connection sampled",
+        )
         text = http_get(daemon.url + "/metrics")
         om = http_get(daemon.url + "/metrics", {"Accept": OPENMETRICS})
 

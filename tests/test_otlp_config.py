@@ -230,8 +230,9 @@ def test_off_by_default_no_otlp_self_metrics() -> None:
 
 def translate(otel_name: str, unit: str, counter: bool) -> str:
     """The standard OTLP→Prometheus translation, written out here independently of the
-    table: `.` → `_`, unit `s` → `_seconds`, monotonic sums end in `_total` exactly once."""
-    name = otel_name.replace(".", "_") + ("_seconds" if unit == "s" else "")
+    table: `.` → `_`, unit `s` → `_seconds`, `By` → `_bytes`, monotonic sums end in
+    `_total` exactly once."""
+    name = otel_name.replace(".", "_") + {"s": "_seconds", "By": "_bytes"}.get(unit, "")
     return name.removesuffix("_total") + "_total" if counter else name
 
 
