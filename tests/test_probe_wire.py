@@ -7,6 +7,7 @@ raw peers that send a valid greeting and then junk, an ERROR, or nothing.
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import struct
 import threading
@@ -301,6 +302,33 @@ def test_peer_that_closes_after_our_ready_is_protocol(
     peer = ScriptedPeer(b"", close_after=True)
     scripted.append(peer)
     assert outcome(prober, peer.target) == "protocol"
+
+
+def test_zmtp2_peer_greeting_is_its_handshake(prober: Prober) -> None:
+    # A ZMTP/2.0 peer (libzmq 3.x): signature, revision 1, its socket type (6: ROUTER). It
+    # has no security handshake; libzmq 4.3.5 would never report one as succeeded.
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        listener.settimeout(5)
+        accepted: list[socket.socket] = []
+
+        def serve() -> None:
+            for _ in range(2):  # one connection per probe
+                with contextlib.suppress(TimeoutError):
+                    conn, _ = listener.accept()
+                    accepted.append(conn)
+                    conn.sendall(b"\xff" + bytes(7) + b"\x01\x7f" + b"\x01\x06")
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        try:
+            target = f"tcp://127.0.0.1:{listener.getsockname()[1]}"
+            assert outcome(prober, target) == "ok"
+            assert outcome(prober, target, "plain") == "mechanism_mismatch"
+        finally:
+            thread.join(5)
+            for conn in accepted:
+                conn.close()
+        assert len(accepted) == 2
 
 
 def test_properties_parse_as_libzmq() -> None:

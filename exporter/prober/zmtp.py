@@ -4,10 +4,15 @@ order, decides the reason.
 
 NULL and PLAIN modules finish the handshake themselves on the raw connection that carried
 the greeting (`wire`): one connection per probe. CURVE modules (no crypto library here)
-and peers whose greeting is older than ZMTP 3.0 use a real libzmq socket (`handshake`),
-which needs a second connection: for CURVE it is started right after DNS and runs
-concurrently with the raw connect and greeting (it is closed unused when they fail); for
-an old peer it starts once its greeting says so."""
+use a real libzmq socket (`handshake`), which needs a second connection: it is started
+right after DNS and runs concurrently with the raw connect and greeting (it is closed
+unused when they fail).
+
+A peer whose greeting is ZMTP/2.0 (libzmq 3.x) has no security handshake, only NULL (a
+module with another mechanism fails as `mechanism_mismatch` on its greeting): its greeting
+is the whole handshake. libzmq 4.3.5 cannot time one for us: it reports
+HANDSHAKE_SUCCEEDED only from `mechanism_ready`, which a ZMTP < 3 connection never reaches,
+so a libzmq socket's handshake with such a peer always ran into the deadline."""
 
 from __future__ import annotations
 
@@ -43,11 +48,14 @@ def probe_zmtp(target: str, module: ProbeModule, deadline: Deadline, log: ProbeL
             connected_at = time.monotonic()
             try:
                 greeting = read_greeting(raw, module, deadline, log, result)
-                if own and int(greeting.version.split(".")[0]) >= 3:
+                if int(greeting.version.split(".")[0]) < 3:
+                    result.handshake_seconds = time.monotonic() - connected_at
+                    log.debug(
+                        "ZMTP < 3: no security handshake; the greeting completes it",
+                        seconds=f"{result.handshake_seconds:.6f}",
+                    )
+                elif own:
                     handshake_over(raw, module, connected_at, deadline, log, result)
-                elif own:  # ZMTP/1.0 or 2.0: libzmq speaks those, we do not
-                    log.debug("The peer speaks ZMTP < 3; handing the handshake to libzmq")
-                    pending = Handshake(family, address, module, deadline, log)
             finally:
                 raw.close()
             if pending is not None:
