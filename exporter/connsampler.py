@@ -35,7 +35,8 @@ logged once per kind, and the previous sample stays served; its age
 fails or froze.
 
 Public names: `ConnectionSampler` (`start`, `stop`, `configure`, `latest`, `sample_once`,
-`self_metrics`), `ConnectionSample`, `build_sample`, `peer_of`, `OTHER_PEER`.
+`self_metrics`), `ConnectionSample`, `build_sample` (= `summarize_sample`, then
+`render_sample` unless nothing changed), `reads_gone_family`, `peer_of`, `OTHER_PEER`.
 """
 
 from __future__ import annotations
@@ -72,6 +73,9 @@ __all__ = [
     "ConnectionSampler",
     "build_sample",
     "peer_of",
+    "reads_gone_family",
+    "render_sample",
+    "summarize_sample",
 ]
 
 log = logging.getLogger("zmq_exporter.connections")
@@ -105,6 +109,10 @@ class _Families(Collector):
         return self._families
 
 
+# One series group of a sample: its labels (socket, endpoint, configured, peer) and values.
+Summary = tuple[tuple[tuple[str, str], ...], EndpointConnections]
+
+
 @dataclass(frozen=True)
 class ConnectionSample:
     """One sample of every live connection, summarized per endpoint (per peer). Never
@@ -118,6 +126,7 @@ class ConnectionSample:
     peers_suppressed: int  # peers aggregated under `other`
     duration: float  # seconds the sample took (reads and summaries)
     finished: float  # time.monotonic() when it was published
+    summaries: tuple[Summary, ...] = ()  # what was rendered (the next sample compares)
 
 
 def peer_of(info: ConnectionInfo) -> str:
@@ -146,55 +155,81 @@ def _by_peer(
     return kept, len(rest)
 
 
-def build_sample(
-    snap: EngineSnapshot,
-    rows: Sequence[Row],
-    settings: ConnectionsConfig,
-    duration: float = 0.0,
-    finished: float | None = None,
-) -> ConnectionSample:
-    """The families of one sample: `rows` (read from `snap`'s live fds) per configured tcp
-    and ipc endpoint of `snap`, in the snapshot's socket and endpoint order."""
+def summarize_sample(
+    snap: EngineSnapshot, rows: Sequence[Row], settings: ConnectionsConfig
+) -> tuple[tuple[Summary, ...], int]:
+    """`rows` (read from `snap`'s live fds) summarized per configured tcp and ipc endpoint
+    of `snap` (per peer), in the snapshot's socket and endpoint order; and the peers
+    aggregated under `other`."""
     by_endpoint: dict[tuple[str, str], list[ConnectionInfo]] = {}
     for row in rows:
         by_endpoint.setdefault((row.socket, row.endpoint), []).append(row.info)
+    out: list[Summary] = []
+    suppressed = 0
+    for sock in snap.sockets:
+        configured = tuple(sock.labels.items())
+        for ep in sock.endpoints:
+            if ep.role is None or ep.endpoint.partition("://")[0] not in _TRANSPORTS:
+                continue  # socket-wide and unmapped rows, inproc and the like
+            labels = (("socket", sock.name), ("endpoint", ep.endpoint), *configured)
+            infos = by_endpoint.get((sock.name, ep.endpoint))
+            if not settings.per_peer:
+                out.append((labels, summarize(infos) if infos else EMPTY))
+                continue
+            if not infos:
+                continue  # no per-peer series without a connection
+            groups, hidden = _by_peer(infos, settings.max_peers_per_endpoint)
+            suppressed += hidden
+            for peer, group in groups:
+                out.append(((*labels, (metrics.PEER_LABEL, peer)), summarize(group)))
+    return tuple(out), suppressed
+
+
+def render_sample(summaries: tuple[Summary, ...]) -> tuple[tuple[Metric, ...], bytes, bytes]:
+    """The families of `summaries` (those with samples) and the text each encoder writes
+    for them (OpenMetrics without `# EOF`)."""
     families = [
         Metric(f.metric_name, f.help, f.type, f.unit or "") for f in metrics.CONNECTION_FAMILIES
     ]
     names = [f.name for f in metrics.CONNECTION_FAMILIES]
-    suppressed = 0
-
-    def add(labels: dict[str, str], summary: EndpointConnections) -> None:
+    for labels, summary in summaries:
+        label_dict = dict(labels)
         for family, name, field in zip(families, names, _FIELDS, strict=True):
             value = getattr(summary, field)
             if value is not None:  # RTT without a tcp connection: no sample
-                family.add_sample(name, labels, value)
-
-    for sock in snap.sockets:
-        for ep in sock.endpoints:
-            if ep.role is None or ep.endpoint.partition("://")[0] not in _TRANSPORTS:
-                continue  # socket-wide and unmapped rows, inproc and the like
-            labels = {"socket": sock.name, "endpoint": ep.endpoint, **sock.labels}
-            infos = by_endpoint.get((sock.name, ep.endpoint), [])
-            if not settings.per_peer:
-                add(labels, summarize(infos) if infos else EMPTY)
-                continue
-            groups, hidden = _by_peer(infos, settings.max_peers_per_endpoint)
-            suppressed += hidden
-            for peer, group in groups:
-                add({**labels, metrics.PEER_LABEL: peer}, summarize(group))
+                family.add_sample(name, label_dict, value)
     present = tuple(f for f in families if f.samples)
-    text = exposition.generate_latest(_Families(present)) if present else b""
-    om = _om_generate_latest(_Families(present)).removesuffix(b"# EOF\n") if present else b""
+    if not present:
+        return (), b"", b""
+    text = exposition.generate_latest(_Families(present))
+    om = _om_generate_latest(_Families(present)).removesuffix(b"# EOF\n")
+    return present, text, om
+
+
+def build_sample(
+    snap: EngineSnapshot,
+    rows: Sequence[Row],
+    settings: ConnectionsConfig,
+    previous: ConnectionSample | None = None,
+) -> ConnectionSample:
+    """One sample of `rows` read from `snap`. The families are rendered again only if a
+    value or a series changed since `previous` (idle endpoints keep theirs: at 4,000
+    endpoints rendering costs ~160 ms, comparing ~1 ms)."""
+    summaries, suppressed = summarize_sample(snap, rows, settings)
+    if previous is not None and previous.summaries == summaries:
+        families, text, om = previous.families, previous.text, previous.openmetrics
+    else:
+        families, text, om = render_sample(summaries)
     return ConnectionSample(
-        families=present,
+        families=families,
         text=text,
         openmetrics=om,
-        series=sum(len(f.samples) for f in present),
+        series=sum(len(f.samples) for f in families),
         connections=len(rows),
         peers_suppressed=suppressed,
-        duration=duration,
-        finished=time.monotonic() if finished is None else finished,
+        duration=0.0,
+        finished=time.monotonic(),
+        summaries=summaries,
     )
 
 
@@ -255,7 +290,7 @@ class ConnectionSampler:
         begin = time.perf_counter()
         snap = self._snapshot()
         rows = self._table.read_batched(snap, self._batch)
-        sample = build_sample(snap, rows, settings)
+        sample = build_sample(snap, rows, settings, self.latest)
         sample = dataclasses.replace(
             sample, duration=time.perf_counter() - begin, finished=time.monotonic()
         )

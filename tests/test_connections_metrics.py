@@ -530,3 +530,37 @@ def test_sampler_reads_are_the_tables_pinned_reads_in_batches() -> None:
         finally:
             for s in [*clients, *accepted, extra_client, extra]:
                 s.close()
+
+
+def test_unchanged_sample_is_not_rendered_again() -> None:
+    """An idle endpoint's families are rendered once: a sample whose summaries equal the
+    previous one's reuses its text; a changed value renders anew. Text and families agree
+    with what the encoder writes for them."""
+    from prometheus_client import exposition
+
+    from exporter.config.model import ConnectionsConfig
+    from exporter.connsampler import build_sample
+    from exporter.state import EndpointSnapshot, EngineSnapshot, ReaderStats, SocketSnapshot
+
+    def snap(endpoints: int) -> EngineSnapshot:
+        eps = tuple(
+            EndpointSnapshot(f"tcp://127.0.0.1:{1000 + i}", "bind", {}, {}, {}, 0, True, 0,
+                             None, 0.0)
+            for i in range(endpoints)
+        )  # fmt: skip
+        return EngineSnapshot((SocketSnapshot("s", "ROUTER", {"team": "x"}, eps, {}, 0),),
+                              ReaderStats(), True)  # fmt: skip
+
+    settings = ConnectionsConfig()
+    first = build_sample(snap(3), [], settings)
+    again = build_sample(snap(3), [], settings, first)
+    assert again.text is first.text and again.families is first.families
+    assert first.series == 3 * len(ALWAYS)
+
+    class _Collected:
+        def collect(self) -> Any:
+            return first.families
+
+    assert exposition.generate_latest(_Collected()) == first.text
+    changed = build_sample(snap(4), [], settings, first)
+    assert changed.text is not first.text and changed.series == 4 * len(ALWAYS)
