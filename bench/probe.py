@@ -1,11 +1,16 @@
 """What a /probe costs against the least it could cost (issue 17).
 
 `probe_latency_overhead`: one probe of a live local ROUTER (`Prober.handle_probe`, in
-process: DNS of the literal address, a raw connect and the peer's greeting, a libzmq
-handshake in the prober's context, the text rendered) against a bare pyzmq connect plus
+process: DNS of the literal address, one raw connection carrying the peer's greeting and
+the prober's own NULL handshake, the text rendered) against a bare pyzmq connect plus
 handshake of the same ROUTER (a DEALER whose monitor reports HANDSHAKE_SUCCEEDED, then
 closed), measured in the same run, alternating (ABAB) so that drift hits both alike; the
 ratio of the medians.
+
+`probe_latency_overhead_curve` (informational): the same against a CURVE ROUTER, with a
+CURVE module and a bare CURVE DEALER. A CURVE probe still opens two connections (the raw
+one for the greeting, and a libzmq socket for the handshake: the prober does not do the
+crypto itself).
 
 Then 100 threads probe the same ROUTER back to back for a while through one Prober bounded
 at 100 (`--probe.max-concurrent`'s default): every probe must succeed (no 503, no failure).
@@ -21,7 +26,7 @@ from dataclasses import dataclass
 
 import zmq
 
-from exporter.config.modules import default_modules
+from exporter.config.modules import ProbeModule, default_modules
 from exporter.prober import Prober
 from exporter.sockets import attach_monitor
 
@@ -32,6 +37,8 @@ HEADERS = {"X-Prometheus-Scrape-Timeout-Seconds": "5"}
 class ProbeBench:
     probe_s: float  # median seconds per probe
     bare_s: float  # median seconds per bare connect + handshake
+    curve_probe_s: float  # the same against a CURVE ROUTER
+    curve_bare_s: float
     rounds: int
     concurrent: int
     concurrent_seconds: float
@@ -43,11 +50,22 @@ class ProbeBench:
     def ratio(self) -> float:
         return self.probe_s / self.bare_s
 
+    @property
+    def curve_ratio(self) -> float:
+        return self.curve_probe_s / self.curve_bare_s
 
-def bare_handshake(ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str) -> float:
+
+def bare_handshake(
+    ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str, curve_server: bytes | None = None
+) -> float:
     started = time.perf_counter()
     sock = ctx.socket(zmq.DEALER)
     sock.setsockopt(zmq.LINGER, 0)
+    if curve_server is not None:  # as the prober's module without a client key: a new pair
+        public, secret = zmq.curve_keypair()
+        sock.curve_serverkey = curve_server
+        sock.curve_publickey = public
+        sock.curve_secretkey = secret
     monitor = attach_monitor(ctx, sock, zmq.EVENT_HANDSHAKE_SUCCEEDED)
     try:
         sock.connect(endpoint)
@@ -61,10 +79,10 @@ def bare_handshake(ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str) -> float:
     return time.perf_counter() - started
 
 
-def one_probe(prober: Prober, target: str) -> tuple[float, str]:
+def one_probe(prober: Prober, target: str, module: str = "zmtp") -> tuple[float, str]:
     """(seconds, "ok" or why not: the HTTP status or the failure reason)."""
     started = time.perf_counter()
-    status, _, body = prober.handle_probe({"target": [target]}, HEADERS)
+    status, _, body = prober.handle_probe({"target": [target], "module": [module]}, HEADERS)
     took = time.perf_counter() - started
     if status != 200:
         return took, str(status)
@@ -78,22 +96,39 @@ def run(rounds: int = 500, concurrent: int = 100, seconds: float = 3.0) -> Probe
     ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
     router = ctx.socket(zmq.ROUTER)
     router.setsockopt(zmq.LINGER, 0)
-    # Two connections per probe: with libzmq's default backlog (100), 100 probes at once
-    # overflow the ROUTER's accept queue and a dropped SYN costs a 1 s retransmit (the p99
-    # of the concurrent run was 1.06 s). The measure is the prober, not the peer's backlog.
+    # With libzmq's default backlog (100), 100 probes at once (each with a connection
+    # closing and the next one opening) can overflow the ROUTER's accept queue, and a
+    # dropped SYN costs a 1 s retransmit (the p99 of a concurrent run with two connections
+    # per probe was 1.06 s). The measure is the prober, not the peer's backlog.
     router.setsockopt(zmq.BACKLOG, 1024)
     endpoint = f"tcp://127.0.0.1:{router.bind_to_random_port('tcp://127.0.0.1')}"
-    prober = Prober(default_modules, max_concurrent=concurrent)
+    server_public, server_secret = zmq.curve_keypair()
+    curve_router = ctx.socket(zmq.ROUTER)
+    curve_router.setsockopt(zmq.LINGER, 0)
+    curve_router.curve_server = True
+    curve_router.curve_secretkey = server_secret
+    curve = f"tcp://127.0.0.1:{curve_router.bind_to_random_port('tcp://127.0.0.1')}"
+    modules = default_modules()
+    modules["curve"] = ProbeModule("curve", mechanism="CURVE", curve_serverkey=server_public)
+    prober = Prober(lambda: modules, max_concurrent=concurrent)
     try:
-        for _ in range(20):  # warm up both paths (contexts, threads, the DNS pool)
+        for _ in range(20):  # warm up every path (contexts, threads, the DNS pool)
             bare_handshake(ctx, endpoint)
             assert one_probe(prober, endpoint)[1] == "ok", "the probe of a live ROUTER failed"
+            bare_handshake(ctx, curve, server_public)
+            assert one_probe(prober, curve, "curve")[1] == "ok", "the CURVE probe failed"
         probes, bares = [], []
         for _ in range(rounds):
             took, outcome = one_probe(prober, endpoint)
             assert outcome == "ok", f"the probe of a live ROUTER failed: {outcome}"
             probes.append(took)
             bares.append(bare_handshake(ctx, endpoint))
+        curve_probes, curve_bares = [], []
+        for _ in range(max(rounds // 4, 10)):  # informational: fewer rounds
+            took, outcome = one_probe(prober, curve, "curve")
+            assert outcome == "ok", f"the probe of a CURVE ROUTER failed: {outcome}"
+            curve_probes.append(took)
+            curve_bares.append(bare_handshake(ctx, curve, server_public))
         latencies: list[float] = []
         failures: Counter[str] = Counter()
         lock = threading.Lock()
@@ -121,6 +156,8 @@ def run(rounds: int = 500, concurrent: int = 100, seconds: float = 3.0) -> Probe
         return ProbeBench(
             probe_s=statistics.median(probes),
             bare_s=statistics.median(bares),
+            curve_probe_s=statistics.median(curve_probes),
+            curve_bare_s=statistics.median(curve_bares),
             rounds=rounds,
             concurrent=concurrent,
             concurrent_seconds=elapsed,
@@ -134,4 +171,4 @@ def run(rounds: int = 500, concurrent: int = 100, seconds: float = 3.0) -> Probe
 
 if __name__ == "__main__":
     result = run()
-    print(result, f"ratio={result.ratio:.3f}")
+    print(result, f"ratio={result.ratio:.3f} curve_ratio={result.curve_ratio:.3f}")

@@ -322,6 +322,15 @@ def measure_probe(p: Profile, out: dict[str, Measure]) -> None:
         {"probe_us": round(r.probe_s * 1e6, 1), "bare_us": round(r.bare_s * 1e6, 1),
          "rounds": r.rounds},
     )  # fmt: skip
+    out["probe_latency_overhead_curve"] = Measure(
+        r.curve_ratio,
+        1.5,
+        "<=",
+        "ratio",
+        {"informational": True, "connections_per_probe": 2,
+         "probe_us": round(r.curve_probe_s * 1e6, 1),
+         "bare_us": round(r.curve_bare_s * 1e6, 1)},
+    )  # fmt: skip
     out["probe_concurrent_100_failures"] = Measure(
         sum(r.concurrent_failures.values()),
         0,
