@@ -858,7 +858,9 @@ PROBE_HANDSHAKE = _self(
     "probe_zmtp_handshake_duration_seconds",
     "gauge",
     "probe",
-    "Time a libzmq connect and ZMTP handshake (security included) took.",
+    "Time the ZMTP handshake (security included) took: NULL and PLAIN, from the connection "
+    "being established to the peer's READY (its greeting included); CURVE, a libzmq "
+    "connect and handshake.",
     unit="seconds",
 )
 PROBE_ZMTP_INFO = _self(
