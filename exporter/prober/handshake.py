@@ -1,7 +1,8 @@
-"""Step 4: a real libzmq handshake, timed: a socket of the module's type connects to the
-address the DNS step chose, with the module's security, and its monitor says how the
-handshake ended. One attempt (no reconnect), bounded by the deadline, and the socket and
-its monitor are closed in the safe order whatever happens.
+"""Step 4 for CURVE modules (NULL and PLAIN: `wire`): a real libzmq handshake, timed: a
+socket of the module's type connects to the address the DNS step chose, with the module's
+security, and its monitor says how the handshake ended. One attempt (no reconnect),
+bounded by the deadline, and the socket and its monitor are closed in the safe order
+whatever happens.
 
 How monitor events map to reasons (measured against real peers, libzmq 4.3.5):
 - HANDSHAKE_SUCCEEDED: success.
