@@ -11,6 +11,11 @@ ROUTER process that the test kills (SIGKILL) and restarts in a bounded loop; DEA
 connected to an identical peer process that is left alone for the same time (the control);
 DEALER `missing` pointed at a port where nothing listens (1 s base interval, 30 s backoff:
 below the storm threshold); ROUTER `busy` binding a port the test holds (EADDRINUSE).
+
+The same Prometheus also runs the `zmq_probe` job of deploy/prometheus/prometheus-probe.yml
+(relabelling as shipped; targets, exporter address and interval replaced): it probes the
+`quiet` peer's ROUTER (live) and the `missing` port (nothing listens), so the dashboard's
+Probes row is evaluated against real probe results.
 """
 
 from __future__ import annotations
@@ -45,6 +50,8 @@ RATE_INTERVAL = "10s"  # what the test substitutes for Grafana's $__rate_interva
 DASHBOARD = DEPLOY / "grafana" / "zmq-exporter.json"
 ALERTS = DEPLOY / "prometheus" / "alerts.yml"
 SCRAPE_CONFIG = DEPLOY / "prometheus" / "prometheus.yml"
+PROBE_SCRAPE_CONFIG = DEPLOY / "prometheus" / "prometheus-probe.yml"
+PROBE_JOB = "zmq_probe"  # the job of PROBE_SCRAPE_CONFIG (and of probe-alerts.yml)
 
 PEER = textwrap.dedent("""\
     import sys
@@ -169,6 +176,8 @@ class Stack:
     storm_endpoint: str
     quiet_endpoint: str
     peers: list[subprocess.Popen[bytes]]
+    probe_live: str  # probe targets of the zmq_probe job
+    probe_dead: str
 
 
 @pytest.fixture(scope="module")
@@ -209,8 +218,14 @@ def stack() -> Iterator[Stack]:
         prom_config["rule_files"] = [str(rules)]
         (job,) = prom_config["scrape_configs"]
         job["static_configs"] = [{"targets": [instance]}]
+        (probe_job,) = yaml.safe_load(PROBE_SCRAPE_CONFIG.read_text())["scrape_configs"]
+        assert probe_job["job_name"] == PROBE_JOB
+        probe_dead = f"tcp://127.0.0.1:{missing}"
+        probe_job["static_configs"] = [{"targets": [quiet_ep, probe_dead]}]
+        probe_job["relabel_configs"][-1]["replacement"] = instance  # the exporter itself
+        prom_config["scrape_configs"].append(probe_job)
         prom = Prometheus.start(tmp, prom_config)
-        yield Stack(prom, daemon, instance, storm_ep, quiet_ep, peers)
+        yield Stack(prom, daemon, instance, storm_ep, quiet_ep, peers, quiet_ep, probe_dead)
     finally:
         if prom is not None:
             prom.stop()
@@ -228,12 +243,19 @@ def substitute(expr: str, instance: str, socket_re: str = ".*") -> str:
         expr.replace("$__rate_interval", RATE_INTERVAL)
         .replace("$instance", instance)
         .replace("$socket", socket_re)
+        .replace("$probe_job", PROBE_JOB)
+        .replace("$target", ".*")  # All
     )
 
 
 def metric_names(expr: str) -> set[str]:
     """Metric names an expression selects (PromQL functions and keywords never start so)."""
     return set(re.findall(r"\b((?:zmq|process)_[a-z_]+|up)\b(?=\s*[{\[)])", expr))
+
+
+def probe_metric_names(expr: str) -> set[str]:
+    """The /probe families an expression selects (served by /probe, not /metrics)."""
+    return set(re.findall(r"\b(probe_[a-z_]+)\b(?=\s*[{\[)])", expr))
 
 
 def dashboard_queries() -> list[tuple[str, str]]:
@@ -267,12 +289,20 @@ def test_every_dashboard_and_rule_expression_evaluates(stack: Stack) -> None:
         for s in prom.query(substitute('zmq_socket_info{instance=~"$instance"}', instance))
     }
     assert sockets == {"backend", "worker", "storm", "quiet", "missing", "busy"}
+    # label_values(probe_success, job) and label_values(probe_success{job=~"$probe_job"},
+    # instance): the probe job, and each probed target as its instance.
+    assert {s["metric"]["job"] for s in prom.query("probe_success")} == {PROBE_JOB}
+    probed = {
+        s["metric"]["instance"]: s["value"][1]
+        for s in prom.query(substitute('probe_success{job=~"$probe_job"}', instance))
+    }
+    assert probed == {stack.probe_live: "1", stack.probe_dead: "0"}, probed
 
     empty = []
     for title, expr in dashboard_queries():
         real = substitute(expr, instance)
         result = prom.query(real)  # raises on any PromQL error
-        names = metric_names(expr)
+        names = metric_names(expr) | probe_metric_names(expr)
         assert names, (title, expr)
         present = all(prom.query(f'count({{__name__="{n}"}})') for n in names)
         if present:
@@ -281,6 +311,25 @@ def test_every_dashboard_and_rule_expression_evaluates(stack: Stack) -> None:
             empty.append(title)
     # Only the failure counters this setup never produces may be absent.
     assert set(empty) <= {"Accept / close failures /s", "Unknown monitor events /s"}, empty
+
+    # The Probes row says what happened: the dead target fails as connect_refused, the live
+    # one has a greeting (NULL, ZMTP 3.1) and a handshake time, the dead one none.
+    probe_panels = {title: expr for title, expr in dashboard_queries() if "probe_" in expr}
+    assert len(probe_panels) == 4, probe_panels  # success, steps (4 queries), reasons, info
+    (failure,) = [e for t, e in dashboard_queries() if "probe_zmtp_failure_info" in e]
+    reasons = {
+        (s["metric"]["instance"], s["metric"]["reason"])
+        for s in prom.query(substitute(failure, instance))
+    }
+    assert reasons == {(stack.probe_dead, "connect_refused")}, reasons
+    (info,) = [e for t, e in dashboard_queries() if "probe_zmtp_info" in e]
+    greetings = [s["metric"] for s in prom.query(substitute(info, instance))]
+    assert [(g["instance"], g["version"], g["mechanism"]) for g in greetings] == [
+        (stack.probe_live, "3.1", "NULL")
+    ], greetings
+    (handshake,) = [e for t, e in dashboard_queries() if "probe_zmtp_handshake" in e]
+    timed = {s["metric"]["instance"] for s in prom.query(substitute(handshake, instance))}
+    assert timed == {stack.probe_live}, timed
 
     # Rule expressions: each evaluates, each metric it selects exists here, and exactly the
     # conditions this setup creates return data (thresholds included).

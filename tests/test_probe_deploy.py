@@ -7,6 +7,7 @@ only."""
 from __future__ import annotations
 
 import copy
+import json
 import subprocess
 import tempfile
 import time
@@ -17,10 +18,11 @@ from typing import Any
 import pytest
 import yaml
 import zmq
-from test_deploy_e2e import Prometheus
+from test_deploy_e2e import DASHBOARD, Prometheus, probe_metric_names
 from test_deploy_kubernetes import crd_errors
 from test_deploy_tools import DEPLOY, check, tool
 
+from exporter import metrics
 from exporter.prober.target import parse_target
 
 from helpers import ROOT, Daemon
@@ -150,3 +152,28 @@ def test_real_prometheus_probes_through_relabelling(tmp: Path) -> None:
         if prom is not None:
             prom.stop()
         ctx.destroy(linger=0)
+
+
+def test_dashboard_probe_row_selects_probe_families() -> None:
+    """The dashboard's Probes row selects only /probe's families (the metrics table's probe
+    section), through its `probe_job` and `target` variables; test_deploy_e2e evaluates it."""
+    dash = json.loads(DASHBOARD.read_text())
+    variables = {v["name"]: v for v in dash["templating"]["list"]}
+    assert variables["probe_job"]["definition"] == "label_values(probe_success, job)"
+    assert "$probe_job" in variables["target"]["definition"]
+    served = {f.name for f in metrics.PROBE_FAMILIES}
+    exprs = [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
+    selected: set[str] = set()
+    for expr in exprs:
+        names = probe_metric_names(expr)
+        if names:
+            assert 'job=~"$probe_job",instance=~"$target"' in expr, expr
+            assert names <= served, (names, expr)
+            selected |= names
+    assert selected == served  # every probe family has a panel
+    (row,) = [p for p in dash["panels"] if p["type"] == "row" and p["title"] == "Probes"]
+    assert all(
+        p["gridPos"]["y"] > row["gridPos"]["y"]
+        for p in dash["panels"]
+        if p is not row and probe_metric_names(" ".join(t["expr"] for t in p.get("targets", [])))
+    )
