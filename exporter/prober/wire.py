@@ -46,6 +46,7 @@ MAX_COMMAND_SIZE = 64 * 1024
 COMMAND_FLAG = 0x04
 LARGE_FLAG = 0x02
 SHORT_MAX = 255
+LONG_HEADER = 9  # flags and an 8-octet size
 
 # mechanism_t::check_socket_type: the peer types each of ours may talk to.
 COMPATIBLE: dict[str, frozenset[str]] = {
@@ -134,6 +135,13 @@ class CommandReader:
         # What the peer closing the connection before the expected command means.
         self.closed_reason = closed_reason
 
+    def _read_size(self, wanted: int) -> int:
+        # What the frame still needs, at least a small page (a READY and what may follow
+        # come in one read), never beyond the largest frame: recv allocates what it is
+        # asked for, so a 64 KiB read per command would cost more than the command.
+        room = MAX_COMMAND_SIZE + LONG_HEADER - len(self.buffer)
+        return min(max(wanted - len(self.buffer), 4096), room)
+
     def _fill(self, wanted: int, waiting_for: str) -> None:
         while len(self.buffer) < wanted:
             remaining = self.deadline.remaining()
@@ -141,7 +149,7 @@ class CommandReader:
                 raise ProbeFailed("handshake_timeout", f"no {waiting_for} before the deadline")
             self.sock.settimeout(remaining)
             try:
-                chunk = self.sock.recv(MAX_COMMAND_SIZE + 9 - len(self.buffer))
+                chunk = self.sock.recv(self._read_size(wanted))
             except TimeoutError:
                 continue
             except OSError as err:  # ECONNRESET: the peer closed with our data unread
@@ -159,9 +167,9 @@ class CommandReader:
         self._fill(2, waiting_for)
         flags = self.buffer[0]
         if flags & LARGE_FLAG:
-            self._fill(9, waiting_for)
+            self._fill(LONG_HEADER, waiting_for)
             (size,) = struct.unpack_from(">Q", self.buffer, 1)
-            header = 9
+            header = LONG_HEADER
         else:
             size, header = self.buffer[1], 2
         if size > MAX_COMMAND_SIZE:
