@@ -15,6 +15,7 @@ from bench import scrape
 from exporter.events import Event
 from exporter.otlp import MetricsBuilder, count_points
 from exporter.render.sockettext import SocketText
+from exporter.sockets import build_labels
 from exporter.state import (
     EngineSnapshot,
     ReaderStats,
@@ -64,9 +65,9 @@ def run(sockets: int, repeat: int) -> OtlpTimes:
     resource = Resource.create({"service.name": "bench"})
 
     def first_export() -> None:
-        _payload(MetricsBuilder(resource), scrape.snapshots(states))
+        _payload(MetricsBuilder(resource, build_labels()), scrape.snapshots(states))
 
-    builder = MetricsBuilder(resource)
+    builder = MetricsBuilder(resource, build_labels())
     snaps = list(scrape.snapshots(states))
     payload = _payload(builder, tuple(snaps))
     points = count_points(builder.build(EngineSnapshot(tuple(snaps), ReaderStats(), True)))

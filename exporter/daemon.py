@@ -26,6 +26,7 @@ from exporter.prober.handshake import close_context as close_prober_context
 from exporter.relay import RelayLimits, RelayServer
 from exporter.render.prometheus import StateCollector, one_sample
 from exporter.render.status import render_status
+from exporter.sockets import build_labels
 from exporter.state import EngineSnapshot
 from exporter.web import DEFAULT_MAX_REQUESTS, MAX_CONNECTIONS, WebApp, WebServer
 from exporter.webconfig import WebConfig
@@ -92,7 +93,7 @@ class Daemon:
         self.sampler: ConnectionSampler | None = None  # started by start() / reload()
         # /metrics: the state (socket families pre-rendered, then the latest connection
         # sample's families) first, then this registry.
-        self.state = StateCollector(self.snapshot, self.connection_sample)
+        self.state = StateCollector(self.snapshot, build_labels(), self.connection_sample)
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_ReloadCollector(self))
         self.registry.register(_SamplerCollector(self))
@@ -104,7 +105,10 @@ class Daemon:
         # the same snapshots and rows as /metrics, on a thread of its own.
         self.otlp = (
             OtlpOutput(
-                otlp, self.snapshot, extra=[_ReloadCollector(self), _ConnectionFamilies(self)]
+                otlp,
+                self.snapshot,
+                build_labels(),
+                extra=[_ReloadCollector(self), _ConnectionFamilies(self)],
             )
             if otlp is not None
             else None

@@ -64,7 +64,7 @@ from exporter.events import ALL_EVENTS_MASK, EVENT_BY_NAME, Event
 from exporter.reader import EngineStopped, Reader
 from exporter.render.prometheus import StateCollector, render_self, render_sockets
 from exporter.render.rows import row_labels, socket_rows
-from exporter.sockets import attach_monitor
+from exporter.sockets import attach_monitor, build_labels
 from exporter.state import (
     EngineSnapshot,
     ReaderStats,
@@ -532,12 +532,12 @@ class _LibraryCollector(StateCollector):
     """The socket families and the reader's self-metrics, for one registry."""
 
     def __init__(self, key: int) -> None:
-        super().__init__(lambda: _snapshot(key))
+        super().__init__(lambda: _snapshot(key), build_labels())
 
     def describe(self) -> Iterator[Metric]:
         # The families without touching the reader (registering must start nothing).
         yield from render_sockets(())
-        yield from render_self(EngineSnapshot((), ReaderStats(), False))
+        yield from render_self(EngineSnapshot((), ReaderStats(), False), self._build)
 
 
 # Instrument slot (index into metrics.PUSHED) of each socket family's rows, and of the
@@ -557,6 +557,7 @@ class _OtelExport:
 
     def __init__(self, provider: MeterProvider) -> None:
         self._key = id(provider)
+        self._build = build_labels()
         self._cache: dict[str, tuple[SocketSnapshot, dict[int, Points]]] = {}
         self._cache_lock = threading.Lock()  # OTel readers may collect concurrently
         meter = provider.get_meter("zmq-exporter", __version__)
@@ -593,7 +594,7 @@ class _OtelExport:
                 for value, attrs in entry[1].get(slot, ()):
                     out.append(Observation(value, attrs))
             self._cache = fresh
-        for family in render_self(snap):
+        for family in render_self(snap, self._build):
             if _PUSHED_SLOT.get(family.name) == slot:
                 out += [Observation(float(s.value), dict(s.labels)) for s in family.samples]
         return out

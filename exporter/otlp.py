@@ -202,9 +202,11 @@ class MetricsBuilder:
     def __init__(
         self,
         resource: Resource,
+        build: Mapping[str, str],
         extra: Sequence[Collector] = (),
         clock: Callable[[], int] = time.time_ns,
     ) -> None:
+        self._build_labels = dict(build)
         self._extra = tuple(extra)
         self._time = clock
         self._started = clock()  # start time of the non-socket series
@@ -244,7 +246,7 @@ class MetricsBuilder:
             for slot, points in entry[2]:
                 slots[slot] += points
         self._entries = entries
-        others: list[PromMetric] = list(render_self(snap))
+        others: list[PromMetric] = list(render_self(snap, self._build_labels))
         for collector in self._extra:
             others.extend(collector.collect())
         for other in others:
@@ -511,11 +513,12 @@ class OtlpOutput:
         self,
         settings: OtlpSettings,
         snapshot: Callable[[], EngineSnapshot],
+        build: Mapping[str, str],
         extra: Sequence[Collector] = (),
     ) -> None:
         self.settings = settings
         self.stats = ExportStats()
-        self.builder = MetricsBuilder(make_resource(settings), extra)
+        self.builder = MetricsBuilder(make_resource(settings), build, extra)
         self._snapshot = snapshot
         self._exporter: PayloadExporter | None = None
         self._thread: threading.Thread | None = None

@@ -7,12 +7,14 @@ from __future__ import annotations
 import contextlib
 import itertools
 import os
+import platform
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import zmq
 
+from exporter import __version__
 from exporter.config import SocketSpec
 from exporter.config.durations import to_millis
 from exporter.config.model import SocketOptions
@@ -32,6 +34,17 @@ class MonitoredSocket:
     monitor_fd: int
     socket_fd: int | None  # set when inbound messages are drained
     closed: bool = False
+
+
+def build_labels() -> dict[str, str]:
+    """The labels of `zmq_exporter_build_info`: this package's version and those of what
+    it runs on. Read here, at the zmq edge, so the renderers need not import zmq."""
+    return {
+        "version": __version__,
+        "pyzmq_version": zmq.pyzmq_version(),
+        "libzmq_version": zmq.zmq_version(),
+        "python_version": platform.python_version(),
+    }
 
 
 def open_socket(ctx: zmq.Context[zmq.Socket[bytes]], spec: SocketSpec) -> MonitoredSocket:

@@ -234,3 +234,19 @@ def test_table_and_config_import_no_runtime_module() -> None:
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=30
     )
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+def test_renderers_import_no_zmq_and_no_engine() -> None:
+    """The data flow: render/ reads snapshots; the build labels come in from the zmq edge."""
+    code = textwrap.dedent("""\
+        import sys
+        import exporter.render.prometheus, exporter.render.status
+        io = ("zmq", "exporter.engine", "exporter.reader", "exporter.sockets", "exporter.daemon",
+              "exporter.web", "exporter.otlp")
+        print(sorted({m.split(".")[0] if m.startswith("zmq") else m
+                      for m in sys.modules if m.startswith(io)}))
+        """)
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=30
+    )
+    assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr

@@ -29,6 +29,7 @@ from exporter.metrics import (
     CONNECTION_SEND_QUEUE,
     PUSHED,
 )
+from exporter.sockets import build_labels
 
 from helpers import Daemon, Samples, free_port, value, wait_until
 
@@ -498,7 +499,9 @@ def test_one_snapshot_per_export() -> None:
     rx = Receiver("http/protobuf").start()
     # A long interval: the exports of this test are the ones it makes.
     output = OtlpOutput(
-        OtlpSettings("http/protobuf", rx.endpoint + "/v1/metrics", interval=3600), snapshot
+        OtlpSettings("http/protobuf", rx.endpoint + "/v1/metrics", interval=3600),
+        snapshot,
+        build_labels(),
     )
     try:
         output.start()
@@ -535,7 +538,9 @@ def test_idle_sockets_keep_their_points_and_the_payload_stays_equal(
     )
     engine = Engine()
     rx = Receiver("grpc").start()
-    output = OtlpOutput(OtlpSettings("grpc", rx.endpoint, interval=3600), engine.snapshot)
+    output = OtlpOutput(
+        OtlpSettings("grpc", rx.endpoint, interval=3600), engine.snapshot, build_labels()
+    )
     dealers: list[Any] = []
     rebuilt: list[str] = []  # sockets whose points a build made anew, over all builds
 
@@ -792,7 +797,7 @@ def test_request_equals_the_official_encoding() -> None:
 
     resource = Resource.create({"service.name": "t", "k8s.pod.name": "pod-ü", "n": 3, "b": True})
     times = iter([10**18, 10**18 + 5, 10**18 + 9, 10**18 + 20])
-    builder = MetricsBuilder(resource, clock=lambda: next(times))
+    builder = MetricsBuilder(resource, build_labels(), clock=lambda: next(times))
     snap = EngineSnapshot(_sockets(), ReaderStats(), True)
 
     def reference(now: int, start: int) -> Any:
@@ -803,7 +808,7 @@ def test_request_equals_the_official_encoding() -> None:
                 labels = row_labels(sock, endpoint, extra)
                 slots[slot].append(NumberDataPoint(labels, start, now, float(v)))
         by_name = {f.metric_name: n for n, f in enumerate(PUSHED)}
-        for family in render_self(snap):
+        for family in render_self(snap, build_labels()):
             if family.name in by_name:
                 slots[by_name[family.name]] += [
                     NumberDataPoint(dict(s.labels), 10**18, now, float(s.value))
@@ -858,7 +863,7 @@ def test_official_exporters_send_the_built_request(protocol: str) -> None:
     exporter = sdk_exporter(OtlpSettings(cast(Protocol, protocol), endpoint, interval=3600))
     try:
         assert isinstance(exporter, official)
-        request = MetricsBuilder(Resource.create({})).build(
+        request = MetricsBuilder(Resource.create({}), build_labels()).build(
             EngineSnapshot(_sockets(), ReaderStats(), True)
         )
         assert exporter.export(request, timeout_millis=5000) == MetricExportResult.SUCCESS

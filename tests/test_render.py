@@ -9,6 +9,7 @@ from prometheus_client.registry import CollectorRegistry
 from exporter.endpoints import EndpointMap
 from exporter.events import Event
 from exporter.render.prometheus import StateCollector
+from exporter.sockets import build_labels
 from exporter.state import EngineSnapshot, ReaderStats, SocketState, apply_event, snapshot_socket
 
 from helpers import parse_metrics, value
@@ -20,7 +21,7 @@ CONNECT = "tcp://127.0.0.1:5556"
 def registry_for(*socks: SocketState) -> CollectorRegistry:
     snap = EngineSnapshot(tuple(snapshot_socket(s) for s in socks), ReaderStats(events=7), True)
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(StateCollector(lambda: snap))
+    registry.register(StateCollector(lambda: snap, build_labels()))
     return registry
 
 

@@ -36,6 +36,7 @@ from exporter.events import Event
 from exporter.render.prometheus import StateCollector, render_sockets
 from exporter.render.rows import SOCKET_FAMILIES, socket_rows
 from exporter.render.sockettext import SocketText, fast_format, format_value
+from exporter.sockets import build_labels
 from exporter.state import (
     EndpointSnapshot,
     EngineSnapshot,
@@ -274,7 +275,7 @@ class _Static(Collector):
 def web_app(snapshot: Callable[[], EngineSnapshot]) -> tuple[WebApp, StateCollector]:
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Static())
-    state = StateCollector(snapshot)
+    state = StateCollector(snapshot, build_labels())
     app = WebApp(registry, "/metrics", lambda: True, lambda: "", lambda: (True, ""), state=state)
     return app, state
 

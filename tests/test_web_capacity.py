@@ -24,6 +24,7 @@ from prometheus_client.registry import CollectorRegistry
 
 from exporter import httpserver
 from exporter.render.prometheus import StateCollector
+from exporter.sockets import build_labels
 from exporter.state import EngineSnapshot, ReaderStats
 from exporter.web import MAX_CONNECTIONS, WebApp, WebServer
 
@@ -31,7 +32,7 @@ from helpers import Daemon, parse_metrics, value
 from testkit import free_port, wait_until
 
 # An engine with no sockets, for WebApps tested without one.
-NO_SOCKETS = StateCollector(lambda: EngineSnapshot((), ReaderStats(), True))
+NO_SOCKETS = StateCollector(lambda: EngineSnapshot((), ReaderStats(), True), build_labels())
 
 IDLE = 1000
 SLOWLORIS = 200

@@ -36,6 +36,7 @@ from prometheus_client.registry import CollectorRegistry
 from exporter.config.errors import ConfigError
 from exporter.config.web import TLS_VERSIONS, WebSettings, load_web_settings, parse_web_settings
 from exporter.render.prometheus import StateCollector
+from exporter.sockets import build_labels
 from exporter.state import EngineSnapshot, ReaderStats
 from exporter.web import WebApp, WebServer
 from exporter.webauth import AuthResult, BasicAuth, HashGate
@@ -323,7 +324,7 @@ def test_config_web_imports_no_runtime_module() -> None:
 
 # -- read per use ------------------------------------------------------------------------
 
-NO_SOCKETS = StateCollector(lambda: EngineSnapshot((), ReaderStats(), True))
+NO_SOCKETS = StateCollector(lambda: EngineSnapshot((), ReaderStats(), True), build_labels())
 
 
 @contextlib.contextmanager

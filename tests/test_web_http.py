@@ -22,6 +22,7 @@ from pki import Pki, make_pki
 from prometheus_client.registry import CollectorRegistry
 
 from exporter.render.prometheus import StateCollector
+from exporter.sockets import build_labels
 from exporter.state import EngineSnapshot, ReaderStats
 from exporter.web import WebApp, WebServer, accepts_gzip
 
@@ -34,7 +35,7 @@ CONFIG = textwrap.dedent("""\
         type: ROUTER
         bind: [tcp://127.0.0.1:{port}]
     """)
-NO_SOCKETS = StateCollector(lambda: EngineSnapshot((), ReaderStats(), True))
+NO_SOCKETS = StateCollector(lambda: EngineSnapshot((), ReaderStats(), True), build_labels())
 GO_400 = b"HTTP/1.0 400 Bad Request\r\n\r\nClient sent an HTTP request to an HTTPS server.\n"
 
 

@@ -29,6 +29,7 @@ from prometheus_client.registry import CollectorRegistry
 
 from exporter.config.errors import ConfigError
 from exporter.render.prometheus import StateCollector
+from exporter.sockets import build_labels
 from exporter.state import EngineSnapshot, ReaderStats
 from exporter.web import WebApp, WebServer
 from exporter.webconfig import load_web_config
@@ -38,7 +39,7 @@ from testkit import free_port
 TOOLKIT = Path(__file__).parent / "testdata" / "webconfigs" / "toolkit"
 FILES = sorted(p for p in TOOLKIT.iterdir() if p.suffix in (".yml", ".yaml"))
 SERVES, REJECTS = "serves", "rejects"
-NO_SOCKETS = StateCollector(lambda: EngineSnapshot((), ReaderStats(), True))
+NO_SOCKETS = StateCollector(lambda: EngineSnapshot((), ReaderStats(), True), build_labels())
 
 
 # -- talking to a served file ------------------------------------------------------------

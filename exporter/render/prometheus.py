@@ -12,22 +12,20 @@ latest sample (`ConnectionText`) after the socket families.
 Public names: `StateCollector` (`collect()`, `prerender(openmetrics)`), `Prerendered`,
 `ConnectionText`,
 `render_sockets(sockets)` (socket families, rows from `exporter.render.rows.socket_rows`),
-`render_self(snapshot)`, `one_sample(family, value, labels)` (a family of
+`render_self(snapshot, build)`, `one_sample(family, value, labels)` (a family of
 `exporter.metrics` with one sample).
 """
 
 from __future__ import annotations
 
-import platform
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
-import zmq
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
-from exporter import __version__, metrics
+from exporter import metrics
 from exporter.render.rows import SOCKET_FAMILIES, row_labels, socket_rows
 from exporter.render.sockettext import SocketText
 from exporter.state import EngineSnapshot, SocketSnapshot
@@ -88,9 +86,11 @@ class StateCollector(Collector):
     def __init__(
         self,
         snapshot: Callable[[], EngineSnapshot],
+        build: Mapping[str, str],
         connections: Callable[[], ConnectionText | None] = lambda: None,
     ) -> None:
         self._snapshot = snapshot
+        self._build = dict(build)
         self._connections = connections
         self.text = SocketText()
 
@@ -100,7 +100,7 @@ class StateCollector(Collector):
         yield from render_sockets(snap.sockets)
         if sample is not None:
             yield from sample.families
-        yield from render_self(snap)
+        yield from render_self(snap, self._build)
 
     def prerender(self, openmetrics: bool) -> Prerendered:
         """Byte for byte what an encoder writes for `render_sockets`, the connection
@@ -111,7 +111,7 @@ class StateCollector(Collector):
         if sample is not None and sample.series:
             text += sample.openmetrics if openmetrics else sample.text
             series += sample.series
-        return Prerendered(text, series, list(render_self(snap)))
+        return Prerendered(text, series, list(render_self(snap, self._build)))
 
 
 def render_sockets(sockets: tuple[SocketSnapshot, ...]) -> Iterator[Metric]:
@@ -127,8 +127,9 @@ def render_sockets(sockets: tuple[SocketSnapshot, ...]) -> Iterator[Metric]:
     yield from families
 
 
-def render_self(snap: EngineSnapshot) -> Iterator[Metric]:
-    """The engine's self-metrics (`metrics.ENGINE_FAMILIES`), then `metrics.BUILD_INFO`."""
+def render_self(snap: EngineSnapshot, build: Mapping[str, str]) -> Iterator[Metric]:
+    """The engine's self-metrics (`metrics.ENGINE_FAMILIES`), then `metrics.BUILD_INFO`
+    with `build` as labels (`exporter.sockets.build_labels()`)."""
     stats = snap.stats
     pairs: tuple[tuple[metrics.Family, float], ...] = (
         (metrics.EVENTS_PROCESSED, stats.events),
@@ -142,13 +143,4 @@ def render_self(snap: EngineSnapshot) -> Iterator[Metric]:
     )
     for family, value in pairs:
         yield one_sample(family, value)
-    yield one_sample(
-        metrics.BUILD_INFO,
-        1,
-        {
-            "version": __version__,
-            "pyzmq_version": zmq.pyzmq_version(),
-            "libzmq_version": zmq.zmq_version(),
-            "python_version": platform.python_version(),
-        },
-    )
+    yield one_sample(metrics.BUILD_INFO, 1, dict(build))
