@@ -345,3 +345,30 @@ def test_long_command_uses_the_large_frame() -> None:
     short, long = command(b"READY", bytes(249)), command(b"READY", bytes(250))
     assert short[:2] == bytes([0x04, 255]) and len(short) == 257
     assert long[:9] == b"\x06" + struct.pack(">Q", 256) and len(long) == 265
+
+
+def test_debug_log_shows_the_handshake_steps(
+    ctx: Ctx, prober: Prober, authenticator: ThreadAuthenticator
+) -> None:
+    authenticator.configure_plain(domain="*", passwords={USER.decode(): PASSWORD.decode()})
+    _router, target = bound(ctx, zmq.ROUTER)
+    _plain, plain_target = bound(ctx, zmq.ROUTER, plain_server=True)
+
+    def logs(target: str, module: str) -> str:
+        query = {"target": [target], "module": [module], "debug": ["true"]}
+        _, _, body = prober.handle_probe(query, {})
+        return body.decode().split("\n\n\nMetrics that would have been returned:\n")[0]
+
+    null = logs(target, "zmtp")
+    for step in (
+        "Received the peer's greeting",
+        "Sent the rest of our greeting and READY",
+        "Received the peer's READY",
+        "Handshake succeeded",
+    ):
+        assert f'msg="{step}"' in null, (step, null)
+    assert "socket_type=ROUTER" in null and "libzmq handshake started" not in null
+    plain = logs(plain_target, "plain")
+    for step in ("Sent the rest of our greeting and HELLO", "Sent INITIATE", "Handshake succeeded"):
+        assert f'msg="{step}"' in plain, (step, plain)
+    assert "command=WELCOME" in plain and "command=READY" in plain
