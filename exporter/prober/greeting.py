@@ -6,8 +6,10 @@ minor, a 20-octet mechanism name padded with NULs, the as-server flag, 31 octets
 A libzmq peer sends its signature at once and the rest of its greeting once it has read
 our signature and major version; it checks our mechanism only when it has our whole
 greeting, and a peer that finds a mismatch closes at once, its own greeting unsent. So we
-send those 11 octets and nothing more: we learn the peer's greeting without ever telling
-it ours (the peer sees a connection that closed during the greeting).
+send those 11 octets and nothing more until we have the peer's greeting: we learn it
+without telling ours. A peer with another mechanism, and a CURVE peer (whose handshake
+libzmq does on a second connection), sees a connection that closed during the greeting;
+for NULL and PLAIN, `wire` then sends the rest of ours and completes the handshake.
 
 A peer that speaks another protocol either answers with something that does not start
 with %xFF (`not_zmtp`) or waits for more: an HTTP server waits for the end of a request
