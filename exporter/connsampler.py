@@ -250,6 +250,9 @@ class ConnectionSampler:
         self._settings = settings
         self._batch = batch
         self._wake = threading.Event()
+        # One sample at a time, snapshot to publication: a sample the reload thread takes
+        # (`refresh`) and one of the sampler thread never publish out of order.
+        self._sample_lock = threading.Lock()
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._logged: set[str] = set()  # kinds of error logged already
@@ -286,32 +289,42 @@ class ConnectionSampler:
 
     def sample_once(self) -> ConnectionSample:
         """Read every live connection and publish the sample (the thread's one step)."""
-        settings = self._settings
-        begin = time.perf_counter()
-        snap = self._snapshot()
-        rows = self._table.read_batched(snap, self._batch)
-        sample = build_sample(snap, rows, settings, self.latest)
-        sample = dataclasses.replace(
-            sample, duration=time.perf_counter() - begin, finished=time.monotonic()
-        )
-        self.latest = sample  # one reference assignment: readers see old or new, whole
-        self.samples += 1
-        return sample
+        with self._sample_lock:
+            settings = self._settings
+            begin = time.perf_counter()
+            snap = self._snapshot()
+            rows = self._table.read_batched(snap, self._batch)
+            sample = build_sample(snap, rows, settings, self.latest)
+            sample = dataclasses.replace(
+                sample, duration=time.perf_counter() - begin, finished=time.monotonic()
+            )
+            self.latest = sample  # one reference assignment: readers see old or new, whole
+            self.samples += 1
+            return sample
+
+    def refresh(self) -> None:
+        """A sample now, on the caller's thread: after a reload changed the sockets, so that
+        /metrics never serves a removed socket's families (nor lacks an added one's) for up
+        to an interval. A failure is counted and logged as the thread's are."""
+        self._sample_logged()
+
+    def _sample_logged(self) -> None:
+        try:
+            self.sample_once()
+        except Exception as err:  # one sample lost, never the thread (nor the reload)
+            self.errors += 1
+            kind = type(err).__name__
+            if kind not in self._logged:
+                self._logged.add(kind)
+                log.exception(
+                    "connection sample failed; the last sample stays served",
+                    extra={"err": f"{kind}: {err}"},
+                )
 
     def _run(self) -> None:
         while not self._stopping:
             begin = time.monotonic()
-            try:
-                self.sample_once()
-            except Exception as err:  # one sample lost, never the thread
-                self.errors += 1
-                kind = type(err).__name__
-                if kind not in self._logged:
-                    self._logged.add(kind)
-                    log.exception(
-                        "connection sample failed; the last sample stays served",
-                        extra={"err": f"{kind}: {err}"},
-                    )
+            self._sample_logged()
             took = time.monotonic() - begin
             period = max(self._settings.sample_interval, DUTY_FACTOR * took)
             self._wake.wait(max(0.0, period - took))

@@ -158,6 +158,7 @@ class Daemon:
             self.sampler = sampler
         elif settings.metrics and sampler is not None:
             sampler.configure(settings)
+            sampler.refresh()  # the applied sockets, before the reload answers
         elif sampler is not None:
             self.sampler = None  # /metrics stops serving its families at once
             sampler.stop()

@@ -137,15 +137,19 @@ def test_send_queue_of_a_stopped_reader_grows_and_equals_ss(ctx: Ctx) -> None:
             )
 
             os.kill(peer.pid, signal.SIGSTOP)
+            # Send until the PUSH stays unwritable for 1 s: its pipe (HWM 4), our send
+            # buffer and the stopped peer's receive window are then all full. Stopping at
+            # the first EAGAIN was a race: the pipe fills before libzmq's I/O thread has
+            # written anything, and a loopback peer acknowledges what fits its window, so
+            # Send-Q could still be 0.
             offered = 0
-            for _ in range(1000):  # bounded: the buffers and 4 messages of HWM fill first
-                try:
+            give_up = time.monotonic() + 30
+            while push.poll(1000, zmq.POLLOUT):
+                if time.monotonic() > give_up:
+                    raise AssertionError(f"the PUSH took {offered} messages: the peer reads")
+                with contextlib.suppress(zmq.Again):
                     push.send(payload, zmq.NOBLOCK)
-                except zmq.Again:
-                    break
-                offered += 1
-            else:
-                raise AssertionError("the PUSH never refused a message: the peer reads")
+                    offered += 1
 
             def settled_and_equal_to_ss() -> tuple[Row, int] | None:
                 before = only(handle.connections())
@@ -155,7 +159,8 @@ def test_send_queue_of_a_stopped_reader_grows_and_equals_ss(ctx: Ctx) -> None:
                     return None
                 _, _, _, send_q, ss_fd = mine[0]
                 assert ss_fd == fd == after["fd"], (mine, after)
-                return (after, send_q) if send_q == after["send_queue_bytes"] else None
+                full = send_q == after["send_queue_bytes"] and send_q > 65536
+                return (after, send_q) if full else None
 
             settled = wait_until(
                 settled_and_equal_to_ss,
