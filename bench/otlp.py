@@ -1,6 +1,8 @@
-"""One OTLP export's payload: our `MetricsBuilder` (the serialized request, each idle
-socket's serialized data points kept), parsed into the `ExportMetricsServiceRequest` that
-the exporters are handed, and serialized again as they do to send it, against
+"""One OTLP export's payload: our `MetricsBuilder` (the serialized requests, each idle
+socket's serialized data points kept, cut into requests of at most the default
+`max_request_bytes`, as the daemon sends them), parsed into the
+`ExportMetricsServiceRequest`s that the exporters are handed, and serialized again as they
+do to send them, against
 `prometheus_client`'s `generate_latest` over the same series held in ordinary Counters
 and Gauges, at 10,000 sockets."""
 
@@ -29,21 +31,22 @@ from exporter.state import (
 class OtlpTimes:
     series: int  # socket series (data points of the socket instruments)
     points: int  # every data point of one export (self-metrics included)
-    payload_bytes: int
+    payload_bytes: int  # every request of one export together
     generate_latest: float  # seconds, `_created` series disabled (same series as ours)
     warm: float  # 1% of the sockets changed since the previous export
     warm_build: float  # of which: writing the request's bytes (the rest: parse, serialize)
     all_changed: float  # every socket changed: every point rebuilt
     first: float  # the first export after start: a new builder
+    requests: int = 1  # requests of one export (split at the default max_request_bytes)
+    largest_request: int = 0  # serialized bytes of its largest request
 
 
-def _payload(builder: MetricsBuilder, sockets: tuple[SocketSnapshot, ...]) -> bytes:
-    # What an export costs before the transport: the request handed to the exporter,
-    # then its serialization (gRPC's request serializer, or the HTTP exporter's
+def _payload(builder: MetricsBuilder, sockets: tuple[SocketSnapshot, ...]) -> list[bytes]:
+    # What an export costs before the transport: the requests handed to the exporter,
+    # then their serialization (gRPC's request serializer, or the HTTP exporter's
     # SerializeToString).
-    request = builder.build(EngineSnapshot(sockets, ReaderStats(), True))
-    payload: bytes = request.SerializeToString()
-    return payload
+    requests = builder.build_requests(EngineSnapshot(sockets, ReaderStats(), True))
+    return [request.SerializeToString() for request in requests]
 
 
 def run(sockets: int, repeat: int) -> OtlpTimes:
@@ -70,6 +73,7 @@ def run(sockets: int, repeat: int) -> OtlpTimes:
     builder = MetricsBuilder(resource, build_labels())
     snaps = list(scrape.snapshots(states))
     payload = _payload(builder, tuple(snaps))
+    assert max(map(len, payload)) <= builder.max_request_bytes
     points = count_points(builder.build(EngineSnapshot(tuple(snaps), ReaderStats(), True)))
     clock = itertools.count(2_000_000_000)
 
@@ -81,10 +85,21 @@ def run(sockets: int, repeat: int) -> OtlpTimes:
         if encode:
             _payload(builder, tuple(snaps))
         else:
-            builder.encode(EngineSnapshot(tuple(snaps), ReaderStats(), True))
+            builder.encode_requests(EngineSnapshot(tuple(snaps), ReaderStats(), True))
 
     warm = scrape._best(lambda: export_after_changes(100), repeat)
     warm_build = scrape._best(lambda: export_after_changes(100, encode=False), repeat)
     all_changed = scrape._best(lambda: export_after_changes(1), repeat)
     first = scrape._best(first_export, repeat)
-    return OtlpTimes(series, points, len(payload), baseline, warm, warm_build, all_changed, first)
+    return OtlpTimes(
+        series,
+        points,
+        sum(map(len, payload)),
+        baseline,
+        warm,
+        warm_build,
+        all_changed,
+        first,
+        len(payload),
+        max(map(len, payload)),
+    )

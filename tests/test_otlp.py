@@ -7,6 +7,7 @@ The receiver is built on the official `opentelemetry-proto` service definitions:
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import socket
 import threading
@@ -34,6 +35,9 @@ from exporter.sockets import build_labels
 from helpers import Daemon, Samples, free_port, value, wait_until
 
 INTERVAL_MS = 200
+# grpc's default max receive message length, which the Collector's otlp receiver keeps
+# unless `max_recv_msg_size_mib` is raised. Set explicitly on the test receiver.
+GRPC_DEFAULT_MAX = 4 * 1024 * 1024
 Attrs = frozenset[tuple[str, str]]
 
 
@@ -57,6 +61,7 @@ class Export:
     headers: dict[str, str]
     resource: dict[str, str]
     points: list[Point]
+    size: int = 0  # serialized bytes of the request (before compression)
 
 
 def _attrs(kvs: Any) -> dict[str, str]:
@@ -97,9 +102,21 @@ def decode(
 class Receiver:
     """A real OTLP metrics receiver on 127.0.0.1; keeps every export it decoded."""
 
-    def __init__(self, protocol: str, port: int | None = None) -> None:
+    def __init__(
+        self,
+        protocol: str,
+        port: int | None = None,
+        max_bytes: int | None = None,
+        delay: float = 0.0,
+    ) -> None:
+        """`max_bytes`: the largest request accepted (gRPC: the server's max receive
+        message length, grpc's default 4 MiB unless given; HTTP: larger bodies get 413,
+        unlimited unless given). `delay`: seconds each request takes to be answered."""
         self.protocol = protocol
         self.port = port or free_port()
+        self.max_bytes = max_bytes
+        self.delay = delay
+        self.rejected = 0  # HTTP requests refused as too large
         self.exports: list[Export] = []
         self._lock = threading.Lock()
         self._grpc: grpc.Server | None = None
@@ -115,7 +132,7 @@ class Receiver:
         request.ParseFromString(body)
         resource, points = decode(request)
         with self._lock:
-            self.exports.append(Export(time.monotonic(), headers, resource, points))
+            self.exports.append(Export(time.monotonic(), headers, resource, points, len(body)))
 
     def start(self) -> Receiver:
         if self.protocol == "grpc":
@@ -123,11 +140,16 @@ class Receiver:
 
             class Servicer(metrics_service_pb2_grpc.MetricsServiceServicer):
                 def Export(self, request: Any, context: Any) -> Any:
+                    time.sleep(receiver.delay)
                     headers = {k: str(v) for k, v in context.invocation_metadata()}
                     receiver.record(request.SerializeToString(), headers)
                     return metrics_service_pb2.ExportMetricsServiceResponse()
 
-            server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+            limit = GRPC_DEFAULT_MAX if self.max_bytes is None else self.max_bytes
+            server = grpc.server(
+                futures.ThreadPoolExecutor(max_workers=2),
+                options=[("grpc.max_receive_message_length", limit)],
+            )
             metrics_service_pb2_grpc.add_MetricsServiceServicer_to_server(Servicer(), server)
             assert server.add_insecure_port(f"127.0.0.1:{self.port}") == self.port
             server.start()
@@ -147,13 +169,22 @@ class Receiver:
                         self.send_response(404)
                         self.end_headers()
                         return
+                    if receiver.max_bytes is not None and len(body) > receiver.max_bytes:
+                        receiver.rejected += 1
+                        self.send_response(413)
+                        self.send_header("Content-Length", "0")
+                        self.end_headers()
+                        return
+                    time.sleep(receiver.delay)
                     receiver.record(body, {k.lower(): v for k, v in self.headers.items()})
                     reply = metrics_service_pb2.ExportMetricsServiceResponse().SerializeToString()
                     self.send_response(200)
                     self.send_header("Content-Type", "application/x-protobuf")
                     self.send_header("Content-Length", str(len(reply)))
                     self.end_headers()
-                    self.wfile.write(reply)
+                    # The client may have given up waiting (a `delay` past its deadline).
+                    with contextlib.suppress(BrokenPipeError, ConnectionResetError):
+                        self.wfile.write(reply)
 
                 def log_message(self, format: str, *args: Any) -> None:
                     pass
@@ -871,4 +902,223 @@ def test_official_exporters_send_the_built_request(protocol: str) -> None:
         assert rx.exports[0].points == decode(request)[1]
     finally:
         exporter.shutdown()
+        rx.stop()
+
+
+# ---------------------------------------------------------------------------------------
+# Large exports: split into requests within a byte budget.
+
+
+def many_sockets(count: int, endpoints: int = 1) -> tuple[Any, ...]:
+    """Snapshots of `count` ROUTER sockets with `endpoints` bound endpoints each, every
+    endpoint with listening, accepted, handshake and disconnect rows (as bench/scrape.py)."""
+    from exporter.endpoints import EndpointMap
+    from exporter.events import Event
+    from exporter.state import SocketState, apply_event, snapshot_socket
+
+    events = (
+        (Event.LISTENING, 9),
+        (Event.ACCEPTED, 10),
+        (Event.HANDSHAKE_SUCCEEDED, 0),
+        (Event.ACCEPTED, 11),
+        (Event.HANDSHAKE_FAILED_AUTH, 400),
+        (Event.DISCONNECTED, 11),
+    )
+    snaps = []
+    for i in range(count):
+        binds = tuple(f"tcp://127.0.0.1:{20000 + i * endpoints + e}" for e in range(endpoints))
+        state = SocketState(f"router-{i}", "ROUTER", {"team": "big"}, EndpointMap(binds, ()))
+        for endpoint in binds:
+            for t, (event, arg) in enumerate(events):
+                apply_event(state, int(event), arg, endpoint, 1_700_000_000.0 + t)
+        snaps.append(snapshot_socket(state))
+    return tuple(snaps)
+
+
+def _row(p: Point) -> tuple[Any, ...]:
+    return (
+        p.metric,
+        p.unit,
+        p.kind,
+        p.monotonic,
+        p.temporality,
+        p.attrs,
+        p.value,
+        p.start,
+        p.time,
+        p.description,
+    )
+
+
+def split_output(
+    protocol: str, rx: Receiver, sockets: tuple[Any, ...], budget: int, **more: Any
+) -> Any:
+    """An `OtlpOutput` (the daemon's export path, the official exporter) over `sockets`,
+    its builder's clock fixed so that an unsplit build of the same state has the same
+    times."""
+    from exporter.config.otlp import OtlpSettings, Protocol
+    from exporter.otlp import MetricsBuilder, OtlpOutput, make_resource
+    from exporter.state import EngineSnapshot, ReaderStats
+
+    endpoint = rx.endpoint if protocol == "grpc" else rx.endpoint + "/v1/metrics"
+    settings = OtlpSettings(
+        cast(Protocol, protocol), endpoint, interval=3600, max_request_bytes=budget, **more
+    )
+    output = OtlpOutput(
+        settings, lambda: EngineSnapshot(sockets, ReaderStats(), True), build_labels()
+    )
+    output.builder = MetricsBuilder(
+        make_resource(settings),
+        build_labels(),
+        clock=lambda: 1_800_000_000 * 10**9,
+        max_request_bytes=budget,
+    )
+    return output
+
+
+def check_split(rx: Receiver, output: Any, sockets: tuple[Any, ...], budget: int) -> None:
+    """Every request of the last export arrived, each within `budget`, each a whole
+    request (resource, and every metric with its name, unit, description, kind and
+    temporality), and together they carry exactly the points of one unsplit request."""
+    from exporter.state import EngineSnapshot, ReaderStats
+
+    n = output.stats.last_requests
+    got = rx.exports[-n:]
+    assert len(got) == n == len(output.builder.last_sizes)
+    assert [e.size for e in got] == output.builder.last_sizes
+    assert all(e.size <= budget for e in got), [e.size for e in got]
+    unsplit = output.builder.build(EngineSnapshot(sockets, ReaderStats(), True))
+    resource, want = decode(unsplit)
+    assert all(e.resource == resource for e in got)
+    union = [_row(p) for e in got for p in e.points]
+    assert sorted(union, key=repr) == sorted(map(_row, want), key=repr)
+    assert len(union) == len(set(union))  # no point sent twice
+    table = {f.otel_name: f for f in PUSHED}
+    for e in got:
+        for p in e.points:
+            family = table[p.metric]
+            assert (p.unit, p.description) == (family.otel_unit, family.help)
+            kind = ("sum", True, 2) if family.type == "counter" else ("gauge", False, 0)
+            assert (p.kind, p.monotonic, p.temporality) == kind
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http/protobuf"])
+def test_large_export_arrives_in_requests_within_the_receivers_limit(protocol: str) -> None:
+    """4,000 sockets: one unsplit request is 5.4 MB, which a receiver with gRPC's default
+    4 MiB limit refuses (as it refused every export before the split); the export
+    arrives whole in two requests of at most 4,000,000 bytes each, counted as one
+    successful export. A small export stays one request."""
+    from opentelemetry.sdk.metrics.export import MetricExportResult
+
+    from exporter.config.otlp import DEFAULT_MAX_REQUEST_BYTES
+    from exporter.state import EngineSnapshot, ReaderStats
+
+    sockets = many_sockets(4000)
+    rx = Receiver(protocol, max_bytes=GRPC_DEFAULT_MAX).start()
+    output = split_output(protocol, rx, sockets, DEFAULT_MAX_REQUEST_BYTES, timeout=5.0)
+    try:
+        output.start()
+        unsplit = output.builder.build(EngineSnapshot(sockets, ReaderStats(), True))
+        assert unsplit.ByteSize() > GRPC_DEFAULT_MAX
+        # The receiver's limit is real: the unsplit request is refused.
+        assert output._exporter.send(unsplit, 1.0) == MetricExportResult.FAILURE
+        assert rx.count() == 0
+
+        assert output.export_once()
+        assert (output.stats.success, output.stats.failure) == (1, 0)
+        assert output.stats.last_requests == rx.count() == 2
+        print(f"\n{protocol}: unsplit {unsplit.ByteSize()} bytes; {output.builder.last_sizes}")
+        check_split(rx, output, sockets, DEFAULT_MAX_REQUEST_BYTES)
+
+        small = split_output(protocol, rx, sockets[:10], DEFAULT_MAX_REQUEST_BYTES)
+        small.start()
+        try:
+            assert small.export_once()
+            assert small.stats.last_requests == 1 and rx.count() == 3
+            check_split(rx, small, sockets[:10], DEFAULT_MAX_REQUEST_BYTES)
+            state = EngineSnapshot(sockets[:10], ReaderStats(), True)
+            assert small.builder.encode_requests(state) == [small.builder.encode(state)]
+        finally:
+            small.stop()
+    finally:
+        output.stop()
+        rx.stop()
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http/protobuf"])
+def test_one_socket_larger_than_the_budget_splits_at_points(protocol: str) -> None:
+    """A single socket (300 endpoints, 2,400 points, ~250 KB) with a 16 KiB budget: its
+    points, and those of each of its metrics, are cut at point boundaries over many
+    requests, each whole and within the budget."""
+    budget = 16_384
+    sockets = many_sockets(1, endpoints=300)
+    rx = Receiver(protocol, max_bytes=budget).start()
+    output = split_output(protocol, rx, sockets, budget)
+    try:
+        output.start()
+        assert output.export_once()
+        n = output.stats.last_requests
+        assert n > 10 and rx.count() == n
+        check_split(rx, output, sockets, budget)
+        # One metric's points went over several requests, each with the metric's head.
+        carrying = [e for e in rx.exports if any(p.metric == "zmq.accepted" for p in e.points)]
+        assert len(carrying) > 1
+        # Fuller than half the budget except the last: no request wasted on a few points.
+        assert all(e.size > budget // 2 for e in rx.exports[:-1]), [e.size for e in rx.exports]
+    finally:
+        output.stop()
+        rx.stop()
+
+
+def test_split_budget_edges() -> None:
+    """In-process: over a range of budgets the requests stay within them (a request is
+    never cut inside a point), join to the unsplit points, and a budget too small for
+    even one point sends each point alone rather than nothing."""
+    from opentelemetry.sdk.resources import Resource
+
+    from exporter.otlp import MetricsBuilder
+    from exporter.state import EngineSnapshot, ReaderStats
+
+    snap = EngineSnapshot(many_sockets(3, endpoints=4), ReaderStats(), True)
+    builder = MetricsBuilder(Resource.create({}), build_labels(), clock=lambda: 10**18)
+    want = sorted(map(_row, decode(builder.build(snap))[1]), key=repr)
+    total = len(builder.encode(snap))
+    for budget in (1, 600, 1000, 2000, 5000, total - 1, total, total + 1000):
+        builder.max_request_bytes = budget
+        requests = builder.build_requests(snap)
+        sizes = [r.ByteSize() for r in requests]
+        assert sizes == builder.last_sizes
+        points = [p for r in requests for p in decode(r)[1]]
+        assert sorted(map(_row, points), key=repr) == want, budget
+        # Over the budget only when one point alone does not fit in it.
+        for request, size in zip(requests, sizes, strict=True):
+            assert size <= budget or len(decode(request)[1]) == 1, (budget, size)
+        if budget >= 1000:
+            assert max(sizes) <= budget, (budget, sizes)
+        if budget == 1:
+            assert len(requests) == len(want)
+        assert builder.points == len(want)
+        if budget >= total + 1000:
+            assert len(requests) == 1
+
+
+def test_export_deadline_bounds_all_requests_together() -> None:
+    """A receiver taking 0.3 s a request and an export of ~15 requests with a 1 s deadline:
+    the export stops at the deadline (not after 15 requests of 0.3 s), is counted as one failure,
+    and says why."""
+    budget = 16_384
+    sockets = many_sockets(1, endpoints=300)
+    rx = Receiver("http/protobuf", delay=0.3).start()
+    output = split_output("http/protobuf", rx, sockets, budget, timeout=1.0)
+    try:
+        output.start()
+        t = time.monotonic()
+        assert not output.export_once()
+        took = time.monotonic() - t
+        assert 0.9 <= took < 1.6, took
+        assert (output.stats.success, output.stats.failure) == (0, 1)
+        assert len(output.builder.last_sizes) > 10
+        assert rx.count() < len(output.builder.last_sizes)
+    finally:
+        output.stop()
         rx.stop()

@@ -108,6 +108,8 @@ def test_config_file_wins_where_both_are_set() -> None:
         ("  interval: 0s\n", "c.yml:4: otlp.interval: expected a duration above zero"),
         ("  headers: {'bad name': x}\n", "c.yml:4: otlp.headers: invalid header name"),
         ("  protcol: grpc\n", "c.yml:4: otlp.protcol: unknown key (expected one of: enabled"),
+        ("  max_request_bytes: 1000\n", "c.yml:4: otlp.max_request_bytes: expected at least 16384"),
+        ("  max_request_bytes: 4MB\n", "c.yml:4: otlp.max_request_bytes: "),
     ],
 )
 def test_yaml_errors_name_file_line_and_key(otlp: str, message: str) -> None:
@@ -374,3 +376,17 @@ def test_sdk_disabled_with_a_config_section_says_so(tmp_path: Path) -> None:
     logs = d.logs()
     assert "OTEL_SDK_DISABLED=true wins over the otlp: section" in logs
     assert "OTLP push started" not in logs
+
+
+def test_max_request_bytes() -> None:
+    """The byte budget of one export request: 4,000,000 by default (under gRPC's default
+    4 MiB receive limit, with a margin), the `otlp:` key when set; no variable sets it."""
+    on = {"OTEL_METRICS_EXPORTER": "otlp"}
+    s = resolve(None, on)
+    assert s is not None and s.max_request_bytes == 4_000_000 < 4 * 1024 * 1024
+    s = resolve(None, {**on, "OTEL_EXPORTER_OTLP_MAX_REQUEST_BYTES": "20000"})
+    assert s is not None and s.max_request_bytes == 4_000_000
+    s = resolve("  max_request_bytes: 16384\n", {})
+    assert s is not None and s.max_request_bytes == 16384
+    s = resolve("  max_request_bytes: 20000000\n", {})
+    assert s is not None and s.max_request_bytes == 20_000_000

@@ -39,6 +39,11 @@ DEFAULT_EXPORT_TIMEOUT = 30.0  # seconds; OTEL_METRIC_EXPORT_TIMEOUT's default
 Compression = Literal["gzip", "none"]
 COMPRESSIONS: tuple[Compression, ...] = ("gzip", "none")  # the specification's values
 SERVICE_NAME = "zmq-exporter"
+# Serialized bytes of one export request at most: gRPC servers (the Collector's otlp
+# receiver among them) refuse a message above 4 MiB (4,194,304 bytes) by default; the rest
+# is a margin. A larger export is sent as several requests.
+DEFAULT_MAX_REQUEST_BYTES = 4_000_000
+MIN_MAX_REQUEST_BYTES = 16_384  # room for the resource, a metric and its points
 
 _HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]+$")
 
@@ -101,11 +106,18 @@ def _positive_duration(value: object) -> float:
     return seconds
 
 
+def check_max_request_bytes(value: int) -> int:
+    if value < MIN_MAX_REQUEST_BYTES:
+        raise ValueError(f"expected at least {MIN_MAX_REQUEST_BYTES} bytes, got {value}")
+    return value
+
+
 OtlpProtocol = Annotated[str, AfterValidator(check_protocol)]
 OtlpCompression = Annotated[str, AfterValidator(check_compression)]
 OtlpEndpoint = Annotated[str, AfterValidator(check_endpoint)]
 Headers = Annotated[dict[str, str], AfterValidator(_check_headers)]
 PositiveDuration = Annotated[float, BeforeValidator(_positive_duration)]
+RequestBytes = Annotated[int, AfterValidator(check_max_request_bytes)]
 
 
 class OtlpConfig(BaseModel):
@@ -125,6 +137,8 @@ class OtlpConfig(BaseModel):
     timeout: PositiveDuration | None = None  # OTEL_EXPORTER_OTLP_TIMEOUT
     service_name: str | None = None  # OTEL_SERVICE_NAME
     resource_attributes: dict[str, str] = {}  # OTEL_RESOURCE_ATTRIBUTES
+    # Not an OpenTelemetry setting (no variable): a larger export is split into requests.
+    max_request_bytes: RequestBytes = DEFAULT_MAX_REQUEST_BYTES
 
 
 @dataclass(frozen=True)
@@ -143,6 +157,7 @@ class OtlpSettings:
     # gRPC `host:port` endpoints: plaintext instead of TLS (see `plaintext`).
     insecure: bool = False
     export_timeout: float = DEFAULT_EXPORT_TIMEOUT  # OTEL_METRIC_EXPORT_TIMEOUT
+    max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES  # serialized, per request
 
     @property
     def plaintext(self) -> bool:
@@ -250,6 +265,7 @@ def resolve_otlp(
         compression=compression,
         insecure=insecure,
         export_timeout=export_timeout,
+        max_request_bytes=yaml.max_request_bytes,
     )
 
 
