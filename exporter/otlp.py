@@ -685,6 +685,7 @@ class OtlpOutput:
                 "endpoint": s.endpoint,
                 "interval": s.interval,
                 "timeout": s.export_deadline,
+                "max_request_bytes": s.max_request_bytes,
                 "headers": sorted(s.headers),  # names only: values are often credentials
             },
         )

@@ -967,6 +967,7 @@ def split_output(
     output = OtlpOutput(
         settings, lambda: EngineSnapshot(sockets, ReaderStats(), True), build_labels()
     )
+    assert output.builder.max_request_bytes == budget  # the setting reaches the builder
     output.builder = MetricsBuilder(
         make_resource(settings),
         build_labels(),
@@ -1122,3 +1123,53 @@ def test_export_deadline_bounds_all_requests_together() -> None:
     finally:
         output.stop()
         rx.stop()
+
+
+@pytest.mark.parametrize("protocol", ["grpc", "http/protobuf"])
+def test_daemon_splits_at_the_configured_max_request_bytes(protocol: str) -> None:
+    """A real daemon, `otlp: max_request_bytes: 16384`, and a receiver refusing anything
+    larger: each export of 40 sockets arrives as several requests, none refused, counted
+    as one successful export each; together one export's requests carry every socket."""
+    budget = 16_384
+    rx = Receiver(protocol, max_bytes=budget).start()
+    sockets = "".join(
+        f"  - {{name: s{i}, type: ROUTER, bind: ['tcp://127.0.0.1:{free_port()}']}}\n"
+        for i in range(40)
+    )
+    config = (
+        "global:\n  labels: {team: payments}\n"
+        f"sockets:\n{sockets}"
+        "otlp:\n"
+        f"  protocol: {protocol}\n"
+        f"  endpoint: {rx.endpoint}\n"
+        f"  interval: {INTERVAL_MS}ms\n"
+        f"  max_request_bytes: {budget}\n"
+    )
+    d = Daemon(config, env={"OTEL_METRICS_EXPORTER": "", "OTEL_EXPORTER_OTLP_HEADERS": ""})
+    d.start()
+    try:
+        wait_until(
+            lambda: (
+                (value(d.scrape(), "zmq_exporter_otlp_exports_total", result="success") or 0) >= 2
+            ),
+            timeout=15,
+            what="two successful exports",
+        )
+        assert value(d.scrape(), "zmq_exporter_otlp_exports_total", result="failure") == 0
+        with rx._lock:
+            exports = list(rx.exports)
+        assert all(e.size <= budget for e in exports)
+        assert rx.rejected == 0
+        # The requests of one export share its time; those of the second export (both
+        # first ones are complete) carry every socket's listening point, each once.
+        times = sorted({p.time for e in exports for p in e.points})
+        second = [p for e in exports for p in e.points if p.time == times[1]]
+        listening = sorted(dict(p.attrs)["socket"] for p in second if p.metric == "zmq.listening")
+        assert listening == sorted(f"s{i}" for i in range(40))
+        requests = sum(1 for e in exports if any(p.time == times[1] for p in e.points))
+        print(f"\n{protocol}: one export of 40 sockets in {requests} requests")
+        assert requests > 1
+    finally:
+        assert d.stop() == 0
+        rx.stop()
+    assert "Traceback" not in d.logs()
