@@ -14,7 +14,12 @@ ALERTS_TEST = DEPLOY / "prometheus" / "alerts_test.yml"
 SCRAPE_CONFIG = DEPLOY / "prometheus" / "prometheus.yml"
 RUNBOOK = DEPLOY / "README.md"
 # Alerts about the exporter process itself: they have no socket/endpoint to name.
-EXPORTER_LEVEL = {"ZmqExporterDown", "ZmqExporterAbsent", "ZmqExporterConfigReloadFailed"}
+EXPORTER_LEVEL = {
+    "ZmqExporterDown",
+    "ZmqExporterAbsent",
+    "ZmqExporterConfigReloadFailed",
+    "ZmqExporterConnectionSamplerStale",
+}
 
 
 def alert_rules() -> list[dict[str, Any]]:
