@@ -8,6 +8,8 @@ import platform
 import signal
 import sys
 import threading
+from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import zmq
 
@@ -16,6 +18,11 @@ from exporter.config import ConfigError, load_config
 from exporter.fdbudget import raise_nofile_limit, startup_fd_problem
 from exporter.prober.handler import DEFAULT_MAX_CONCURRENT, DEFAULT_TIMEOUT_OFFSET
 from exporter.web import DEFAULT_MAX_REQUESTS
+
+if TYPE_CHECKING:
+    from exporter.config import Settings
+    from exporter.config.otlp import OtlpSettings
+    from exporter.webconfig import WebConfig
 
 DEFAULT_LISTEN = ":19555"
 # sysexits.h EX_SOFTWARE: the engine thread ended; distinct from 1 (bad config or flags).
@@ -144,13 +151,15 @@ def version_text() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from exporter.logs import setup_logging
+    from exporter.logs import setup_logging, start_async_logging, stop_logging
 
+    # Synchronous until the daemon is built: a bad config's line is on stderr before exit 1.
     setup_logging(args.log_level, args.log_format)
 
     def fail(message: str) -> int:
         # One line on stderr, before anything starts: the plain `zmq-exporter: message`
         # with logfmt (the line README and scripts know), one JSON log object with json.
+        stop_logging()  # lines queued before it first; then synchronous again
         if args.log_format == "json":
             log.error("cannot start", extra={"err": message})
         else:
@@ -186,8 +195,6 @@ def main(argv: list[str] | None = None) -> int:
     if not args.telemetry_path.startswith("/"):
         return fail("--web.telemetry-path must start with '/'")
 
-    from exporter.daemon import Daemon
-
     listen = args.listen_address or [DEFAULT_LISTEN]
     if args.systemd_socket:
         listen = ["the sockets systemd passed"]  # --web.listen-address is not used
@@ -199,6 +206,27 @@ def main(argv: list[str] | None = None) -> int:
     handled = {signal.SIGTERM, signal.SIGINT, signal.SIGHUP}
     signal.pthread_sigmask(signal.SIG_BLOCK, handled)
     main_thread = threading.get_ident()
+    # From here on no thread waits for stderr: lines go through a bounded queue to a writer
+    # thread (exporter/logs.py); an undrained stderr drops lines, counted, instead of
+    # stalling the engine. Every exit below writes what is queued, within a timeout.
+    start_async_logging()
+    try:
+        return _run(args, settings, otlp, web_config, listen, handled, main_thread, fail)
+    finally:
+        stop_logging()
+
+
+def _run(
+    args: argparse.Namespace,
+    settings: Settings,
+    otlp: OtlpSettings | None,
+    web_config: WebConfig | None,
+    listen: list[str],
+    handled: set[signal.Signals],
+    main_thread: int,
+    fail: Callable[[str], int],
+) -> int:
+    from exporter.daemon import Daemon
 
     def engine_failed(reason: str) -> None:
         # Wakes the sigwait below; it sees the failure and exits non-zero.

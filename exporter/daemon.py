@@ -19,6 +19,7 @@ from exporter.connsampler import ConnectionSample, ConnectionSampler, reads_gone
 from exporter.conntable import ConnectionTable
 from exporter.engine import ApplyError, Engine, EngineStopped
 from exporter.fdbudget import MISC_RESERVE
+from exporter.logs import dropped_log_lines
 from exporter.otlp import OtlpOutput
 from exporter.prober import Prober
 from exporter.prober.handler import DEFAULT_MAX_CONCURRENT, DEFAULT_TIMEOUT_OFFSET
@@ -97,6 +98,7 @@ class Daemon:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(_ReloadCollector(self))
         self.registry.register(_SamplerCollector(self))
+        self.registry.register(_LogCollector())
         self.registry.register(PROCESS_COLLECTOR)
         self.registry.register(PLATFORM_COLLECTOR)
         if self.relay is not None:
@@ -254,6 +256,13 @@ class _ReloadCollector(Collector):
         daemon = self._daemon
         yield one_sample(metrics.RELOAD_SUCCESSFUL, 1 if daemon.last_reload_successful else 0)
         yield one_sample(metrics.RELOAD_SUCCESS_TIME, daemon.last_reload_success_time)
+
+
+class _LogCollector(Collector):
+    """Log lines dropped because stderr did not take them (exporter/logs.py)."""
+
+    def collect(self) -> Iterator[Metric]:
+        yield one_sample(metrics.LOG_MESSAGES_DROPPED, dropped_log_lines())
 
 
 class _SamplerCollector(Collector):

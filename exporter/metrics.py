@@ -13,8 +13,8 @@ Public names:
 - One constant per family (`CONNECTED`, ..., `OTLP_EXPORTS`), and the groups
   `SOCKET_FAMILIES` (in /metrics order), `CONNECTION_FAMILIES` (per endpoint, from the
   connection sampler; `CONNECTION_FAMILIES_ALWAYS`: those served without a tcp
-  connection), `ENGINE_FAMILIES`, `RELOAD_FAMILIES`, `WEB_FAMILIES`, `SAMPLER_FAMILIES`,
-  `OTLP_FAMILIES`; `FAMILIES`: all of them, in the README's order.
+  connection), `ENGINE_FAMILIES`, `RELOAD_FAMILIES`, `LOG_FAMILIES`, `WEB_FAMILIES`,
+  `SAMPLER_FAMILIES`, `OTLP_FAMILIES`; `FAMILIES`: all of them, in the README's order.
 - `PUSHED`: the families pushed over OTLP, in instrument order (`otel_name`, `otel_unit`).
 - `EVENT_COUNTERS`: counted event -> its socket family.
 - `SOCKET_LABELS`, `EXTRA_LABELS`, `PEER_LABEL`, `RESERVED_LABELS`: label names.
@@ -37,7 +37,17 @@ Type = Literal["counter", "gauge", "histogram"]
 # connection: per configured endpoint, from the connection sampler (exporter/connsampler.py);
 # sampler: the sampler's own.
 Group = Literal[
-    "socket", "connection", "build", "engine", "reload", "web", "otlp", "sampler", "probe", "relay"
+    "socket",
+    "connection",
+    "build",
+    "engine",
+    "reload",
+    "log",
+    "web",
+    "otlp",
+    "sampler",
+    "probe",
+    "relay",
 ]
 # When a socket family's series first exist. Before their first event they are at 0, so
 # that rate() and increase() see that event (client_golang #296).
@@ -593,6 +603,16 @@ RELOAD_SUCCESS_TIME = _self(
     ("zmq_exporter.config_last_reload_success_timestamp", "s"),
     unit="seconds",
 )
+# The log writer's own (exporter/logs.py): lines go through a bounded queue to one writer
+# thread, so a stderr nobody drains never stalls the engine.
+LOG_MESSAGES_DROPPED = _self(
+    "zmq_exporter_log_messages_dropped_total",
+    "counter",
+    "log",
+    "Log lines dropped instead of waiting for stderr: the log queue was full, or stderr "
+    "refused them.",
+    note="Logging never blocks the engine; a stderr nobody reads shows here.",
+)
 SCRAPES = _self(
     "zmq_exporter_scrapes_total",
     "counter",
@@ -715,6 +735,7 @@ ENGINE_FAMILIES: tuple[Family, ...] = (
     SOCKETS,
 )
 RELOAD_FAMILIES: tuple[Family, ...] = (RELOAD_SUCCESSFUL, RELOAD_SUCCESS_TIME)
+LOG_FAMILIES: tuple[Family, ...] = (LOG_MESSAGES_DROPPED,)
 WEB_FAMILIES: tuple[Family, ...] = (SCRAPES, SCRAPE_DURATION, SERIES, HTTP_REJECTED)
 OTLP_FAMILIES: tuple[Family, ...] = (OTLP_EXPORTS, OTLP_LAST_SUCCESS, OTLP_LAST_DURATION)
 
@@ -724,6 +745,7 @@ FAMILIES: tuple[Family, ...] = (
     BUILD_INFO,
     *ENGINE_FAMILIES,
     *RELOAD_FAMILIES,
+    *LOG_FAMILIES,
     *WEB_FAMILIES,
     *SAMPLER_FAMILIES,
     *OTLP_FAMILIES,

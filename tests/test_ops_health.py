@@ -4,7 +4,6 @@ rows in the rendered DOM with the values the metrics show."""
 
 from __future__ import annotations
 
-import fcntl
 import http.client
 import os
 import shutil
@@ -14,7 +13,6 @@ import subprocess
 import sys
 import tempfile
 import textwrap
-import threading
 import time
 import zlib
 from html.parser import HTMLParser
@@ -44,46 +42,40 @@ def status_of(port: int, path: str) -> int | None:
         conn.close()
 
 
-class HeldLog:
-    """The daemon's stderr as a pipe of one page (the smallest the kernel allows) that
-    nobody reads until `release()`: the first thread to log more than a page blocks in
-    write() until then. Afterwards a thread drains it into `text`."""
+# A real daemon whose engine stops before it creates socket number HOLD_AT + 1, until the
+# test writes a byte to the pipe it passes: the not-ready phase is held open whatever the
+# machine's speed (stderr is a file; logging does not hold anything, exporter/logs.py).
+HOLD_AT = SOCKETS // 2
+HELD_DAEMON = """
+import os
+import sys
 
-    def __init__(self) -> None:
-        self.read_fd, self.write_fd = os.pipe()
-        fcntl.fcntl(self.write_fd, fcntl.F_SETPIPE_SZ, os.sysconf("SC_PAGE_SIZE"))
-        self.size = fcntl.fcntl(self.write_fd, fcntl.F_GETPIPE_SZ)
-        self._chunks: list[bytes] = []
-        self._thread = threading.Thread(target=self._drain, daemon=True)
+import exporter.engine as engine
+from exporter import cli
 
-    def release(self) -> None:
-        self._thread.start()
+hold_fd, hold_at = int(sys.argv.pop(1)), int(sys.argv.pop(1))
+install = engine.Engine._install
+installed = [0]
 
-    def _drain(self) -> None:
-        for _ in range(1_000_000):  # bounded; ends at EOF, when the daemon exits
-            chunk = os.read(self.read_fd, 65536)
-            if not chunk:
-                return
-            self._chunks.append(chunk)
 
-    @property
-    def text(self) -> str:
-        return b"".join(self._chunks).decode()
+def held_install(self, managed):
+    if installed[0] == hold_at:
+        os.read(hold_fd, 1)  # blocks the engine thread until the test writes a byte
+    installed[0] += 1
+    install(self, managed)
 
-    def close(self) -> None:
-        """After the daemon exited: the drain has seen EOF (or never started)."""
-        if self._thread.ident is not None:
-            self._thread.join(10)
-        os.close(self.read_fd)
+
+engine.Engine._install = held_install
+sys.exit(cli.main(sys.argv[1:]))
+"""
 
 
 def test_health_and_readiness_transitions(tmp_path: Path) -> None:
     """/-/healthy answers 200 from the moment the web server listens; /-/ready answers 503
     until every socket exists with its monitor attached, then 200, never the other way
     round. The not-ready phase is held open, whatever the machine's speed: the engine
-    logs every bind at debug level while it creates the sockets, to a stderr pipe this test
-    does not read yet, so the engine thread blocks in write() before the last socket exists
-    (the web thread logs nothing per request and keeps answering)."""
+    thread blocks (on a pipe of the test's) before it creates socket HOLD_AT + 1, while the
+    web thread keeps answering."""
     lines = ["sockets:"] + [
         f"  - {{name: s{i}, type: DEALER, bind: [tcp://127.0.0.1:*, 'ipc://{tmp_path}/{i}']}}"
         for i in range(SOCKETS)
@@ -91,27 +83,43 @@ def test_health_and_readiness_transitions(tmp_path: Path) -> None:
     config = tmp_path / "config.yml"
     config.write_text("\n".join(lines) + "\n")
     port = free_port()
-    log = HeldLog()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "exporter", f"--config.file={config}",
-         f"--web.listen-address=127.0.0.1:{port}", "--log.level=debug"],
-        cwd=ROOT, stdin=subprocess.DEVNULL, stdout=log.write_fd, stderr=log.write_fd,
-    )  # fmt: skip
-    os.close(log.write_fd)
+    log_path = tmp_path / "daemon.log"
+    hold_read, hold_write = os.pipe()
+    with open(log_path, "wb") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", HELD_DAEMON, str(hold_read), str(HOLD_AT),
+             f"--config.file={config}", f"--web.listen-address=127.0.0.1:{port}",
+             "--log.level=debug"],
+            cwd=ROOT, stdin=subprocess.DEVNULL, stdout=log_file, stderr=subprocess.STDOUT,
+            pass_fds=(hold_read,),
+        )  # fmt: skip
+    os.close(hold_read)
+
+    def log_text() -> str:
+        return log_path.read_text()
+
     try:
         # Held: alive and answering, not ready, sockets still being created.
         wait_until(lambda: status_of(port, "/-/healthy") == 200, timeout=30, what="web up")
         url = f"http://127.0.0.1:{port}"
+        wait_until(
+            lambda: (
+                value(parse_metrics(http_get(url + "/metrics")), "zmq_exporter_sockets") == HOLD_AT
+            ),
+            timeout=30,
+            what=f"the engine held at {HOLD_AT} sockets",
+        )
         for _ in range(10):  # half a second at least, and as long as the test wishes
             assert status_of(port, "/-/ready") == 503
             assert status_of(port, "/-/healthy") == 200
             created = value(parse_metrics(http_get(url + "/metrics")), "zmq_exporter_sockets")
-            assert created is not None and created < SOCKETS, created
+            assert created == HOLD_AT, created
             time.sleep(0.05)
         assert proc.poll() is None
+        assert "zmq-exporter started" not in log_text()
 
         # Released: the engine goes on; ready once, and from then on.
-        log.release()
+        os.write(hold_write, b"x")
         seen: list[tuple[int | None, int | None]] = []
         deadline = time.monotonic() + 30
         for _ in range(100_000):
@@ -136,25 +144,24 @@ def test_health_and_readiness_transitions(tmp_path: Path) -> None:
             ),
             what="every socket's monitor reported LISTENING",
         )
-        # The premise of the hold: the engine logged more than the pipe holds before the
-        # last socket existed, and the daemon said it started only after its sockets.
-        text = wait_until(lambda: log.text if "zmq-exporter started" in log.text else "")
+        # The daemon said it started only after its sockets, every bind logged before.
+        text = wait_until(lambda: log_text() if "zmq-exporter started" in log_text() else "")
         binds = text[: text.index("zmq-exporter started")].count('msg="bind succeeded"')
-        assert binds == 2 * SOCKETS and len(text) > 4 * log.size, (binds, len(text), log.size)
+        assert binds == 2 * SOCKETS, binds
 
         # Stays ready through a reload, failed or not.
         config.write_text("sockets: [\n")
         proc.send_signal(signal.SIGHUP)
-        wait_until(lambda: "reload failed" in log.text, what="reload failure logged")
+        wait_until(lambda: "reload failed" in log_text(), what="reload failure logged")
         assert status_of(port, "/-/ready") == 200
         assert status_of(port, "/-/healthy") == 200
         proc.send_signal(signal.SIGTERM)
-        assert proc.wait(15) == 0, log.text[-3000:]
+        assert proc.wait(15) == 0, log_text()[-3000:]
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-        log.close()
+        os.close(hold_write)
     # Gone after SIGTERM.
     assert status_of(port, "/-/healthy") is None
 
