@@ -16,6 +16,15 @@ The same Prometheus also runs the `zmq_probe` job of deploy/prometheus/prometheu
 (relabelling as shipped; targets, exporter address and interval replaced): it probes the
 `quiet` peer's ROUTER (live) and the `missing` port (nothing listens), so the dashboard's
 Probes row is evaluated against real probe results.
+
+The Connection health row and the connection alerts are evaluated against the daemon's real
+connection sampler: its tcp connections (worker -> backend, storm, quiet) have RTT samples,
+the others (missing: no peer; busy: no listener) only the queue families at 0. No daemon
+socket sends application messages (greetings and heartbeats only), so none of their send
+queues can be made to grow here and ZmqSlowConsumer cannot be made to fire for real; its
+logic is proven by deploy/prometheus/alerts_test.yml. Here each connection rule returns
+nothing at its real threshold and, with only its threshold lowered, one row per endpoint
+the daemon serves, with the labels its annotations use.
 """
 
 from __future__ import annotations
@@ -250,7 +259,7 @@ def substitute(expr: str, instance: str, socket_re: str = ".*") -> str:
 
 def metric_names(expr: str) -> set[str]:
     """Metric names an expression selects (PromQL functions and keywords never start so)."""
-    return set(re.findall(r"\b((?:zmq|process)_[a-z_]+|up)\b(?=\s*[{\[)])", expr))
+    return set(re.findall(r"\b((?:zmq|process)_[a-z_]+|up)\b(?=\s*[{\[)<>!=])", expr))
 
 
 def probe_metric_names(expr: str) -> set[str]:
@@ -347,6 +356,130 @@ def test_every_dashboard_and_rule_expression_evaluates(stack: Stack) -> None:
         result = prom.query(rule["expr"])
         got = {s["metric"].get("socket") for s in result}
         assert got == expected.get(rule["alert"], set()), (rule["alert"], result)
+
+    # The connection rules with only their threshold lowered: the expression selects one row
+    # per endpoint the sampler serves (per instance for the sampler's age), with the labels
+    # the annotations and the routing use; so at the real threshold only the value decides.
+    by_name = {rule["alert"]: rule["expr"] for rule in rules}
+    lowered = {
+        "ZmqSlowConsumer": ("> 1048576", "> -1"),
+        "ZmqConnectionRetransmitting": (">= 0.5", ">= 0"),
+        "ZmqExporterConnectionSamplerStale": ("> 60", "> -1"),
+    }
+    every_socket = {"backend", "worker", "storm", "quiet", "missing", "busy"}
+    for alert, (threshold, low) in lowered.items():
+        assert by_name[alert].count(threshold) == 1, (alert, by_name[alert])
+        low_expr = by_name[alert].replace(threshold, low)
+        # A subquery's points are aligned to multiples of its step (30 s): a young
+        # Prometheus may not have one yet.
+
+        def rows(expr: str = low_expr) -> list[dict[str, Any]]:
+            return prom.query(expr)
+
+        result = wait_until(rows, timeout=40, interval=0.5, what=low_expr)
+        assert {s["metric"]["instance"] for s in result} == {instance}, (alert, result)
+        assert {s["metric"]["job"] for s in result} == {"zmq"}, (alert, result)
+        if alert == "ZmqExporterConnectionSamplerStale":
+            assert len(result) == 1, result
+            continue
+        assert {s["metric"]["socket"] for s in result} == every_socket, (alert, result)
+        assert len(result) == len(every_socket), (alert, result)  # one endpoint each
+        assert all(s["metric"]["endpoint"].startswith("tcp://") for s in result), result
+        assert all(s["metric"]["app"] == "e2e" for s in result), result
+    # And the values the real thresholds compare: small queues, nothing retransmitting
+    # on loopback, a sampler that is seconds old.
+    queues = prom.query(f'zmq_connection_send_queue_max_bytes{{instance="{instance}"}}')
+    assert queues and all(float(s["value"][1]) < 1048576 for s in queues), queues
+    (age,) = prom.query(f'zmq_exporter_connection_sample_age_seconds{{instance="{instance}"}}')
+    assert 0 <= float(age["value"][1]) < 60, age
+
+
+def test_connection_health_row_shows_the_sampled_connections(stack: Stack) -> None:
+    """The Connection health row against the daemon's real sampler: RTT for exactly the
+    endpoints with a tcp connection, the queue and retransmission panels for every
+    endpoint, and the sampler's age and duration in the Exporter row."""
+    prom, instance = stack.prom, stack.instance
+    panels = dict(dashboard_queries())
+    connected = {"backend", "worker", "storm", "quiet"}  # missing: no peer; busy: no listener
+
+    def sockets(title: str) -> dict[str, float]:
+        rows = prom.query(substitute(panels[title], instance))
+        return {s["metric"]["socket"]: float(s["value"][1]) for s in rows}
+
+    # The sampler samples every 2 s; the fixture's first test waited for 12 scrapes, but
+    # this one may run alone: wait for the RTT of every connected endpoint.
+    wait_until(
+        lambda: set(sockets("Max RTT per endpoint")) == connected,
+        timeout=30,
+        interval=0.5,
+        what="RTT of every connected endpoint in Prometheus",
+    )
+    for title in ("Max RTT per endpoint", "Average RTT per endpoint"):
+        rtt = sockets(title)
+        assert set(rtt) == connected, (title, rtt)
+        assert all(0 < v < 1 for v in rtt.values()), (title, rtt)  # loopback: microseconds
+    every_socket = connected | {"missing", "busy"}
+    for title in (
+        "Connections retransmitting",
+        "Send queue (summed)",
+        "Largest send queue",
+        "Receive queue (summed)",
+    ):
+        got = sockets(title)
+        assert set(got) == every_socket, (title, got)
+        assert all(v < 1048576 for v in got.values()), (title, got)
+    assert set(sockets("Connections retransmitting").values()) == {0.0}
+    (age_expr, duration_expr) = [
+        e for t, e in dashboard_queries() if t == "Connection sampler age and duration"
+    ]
+    (age,) = prom.query(substitute(age_expr, instance))
+    (duration,) = prom.query(substitute(duration_expr, instance))
+    assert 0 <= float(age["value"][1]) < 60, age
+    assert 0 < float(duration["value"][1]) < 5, duration
+
+
+def test_dashboard_connection_health_row_selects_the_connection_families() -> None:
+    """Every connection family has a panel in the Connection health row, selected by
+    `$instance` and `$socket` and grouped per endpoint; byte families in bytes, RTT in
+    seconds; every sampler family has one in the Exporter row."""
+    from exporter import metrics
+
+    dash = json.loads(DASHBOARD.read_text())
+    rows = sorted((p["gridPos"]["y"], p["title"]) for p in dash["panels"] if p["type"] == "row")
+    assert [t for _, t in rows] == [
+        "Connections",
+        "Failures",
+        "Connection health",
+        "Exporter",
+        "Probes",
+    ]
+
+    def row_of(panel: dict[str, Any]) -> str:
+        return str([t for y, t in rows if y < panel["gridPos"]["y"]][-1])
+
+    connection = {f.name for f in metrics.CONNECTION_FAMILIES}
+    sampler = {f.name for f in metrics.SAMPLER_FAMILIES}
+    seen: dict[str, set[str]] = {"Connection health": set(), "Exporter": set()}
+    for panel in dash["panels"]:
+        for target in panel.get("targets", []):
+            names = metric_names(target["expr"])
+            if names & connection:
+                assert row_of(panel) == "Connection health", panel["title"]
+                assert 'instance=~"$instance",socket=~"$socket"' in target["expr"]
+                assert "by (instance, socket, endpoint)" in target["expr"]
+                unit = panel["fieldConfig"]["defaults"]["unit"]
+                assert unit == (
+                    "s"
+                    if "rtt" in target["expr"]
+                    else "bytes"
+                    if "queue" in target["expr"]
+                    else "short"
+                ), panel["title"]
+                seen["Connection health"] |= names
+            if names & sampler:
+                assert row_of(panel) == "Exporter", panel["title"]
+                seen["Exporter"] |= names
+    assert seen == {"Connection health": connection, "Exporter": sampler}
 
 
 def connections(daemon: Daemon, endpoint: str) -> float | None:
