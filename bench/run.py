@@ -266,6 +266,8 @@ def measure_otlp(p: Profile, out: dict[str, Measure]) -> None:
             "series": t.series,
             "points": t.points,
             "payload_bytes": t.payload_bytes,
+            "requests": t.requests,
+            "largest_request_bytes": t.largest_request,
             "generate_latest_s": round(t.generate_latest, 4),
             "ours_warm_s": round(t.warm, 4),
             "ours_warm_build_s": round(t.warm_build, 4),
