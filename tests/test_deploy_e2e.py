@@ -543,3 +543,75 @@ def test_reconnect_storm_fires_while_a_quiet_socket_stays_inactive(stack: Stack)
     assert [s["value"][1] for s in quiet] == ["0"]
     storm = prom.query(f'increase(zmq_disconnected_total{{socket="storm"}}[{window}])')
     assert float(storm[0]["value"][1]) >= cycles * 0.5
+
+
+def test_sampler_stale_fires_in_a_real_prometheus(tmp_path: Path) -> None:
+    """ZmqExporterConnectionSamplerStale from a real daemon whose sampler stops sampling:
+    `sample_interval: 1h` makes it take one sample at start and none after, so its age
+    grows as a frozen sampler's does. The rule (for: FOR) is silent while the age is below
+    60 s and fires after it; no other connection alert goes pending."""
+    tool("prometheus")
+    backend = free_port()
+    config = textwrap.dedent(f"""\
+        connections: {{sample_interval: 1h}}
+        sockets:
+          - {{name: backend, type: ROUTER, bind: ['tcp://127.0.0.1:{backend}']}}
+          - {{name: worker, type: DEALER, connect: ['tcp://127.0.0.1:{backend}']}}
+        """)
+    prom: Prometheus | None = None
+    with Daemon(config) as daemon:
+        try:
+            instance = f"127.0.0.1:{daemon.port}"
+            rules = tmp_path / "alerts.yml"
+            rules.write_text(rewrite_for(ALERTS.read_text()))
+            prom_config = yaml.safe_load(SCRAPE_CONFIG.read_text())
+            prom_config["global"].update(scrape_interval="1s", evaluation_interval="1s")
+            prom_config["rule_files"] = [str(rules)]
+            (job,) = prom_config["scrape_configs"]
+            job["static_configs"] = [{"targets": [instance]}]
+            prom = Prometheus.start(tmp_path, prom_config)
+            started = time.monotonic()
+            age_expr = f'zmq_exporter_connection_sample_age_seconds{{instance="{instance}"}}'
+
+            def age() -> float:
+                rows = prom.query(age_expr) if prom else []
+                return float(rows[0]["value"][1]) if rows else -1.0
+
+            connection_alerts = {
+                "ZmqExporterConnectionSamplerStale",
+                "ZmqSlowConsumer",
+                "ZmqConnectionRetransmitting",
+            }
+
+            def active() -> list[dict[str, Any]]:
+                assert prom is not None
+                return [
+                    a
+                    for a in prom.api("/api/v1/alerts")["alerts"]
+                    if a["labels"]["alertname"] in connection_alerts
+                ]
+
+            # Below 60 s: silent (checked at every poll until the age passes 50 s).
+            while (now := age()) < 50:
+                assert active() == [], (now, active())
+                assert time.monotonic() - started < 70, now
+                time.sleep(1)
+
+            def firing() -> list[dict[str, Any]]:
+                return [a for a in active() if a["state"] == "firing"]
+
+            (alert,) = wait_until(firing, timeout=60, interval=0.5, what="stale firing")
+            print(
+                f"\nsampler stale: firing {time.monotonic() - started:.0f}s after Prometheus "
+                f"started, age {age():.0f}s (threshold 60s, for: {FOR})"
+            )
+            assert alert["labels"]["alertname"] == "ZmqExporterConnectionSamplerStale"
+            assert alert["labels"]["instance"] == instance
+            assert alert["labels"]["severity"] == "warning"
+            assert float(alert["value"]) > 60
+            assert [a["labels"]["alertname"] for a in active()] == [
+                "ZmqExporterConnectionSamplerStale"
+            ]
+        finally:
+            if prom is not None:
+                prom.stop()
