@@ -17,12 +17,20 @@ if TYPE_CHECKING:
     from exporter.library import (
         Instrumentation,
         InstrumentError,
+        configure_connections,
         connections_table,
         instrument,
     )
 
-__all__ = ["InstrumentError", "Instrumentation", "__version__", "connections_table", "instrument"]
-_LAZY = frozenset({"InstrumentError", "Instrumentation", "connections_table", "instrument"})
+__all__ = [
+    "InstrumentError",
+    "Instrumentation",
+    "__version__",
+    "configure_connections",
+    "connections_table",
+    "instrument",
+]
+_LAZY = frozenset(__all__) - {"__version__"}
 
 
 def __getattr__(name: str) -> Any:

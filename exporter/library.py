@@ -58,6 +58,8 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import CollectorRegistry
 
 from exporter import __version__, metrics
+from exporter.config.model import ConnectionsConfig
+from exporter.connsampler import ConnectionSampler, reads_gone_family
 from exporter.conntable import ConnectionTable
 from exporter.endpoints import LearningEndpointMap
 from exporter.events import ALL_EVENTS_MASK, EVENT_BY_NAME, Event
@@ -76,7 +78,14 @@ from exporter.state import (
 if TYPE_CHECKING:
     from opentelemetry.metrics import CallbackOptions, MeterProvider, Observation
 
-__all__ = ["InstrumentError", "Instrumentation", "connections_table", "instrument", "reader"]
+__all__ = [
+    "InstrumentError",
+    "Instrumentation",
+    "configure_connections",
+    "connections_table",
+    "instrument",
+    "reader",
+]
 
 log = logging.getLogger("zmq_exporter.library")
 
@@ -115,6 +124,9 @@ class _Process:
     # connection table over them (issue 18), made on first use.
     instrumented: frozenset[str] = frozenset()
     table: ConnectionTable | None = None
+    # The connection sampler over `table` (issue 18), started by the first collect of a
+    # registry (or OTel callback) that shows an instrumented socket; never in a child.
+    sampler: ConnectionSampler | None = None
 
     def show(self) -> None:
         shown: dict[int, set[str]] = {}
@@ -136,6 +148,8 @@ def _after_fork() -> None:
     old = _process
     _lock = threading.RLock()  # the parent's may have been held by another thread
     _process = _Process(collectors=old.collectors, meters=old.meters)
+    # The parent's sampler thread does not exist here; the child starts its own on its
+    # first collect. The settings (`configure_connections`) are the process's and stay.
     if old.reader is not None:
         old.reader._close_fds()  # the child's copies of its epoll and eventfd
 
@@ -528,11 +542,127 @@ def connections_table(
     return [row.to_json() for row in page.rows]
 
 
+# The connection metrics' settings of this process (`configure_connections`); None: the
+# daemon's defaults. Kept through fork (the child's sampler uses them).
+_connection_settings: ConnectionsConfig | None = None
+
+
+def configure_connections(
+    metrics: bool = True,
+    sample_interval: float | str = 2.0,
+    per_peer: bool = False,
+    max_peers_per_endpoint: int = 50,
+) -> None:
+    """The connection metrics (issue 18) of every registry and meter provider of this
+    process, as the daemon's `connections:` section: the six per-endpoint
+    `zmq_connection*` families, read from the kernel every `sample_interval` seconds
+    (0.1 to 3600, or a duration such as "500ms") by one background thread, started by
+    the first scrape that shows an instrumented socket. `per_peer`: the families per
+    peer address as well, at most `max_peers_per_endpoint` (1 to 1000) peers per
+    endpoint. `metrics=False`: no families and no thread (a running one stops). A bad
+    value raises ValueError (the settings stay as they were)."""
+    global _connection_settings
+    import pydantic
+
+    interval: object = sample_interval
+    if isinstance(interval, int | float) and not isinstance(interval, bool):
+        interval = f"{float(interval) * 1000:f}ms"  # the config's durations carry a unit
+    try:
+        settings = ConnectionsConfig.model_validate(
+            {
+                "metrics": metrics,
+                "sample_interval": interval,
+                "per_peer": per_peer,
+                "max_peers_per_endpoint": max_peers_per_endpoint,
+            }
+        )
+    except pydantic.ValidationError as err:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in err.errors()
+        )
+        raise ValueError(f"configure_connections: {problems}") from None
+    with _lock:
+        _connection_settings = settings
+        sampler = _process.sampler
+        if sampler is None:
+            return
+        if settings.metrics:
+            sampler.configure(settings)
+        else:
+            _process.sampler = None  # no families from the next scrape on
+            sampler.stop()
+
+
+def _connection_sampler() -> ConnectionSampler | None:
+    """The process's connection sampler, started on first use; None while the metrics are
+    off or no socket is instrumented. Never raises (a scrape must not fail for it)."""
+    process = _process
+    sampler = process.sampler
+    if sampler is not None or not process.instrumented:
+        return sampler
+    settings = _connection_settings or ConnectionsConfig()
+    if not settings.metrics:
+        return None
+    with _lock:
+        process = _process
+        if process.sampler is None and (_connection_settings or settings).metrics:
+            try:
+                sampler = ConnectionSampler(_table(), _instrumented_snapshot, settings)
+                sampler.start()
+            except Exception:  # e.g. no thread can be started: no families, no failure
+                log.exception("the connection sampler could not start")
+                return None
+            process.sampler = sampler
+        return process.sampler
+
+
+def _connection_families(key: int) -> Iterator[Metric]:
+    """The latest connection sample's families, only the series of the sockets `key` (a
+    registry or meter provider) shows; then the sampler's self-metrics and the table's
+    refused reads (as the daemon: while the table exists, whoever reads it, sampler or
+    `connections_table()`)."""
+    names = _process.shown.get(key, frozenset())
+    if not names:
+        return
+    sampler = _connection_sampler()
+    if sampler is None:
+        table = _process.table
+        if table is not None:
+            yield reads_gone_family(table)
+        return
+    latest = sampler.latest
+    for family in latest.families if latest is not None else ():
+        mine = [s for s in family.samples if s.labels.get("socket") in names]
+        if not mine:
+            continue
+        if len(mine) == len(family.samples):
+            yield family
+            continue
+        out = Metric(family.name, family.documentation, family.type, family.unit)
+        out.samples = mine
+        yield out
+    yield from sampler.self_metrics()
+    yield reads_gone_family(_table())
+
+
 class _LibraryCollector(StateCollector):
-    """The socket families and the reader's self-metrics, for one registry."""
+    """The socket families, the connection families of its sockets and the reader's and
+    sampler's self-metrics, for one registry."""
 
     def __init__(self, key: int) -> None:
         super().__init__(lambda: _snapshot(key), build_labels())
+        self._key = key
+
+    def collect(self) -> Iterator[Metric]:
+        snap = self._snapshot()
+        yield from render_sockets(snap.sockets)
+        try:
+            connections = list(_connection_families(self._key))
+        except Exception:  # never fail the application's scrape for the connection metrics
+            log.exception("the connection metrics failed; served without them")
+            connections = []
+        yield from connections
+        yield from render_self(snap, self._build)
 
     def describe(self) -> Iterator[Metric]:
         # The families without touching the reader (registering must start nothing).
@@ -594,7 +724,12 @@ class _OtelExport:
                 for value, attrs in entry[1].get(slot, ()):
                     out.append(Observation(value, attrs))
             self._cache = fresh
-        for family in render_self(snap, self._build):
+        try:
+            connections = list(_connection_families(self._key))
+        except Exception:  # never fail the application's export for the connection metrics
+            log.exception("the connection metrics failed; exported without them")
+            connections = []
+        for family in [*connections, *render_self(snap, self._build)]:
             if _PUSHED_SLOT.get(family.name) == slot:
                 out += [Observation(float(s.value), dict(s.labels)) for s in family.samples]
         return out

@@ -9,6 +9,7 @@ Send-Q of a stopped reader, SO_PEERCRED of an ipc peer, `ss -tnp` filtered to th
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import re
 import shutil
@@ -24,12 +25,14 @@ from typing import Any
 
 import pytest
 import zmq
+from prometheus_client import CollectorRegistry, generate_latest
 from test_connections import Churn, noise
+from test_library import PRELUDE, run_child
 
 import exporter
 from exporter import library
 
-from helpers import ROOT, missing_tool
+from helpers import ROOT, Samples, missing_tool, parse_metrics, value
 from testkit import free_port, wait_until
 
 Ctx = zmq.Context[zmq.Socket[bytes]]
@@ -369,3 +372,278 @@ def test_churn_while_reading_reports_only_connections_the_generator_had_open(ctx
     assert not bad, bad[:10]
     assert churn.opened > 200 and min(reported.values()) > 100, (churn.opened, reported)
     assert exporter.connections_table(socket="lc-churn") == []
+
+
+# -- the connection metrics of an application's registry --------------------------------
+
+SEND_Q_MAX = "zmq_connection_send_queue_max_bytes"
+SLOW_CONSUMER_BYTES = 1048576  # deploy/prometheus/alerts.yml, ZmqSlowConsumer
+SAMPLER_THREAD = "zmq-exporter-connection-sampler"
+# The six families and the sampler's self-metrics (not zmq_exporter_connection_reads_gone:
+# the table's, served as long as the table exists, as the daemon does).
+CONNECTION_PREFIXES = (
+    "zmq_connection_",
+    "zmq_connections_retransmitting",
+    "zmq_exporter_connection_sample",
+    "zmq_exporter_connection_peers",
+)
+
+
+@pytest.fixture
+def fast_sampler() -> Iterator[None]:
+    """Samples every 100 ms (the least allowed); the defaults again afterwards."""
+    exporter.configure_connections(sample_interval=0.1)
+    try:
+        yield
+    finally:
+        exporter.configure_connections()
+
+
+def scrape(registry: CollectorRegistry) -> Samples:
+    return parse_metrics(generate_latest(registry).decode())
+
+
+def sampler_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t.name == SAMPLER_THREAD]
+
+
+def test_slow_consumer_send_queue_through_the_registry_exceeds_the_alert_and_equals_ss(
+    ctx: Ctx, fast_sampler: None
+) -> None:
+    """The issue's slow consumer, through /metrics of the application's own registry: an
+    instrumented PUSH sends to a peer process that is SIGSTOPped. Its endpoint's
+    zmq_connection_send_queue_max_bytes (and _send_queue_bytes) rise past ZmqSlowConsumer's
+    1 MiB and equal ss's Send-Q for that connection once it is quiet; back to 0 after
+    SIGCONT. SNDBUF is left to the kernel's autotuning (up to tcp_wmem's max, 4 MiB by
+    default): an explicit SNDBUF is capped by net.core.wmem_max (208 KiB by default)."""
+    registry = CollectorRegistry()
+    push = ctx.socket(zmq.PUSH)
+    push.setsockopt(zmq.LINGER, 0)
+    push.setsockopt(zmq.SNDHWM, 4)
+    handle = exporter.instrument(push, "lcm-push", registry=registry)
+    try:
+        with peer_process(SLOW_READER) as (peer, port_text):
+            endpoint = f"tcp://127.0.0.1:{port_text}"
+            labels = {"socket": "lcm-push", "endpoint": endpoint}
+            handle.connect(endpoint)
+            local = wait_until(
+                lambda: [r for r in handle.connections() if r["ready"]],
+                timeout=10,
+                what="the PUSH's connection, handshake done",
+            )[0]["local_address"]
+            payload = b"q" * 65536
+            for _ in range(8):  # the peer reads: nothing stays queued
+                push.send(payload)
+            wait_until(
+                lambda: (
+                    value(scrape(registry), SEND_Q_MAX, **labels) == 0
+                    and value(scrape(registry), "zmq_connection_rtt_max_seconds", **labels)
+                ),
+                timeout=10,
+                what="the endpoint's families, the send queue empty",
+            )
+            assert sampler_threads(), "a scrape started the sampler"
+
+            os.kill(peer.pid, signal.SIGSTOP)
+            offered = 0
+            give_up = time.monotonic() + 30
+            while push.poll(1000, zmq.POLLOUT):  # until unwritable for 1 s (see above)
+                if time.monotonic() > give_up:
+                    raise AssertionError(f"the PUSH took {offered} messages: the peer reads")
+                with contextlib.suppress(zmq.Again):
+                    push.send(payload, zmq.NOBLOCK)
+                    offered += 1
+
+            def quiet_and_equal_to_ss() -> tuple[float, int] | None:
+                before = [r for r in ss_established(os.getpid()) if r[:2] == (local, endpoint[6:])]
+                samples = scrape(registry)
+                after = [r for r in ss_established(os.getpid()) if r[:2] == (local, endpoint[6:])]
+                if len(before) != 1 or before != after:
+                    return None
+                metric = value(samples, SEND_Q_MAX, **labels)
+                summed = value(samples, "zmq_connection_send_queue_bytes", **labels)
+                send_q = after[0][3]
+                if metric is None or not metric == summed == send_q > SLOW_CONSUMER_BYTES:
+                    return None
+                return metric, send_q
+
+            found = wait_until(
+                quiet_and_equal_to_ss,
+                timeout=15,
+                interval=0.1,
+                what="send_queue_max_bytes > 1 MiB and equal to ss's Send-Q",
+            )
+            assert found is not None
+            metric, send_q = found
+            print(
+                f"stopped reader: {offered} messages offered, metric {metric:.0f}, Send-Q {send_q}"
+            )
+            assert metric == send_q > SLOW_CONSUMER_BYTES
+
+            os.kill(peer.pid, signal.SIGCONT)
+            wait_until(
+                lambda: value(scrape(registry), SEND_Q_MAX, **labels) == 0,
+                timeout=15,
+                what="the send queue drains once the peer reads again",
+            )
+    finally:
+        handle.close()
+        push.close(linger=0)
+
+
+def test_a_registry_shows_only_its_own_sockets(ctx: Ctx, fast_sampler: None) -> None:
+    """Two registries, a bound PULL each with a connected peer: each registry's
+    connection families (and nothing else in them) name only its own socket, though one
+    sample covers both."""
+    reg_a, reg_b = CollectorRegistry(), CollectorRegistry()
+    pull_a, pull_b = ctx.socket(zmq.PULL), ctx.socket(zmq.PULL)
+    push_a, push_b = ctx.socket(zmq.PUSH), ctx.socket(zmq.PUSH)
+    for s in (pull_a, pull_b, push_a, push_b):
+        s.setsockopt(zmq.LINGER, 0)
+    h_a = exporter.instrument(pull_a, "lcm-a", registry=reg_a)
+    h_b = exporter.instrument(pull_b, "lcm-b", registry=reg_b)
+    try:
+        port_a, port_b = free_port(), free_port()
+        h_a.bind(f"tcp://127.0.0.1:{port_a}")
+        h_b.bind(f"tcp://127.0.0.1:{port_b}")
+        push_a.connect(f"tcp://127.0.0.1:{port_a}")
+        push_b.connect(f"tcp://127.0.0.1:{port_b}")
+
+        def connected(reg: CollectorRegistry, name: str, port: int) -> float | None:
+            endpoint = f"tcp://127.0.0.1:{port}"
+            rtt = "zmq_connection_rtt_max_seconds"
+            return value(scrape(reg), rtt, socket=name, endpoint=endpoint)
+
+        for reg, name, port in ((reg_a, "lcm-a", port_a), (reg_b, "lcm-b", port_b)):
+            wait_until(
+                functools.partial(connected, reg, name, port),
+                timeout=10,
+                what=f"{name}'s connection in its registry",
+            )
+        sampler = library._process.sampler
+        assert sampler is not None and sampler.latest is not None
+        in_sample = {s.labels["socket"] for f in sampler.latest.families for s in f.samples}
+        assert {"lcm-a", "lcm-b"} <= in_sample  # one sample covers both
+        for reg, name in ((reg_a, "lcm-a"), (reg_b, "lcm-b")):
+            samples = scrape(reg)
+            conn = [
+                dict(ls)
+                for (n, ls) in samples
+                if n.startswith("zmq_connection_") or n == "zmq_connections_retransmitting"
+            ]
+            assert conn and {c["socket"] for c in conn} == {name}, conn
+            assert value(samples, "zmq_exporter_connection_sample_errors_total") == 0
+            assert value(samples, "zmq_exporter_connection_sample_age_seconds") is not None
+            assert (
+                value(samples, "zmq_exporter_connection_reads_gone_total", reason="closed")
+                is not None
+            )
+    finally:
+        h_a.close()
+        h_b.close()
+
+
+def test_metrics_off_serves_no_families_and_stops_the_sampler(ctx: Ctx) -> None:
+    """configure_connections(metrics=False): the registry has no connection family nor
+    sampler self-metric, and no sampler thread runs; on again, they are back."""
+    registry = CollectorRegistry()
+    pull = ctx.socket(zmq.PULL)
+    pull.setsockopt(zmq.LINGER, 0)
+    handle = exporter.instrument(pull, "lcm-off", registry=registry)
+    try:
+        handle.bind("tcp://127.0.0.1:*")
+        exporter.configure_connections(sample_interval=0.1)
+        wait_until(
+            lambda: value(scrape(registry), SEND_Q_MAX, socket="lcm-off") == 0,
+            timeout=10,
+            what="the families while on",
+        )
+        exporter.configure_connections(metrics=False)
+        wait_until(lambda: not sampler_threads(), timeout=5, what="the sampler thread ended")
+        for _ in range(3):
+            names = {n for n, _ in scrape(registry)}
+            served = [n for n in names if n.startswith(CONNECTION_PREFIXES)]
+            assert not served, served
+        assert library._process.sampler is None and not sampler_threads()
+        exporter.configure_connections(sample_interval=0.1)
+        wait_until(
+            lambda: value(scrape(registry), SEND_Q_MAX, socket="lcm-off") == 0,
+            timeout=10,
+            what="the families on again",
+        )
+    finally:
+        exporter.configure_connections()
+        handle.close()
+
+
+def test_bad_settings_raise_a_clear_value_error() -> None:
+    for kwargs, text in (
+        ({"sample_interval": 0.01}, "sample_interval"),
+        ({"sample_interval": 7200.0}, "sample_interval"),
+        ({"max_peers_per_endpoint": 0}, "max_peers_per_endpoint"),
+        ({"max_peers_per_endpoint": 5000}, "max_peers_per_endpoint"),
+        ({"metrics": "yes"}, "metrics"),
+    ):
+        with pytest.raises(ValueError, match=text):
+            exporter.configure_connections(**kwargs)
+    assert library._connection_settings is None or library._connection_settings.metrics
+
+
+def test_sampler_starts_on_first_scrape_only_and_fork_leaves_the_child_without_it() -> None:
+    """A fresh process: instrumenting starts no sampler, nor does a registry without
+    instrumented sockets; the first scrape of the socket's registry does. A forked child
+    has no sampler (the parent's thread and object are gone); its scrape of the inherited
+    registry shows no connection family until it instruments a socket of its own, then
+    only that one."""
+    run_child(
+        """\
+        SAMPLER = "zmq-exporter-connection-sampler"
+        def samplers():
+            return [t for t in threading.enumerate() if t.name == SAMPLER]
+        exporter.configure_connections(sample_interval=0.1)
+        ctx = zmq.Context()
+        s, h, port = router(ctx, "parent")
+        d = dealer(ctx, port)
+        time.sleep(0.3)  # a sampler that started on its own would be running now
+        assert not samplers() and library._process.sampler is None
+        assert not [n for n, _ in parse_metrics(generate_latest(CollectorRegistry()).decode())]
+        wait_until(lambda: value(scrape(), "zmq_connection_rtt_max_seconds", socket="parent"))
+        assert len(samplers()) == 1
+        pid = os.fork()
+        if pid == 0:
+            code = 1
+            try:
+                assert library._process.sampler is None and not samplers()
+                m = scrape()
+                assert not [n for n, _ in m if n.startswith("zmq_connection")], m
+                assert library._process.sampler is None and not samplers()
+                c2 = zmq.Context()
+                s2, h2, port2 = router(c2, "child")
+                d2 = dealer(c2, port2)
+                rtt = "zmq_connection_rtt_max_seconds"
+                wait_until(lambda: value(scrape(), rtt, socket="child"))
+                assert len(samplers()) == 1
+                m = scrape()
+                names = {dict(ls)["socket"] for n, ls in m if n.startswith("zmq_connection")}
+                assert names == {"child"}, names
+                d2.close(); h2.close(); s2.close(); c2.term()
+                code = 0
+            finally:
+                os._exit(code)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            done, status_ = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            time.sleep(0.02)
+        else:
+            os.kill(pid, 9)
+            raise AssertionError("child did not finish")
+        assert os.waitstatus_to_exitcode(status_) == 0
+        assert len(samplers()) == 1  # the parent's goes on
+        assert value(scrape(), "zmq_connection_rtt_max_seconds", socket="parent")
+        d.close(); h.close(); s.close(); ctx.term()
+        print("OK")
+        """,
+        PRELUDE,
+    )
