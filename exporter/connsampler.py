@@ -84,6 +84,7 @@ OTHER_PEER = "other"  # peers beyond max_peers_per_endpoint, aggregated
 # Period (start to start) at least this many times the last sample's duration: <= 5% busy.
 DUTY_FACTOR = 20
 STOP_TIMEOUT = 2.0
+THREAD_NAME = "zmq-exporter-connection-sampler"  # the daemon's; library mode names its own
 _TRANSPORTS = ("tcp", "ipc")  # the transports whose connections have an fd to read
 # EndpointConnections field per family, in `metrics.CONNECTION_FAMILIES` order.
 _FIELDS = (
@@ -244,8 +245,10 @@ class ConnectionSampler:
         snapshot: Callable[[], EngineSnapshot],
         settings: ConnectionsConfig,
         batch: int = SAMPLE_BATCH,
+        thread_name: str = THREAD_NAME,
     ) -> None:
         self._table = table
+        self._thread_name = thread_name
         self._snapshot = snapshot
         self._settings = settings
         self._batch = batch
@@ -272,9 +275,7 @@ class ConnectionSampler:
 
     def start(self) -> None:
         self.started = time.monotonic()
-        self._thread = threading.Thread(
-            target=self._run, name="zmq-exporter-connection-sampler", daemon=True
-        )
+        self._thread = threading.Thread(target=self._run, name=self._thread_name, daemon=True)
         self._thread.start()
 
     @property

@@ -95,6 +95,7 @@ T = TypeVar("T")
 # answers commands within its coalescing pause (50 ms) plus one batch; this is a bound.
 COMMAND_TIMEOUT = 5.0
 READER_THREAD = "zmq-exporter-reader"
+SAMPLER_THREAD = "zmq-exporter-library-connection-sampler"
 
 _LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
 _Z85_KEY = re.compile(r"[0-9a-zA-Z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}")
@@ -607,7 +608,9 @@ def _connection_sampler() -> ConnectionSampler | None:
         process = _process
         if process.sampler is None and (_connection_settings or settings).metrics:
             try:
-                sampler = ConnectionSampler(_table(), _instrumented_snapshot, settings)
+                sampler = ConnectionSampler(
+                    _table(), _instrumented_snapshot, settings, thread_name=SAMPLER_THREAD
+                )
                 sampler.start()
             except Exception:  # e.g. no thread can be started: no families, no failure
                 log.exception("the connection sampler could not start")

@@ -24,9 +24,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import yaml
 import zmq
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, generate_latest, start_http_server
 from test_connections import Churn, noise
+from test_deploy_tools import tool
 from test_library import PRELUDE, run_child
 
 import exporter
@@ -378,7 +380,7 @@ def test_churn_while_reading_reports_only_connections_the_generator_had_open(ctx
 
 SEND_Q_MAX = "zmq_connection_send_queue_max_bytes"
 SLOW_CONSUMER_BYTES = 1048576  # deploy/prometheus/alerts.yml, ZmqSlowConsumer
-SAMPLER_THREAD = "zmq-exporter-connection-sampler"
+SAMPLER_THREAD = library.SAMPLER_THREAD
 # The six families and the sampler's self-metrics (not zmq_exporter_connection_reads_gone:
 # the table's, served as long as the table exists, as the daemon does).
 CONNECTION_PREFIXES = (
@@ -391,12 +393,19 @@ CONNECTION_PREFIXES = (
 
 @pytest.fixture
 def fast_sampler() -> Iterator[None]:
-    """Samples every 100 ms (the least allowed); the defaults again afterwards."""
+    """Samples every 100 ms (the least allowed); afterwards no sampler thread (the next
+    scrape starts one), the defaults again."""
     exporter.configure_connections(sample_interval=0.1)
     try:
         yield
     finally:
-        exporter.configure_connections()
+        stop_sampler()
+
+
+def stop_sampler() -> None:
+    exporter.configure_connections(metrics=False)
+    exporter.configure_connections()
+    assert library._process.sampler is None and not sampler_threads()
 
 
 def scrape(registry: CollectorRegistry) -> Samples:
@@ -572,7 +581,7 @@ def test_metrics_off_serves_no_families_and_stops_the_sampler(ctx: Ctx) -> None:
             what="the families on again",
         )
     finally:
-        exporter.configure_connections()
+        stop_sampler()
         handle.close()
 
 
@@ -597,7 +606,7 @@ def test_sampler_starts_on_first_scrape_only_and_fork_leaves_the_child_without_i
     only that one."""
     run_child(
         """\
-        SAMPLER = "zmq-exporter-connection-sampler"
+        SAMPLER = library.SAMPLER_THREAD
         def samplers():
             return [t for t in threading.enumerate() if t.name == SAMPLER]
         exporter.configure_connections(sample_interval=0.1)
@@ -647,3 +656,99 @@ def test_sampler_starts_on_first_scrape_only_and_fork_leaves_the_child_without_i
         """,
         PRELUDE,
     )
+
+
+@pytest.mark.slow
+def test_slow_consumer_alert_fires_in_a_real_prometheus_scraping_the_application(
+    ctx: Ctx, tmp_path: Path
+) -> None:
+    """ZmqSlowConsumer, as shipped (deploy/prometheus/alerts.yml) but for its window (5m ->
+    15s) and `for:` (2m -> FOR), in a real Prometheus scraping the application's own
+    registry (prometheus_client.start_http_server on loopback) every second: silent while
+    the peer reads; firing, for that socket and endpoint, once a SIGSTOPped peer left
+    more than 1 MiB in the PUSH's send queue for the window and `for:`; resolved once the
+    peer reads again."""
+    from test_deploy_e2e import ALERTS, FOR, SCRAPE_CONFIG, Prometheus, rewrite_for
+
+    tool("prometheus")
+    window = "15s"
+    doc = yaml.safe_load(rewrite_for(ALERTS.read_text()))
+    (rule,) = [r for g in doc["groups"] for r in g["rules"] if r.get("alert") == "ZmqSlowConsumer"]
+    assert rule["expr"].count("[5m]") == 1, rule["expr"]
+    rule["expr"] = rule["expr"].replace("[5m]", f"[{window}]")
+    rules = tmp_path / "alerts.yml"
+    rules.write_text(yaml.safe_dump(doc, sort_keys=False))
+
+    exporter.configure_connections(sample_interval=0.5)
+    registry = CollectorRegistry()
+    push = ctx.socket(zmq.PUSH)
+    push.setsockopt(zmq.LINGER, 0)
+    push.setsockopt(zmq.SNDHWM, 4)
+    handle = exporter.instrument(push, "lcm-slow", registry=registry)
+    port = free_port()
+    server, _ = start_http_server(port, addr="127.0.0.1", registry=registry)
+    prom: Prometheus | None = None
+    try:
+        with peer_process(SLOW_READER) as (peer, port_text):
+            endpoint = f"tcp://127.0.0.1:{port_text}"
+            handle.connect(endpoint)
+            config = yaml.safe_load(SCRAPE_CONFIG.read_text())
+            config["global"].update(scrape_interval="1s", evaluation_interval="1s")
+            config["rule_files"] = [str(rules)]
+            (job,) = config["scrape_configs"]
+            job["static_configs"] = [{"targets": [f"127.0.0.1:{port}"]}]
+            prom = Prometheus.start(tmp_path, config)
+            query = (
+                f'zmq_connection_send_queue_max_bytes{{socket="lcm-slow",endpoint="{endpoint}"}}'
+            )
+
+            def scraped() -> list[dict[str, Any]]:
+                return prom.query(query) if prom else []
+
+            wait_until(scraped, timeout=30, what="Prometheus scraped the application's queue")
+            payload = b"q" * 65536
+            quiet_until = time.monotonic() + 20  # more than the window and FOR: no alert
+            while time.monotonic() < quiet_until:
+                push.send(payload)  # the peer reads
+                assert prom.alerts("ZmqSlowConsumer") == []
+                time.sleep(0.5)
+
+            os.kill(peer.pid, signal.SIGSTOP)
+            stopped = time.monotonic()
+            offered = 0
+            while push.poll(1000, zmq.POLLOUT):  # until unwritable for 1 s
+                assert time.monotonic() - stopped < 30, f"the PUSH took {offered} messages"
+                with contextlib.suppress(zmq.Again):
+                    push.send(payload, zmq.NOBLOCK)
+                    offered += 1
+
+            def firing() -> list[dict[str, Any]]:
+                assert prom is not None
+                return [a for a in prom.alerts("ZmqSlowConsumer") if a["state"] == "firing"]
+
+            (alert,) = wait_until(firing, timeout=90, interval=0.5, what="ZmqSlowConsumer firing")
+            took = time.monotonic() - stopped
+            print(
+                f"\nslow consumer: firing {took:.0f}s after SIGSTOP (window {window}, for: "
+                f"{FOR}), send queue {float(alert['value']):.0f} bytes"
+            )
+            assert alert["labels"]["socket"] == "lcm-slow"
+            assert alert["labels"]["endpoint"] == endpoint
+            assert alert["labels"]["severity"] == "warning"
+            assert float(alert["value"]) > SLOW_CONSUMER_BYTES
+
+            os.kill(peer.pid, signal.SIGCONT)
+            wait_until(
+                lambda: prom is not None and prom.alerts("ZmqSlowConsumer") == [],
+                timeout=30,
+                interval=0.5,
+                what="ZmqSlowConsumer resolved once the peer reads",
+            )
+    finally:
+        if prom is not None:
+            prom.stop()
+        server.shutdown()
+        server.server_close()
+        stop_sampler()
+        handle.close()
+        push.close(linger=0)
