@@ -32,7 +32,7 @@ from test_deploy_tools import tool
 from test_library import PRELUDE, run_child
 
 import exporter
-from exporter import library
+from exporter import library, metrics
 
 from helpers import ROOT, Samples, missing_tool, parse_metrics, value
 from testkit import free_port, wait_until
@@ -752,3 +752,63 @@ def test_slow_consumer_alert_fires_in_a_real_prometheus_scraping_the_application
         stop_sampler()
         handle.close()
         push.close(linger=0)
+
+
+def test_meter_provider_observes_the_connection_families_of_its_own_sockets(
+    ctx: Ctx, fast_sampler: None
+) -> None:
+    """A MeterProvider gets the six families under the daemon's OTLP names
+    (metrics.PUSHED), for the sockets instrumented with it only: a socket shown by a
+    registry alone (connected too, in the same sample) is not observed."""
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader, NumberDataPoint
+
+    otel = InMemoryMetricReader()
+    provider = MeterProvider(metric_readers=[otel])
+    registry = CollectorRegistry()
+    mine, other = ctx.socket(zmq.ROUTER), ctx.socket(zmq.ROUTER)
+    dealers = [ctx.socket(zmq.DEALER) for _ in range(2)]
+    for s in (mine, other, *dealers):
+        s.setsockopt(zmq.LINGER, 0)
+    h_mine = exporter.instrument(mine, "lco-otel", registry=None, meter_provider=provider)
+    h_other = exporter.instrument(other, "lco-reg", registry=registry)
+    try:
+        port_mine, port_other = free_port(), free_port()
+        h_mine.bind(f"tcp://127.0.0.1:{port_mine}")
+        h_other.bind(f"tcp://127.0.0.1:{port_other}")
+        dealers[0].connect(f"tcp://127.0.0.1:{port_mine}")
+        dealers[1].connect(f"tcp://127.0.0.1:{port_other}")
+        wait_until(
+            lambda: value(scrape(registry), "zmq_connection_rtt_max_seconds", socket="lco-reg"),
+            timeout=10,
+            what="the registry's socket connected, in a sample",
+        )
+        names = {f.otel_name: f for f in metrics.CONNECTION_FAMILIES}
+        assert all(f in metrics.PUSHED for f in metrics.CONNECTION_FAMILIES)
+
+        def observed() -> dict[str, list[dict[str, Any]]] | None:
+            data = otel.get_metrics_data()
+            if data is None:
+                return None
+            got: dict[str, list[dict[str, Any]]] = {}
+            for rm in data.resource_metrics:
+                for sm in rm.scope_metrics:
+                    for m in sm.metrics:
+                        if m.name in names:
+                            got[m.name] = [
+                                {**dict(p.attributes or {}), "value": p.value}
+                                for p in m.data.data_points
+                                if isinstance(p, NumberDataPoint)
+                            ]
+            return got if set(got) == set(names) else None
+
+        got = wait_until(observed, timeout=10, what="the six connection instruments")
+        assert got is not None
+        for name, points in got.items():
+            assert {p["socket"] for p in points} == {"lco-otel"}, (name, points)
+            assert {p["endpoint"] for p in points} == {f"tcp://127.0.0.1:{port_mine}"}
+        assert got["zmq.connection.rtt.max"][0]["value"] > 0
+    finally:
+        h_mine.close()
+        h_other.close()
+        provider.shutdown()
