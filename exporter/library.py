@@ -13,7 +13,14 @@ output.
 Who is connected (issue 18): `connections_table()` (all instrumented sockets, or one
 socket or endpoint) and `Instrumentation.connections()` return the live connections as the
 daemon's /api/v1/connections rows, read by the daemon's ConnectionTable (exporter/conntable.py)
-over this reader's snapshot: the same fd checks and pins, one table per process.
+over this reader's snapshot: the same fd checks and pins, one table per process. The
+daemon's six per-endpoint `zmq_connection*` families, its sampler self-metrics and
+`zmq_exporter_connection_reads_gone_total` come from one ConnectionSampler per process over
+that table (exporter/connsampler.py), a daemon thread started by the first collect of a
+registry (or OTel callback) that shows an instrumented socket, and not in a forked child
+until it collects there; each registry and meter provider gets its own sockets' series.
+`configure_connections()` sets it as the daemon's `connections:` section (default: on,
+every 2 s, no per-peer series).
 
 Threads: `instrument()` and `Instrumentation.close()` run on the caller's thread, which is
 the only one that touches the application's socket (`socket.monitor()`,
