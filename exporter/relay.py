@@ -44,7 +44,7 @@ log = logging.getLogger("zmq_exporter.relay")
 
 WIRE_VERSION = 1
 # Sender defaults (docs/relay.md).
-COALESCE_SECONDS = 0.1  # at most one state message per socket per 100 ms
+COALESCE_SECONDS = 0.25  # at most one state message per socket per 250 ms
 HEARTBEAT_SECONDS = 1.0
 REFRESH_SECONDS = 10.0  # every socket's state again, whatever happened
 SENDER_HWM = 16  # messages queued towards the daemon; beyond, send() fails and we retry
