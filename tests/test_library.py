@@ -371,6 +371,15 @@ def dealer(ctx, port):
     return d
 def status(name):
     return library.reader().watching(name).result(5)
+def child_exit_code(pid, timeout=20):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            return os.waitstatus_to_exitcode(status)
+        time.sleep(0.02)
+    os.kill(pid, 9)
+    raise AssertionError("child did not finish")
 """
 
 
@@ -466,16 +475,7 @@ def test_fork_after_instrumenting() -> None:
                 code = 0
             finally:
                 os._exit(code)
-        deadline = time.monotonic() + 20
-        while time.monotonic() < deadline:
-            done, status_ = os.waitpid(pid, os.WNOHANG)
-            if done:
-                break
-            time.sleep(0.02)
-        else:
-            os.kill(pid, 9)
-            raise AssertionError("child did not finish")
-        assert os.waitstatus_to_exitcode(status_) == 0
+        assert child_exit_code(pid) == 0
         d3 = dealer(ctx, port)  # the parent goes on counting
         wait_until(lambda: value(scrape(), "zmq_connections", socket="parent") == 2)
         assert established(port) == 2
