@@ -6,10 +6,15 @@ from __future__ import annotations
 
 import os
 import resource
+import signal
+import subprocess
+import sys
 import tempfile
 import threading
 import time
+import urllib.request
 from collections.abc import Callable
+from pathlib import Path
 
 import zmq
 
@@ -17,6 +22,8 @@ from exporter.config import Settings, parse_config
 from exporter.engine import COALESCE_SECONDS, Engine
 
 from testkit import LOADGEN, LoadGen, Tally, free_port, poll_until
+
+ROOT = Path(__file__).resolve().parent.parent
 
 # The helpers tests share live in testkit.py. bench/run.py and bench/soak.py still import
 # them from here, `wait_until` being testkit's non-raising `poll_until` (bench/ reports a
@@ -26,6 +33,72 @@ __all__ = ["LOADGEN", "LoadGen", "Tally", "free_port", "poll_until", "wait_until
 # A deep listen backlog, as a busy ROUTER should have: with libzmq's default of 100 a
 # moment of CPU contention drops SYNs and the client retransmits after 1 s.
 BACKLOG = 4096
+
+
+class DaemonProcess:
+    """A real daemon (`python -m exporter`) on `config_text`, its output in `<name>.log`
+    under `workdir`; ready once /metrics answers and `ready(text)` holds. Its CPU and RSS
+    read from /proc, for the benches that measure the daemon from outside."""
+
+    def __init__(
+        self,
+        workdir: Path,
+        name: str,
+        config_text: str,
+        ready: Callable[[str], bool] = lambda text: True,
+        scrape_timeout: float = 30,
+    ) -> None:
+        self.port = free_port()
+        self.scrape_timeout = scrape_timeout
+        self._ready = ready
+        config = workdir / f"{name}.yml"
+        config.write_text(config_text)
+        self.log = workdir / f"{name}.log"
+        with open(self.log, "wb") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "exporter", f"--config.file={config}",
+                 f"--web.listen-address=127.0.0.1:{self.port}"],
+                cwd=ROOT, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            )  # fmt: skip
+        if not poll_until(self._up, 30, 0.05):
+            self.close()
+            raise RuntimeError(f"daemon {name} did not serve /metrics: {self.log.read_text()}")
+
+    def _up(self) -> bool:
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"daemon exited with {self.proc.returncode}")
+        try:
+            return self._ready(self.scrape())
+        except OSError:
+            return False
+
+    def scrape(self) -> str:
+        url = f"http://127.0.0.1:{self.port}/metrics"
+        with urllib.request.urlopen(url, timeout=self.scrape_timeout) as resp:
+            body: bytes = resp.read()
+        return body.decode()
+
+    def cpu(self) -> float:
+        """User + system CPU seconds of the daemon process."""
+        with open(f"/proc/{self.proc.pid}/stat", encoding="ascii") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def rss(self) -> int:
+        with open(f"/proc/{self.proc.pid}/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+        raise RuntimeError("no VmRSS")
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
 
 
 def raise_fd_limit() -> int:

@@ -26,22 +26,17 @@ Details reported:
 
 from __future__ import annotations
 
-import os
 import re
-import signal
 import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
 
-from bench.common import BACKLOG, free_port, raise_fd_limit, wait_until
+from bench.common import BACKLOG, DaemonProcess, free_port, raise_fd_limit, wait_until
 from exporter.connections import TCP_INFO_LEN, Expected, Gone, read_connection
 from exporter.prober.greeting import our_greeting
 from exporter.prober.wire import basic_properties, command
@@ -79,12 +74,11 @@ class ConnectionsResult:
         return self.scrape_on_s / self.scrape_off_s
 
 
-class _Daemon:
+class _Daemon(DaemonProcess):
     """A real daemon: `endpoints` ROUTERs, each bound on a loopback port of its own."""
 
     def __init__(self, tmp: Path, name: str, endpoints: int, metrics: bool) -> None:
         self.ports = [free_port() for _ in range(endpoints)]
-        self.port = free_port()
         lines = [
             f"connections: {{metrics: {'true' if metrics else 'false'}}}",
             "sockets:",
@@ -96,32 +90,7 @@ class _Daemon:
                 f"    bind: ['tcp://127.0.0.1:{port}']",
                 f"    options: {{backlog: {BACKLOG}}}",
             ]
-        config = tmp / f"{name}.yml"
-        config.write_text("\n".join(lines) + "\n")
-        self.log = tmp / f"{name}.log"
-        with open(self.log, "wb") as log:
-            self.proc = subprocess.Popen(
-                [sys.executable, "-m", "exporter", f"--config.file={config}",
-                 f"--web.listen-address=127.0.0.1:{self.port}"],
-                cwd=ROOT, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-            )  # fmt: skip
-        if not wait_until(self._up, 30, 0.05):
-            self.close()
-            raise RuntimeError(f"daemon {name} did not serve /metrics: {self.log.read_text()}")
-
-    def _up(self) -> bool:
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"daemon exited with {self.proc.returncode}")
-        try:
-            return "zmq_listening" in self.scrape()
-        except OSError:
-            return False
-
-    def scrape(self) -> str:
-        url = f"http://127.0.0.1:{self.port}/metrics"
-        with urllib.request.urlopen(url, timeout=30) as resp:
-            body: bytes = resp.read()
-        return body.decode()
+        super().__init__(tmp, name, "\n".join(lines) + "\n", lambda text: "zmq_listening" in text)
 
     def timed_scrape(self) -> float:
         t0 = time.perf_counter()
@@ -135,27 +104,9 @@ class _Daemon:
             for v in re.findall(r"^zmq_handshake_succeeded_total\{[^}]*\} ([0-9.e+]+)$", text, re.M)
         )
 
-    def cpu(self) -> float:
-        return _stat_cpu(f"/proc/{self.proc.pid}/stat")
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-
 
 def _handshaked_all(daemon: _Daemon, n: int) -> bool:
     return daemon.handshaked() >= n
-
-
-def _stat_cpu(path: str) -> float:
-    with open(path, encoding="ascii") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _connect(port: int, count: int) -> list[socket.socket]:

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
 import statistics
 import subprocess
@@ -36,7 +35,6 @@ import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,7 +42,7 @@ from typing import Any
 
 import zmq
 
-from bench.common import BACKLOG, LoadGen, free_port, thread_cpu, wait_until
+from bench.common import BACKLOG, DaemonProcess, LoadGen, free_port, thread_cpu, wait_until
 from exporter.endpoints import EndpointMap
 from exporter.events import Event
 from exporter.relay import RelaySender
@@ -80,60 +78,16 @@ class RelayResult:
     sender: dict[str, float] = field(default_factory=dict)
 
 
-class _Daemon:
+class _Daemon(DaemonProcess):
     def __init__(self, tmp: Path) -> None:
         self.endpoint = f"ipc://{tmp}/relay.sock"
-        self.port = free_port()
-        config = tmp / "config.yml"
-        config.write_text(f"relay:\n  listen: [{self.endpoint}]\n  expire: 5m\n")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "exporter", f"--config.file={config}",
-             f"--web.listen-address=127.0.0.1:{self.port}"],
-            cwd=ROOT, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )  # fmt: skip
-        if not wait_until(self._up, 30, 0.05):
-            self.close()
-            raise RuntimeError("the daemon did not serve /metrics within 30 s")
-
-    def _up(self) -> bool:
-        try:
-            self.scrape()
-        except OSError:
-            return False
-        return True
-
-    def scrape(self) -> str:
-        url = f"http://127.0.0.1:{self.port}/metrics"
-        with urllib.request.urlopen(url, timeout=10) as resp:
-            body: bytes = resp.read()
-        return body.decode()
-
-    def cpu(self) -> float:
-        with open(f"/proc/{self.proc.pid}/stat", encoding="ascii") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-    def rss(self) -> int:
-        with open(f"/proc/{self.proc.pid}/status", encoding="ascii") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-        raise RuntimeError("no VmRSS")
+        config = f"relay:\n  listen: [{self.endpoint}]\n  expire: 5m\n"
+        super().__init__(tmp, "relay", config, scrape_timeout=10)
 
     def received(self) -> int:
         m = re.search(r"^zmq_exporter_relay_messages_received_total ([0-9.e+]+)$",
                       self.scrape(), re.M)  # fmt: skip
         return int(float(m.group(1))) if m else 0
-
-    def close(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
 
 
 def accepted(text: str) -> dict[tuple[str, str], float]:
