@@ -44,7 +44,10 @@ class AppResult:
     def ratio(self) -> float:
         # Ratio of medians: steadier than the median of per-pair ratios (an A/A run,
         # both copies plain, gave 1.004-1.008 this way and 0.96-1.05 the other).
-        return self.round_trips_per_second["monitored"] / self.round_trips_per_second["plain"]
+        # A window of 0 round trips (a stalled machine) gives 0, never a ZeroDivisionError:
+        # the bench reports, the goal shows unmet.
+        plain = self.round_trips_per_second["plain"]
+        return self.round_trips_per_second["monitored"] / plain if plain else 0.0
 
 
 class PingPong:
@@ -72,7 +75,7 @@ class PingPong:
             rep.send(rep.recv())
             req.recv()
             count += 1
-        return count / (time.monotonic() - started)
+        return count / max(time.monotonic() - started, 1e-9)
 
     def close(self) -> None:
         self.req.close()
@@ -161,7 +164,7 @@ def _run(
         plain_ctx.term()
     done = tally.completed_by_port
     return AppResult(
-        ratios=[m / p for m, p in zip(rates[0], rates[1], strict=True)],
+        ratios=[m / p if p else 0.0 for m, p in zip(rates[0], rates[1], strict=True)],
         round_trips_per_second={
             "monitored": statistics.median(rates[0]),
             "plain": statistics.median(rates[1]),

@@ -47,7 +47,8 @@ class LibraryResult:
 
     @property
     def ratio(self) -> float:
-        return self.round_trips_per_second["instrumented"] / self.round_trips_per_second["plain"]
+        plain = self.round_trips_per_second["plain"]  # 0 when the machine stalled: report
+        return self.round_trips_per_second["instrumented"] / plain if plain else 0.0
 
 
 class App:
@@ -158,7 +159,7 @@ def _run(
     daemon_cpu, daemon_events = _daemon_engine(window * window_pairs, rate, load_cpus)
     done = tally.completed_by_port
     return LibraryResult(
-        ratios=[m / p for m, p in zip(rates[0], rates[1], strict=True)],
+        ratios=[m / p if p else 0.0 for m, p in zip(rates[0], rates[1], strict=True)],
         round_trips_per_second={
             "instrumented": statistics.median(rates[0]),
             "plain": statistics.median(rates[1]),
