@@ -14,9 +14,13 @@ Connections are owned by one event-loop thread (selectors) while they are in the
 handshake, idle between requests, sending a request head or body: none of that costs a
 thread, and each has a deadline (TLS_HANDSHAKE_TIMEOUT from accept, IDLE_TIMEOUT between
 requests, HEADER_TIMEOUT from a request's first byte to the end of its head and again for
-its body). A request head over MAX_REQUEST_LINE gets 414, over MAX_HEADER_BYTES 431, a body
-over MAX_BODY_BYTES 413, conflicting Content-Length headers 400, HTTP/2 and later 505, and
-plain HTTP on a TLS listener Go's 400 answer. Only a complete request reaches a worker, in
+its body). The loop finds where a head ends and enforces the sizes: a request line over
+MAX_REQUEST_LINE gets 414, a head over MAX_HEADER_BYTES 431 (up to MAX_EMPTY_LINES empty
+lines before it are ignored and counted, more are 400), a body over MAX_BODY_BYTES 413,
+HTTP/2 and later 505, plain HTTP on a TLS listener Go's 400 answer. The head itself is
+parsed by h11 (sans-IO: it only sees complete heads, never a socket), strict where
+str.split and the email parser were lenient, plus checks for what h11 lets through: any
+malformed head is 400 and the connection closed. Only a complete request reaches a worker, in
 the lane the handler picks (its own threads and bounded queue, 503 when full), so that
 nothing queues in front of a health probe. The loop writes the response without blocking;
 a response must make progress every WRITE_TIMEOUT, and responses not yet read are bounded
@@ -34,20 +38,23 @@ import contextlib
 import email.utils
 import errno
 import http.client
-import io
 import logging
 import queue
+import re
 import selectors
 import socket
 import ssl
 import sys
 import threading
 import time
+import urllib.parse
 from collections import OrderedDict, deque
 from collections.abc import Sequence
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any, Protocol
+
+import h11
 
 log = logging.getLogger("zmq_exporter.web")
 
@@ -121,6 +128,18 @@ _TLS_WRITE_CHUNK = 16 * 1024  # an SSL write is retried with the same chunk afte
 _PAUSE_ACCEPT = 0.1  # seconds without accepting after EMFILE, so the loop does not spin
 _SERVER = f"zmq-exporter Python/{sys.version.split()[0]}"
 _KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
+MAX_EMPTY_LINES = 4  # ignored before a request line; more is refused
+MAX_HEADERS = 100  # header fields per request (as http.client); 431 beyond
+# The start of a request line (a method token, then a space or nothing yet) on a TLS
+# listener: a TLS record starts with a byte under 0x20, a request with a letter.
+_PLAIN_HTTP = re.compile(rb"[A-Z]{1,15}(?: |\Z)")
+_EMPTY_LINES = re.compile(rb"(?:\r?\n)*")
+# The version of a request line, read before h11 so that HTTP/2 and later get 505.
+_VERSION = re.compile(rb" HTTP/([0-9]{1,10})\.[0-9]{1,10}\r?$")
+# What h11 accepts in a head and we do not: control characters other than HTAB, CR, LF
+# (a bare CR is h11's to refuse), and obs-fold (a line starting with SP or HTAB).
+_CONTROL = re.compile(rb"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f]")
+_OBS_FOLD = re.compile(rb"\n[ \t]")
 
 
 @dataclass
@@ -150,7 +169,9 @@ class _Conn:
         self.tls = tls
         self.state = _HANDSHAKE if tls else _IDLE
         self.buf = bytearray()
-        self.scanned = 0  # bytes of buf already searched for the end of the head
+        # Bytes of buf already searched for the end of the head; in the TLS handshake, 1
+        # once the client's first bytes were seen not to be plain HTTP.
+        self.scanned = 0
         self.deadline = now + (TLS_HANDSHAKE_TIMEOUT if tls else IDLE_TIMEOUT)
         self.events = 0  # what the selector watches
         self.out: memoryview | None = None
@@ -404,6 +425,21 @@ class HttpServer:
 
     def _handshake(self, conn: _Conn) -> None:
         assert isinstance(conn.sock, ssl.SSLSocket)
+        if not conn.scanned:  # the client's first bytes not looked at yet
+            try:
+                first = socket.socket.recv(conn.sock, 16, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                self._watch(conn, selectors.EVENT_READ)
+                return
+            except OSError:
+                self._close(conn, graceful=False)
+                return
+            if _PLAIN_HTTP.match(first):
+                # A request line where a ClientHello (first byte 0x16) should be: answer
+                # as Go does for every method, not only the four OpenSSL recognises.
+                self._plain_http_on_tls(conn)
+                return
+            conn.scanned = 1  # reset by _idle once the handshake is done
         try:
             conn.sock.do_handshake()
         except ssl.SSLWantReadError:
@@ -416,15 +452,8 @@ class HttpServer:
             log.debug("TLS handshake failed", extra={"peer": conn.peer, "err": str(err)})
             if isinstance(err, ssl.SSLError) and err.reason == "HTTP_REQUEST":
                 # OpenSSL saw "GET ", "POST", "HEAD" or "PUT " where a ClientHello should
-                # be: answer as Go does, on the socket itself (not through TLS).
-                with contextlib.suppress(OSError):
-                    socket.socket.send(conn.sock, HTTP_TO_HTTPS)
-                    # The rest of the request is read away first: closing with unread
-                    # bytes sends a reset, which can discard the answer at the client.
-                    for _ in range(4):
-                        if not socket.socket.recv(conn.sock, _RECV_SIZE, socket.MSG_DONTWAIT):
-                            break
-                self._close(conn, graceful=True)
+                # be (a request line that arrived after the first peek).
+                self._plain_http_on_tls(conn)
                 return
             self._close(conn, graceful=False)
             return
@@ -434,6 +463,17 @@ class HttpServer:
             self._close(conn, graceful=False)
             return
         self._idle(conn, time.monotonic(), refresh=False)
+
+    def _plain_http_on_tls(self, conn: _Conn) -> None:
+        """Go's 400 answer, on the socket itself (not through TLS)."""
+        with contextlib.suppress(OSError):
+            socket.socket.send(conn.sock, HTTP_TO_HTTPS)
+            # The rest of the request is read away first: closing with unread bytes sends
+            # a reset, which can discard the answer at the client.
+            for _ in range(4):
+                if not socket.socket.recv(conn.sock, _RECV_SIZE, socket.MSG_DONTWAIT):
+                    break
+        self._close(conn, graceful=True)
 
     # -- reading requests ----------------------------------------------------------------
 
@@ -488,16 +528,16 @@ class HttpServer:
         self._watch(conn, selectors.EVENT_READ)
 
     def _parse(self, conn: _Conn) -> bool:
-        """Look for a complete request head in conn.buf; True while more bytes are needed."""
+        """Look for a complete request head in conn.buf; True while more bytes are needed.
+        Only where the head ends and the size limits are found here; the head itself is
+        parsed by h11 (`_head`)."""
         buf = conn.buf
-        # Empty lines before a request line are ignored (RFC 9112 2.2).
-        skip = 0
-        while skip < len(buf) and buf[skip] in b"\r\n":
-            skip += 1
-        if skip:
-            del buf[:skip]
-            conn.scanned = 0
-        line_end = buf.find(b"\n")
+        # A few empty lines before a request line are ignored (RFC 9112 2.2); more is a
+        # client streaming line ends, refused at once. They count against the budgets.
+        skip = _EMPTY_LINES.match(buf).end()  # type: ignore[union-attr]
+        if buf.count(b"\n", 0, skip) > MAX_EMPTY_LINES:
+            return self._refuse(conn, 400, "Bad request syntax")
+        line_end = buf.find(b"\n", skip)
         if line_end < 0:
             if len(buf) > MAX_REQUEST_LINE:
                 return self._refuse(conn, 414, "Request line too long", "too_large")
@@ -518,59 +558,67 @@ class HttpServer:
         end = min(ends)
         if end > MAX_HEADER_BYTES:
             return self._refuse(conn, 431, "Request header fields too large", "too_large")
-        head = bytes(buf[:end])
+        head = bytes(buf[skip:end])
         del buf[:end]
         conn.scanned = 0
-        return self._head(conn, head, line_end)
+        return self._head(conn, head, line_end - skip)
 
     def _head(self, conn: _Conn, head: bytes, line_end: int) -> bool:
-        """A complete head: check it as http.server would, then read the body or
-        dispatch. Returns False (the connection is no longer reading a head)."""
-        words = head[:line_end].decode("iso-8859-1").split()
-        if len(words) != 3:
-            return self._refuse(conn, 400, "Bad request syntax")
-        method, target, version = words
-        number = version[5:].split(".")
-        if (
-            not version.startswith("HTTP/")
-            or len(number) != 2
-            or not all(n.isascii() and n.isdigit() and len(n) <= 10 for n in number)
-        ):
-            return self._refuse(conn, 400, "Bad request version")
-        if int(number[0]) >= 2:
+        """A complete head: parsed by h11 (RFC 9110/9112 grammar: single spaces in the
+        request line, a visible-ASCII target, no whitespace before a colon, no bare CR,
+        one Host in HTTP/1.1, one Content-Length value, Transfer-Encoding exactly
+        `chunked`), plus what h11 lets through and a server must not: obs-fold, control
+        characters in values, Content-Length with Transfer-Encoding. Then the body is read
+        or the request dispatched. Returns False (no longer reading a head)."""
+        version = _VERSION.search(head, 0, line_end)
+        if version is not None and int(version[1]) >= 2:
             return self._refuse(conn, 505, "Invalid HTTP version")
+        if _CONTROL.search(head) or _OBS_FOLD.search(head, line_end):
+            return self._refuse(conn, 400, "Bad request syntax")
+        parser = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEADER_BYTES + 1)
+        parser.receive_data(head)
         try:
-            headers = http.client.parse_headers(io.BytesIO(head[line_end + 1 :]))
-        except http.client.HTTPException:  # over 100 header lines
-            return self._refuse(conn, 431, "Too many headers", "too_large")
-        keep_alive = (int(number[0]), int(number[1])) >= (1, 1)
-        connection = headers.get("Connection", "").lower()
-        if connection == "close":
-            keep_alive = False
-        elif connection == "keep-alive":
-            keep_alive = True
-        if target.startswith("//"):  # as http.server: not an absolute URL
-            target = "/" + target.lstrip("/")
+            event = parser.next_event()
+        except h11.RemoteProtocolError as err:  # not echoed: it quotes the client's bytes
+            log.debug("Bad request", extra={"peer": conn.peer, "err": str(err)})
+            return self._refuse(conn, 400, "Bad request syntax")
+        if not isinstance(event, h11.Request):
+            return self._refuse(conn, 400, "Bad request syntax")
+        method = event.method.decode("ascii")
         if method not in _KNOWN_METHODS:
             return self._refuse(conn, 501, f"Unsupported method ({method!r})")
-        if "chunked" in headers.get("Transfer-Encoding", "").lower():
+        fields = event.headers.raw_items()
+        if len(fields) > MAX_HEADERS:
+            return self._refuse(conn, 431, "Too many headers", "too_large")
+        headers = http.client.HTTPMessage()
+        length = 0
+        chunked = False
+        tokens: list[bytes] = []
+        for name, value in fields:
+            lower = name.lower()
+            if lower == b"content-length":
+                length = int(value)  # h11: digits only, one value
+            elif lower == b"transfer-encoding":
+                chunked = True  # h11: exactly `chunked`, once
+            elif lower == b"connection":
+                tokens += (token.strip().lower() for token in value.split(b","))
+            headers[name.decode("ascii")] = value.decode("iso-8859-1")
+        if chunked and "Content-Length" in headers:
+            # Which one frames the body is the classic smuggling ambiguity (RFC 9112 6.1).
+            return self._refuse(conn, 400, "Content-Length with Transfer-Encoding")
+        # `Connection` is a list of tokens: `close` anywhere closes.
+        http11 = event.http_version == b"1.1"
+        keep_alive = b"close" not in tokens and (http11 or b"keep-alive" in tokens)
+        target = event.target.decode("ascii")  # h11: visible ASCII only
+        if not target.startswith("/") and "://" in target:  # absolute-form (RFC 9112 3.2.2)
+            parts = urllib.parse.urlsplit(target)
+            target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+        if chunked:
             return self._refuse(conn, 411, "Content-Length required")
-        # Several Content-Length values (headers or a list) must agree (RFC 9110 8.6);
-        # otherwise where the body ends is ambiguous: request smuggling.
-        lengths = {
-            value.strip()
-            for header in headers.get_all("Content-Length") or ["0"]
-            for value in header.split(",")
-        }
-        if len(lengths) != 1:
-            return self._refuse(conn, 400, "Conflicting Content-Length")
-        length = lengths.pop() or "0"
-        if not (length.isascii() and length.isdigit()):  # int() refuses "²", isdigit not
-            return self._refuse(conn, 400, "Bad Content-Length")
-        if int(length) > MAX_BODY_BYTES:
+        if length > MAX_BODY_BYTES:
             return self._refuse(conn, 413, "Request body too large", "too_large")
         conn.request = Request(method, target, headers, keep_alive, conn.peer)
-        conn.body_left = int(length)
+        conn.body_left = length
         if not conn.body_left:
             self._dispatch(conn)
             return False
@@ -582,11 +630,7 @@ class HttpServer:
             self._dispatch(conn)
             return False
         conn.deadline = time.monotonic() + HEADER_TIMEOUT
-        if (
-            headers.get("Expect", "").lower() == "100-continue"
-            and int(number[0]) == 1
-            and int(number[1]) >= 1
-        ):
+        if http11 and headers.get("Expect", "").lower() == "100-continue":
             self._respond(conn, b"HTTP/1.1 100 Continue\r\n\r\n", then=_BODY)
         else:
             conn.state = _BODY

@@ -190,7 +190,12 @@ class WebApp:
             return 503, {"Content-Type": "text/plain"}, message.encode()
         try:
             start = time.perf_counter()
-            encoder, content_type = choose_encoder(accept or "")
+            try:
+                encoder, content_type = choose_encoder(accept or "")
+            except Exception:
+                # prometheus_client reads the client's Accept and fails on a malformed
+                # version (`version=1.s0.0`: TypeError): served in the text format.
+                encoder, content_type = choose_encoder("")
             head, series = b"", 0
             openmetrics = fast_format(encoder)
             if openmetrics is None:  # an escaping or version we do not pre-render
