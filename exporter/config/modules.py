@@ -7,14 +7,14 @@ not in errors, not in `repr`, not in /probe's debug output (`ProbeModule.describ
 
 from __future__ import annotations
 
-import fnmatch
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import zmq
 
-from exporter.config.errors import Path
+from exporter.config.errors import Path, shown
+from exporter.config.fence import Fence, address_of, parse_pattern
 from exporter.config.files import KEY_MAX_BYTES, FileProblem, read_limited
 from exporter.config.model import ModuleConfig
 
@@ -35,13 +35,30 @@ class ProbeModule:
     curve_secretkey: bytes | None = field(default=None, repr=False)  # Z85; None: per probe
     plain_username: bytes | None = None
     plain_password: bytes | None = field(default=None, repr=False)
+    # `allowed_targets` parsed (exporter.config.fence); None: no fence, every target.
+    fence: Fence | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        if self.allowed_targets is not None:
+            object.__setattr__(self, "fence", Fence.parse(self.allowed_targets))
 
     def allows(self, target: str) -> bool:
-        """Whether `target` matches one of `allowed_targets` (shell patterns, the whole
-        target string); every target when none are configured."""
-        if self.allowed_targets is None:
+        """Whether `target` as written passes `allowed_targets` (exporter.config.fence:
+        addresses by address patterns and CIDR blocks, names by name patterns, ipc paths
+        normalised and without `..`); every target when none are configured."""
+        return self.fence is None or self.fence.allows(target)
+
+    def allows_address(self, ip: str, port: int) -> bool:
+        """Whether the address a target's name resolved to may be connected to: it must
+        pass `allowed_targets` as an address literal would."""
+        if self.fence is None:
             return True
-        return any(fnmatch.fnmatchcase(target, p) for p in self.allowed_targets)
+        address = address_of(ip)
+        return address is not None and self.fence.allows_address(address, port)
+
+    def allows_path(self, path: str) -> bool:
+        """Whether a normalised ipc path (or the path a symbolic link leads to) passes."""
+        return self.fence is None or self.fence.allows_path(path)
 
     def describe(self) -> str:
         """The module as YAML-ish text for debug output; secrets only as `<set>`."""
@@ -88,6 +105,8 @@ def _resolve(name: str, m: ModuleConfig, here: Path, fail: Fail) -> ProbeModule:
     for key in plain_keys if m.mechanism != "PLAIN" else ():
         if getattr(m, key) is not None:
             fail((*here, key), f"applies only to `mechanism: PLAIN`, not {m.mechanism}")
+    if m.allowed_targets is not None:
+        _check_fence(m.allowed_targets, (*here, "allowed_targets"), fail)
     server = secret = username = password = None
     if m.mechanism == "CURVE":
         if not zmq.has("curve"):
@@ -120,6 +139,21 @@ def _resolve(name: str, m: ModuleConfig, here: Path, fail: Fail) -> ProbeModule:
         plain_username=username,
         plain_password=password,
     )
+
+
+def _check_fence(patterns: list[str], here: Path, fail: Fail) -> None:
+    for i, text in enumerate(patterns):
+        try:
+            parse_pattern(text)
+        except ValueError as err:
+            fail((*here, i), f"bad pattern {shown(text)}: {err}")
+    if Fence.parse(tuple(patterns)).names_without_addresses():
+        fail(
+            here,
+            "host-name patterns but no address pattern: a name is allowed only if the address "
+            "it resolves to is allowed too; add the addresses or CIDR blocks (e.g. "
+            "tcp://10.20.0.0/16:5555) the names resolve to",
+        )
 
 
 def _read(path: str, where: Path, fail: Fail) -> bytes:

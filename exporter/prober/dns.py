@@ -39,9 +39,18 @@ def resolve(
         infos = _lookup(target.host, family, deadline)
     finally:
         result.dns_seconds = time.monotonic() - started
-    choices = [i for i in infos if i[0] == preferred] or infos
-    if not choices:
+    if not infos:
         raise ProbeFailed("dns", f"no {module.ip_protocol} address for {target.host}")
+    # The preferred family first. The address chosen is the one connected to, and it must
+    # pass the module's allowed_targets itself: a name that matched a name pattern cannot
+    # lead past the fence by what it resolves to (DNS rebinding included).
+    ordered = [i for i in infos if i[0] == preferred] + [i for i in infos if i[0] != preferred]
+    choices = [i for i in ordered if module.allows_address(i[1][0], target.port)]
+    if not choices:
+        shown = ", ".join(sorted({i[1][0] for i in ordered}))
+        raise ProbeFailed(
+            "dns", f"{target.host} resolved to {shown}: not allowed by the module's allowed_targets"
+        )
     chosen_family, address = choices[0][0], choices[0][1][0]
     log.debug(
         "Resolved target address", host=target.host, ip=address, seconds=f"{result.dns_seconds:.6f}"

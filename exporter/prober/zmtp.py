@@ -16,9 +16,11 @@ so a libzmq socket's handshake with such a peer always ran into the deadline."""
 
 from __future__ import annotations
 
+import os
 import socket
 import time
 
+from exporter.config.fence import normal_ipc_path
 from exporter.config.modules import ProbeModule
 from exporter.prober.base import Deadline, ProbeFailed, ProbeLog, ProbeResult
 from exporter.prober.connect import connect
@@ -36,7 +38,7 @@ def probe_zmtp(target: str, module: ProbeModule, deadline: Deadline, log: ProbeL
     own = module.mechanism in OWN_MECHANISMS
     try:
         if parsed.transport == "ipc":
-            family, address = int(socket.AF_UNIX), parsed.path
+            family, address = int(socket.AF_UNIX), ipc_path(parsed.path, module, log)
         else:
             family, ip = resolve(parsed, module, deadline, log, result)
             address = (ip, parsed.port)
@@ -69,6 +71,29 @@ def probe_zmtp(target: str, module: ProbeModule, deadline: Deadline, log: ProbeL
         return result
     result.success = True
     return result
+
+
+def ipc_path(path: str, module: ProbeModule, log: ProbeLog) -> str:
+    """The path to connect to. A module with `allowed_targets` has already matched the
+    normalised path (no `..`) without touching the filesystem; here, with the target
+    allowed, symbolic links are followed (os.path.realpath) and the path they lead to must
+    pass the fence too, and is the one connected to. What remains unchecked: a link or
+    directory swapped between this check and connect() by someone who can write to an
+    allowed directory (allowed directories must be writable by trusted users only)."""
+    normal = normal_ipc_path(path)
+    if module.fence is None or normal is None or normal.startswith("@"):
+        return path if normal is None else normal
+    real = os.path.realpath(normal)
+    if real != os.path.abspath(normal):
+        if not module.allows_path(real):
+            # The link's destination is not shown: it lies outside the fence.
+            raise ProbeFailed(
+                "connect_refused",
+                "the path leads through a symbolic link outside the module's allowed_targets",
+            )
+        log.debug("Followed symbolic links", path=real)
+        return real
+    return normal
 
 
 PROBERS = {"zmtp": probe_zmtp}
