@@ -118,3 +118,20 @@ def test_yaml_null_is_the_null_mechanism() -> None:
     for spelling in ("NULL", "null", "~", "'NULL'"):
         modules = load(f"modules: {{m: {{mechanism: {spelling}}}}}")
         assert modules["m"].mechanism == "NULL"
+
+
+def test_allowed_targets_cidr_and_ipv6_from_yaml() -> None:
+    modules = load(
+        "modules:\n  m:\n    allowed_targets:\n"
+        '      - "tcp://10.20.0.0/16:5555"\n'
+        '      - "tcp://[fd00:20::/32]:*"\n'
+        '      - "tcp://*.orders.internal:5555"\n'
+    )
+    m = modules["m"]
+    assert m.allows("tcp://10.20.3.4:5555") and not m.allows("tcp://10.21.3.4:5555")
+    assert m.allows("tcp://[fd00:20::7]:1") and not m.allows("tcp://[fd00:21::7]:1")
+    assert m.allows("tcp://db.orders.internal:5555")
+    assert m.allows_address("10.20.9.9", 5555) and not m.allows_address("127.0.0.1", 5555)
+    assert not m.allows("tcp://10.20.0.1.evil.test:5555")
+    message = error('modules: {m: {allowed_targets: ["tcp://[10.0.0.0/8]:1"]}}')
+    assert "modules.m.allowed_targets[0]" in message and "takes no brackets" in message

@@ -16,6 +16,7 @@ peers on loopback and real ipc sockets:
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import socket
 import tempfile
@@ -24,7 +25,10 @@ from pathlib import Path
 
 import pytest
 import zmq
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from exporter.config.fence import parse_pattern
 from exporter.config.modules import ProbeModule
 from exporter.endpoints import shown
 from exporter.prober import Prober
@@ -227,3 +231,62 @@ def test_pattern_matching_table() -> None:
     assert {t: module.allows(t) for t in allowed} == allowed
     assert module.allows_address("10.30.1.2", 7) and not module.allows_address("10.40.1.2", 7)
     assert module.allows_address("fd00::1", 5501) and not module.allows_address("fd00::1", 22)
+
+
+PATTERN_TEXT = st.one_of(
+    st.text(max_size=40),
+    st.builds(
+        lambda transport, body: f"{transport}://{body}",
+        st.sampled_from(["tcp", "ipc"]),
+        st.text(alphabet="0123456789abcdef.:/[]*?!-@x", max_size=30),
+    ),
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(patterns=st.lists(PATTERN_TEXT, min_size=1, max_size=3), target=PATTERN_TEXT)
+def test_any_text_is_a_clear_error_or_a_fence_that_never_raises(
+    patterns: list[str], target: str
+) -> None:
+    try:
+        for text in patterns:
+            parse_pattern(text)
+    except ValueError:
+        return  # the config names the entry and says why
+    module = ProbeModule("m", allowed_targets=tuple(patterns))
+    assert module.allows(target) in (True, False)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    network=st.one_of(
+        st.builds(
+            lambda a, n: ipaddress.ip_network(f"{a}/{n}", strict=False),
+            st.ip_addresses(v=4),
+            st.integers(0, 32),
+        ),
+        st.builds(
+            lambda a, n: ipaddress.ip_network(f"{a}/{n}", strict=False),
+            st.ip_addresses(v=6),
+            st.integers(0, 128),
+        ),
+    ),
+    address=st.ip_addresses(),
+    name_suffix=st.sampled_from(["", ".evil.test", ".0"]),
+)
+def test_cidr_blocks_admit_exactly_their_addresses(
+    network: ipaddress.IPv4Network | ipaddress.IPv6Network,
+    address: ipaddress.IPv4Address | ipaddress.IPv6Address,
+    name_suffix: str,
+) -> None:
+    host = f"[{network}]" if network.version == 6 else str(network)
+    module = ProbeModule("m", allowed_targets=(f"tcp://{host}:5555",))
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+        return  # checked as the IPv4 address it reaches (test_cidr_blocks_ipv4_and_ipv6)
+    shown_host = f"[{address}]" if address.version == 6 else str(address)
+    inside = address in network if address.version == network.version else False
+    assert module.allows(f"tcp://{shown_host}:5555") is inside
+    assert module.allows_address(str(address), 5555) is inside
+    assert not module.allows(f"tcp://{shown_host}:5556")
+    if address.version == 4 and name_suffix:
+        assert not module.allows(f"tcp://{address}{name_suffix}:5555")
