@@ -167,6 +167,38 @@ def endpoint(name: str, **kw: object) -> EndpointSnapshot:
     return EndpointSnapshot(**fields)  # type: ignore[arg-type]
 
 
+def relayed(process: str, name: str, accepted: int) -> SocketSnapshot:
+    """A socket as the relay hands it to the renderers: `process` among its labels."""
+    ep = endpoint(BIND, role="bind", counts={Event.ACCEPTED: accepted}, listening=True)
+    return SocketSnapshot(name, "ROUTER", {"process": process}, (ep,), {}, 0)
+
+
+def test_same_named_sockets_of_many_processes_stay_cached() -> None:
+    """Relayed sockets share names across processes (every process has its `s0`): the
+    cache holds each (process, socket) on its own, so a scrape where nothing changed
+    renders nothing again, and a changed socket renders only itself. Keyed by name, each
+    socket evicted its namesakes: every scrape rendered every socket again."""
+    processes, names = 50, 20
+    sockets = [relayed(f"proc-{p}", f"s{n}", p + n) for p in range(processes) for n in range(names)]
+    # A daemon-owned socket of the same name as relayed ones.
+    sockets.append(SocketSnapshot("s0", "ROUTER", {}, (endpoint(BIND, role="bind"),), {}, 0))
+    renderer = SocketText()
+    text = renderer.render(sockets)
+    assert renderer.built == len(sockets)
+    for _ in range(3):
+        assert renderer.render(sockets) == text
+    assert renderer.built == len(sockets), "unchanged same-named sockets were rendered again"
+
+    # One relayed socket's new state: it alone is rendered; the bytes match the encoders'.
+    sockets[7] = relayed("proc-0", "s7", 1000)
+    assert_identical(renderer, tuple(sockets))
+    assert renderer.built == len(sockets) + 1
+    # A process gone: its sockets leave the cache; the rest stay cached.
+    rest = tuple(s for s in sockets if s.labels.get("process") != "proc-3")
+    assert_identical(renderer, rest)
+    assert renderer.built == len(sockets) + 1
+
+
 def test_values_formatted_like_prometheus_client() -> None:
     values: list[float] = [0, 1, 7, 999_999, 1_000_000, 1_234_567, 10**15, 10**16, 2**53 + 1]
     values += [-1, -(10**15) + 1, -(10**15), 0.0, -0.0, 0.1, 1e-7, 1.5, 123456.789]

@@ -151,19 +151,32 @@ def _extra_items(extra: Labels) -> tuple[tuple[str, str], ...]:
 
 # One socket's rendered lines: (the snapshot they render, lines per family, series).
 _Entry = tuple[SocketSnapshot, tuple[bytes, ...], int]
+_Identity = tuple[str, str | None]
+
+
+def identity(sock: SocketSnapshot) -> _Identity:
+    """What tells one socket from another in one scrape: its name, and for a relayed
+    socket its `process` label (same-named sockets of many processes are the relay's
+    normal case)."""
+    return sock.name, sock.labels.get("process")
 
 
 class SocketText:
     """Renders the socket families (`render_sockets`) as exposition text, keeping each
     socket's lines for as long as its `SocketSnapshot` object is handed in again.
 
+    Lines are kept per snapshot object (by `id`: the entry holds its snapshot, so no other
+    object can have that id while the entry lives), label strings per socket identity
+    (`identity`: name and `process`), never per name alone: relayed sockets of different
+    processes share names, and keyed by name they evicted each other on every scrape.
+
     Thread-safe (one render at a time). Sockets not in the last render leave the caches.
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._lines: dict[str, _Entry] = {}
-        self._labels: dict[str, _SocketLabels] = {}
+        self._lines: dict[int, _Entry] = {}
+        self._labels: dict[_Identity, _SocketLabels] = {}
         self.built = 0  # sockets (re)rendered, for tests and benchmarks
 
     def render(self, sockets: Sequence[SocketSnapshot], openmetrics: bool = False) -> bytes:
@@ -176,19 +189,21 @@ class SocketText:
         """`render`, and the number of series (samples) written."""
         with self._lock:
             old = self._lines
-            lines: dict[str, _Entry] = {}
+            lines: dict[int, _Entry] = {}
             entries: list[tuple[bytes, ...]] = []
             series = 0
             for sock in sockets:
-                entry = old.get(sock.name)
-                if entry is None or entry[0] is not sock:
+                key = id(sock)
+                entry = old.get(key)
+                if entry is None:
                     entry = self._build(sock)
-                lines[sock.name] = entry
+                lines[key] = entry
                 entries.append(entry[1])
                 series += entry[2]
             self._lines = lines
             if len(self._labels) > len(lines):
-                self._labels = {k: v for k, v in self._labels.items() if k in lines}
+                live = {identity(sock) for sock in sockets}
+                self._labels = {k: v for k, v in self._labels.items() if k in live}
         parts: list[bytes] = []
         for header, getter in zip(_HEADERS[openmetrics], _GETTERS, strict=True):
             parts.append(header)
@@ -197,9 +212,10 @@ class SocketText:
 
     def _build(self, sock: SocketSnapshot) -> _Entry:
         self.built += 1
-        labels = self._labels.get(sock.name)
+        key = identity(sock)
+        labels = self._labels.get(key)
         if labels is None or labels.labels != sock.labels:
-            labels = self._labels[sock.name] = _SocketLabels(sock)
+            labels = self._labels[key] = _SocketLabels(sock)
         plain, extras = labels.plain, labels.extras
         names = _SAMPLE_NAMES
         lines = [b""] * _FAMILIES
