@@ -639,7 +639,15 @@ HTTP_REJECTED = _self(
     "web",
     "HTTP requests refused before being served, by reason.",
     labels=("reason",),
-    values=("unauthorized", "too_many_scrapes", "too_many_connections", "too_large"),
+    values=(
+        "unauthorized",  # 401: no, wrong or unknown credentials
+        "rate_limit",  # 429: the web config's rate_limit
+        "auth_rate",  # 429: this address has no password check left (webauth.AddressThrottle)
+        "auth_busy",  # 503: no bcrypt slot in time, or the password-check lane is full
+        "too_many_scrapes",
+        "too_many_connections",
+        "too_large",
+    ),
 )
 OTLP_EXPORTS = _self(
     "zmq_exporter_otlp_exports_total",
@@ -971,6 +979,10 @@ RELAY_MESSAGES_REJECTED = _self(
         "max_processes",
         "max_sockets",
         "handshake",
+        "identity",
+        "backwards",
+        "max_series",
+        "unauthorized",
     ),
 )
 RELAY_STATE_AGE = _self(

@@ -58,6 +58,11 @@ log = logging.getLogger("zmq_exporter.web")
 
 REJECT_REASONS = metrics.HTTP_REJECTED.values
 DEFAULT_MAX_REQUESTS = 8  # --web.max-requests
+# Requests whose credentials need a bcrypt check (not cached): their own lane, so that
+# password guesses never hold the workers of health probes or scrapes; one hashes at a
+# time (webauth.HashGate), the backlog beyond is answered 503 (auth_busy) at once.
+AUTH_WORKERS = 2
+AUTH_BACKLOG = 32
 # Prober.handle_probe (exporter/prober/handler.py): query, headers -> status, headers, body.
 ProbeHandler = Callable[[dict[str, list[str]], http.client.HTTPMessage], Response]
 
@@ -241,6 +246,7 @@ class WebHandler:
             LaneSpec("probe", PROBE_WORKERS, 32, "too_many_connections"),
             LaneSpec("scrape", scrape_workers, 16, "too_many_scrapes"),
             LaneSpec("reload", 1, 32, "too_many_connections"),
+            LaneSpec("auth", AUTH_WORKERS, AUTH_BACKLOG, "auth_busy"),
         ]
         if app.probe is not None:
             # /probe (issue 17): a probe may wait out its whole timeout, so probes have
@@ -251,6 +257,12 @@ class WebHandler:
 
     def lane_for(self, request: Request) -> str:
         path = request.path
+        # Credentials that need bcrypt (checked on the event loop against the config in
+        # use, without reading the file: a cache lookup, microseconds).
+        auth = self.web_config.peek().auth if self.web_config else None
+        header = request.headers.get("Authorization")
+        if auth is not None and header is not None and not auth.cached(header):
+            return "auth"
         if request.method == "POST" and path == "/-/reload":
             return "reload"
         if path == "/probe" and self.app.probe is not None:
@@ -278,16 +290,28 @@ class WebHandler:
     def _answer(self, request: Request, config: WebConfig | None) -> Response:
         app = self.app
         plain = _PLAIN
-        # rate_limit (webauth.RateLimiter), except for health probes: a liveness probe
-        # answered 429 would get a healthy exporter restarted.
+        # rate_limit (webauth.RateLimiter) for every request, except health probes that
+        # need no password check (no credentials, or cached ones): a liveness probe
+        # answered 429 would get a healthy exporter restarted, but a password guess sent
+        # to a probe path is a guess like any other.
         limiter = config.rate_limiter if config is not None else None
-        probe = request.path in ("/-/healthy", "/-/ready")
-        if limiter is not None and not probe and not limiter.allow():
-            return 429, plain, b"Too Many Requests\n"
         auth = config.auth if config is not None else None
-        verdict = auth.verify(request.headers.get("Authorization")) if auth else AuthResult.OK
+        header = request.headers.get("Authorization")
+        exempt = request.path in ("/-/healthy", "/-/ready") and (
+            header is None or auth is None or auth.cached(header)
+        )
+        if limiter is not None and not exempt and not limiter.allow():
+            app.stats.reject("rate_limit")
+            return 429, plain, b"Too Many Requests\n"
+        peer = request.peer
+        client = str(peer[0]) if isinstance(peer, tuple) and peer else str(peer)
+        verdict = auth.verify(header, client) if auth else AuthResult.OK
         if verdict is AuthResult.BUSY:  # no bcrypt slot free in time (webauth.HashGate)
+            app.stats.reject("auth_busy")
             return 503, {**plain, "Retry-After": "1"}, b"Too many password checks at once\n"
+        if verdict is AuthResult.THROTTLED:  # this address guessed too much (AddressThrottle)
+            app.stats.reject("auth_rate")
+            return 429, {**plain, "Retry-After": "1"}, b"Too many password checks\n"
         if verdict is not AuthResult.OK:
             app.stats.reject("unauthorized")
             return (

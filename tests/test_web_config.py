@@ -406,8 +406,13 @@ def test_users_and_headers_change_without_restart(
         assert len(errors) == 1, [r.getMessage() for r in errors]
         assert "not a bcrypt hash" in str(getattr(errors[0], "err", ""))
         assert "not-a-hash" not in str(getattr(errors[0], "err", ""))
-        # Fixed: applied at the next request.
-        write_atomic(file, f"basic_auth_users:\n  carol: {hashed('four')}\n")
+        # Fixed: applied at the next request (the header stays: dropping it would lower
+        # protection, which waits for the file to hold still; tests/test_web_auth_attack.py).
+        write_atomic(
+            file,
+            f"basic_auth_users:\n  carol: {hashed('four')}\n"
+            "http_server_config:\n  headers: {X-Frame-Options: deny}\n",
+        )
         assert get(server.port, auth("carol", "four"))[0] == 200
         assert get(server.port, auth("alice", "two"))[0] == 401
 

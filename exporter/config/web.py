@@ -361,6 +361,9 @@ class WebSettings:
     headers: dict[str, str] = field(default_factory=dict)  # added to every response
     http2: bool = True  # accepted for the format's sake: HTTP/1.1 is served either way
     rate_limit: RateLimit | None = None  # None: no limit
+    # Nothing in the file (empty, blank or comments only): what a file being rewritten
+    # looks like once truncated, so it never removes protection at run time (webconfig).
+    empty: bool = field(default=False, compare=False)
 
     @property
     def files(self) -> tuple[str, ...]:
@@ -389,7 +392,7 @@ def load_web_settings(file: str) -> WebSettings:
 def parse_web_settings(text: str, file: str) -> WebSettings:
     data, lines = load_with_lines(text, file)
     if data is None:
-        return WebSettings(file, lines=lines)  # an empty file: plain HTTP, no auth
+        return WebSettings(file, lines=lines, empty=True)  # plain HTTP, no auth
     if not isinstance(data, dict):
         raise ConfigError(
             file,
