@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import http.client
+import socket
 import statistics
 import threading
 import time
@@ -73,28 +74,56 @@ def users_file(tmp_path: Path, extra: str = "", cost: int = 10) -> Path:
     return file
 
 
+class Connection(http.client.HTTPConnection):
+    """A client from `source` (any 127.0.0.0/8 address is loopback on Linux); the port is
+    chosen at connect time (IP_BIND_ADDRESS_NO_PORT), so thousands of connections from
+    one address do not run out of ports that a plain bind() would take."""
+
+    def __init__(self, port: int, source: str = "127.0.0.1") -> None:
+        super().__init__("127.0.0.1", port, timeout=10)
+        self.source = source
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(self.timeout)
+            sock.setsockopt(socket.IPPROTO_IP, socket.IP_BIND_ADDRESS_NO_PORT, 1)
+            sock.bind((self.source, 0))
+            sock.connect((self.host, self.port))
+        except OSError:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+def ask(conn: http.client.HTTPConnection, path: str, headers: dict[str, str], method: str) -> int:
+    conn.request(method, path, headers=headers)
+    response = conn.getresponse()
+    response.read()
+    if response.will_close:
+        conn.close()
+    return response.status
+
+
 def request(
     port: int,
     path: str = "/-/healthy",
     headers: dict[str, str] | None = None,
-    source: str = "127.0.0.1",
     method: str = "GET",
 ) -> int:
-    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10, source_address=(source, 0))
+    conn = Connection(port)
     try:
-        conn.request(method, path, headers=headers or {})
-        response = conn.getresponse()
-        response.read()
-        return response.status
+        return ask(conn, path, headers or {}, method)
     finally:
         conn.close()
 
 
 class Guessers:
-    """`count` clients, each sending wrong passwords to /-/healthy in a bounded loop (at
-    most `tries` requests, until stopped), from `sources` (one address each, cycled)."""
+    """`count` clients, each sending wrong passwords to /-/healthy over a kept-alive
+    connection (opened again when the server closes it) in a bounded loop (at most
+    `tries` requests, until stopped), from `sources` (one address each, cycled)."""
 
-    def __init__(self, port: int, count: int, sources: list[str], tries: int = 400) -> None:
+    def __init__(self, port: int, count: int, sources: list[str], tries: int = 300) -> None:
         self.statuses: Counter[int | str] = Counter()
         self.lock = threading.Lock()
         self.stop = threading.Event()
@@ -106,17 +135,21 @@ class Guessers:
         ]
 
     def _run(self, port: int, index: int, source: str, tries: int) -> None:
-        for attempt in range(tries):
-            if self.stop.is_set():
-                return
-            try:
-                status: int | str = request(
-                    port, headers=basic("prom", f"guess-{index}-{attempt}"), source=source
-                )
-            except (OSError, http.client.HTTPException) as err:
-                status = type(err).__name__
-            with self.lock:
-                self.statuses[status] += 1
+        conn = Connection(port, source)
+        try:
+            for attempt in range(tries):
+                if self.stop.is_set():
+                    return
+                guess = basic("prom", f"guess-{index}-{attempt}")
+                try:
+                    status: int | str = ask(conn, "/-/healthy", guess, "GET")
+                except (OSError, http.client.HTTPException) as err:
+                    status = type(err).__name__
+                    conn.close()
+                with self.lock:
+                    self.statuses[status] += 1
+        finally:
+            conn.close()
 
     def total(self) -> int:
         with self.lock:
