@@ -26,6 +26,7 @@ import os
 import re
 import secrets
 import socket as _socket
+import struct
 import threading
 import time
 from collections.abc import Callable, Iterator, Mapping
@@ -38,6 +39,7 @@ from prometheus_client.registry import Collector
 
 from exporter import __version__, metrics
 from exporter.events import MONITOR_HEAD, ZAP_STATUS, ZMTP_ERRORS, Event
+from exporter.render.rows import socket_rows
 from exporter.state import EndpointSnapshot, SocketSnapshot
 
 log = logging.getLogger("zmq_exporter.relay")
@@ -71,6 +73,12 @@ MAX_LABELS = 16
 MAX_ENDPOINTS = 64  # per socket
 MAX_COUNTER_KEYS = 64  # entries of one counts/errno/handshake/unknown map
 MAX_COUNT = 2**53  # JSON numbers are exact integers up to here in every language
+# Unix time of 9999-12-31T23:59:59Z: beyond it time.gmtime/strftime (the status page) fail.
+MAX_TIME = 253_402_300_799.0
+# Text the renderers cannot write or a reader would misread: lone surrogates (not Unicode
+# scalar values: UTF-8 encoding fails, every /metrics and status page render with it) and
+# C0/C1 control characters (newlines, NUL, escapes in a log or a terminal).
+_BAD_TEXT = re.compile("[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 
 
 class RejectedMessage(ValueError):
@@ -84,6 +92,10 @@ class RelayLimits:
     max_processes: int = 1000
     max_sockets_per_process: int = 1000
     max_message_bytes: int = 256 * 1024
+    # Relayed series in all (the daemon: limits.max_series less its config's estimate) and
+    # per process (its share: one sender cannot take the others' room).
+    max_series: int = 200_000
+    max_series_per_process: int = 20_000
 
 
 @dataclass(frozen=True)
@@ -149,6 +161,12 @@ def _text(obj: Mapping[str, Any], key: str, *, empty: bool = False) -> str:
     value = obj.get(key)
     if not isinstance(value, str) or len(value) > MAX_TEXT or (not value and not empty):
         raise RejectedMessage("invalid", f"{key}: expected a string of 1..{MAX_TEXT} chars")
+    return _clean(value, key)
+
+
+def _clean(value: str, what: str) -> str:
+    if _BAD_TEXT.search(value):
+        raise RejectedMessage("invalid", f"{what}: a surrogate or control character")
     return value
 
 
@@ -181,6 +199,7 @@ def _decode_labels(value: Any) -> dict[str, str]:
             raise RejectedMessage("invalid", "labels: invalid label name")
         if not isinstance(val, str) or len(val) > MAX_TEXT:
             raise RejectedMessage("invalid", "labels: values are strings")
+        _clean(val, "labels")
         # A sender never overrides the daemon's own labels: such labels are dropped.
         if key not in metrics.RESERVED_LABELS and key != "process":
             out[key] = val
@@ -218,8 +237,12 @@ def _decode_endpoint(obj: Any) -> EndpointSnapshot:
         failures[(reason, error)] = _count(item.get("count"), "handshake_failures")
     last = obj.get("last_event")
     last_time = obj.get("last_event_time", 0.0)
-    if type(last_time) not in (int, float) or not math.isfinite(last_time) or last_time < 0:
-        raise RejectedMessage("invalid", "last_event_time: expected a number >= 0")
+    if (
+        type(last_time) not in (int, float)
+        or not math.isfinite(last_time)
+        or not 0 <= last_time <= MAX_TIME
+    ):
+        raise RejectedMessage("invalid", "last_event_time: expected a Unix time to year 9999")
     flags = {k: obj.get(k, False) for k in ("listening", "ready")}
     if any(type(v) is not bool for v in flags.values()):
         raise RejectedMessage("invalid", "listening/ready: expected booleans")
@@ -447,16 +470,82 @@ class RelaySender:
 # Daemon side.
 
 
+@dataclass(frozen=True)
+class Peer:
+    """Who a sender connection is: its ROUTER routing id (unique while the ROUTER lives),
+    and what the kernel or the handshake says of the peer. On ipc, SO_PEERCRED of the
+    connection's fd (pid, uid); on CURVE, the client's public key (Z85, the ZAP user id)."""
+
+    conn: bytes
+    pid: int | None = None
+    uid: int | None = None
+    key: str | None = None
+
+
+@dataclass
+class _Conn:
+    peer: Peer
+    fd: int
+    last_seen: float  # monotonic
+
+
 @dataclass
 class _Process:
     instance: str
     heartbeat: float
     last_seen: float  # monotonic
-    fd: int | None = None  # the connection its last message came on
+    owner: Peer  # the connection that holds this process id, and its credentials
     # name -> (seq of the state shown, state as received, as rendered)
     sockets: dict[str, tuple[int, SocketSnapshot]] = field(default_factory=dict)
     down_since: float | None = None  # monotonic: its connection ended / it went silent
     rendered: dict[str, SocketSnapshot] = field(default_factory=dict)
+    series: dict[str, int] = field(default_factory=dict)  # name -> series it renders
+    total_series: int = 0
+
+
+def may_claim(proc: _Process, peer: Peer) -> bool:
+    """Whether `peer` may send as `proc`'s process id (docs/relay.md, "Identity").
+
+    The connection that holds it always may. While that connection lives (no DISCONNECTED
+    seen, no bye, not silent for 3 heartbeats), only the same peer on a new connection
+    may: the same pid and uid on ipc, the same CURVE key. Once it ended, a peer with the
+    same credentials (uid on ipc, CURVE key; none on plain tcp) takes over at once; other
+    credentials wait until the process expires (`relay.expire`)."""
+    owner = proc.owner
+    if peer.conn == owner.conn:
+        return True
+    if proc.down_since is None:
+        same_pid = peer.pid is not None and (peer.pid, peer.uid) == (owner.pid, owner.uid)
+        return same_pid or (peer.key is not None and peer.key == owner.key)
+    return (peer.uid, peer.key) == (owner.uid, owner.key)
+
+
+def goes_backwards(old: SocketSnapshot, new: SocketSnapshot) -> bool:
+    """Whether a cumulative count of `old` is above the same count in `new` (an endpoint
+    both have; a count `new` lacks is 0): a counter going back without a restart."""
+    for event_id, n in old.unknown_events.items():
+        if new.unknown_events.get(event_id, 0) < n:
+            return True
+    by_name = {ep.endpoint: ep for ep in new.endpoints}
+    for ep in old.endpoints:
+        now = by_name.get(ep.endpoint)
+        if now is None:
+            continue
+        pairs: tuple[tuple[Mapping[Any, int], Mapping[Any, int]], ...] = (
+            (ep.counts, now.counts),
+            (ep.errno_counts, now.errno_counts),
+            (ep.handshake_failures, now.handshake_failures),
+        )
+        for held, current in pairs:
+            for key, n in held.items():
+                if current.get(key, 0) < n:
+                    return True
+    return False
+
+
+def series_of(sock: SocketSnapshot) -> int:
+    """The series a relayed socket renders (its rows in every output)."""
+    return sum(1 for _ in socket_rows(sock))
 
 
 @dataclass
@@ -485,6 +574,11 @@ class RelayServer:
         self._curve = curve_secret_key
         self._lock = threading.Lock()
         self._processes: dict[str, _Process] = {}  # guarded by _lock
+        self._series = 0  # relayed series held, all processes; guarded by _lock
+        # Live sender connections by routing id, and by fd for the monitor's DISCONNECTED
+        # (reader thread only).
+        self._conns: dict[bytes, _Conn] = {}
+        self._conn_by_fd: dict[int, bytes] = {}
         self.stats = RelayStats()  # guarded by _lock
         self._stop = threading.Event()
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context(1)
@@ -560,10 +654,18 @@ class RelayServer:
                 with self._lock:
                     self.stats.rejected["handshake"] += 1
             elif event == Event.DISCONNECTED:
+                # The connection on this fd ended: the processes it holds are down (and
+                # may be taken over). Should this DISCONNECTED be that of an older
+                # connection on a reused fd, the newer one's next message makes it live
+                # again (a heartbeat at most later).
+                conn = self._conn_by_fd.pop(value, None)
+                if conn is None:
+                    continue
+                self._conns.pop(conn, None)
                 now = time.monotonic()
                 with self._lock:
                     for proc in self._processes.values():
-                        if proc.fd == value and proc.down_since is None:
+                        if proc.owner.conn == conn and proc.down_since is None:
                             self._down(proc, now)
 
     def _read_messages(self) -> None:
@@ -577,6 +679,7 @@ class RelayServer:
                 self._reject("malformed")
                 continue
             frame = frames[1]
+            peer = self._peer(frames[0].bytes, frame, now)
             try:
                 msg = decode(frame.bytes, self.limits)
             except RejectedMessage as err:
@@ -586,24 +689,58 @@ class RelayServer:
                 log.exception("relay: cannot decode a message; counted as invalid")
                 self._reject("invalid")
                 continue
-            self._apply(msg, int(frame.get(zmq.SRCFD)), now)
+            reason = self.apply(msg, peer, now)
+            if reason is not None:
+                self._reject(reason)
+
+    def _peer(self, conn: bytes, frame: zmq.Frame, now: float) -> Peer:
+        """The sender connection `conn` (a routing id), registered at its first message."""
+        known = self._conns.get(conn)
+        if known is not None:
+            known.last_seen = now
+            return known.peer
+        fd = int(frame.get(zmq.SRCFD))
+        key = None
+        if self._curve is not None:
+            with contextlib.suppress(zmq.ZMQError):
+                key = str(frame.get("User-Id")) or None  # the ZAP handler's user id: the key
+        pid, uid = _peer_cred(fd)
+        peer = Peer(conn, pid, uid, key)
+        if len(self._conns) >= 16_384:  # bounded: forget the longest silent
+            oldest = min(self._conns, key=lambda c: self._conns[c].last_seen)
+            self._conn_by_fd.pop(self._conns.pop(oldest).fd, None)
+        self._conns[conn] = _Conn(peer, fd, now)
+        self._conn_by_fd[fd] = conn
+        return peer
 
     def _reject(self, reason: str) -> None:
         with self._lock:
             self.stats.rejected[reason] += 1
 
-    def _apply(self, msg: Message, fd: int, now: float) -> None:
+    def apply(self, msg: Message, peer: Peer, now: float) -> str | None:
+        """Applies one decoded message from `peer`; the reason it was refused, or None."""
         with self._lock:
             proc = self._processes.get(msg.process)
+            if proc is not None and not may_claim(proc, peer):
+                return "identity"
             if proc is None or proc.instance != msg.instance:
                 if proc is None and len(self._processes) >= self.limits.max_processes:
-                    self.stats.rejected["max_processes"] += 1
-                    return
+                    return "max_processes"
                 # A new process, or a restarted one (new instance): it starts afresh.
-                proc = self._processes[msg.process] = _Process(msg.instance, msg.heartbeat, now)
+                if proc is not None:
+                    self._series -= proc.total_series
+                proc = self._processes[msg.process] = _Process(
+                    msg.instance, msg.heartbeat, now, peer
+                )
+            refused, series = "", 0
+            if msg.type == "state":
+                assert msg.socket is not None
+                refused, series = self._check_state(proc, msg.seq, msg.socket)
+                if refused not in ("", "old"):
+                    return refused
             self.stats.received += 1
             proc.last_seen = now
-            proc.fd = fd
+            proc.owner = peer
             if msg.type in ("hello", "heartbeat"):  # others carry no interval
                 proc.heartbeat = msg.heartbeat
             if proc.down_since is not None:
@@ -614,18 +751,42 @@ class RelayServer:
             elif msg.type == "gone":
                 proc.sockets.pop(msg.name, None)
                 proc.rendered.pop(msg.name, None)
-            elif msg.type == "state":
+                self._count_series(proc, msg.name, 0)
+            elif msg.type == "state" and not refused:
                 sock = msg.socket
                 assert sock is not None
-                held = proc.sockets.get(sock.name)
-                if held is None and len(proc.sockets) >= self.limits.max_sockets_per_process:
-                    self.stats.received -= 1
-                    self.stats.rejected["max_sockets"] += 1
-                    return
-                if held is not None and held[0] >= msg.seq:
-                    return  # an older state overtaken by a newer one: only the latest counts
                 proc.sockets[sock.name] = (msg.seq, sock)
                 proc.rendered.pop(sock.name, None)
+                self._count_series(proc, sock.name, series)
+            return None
+
+    def _check_state(self, proc: _Process, seq: int, sock: SocketSnapshot) -> tuple[str, int]:
+        """With the lock: why a state is not taken ("old": overtaken by a newer one, taken
+        as received but not shown), or "" to take it; and the series it renders. A state
+        is taken whole or not at all."""
+        held = proc.sockets.get(sock.name)
+        if held is None and len(proc.sockets) >= self.limits.max_sockets_per_process:
+            return "max_sockets", 0
+        if held is not None:
+            if held[0] >= seq:
+                return "old", 0  # only the latest state counts
+            if goes_backwards(held[1], sock):
+                return "backwards", 0
+        series = series_of(sock)
+        grow = series - proc.series.get(sock.name, 0)
+        if grow > 0 and (
+            proc.total_series + grow > self.limits.max_series_per_process
+            or self._series + grow > self.limits.max_series
+        ):
+            return "max_series", 0
+        return "", series
+
+    def _count_series(self, proc: _Process, name: str, series: int) -> None:
+        old = proc.series.pop(name, 0)
+        if series:
+            proc.series[name] = series
+        proc.total_series += series - old
+        self._series += series - old
 
     def _down(self, proc: _Process, now: float) -> None:
         """With the lock: a dead process holds no connections; its gauges show 0."""
@@ -639,6 +800,7 @@ class RelayServer:
                     self._down(proc, now)  # silent past its heartbeat
                 if proc.down_since is not None and now - proc.down_since >= self.expire:
                     del self._processes[name]
+                    self._series -= proc.total_series
 
     # -- any thread -----------------------------------------------------------------------
 
@@ -665,6 +827,26 @@ class RelayServer:
     def collector(self) -> Collector:
         return _RelayCollector(self)
 
+
+def _peer_cred(fd: int) -> tuple[int | None, int | None]:
+    """(pid, uid) of the peer of a unix socket fd (SO_PEERCRED), (None, None) for tcp or
+    when it cannot be read. The fd is libzmq's: it is duplicated, never closed."""
+    try:
+        dup = os.dup(fd)
+    except OSError:
+        return None, None
+    try:
+        with _socket.socket(fileno=dup) as sock:
+            if sock.family != _socket.AF_UNIX:
+                return None, None
+            raw = sock.getsockopt(_socket.SOL_SOCKET, _socket.SO_PEERCRED, _CRED.size)
+    except OSError:
+        return None, None
+    pid, uid, _gid = _CRED.unpack(raw)
+    return pid, uid
+
+
+_CRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 
 _HANDSHAKE_FAILED = (
     int(Event.HANDSHAKE_FAILED_NO_DETAIL)

@@ -24,6 +24,7 @@ from exporter.endpoints import EndpointMap
 from exporter.events import Event
 from exporter.relay import (
     REJECT_REASONS,
+    Peer,
     RejectedMessage,
     RelayLimits,
     RelaySender,
@@ -148,8 +149,17 @@ def test_unbounded_label_values_are_refused() -> None:
         decode(encode("state", "p", "i", 1, socket=body), LIMITS)
 
 
+# Any text, lone surrogates and control characters included; any number, huge and
+# non-finite ones included (Python's json writes and reads NaN and Infinity).
+_any_text = st.text(st.characters(codec=None, exclude_categories=()), max_size=20)
 _json = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=20),
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats()
+    | st.sampled_from([2**53, 2**53 + 1, 2**64, 1e308, -1e308, "\ud800", "a\x00"])
+    | _any_text
+    | st.text(max_size=20),
     lambda inner: (
         st.lists(inner, max_size=5) | st.dictionaries(st.text(max_size=20), inner, max_size=5)
     ),
@@ -162,6 +172,7 @@ def _mutated(draw: st.DrawFn) -> bytes:
     body = encode_socket(snapshot_socket(_state()))
     msg = json.loads(encode("state", "p", "i", 1, socket=body))
     paths = [("socket",), ("socket", "endpoints"), ("socket", "labels"), ("seq",), ("v",)]
+    paths += [("process",), ("instance",), ("socket", "labels", "team")]
     paths += [("socket", "unknown_events"), ("socket", "type"), ("socket", "name")]
     ep_keys = list(body["endpoints"][0])
     path = draw(st.sampled_from(paths + [("socket", "endpoints", 0, k) for k in ep_keys]))
@@ -194,7 +205,24 @@ def test_decoder_fuzz_never_crashes(data: bytes) -> None:
         assert err.reason in REJECT_REASONS
     else:
         assert msg.type in ("hello", "state", "gone", "heartbeat", "bye")
+        # What gets through can be written: UTF-8 text, finite bounded numbers.
+        texts = [msg.process, msg.instance, msg.name]
+        if msg.socket is not None:
+            texts += [msg.socket.name, *msg.socket.labels.values()]
+            for ep in msg.socket.endpoints:
+                texts.append(ep.endpoint)
+                assert 0 <= ep.last_event_time <= 253_402_300_799
+                assert 0 <= ep.connections <= 2**53
+        for text in texts:
+            text.encode("utf-8")
+            assert not any(ord(c) < 0x20 or 0x7F <= ord(c) <= 0x9F for c in text)
+        # Identity games: the message from one of two connections.
+        peer = Peer(b"c1" if len(data) % 2 else b"c2")
+        assert _FUZZ_SERVER.apply(msg, peer, time.monotonic()) in (None, *REJECT_REASONS)
     assert time.monotonic() - start < 0.5
+
+
+_FUZZ_SERVER = RelayServer(("inproc://fuzz-unused",))
 
 
 # -- against a real daemon ------------------------------------------------------------------
