@@ -13,7 +13,9 @@ entirely. Either way the bytes are what the encoder alone would write.
 Requests go to lanes with their own threads, so that nothing queues in front of a health
 probe: /-/healthy and /-/ready; scrapes and everything else (at most
 `max_concurrent_scrapes` render at once, --web.max-requests, 503 beyond, 0 for no limit);
-POST /-/reload (may wait 30 s); GET /probe (its own workers).
+POST /-/reload (may wait 30 s); GET /probe (its own workers); and any request whose
+credentials need a bcrypt check (not cached), so that password guesses hold none of the
+others' workers (webauth: one check at a time, bounded per client address).
 """
 
 from __future__ import annotations
