@@ -26,7 +26,7 @@ from exporter.render.prometheus import StateCollector
 from exporter.sockets import build_labels
 from exporter.state import EngineSnapshot, ReaderStats
 from exporter.web import WebApp, WebServer
-from exporter.webauth import AUTH_BURST, AUTH_INTERVAL
+from exporter.webauth import AUTH_BURST, AUTH_INTERVAL, AddressThrottle
 from exporter.webconfig import load_web_config
 
 from testkit import free_port, wait_until
@@ -285,3 +285,20 @@ def test_burst_zero_refuses_every_limited_request_as_the_toolkit(tmp_path: Path)
         assert request(server.port, headers=GOOD) == 429  # never checked, so never cached
         assert request(server.port) == 401  # no credentials: exempt, then refused by auth
         assert app.stats.rejected["rate_limit"] == 12
+
+
+def test_address_throttle_counts_failures_per_address() -> None:
+    """One bucket per IPv4 address, per IPv6 /64 (an IPv4-mapped address is its IPv4
+    one); one uncached check at a time per bucket; a success gives its token back."""
+    key = AddressThrottle.key
+    assert key("2001:db8::1") == key("2001:db8::ffff:1") != key("2001:db8:0:1::1")
+    assert key("::ffff:192.0.2.7") == key("192.0.2.7") != key("192.0.2.8")
+    throttle = AddressThrottle(burst=2, interval=3600)
+    assert throttle.acquire("192.0.2.7")
+    assert not throttle.acquire("192.0.2.7")  # one at a time
+    assert throttle.acquire("192.0.2.8")  # another address, another bucket
+    throttle.release("192.0.2.7", refund=True)  # a success: the token comes back
+    for _ in range(2):
+        assert throttle.acquire("192.0.2.7")
+        throttle.release("192.0.2.7", refund=False)  # failures use the bucket up
+    assert not throttle.acquire("192.0.2.7")
