@@ -15,6 +15,7 @@ from exporter import metrics
 from exporter.config import ConfigError, Settings, load_config
 from exporter.config.model import ConnectionsConfig
 from exporter.config.otlp import OtlpSettings
+from exporter.config.relay import relay_series_budget
 from exporter.connsampler import ConnectionSample, ConnectionSampler, reads_gone_family
 from exporter.conntable import ConnectionTable
 from exporter.engine import ApplyError, Engine, EngineStopped
@@ -83,7 +84,15 @@ class Daemon:
             self.relay = RelayServer(
                 r.listen,
                 expire=r.expire,
-                limits=RelayLimits(r.max_processes, r.max_sockets_per_process, r.max_message_bytes),
+                limits=RelayLimits(
+                    r.max_processes,
+                    r.max_sockets_per_process,
+                    r.max_message_bytes,
+                    max_series=relay_series_budget(
+                        settings.limits.max_series, settings.sockets, settings.connections
+                    ),
+                    max_series_per_process=r.max_series_per_process,
+                ),
                 ipc_mode=r.ipc_mode,
                 curve_secret_key=r.curve_secretkey,
             )
@@ -214,6 +223,12 @@ class Daemon:
             self.last_reload_success_time = time.time()
             self.modules = settings.modules  # /probe
             self._apply_connections(settings.connections)
+            if self.relay is not None:
+                self.relay.set_max_series(
+                    relay_series_budget(
+                        settings.limits.max_series, settings.sockets, settings.connections
+                    )
+                )
             if settings.relay != self._initial.relay:
                 # The relay's listener is bound once; changing it would drop every sender.
                 log.warning("relay: section changed in the file; restart to apply it")

@@ -819,6 +819,12 @@ class RelayServer:
                     out.append(shown)
         return tuple(out)
 
+    def set_max_series(self, max_series: int) -> None:
+        """A new budget for relayed series (a reload changed the config's own estimate).
+        Series already held stay; states that would grow beyond it are refused."""
+        with self._lock:
+            self.limits = replace(self.limits, max_series=max_series)
+
     def processes(self) -> dict[str, bool]:
         """Process id -> connected."""
         with self._lock:

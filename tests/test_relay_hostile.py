@@ -427,3 +427,64 @@ def test_hostile_messages_leave_every_page_serving(tmp_path: Path) -> None:
             assert status == 200 and "orders" in page
         finally:
             ctx.destroy(linger=0)
+
+
+# -- unbounded series -----------------------------------------------------------------------
+
+
+def test_relayed_series_count_against_max_series_with_a_share_per_process(
+    tmp_path: Path,
+) -> None:
+    from exporter.config.cardinality import FIXED_SERIES
+    from exporter.metrics import RELAY_FAMILIES
+
+    endpoint = _ipc(tmp_path)
+    own = FIXED_SERIES + sum(f.series for f in RELAY_FAMILIES)
+    config = textwrap.dedent(
+        f"""\
+        limits:
+          max_series: {own + 400}
+        relay:
+          listen: ["{endpoint}"]
+          ipc_mode: "0600"
+          max_series_per_process: 150
+        """
+    )
+    with Daemon(config) as daemon:
+        ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        try:
+            read = 0
+            for process, sockets in (("hog", 60), ("small", 1), ("hog2", 60), ("hog3", 60)):
+                dealer = _dealer(ctx, endpoint)
+                for i in range(sockets):
+                    dealer.send(_state(process, "i", i + 1, name=f"s{i}"))
+                read += sockets
+                wait_until(
+                    lambda n=read: _read(daemon.scrape()) >= n, timeout=10, what=f"{process} read"
+                )
+            samples = daemon.scrape()
+            shown = [dict(labels) for name, labels in samples if name == "zmq_socket_info"]
+            per = {p: sum(1 for x in shown if x["process"] == p) for p in ("hog", "hog2", "hog3")}
+            # Each hog within its share, the small process in, the third hog gets the rest.
+            assert 0 < per["hog"] < 60 and per["hog"] == per["hog2"], per
+            assert per["hog3"] < per["hog"], per
+            assert any(x["process"] == "small" for x in shown)
+            refused = value(
+                samples, "zmq_exporter_relay_messages_rejected_total", reason="max_series"
+            )
+            assert refused == 180 - sum(per.values())
+            # Refused whole: every shown socket has all its rows.
+            for x in shown:
+                where = {"socket": x["socket"], "process": x["process"]}
+                assert total(samples, "zmq_accepted_total", **where) == 2, x
+            # The scrape stays within the limit (the next scrape reports this one's count).
+            series = value(daemon.scrape(), "zmq_exporter_series")
+            assert series is not None and series <= own + 400, (series, own + 400)
+        finally:
+            ctx.destroy(linger=0)
+
+
+def _read(samples: dict[Any, float]) -> float:
+    return (value(samples, "zmq_exporter_relay_messages_received_total") or 0) + total(
+        samples, "zmq_exporter_relay_messages_rejected_total"
+    )

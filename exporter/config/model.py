@@ -290,6 +290,8 @@ class RelayConfig(_Strict):
     max_processes: PositiveInt = 1000
     max_sockets_per_process: PositiveInt = 1000
     max_message_bytes: Annotated[int, Field(ge=1024, le=64 * 1024 * 1024)] = 256 * 1024
+    # Relayed series of one process; all processes share what limits.max_series leaves.
+    max_series_per_process: PositiveInt = 20_000
 
 
 class Config(_Strict):

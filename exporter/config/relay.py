@@ -6,6 +6,8 @@ import ipaddress
 import typing
 from dataclasses import dataclass, field
 
+from exporter import metrics
+from exporter.config.cardinality import _Connections, _Spec, estimate_series
 from exporter.config.files import KEY_MAX_BYTES, FileProblem, read_limited
 from exporter.config.model import RelayConfig
 
@@ -21,6 +23,7 @@ class RelaySettings:
     max_sockets_per_process: int
     max_message_bytes: int
     curve_secretkey: bytes | None = field(default=None, repr=False)
+    max_series_per_process: int = 20_000
 
 
 def is_loopback(endpoint: str) -> bool:
@@ -67,4 +70,14 @@ def resolve_relay(
         max_sockets_per_process=cfg.max_sockets_per_process,
         max_message_bytes=cfg.max_message_bytes,
         curve_secretkey=secret,
+        max_series_per_process=cfg.max_series_per_process,
     )
+
+
+def relay_series_budget(
+    max_series: int, specs: typing.Sequence[_Spec], connections: _Connections
+) -> int:
+    """What `limits.max_series` leaves to relayed series: the limit less the config's own
+    estimate (its sockets and the exporter's own series) and the relay's self-metrics."""
+    own = sum(f.series for f in metrics.RELAY_FAMILIES)
+    return max(0, max_series - estimate_series(specs, connections) - own)
