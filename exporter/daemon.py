@@ -95,6 +95,7 @@ class Daemon:
                 ),
                 ipc_mode=r.ipc_mode,
                 curve_secret_key=r.curve_secretkey,
+                curve_allowed_clients=r.curve_allowed_clients,
             )
         # Who is connected (issue 18): the engine's own live fds only (relayed sockets' fds
         # belong to other processes), read from the kernel at request time for the API and
@@ -223,6 +224,8 @@ class Daemon:
             self.last_reload_success_time = time.time()
             self.modules = settings.modules  # /probe
             self._apply_connections(settings.connections)
+            if self.relay is not None and settings.relay is not None:
+                self.relay.set_allowed_clients(settings.relay.curve_allowed_clients)
             if self.relay is not None:
                 self.relay.set_max_series(
                     relay_series_budget(

@@ -36,6 +36,7 @@ from typing import Any
 import zmq
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
+from zmq.auth.thread import ThreadAuthenticator
 
 from exporter import __version__, metrics
 from exporter.events import MONITOR_HEAD, ZAP_STATUS, ZMTP_ERRORS, Event
@@ -566,8 +567,10 @@ class RelayServer:
         limits: RelayLimits | None = None,
         ipc_mode: int | None = None,
         curve_secret_key: bytes | None = None,
+        curve_allowed_clients: frozenset[bytes] | None = None,
     ) -> None:
         self.listen = listen
+        self._allowed = curve_allowed_clients  # Z85 keys; None: any key pair
         self.expire = expire
         self.limits = limits or RelayLimits()
         self._ipc_mode = ipc_mode
@@ -588,7 +591,14 @@ class RelayServer:
         # A hard memory bound (libzmq drops the connection beyond it); messages between
         # the limit and this are read and counted as too_large.
         self._router.setsockopt(zmq.MAXMSGSIZE, 4 * self.limits.max_message_bytes)
+        # With CURVE, a ZAP handler on its own thread: it admits the allowed client keys
+        # (relay.curve_allowed_clients; any without it) and makes each connection's key
+        # its ZAP user id, which binds a process id to the key (see `Peer`).
+        self._auth: ThreadAuthenticator | None = None
         if curve_secret_key is not None:
+            self._auth = ThreadAuthenticator(self._ctx, log=log.getChild("zap"))
+            self._auth.start()
+            self._auth.configure_curve_callback("*", credentials_provider=self)
             self._router.curve_server = True
             self._router.curve_secretkey = curve_secret_key
         addr = f"inproc://zmq-exporter.relay-server.{id(self)}"
@@ -619,7 +629,19 @@ class RelayServer:
             self._closed = True
             self._mon.close(0)
             self._router.close(0)
+            if self._auth is not None:
+                self._auth.stop()
             self._ctx.term()
+
+    def callback(self, domain: str, key: bytes) -> bool:
+        """The ZAP handler's question (its thread): may this CURVE client key (Z85) send?"""
+        allowed = self._allowed
+        return allowed is None or key in allowed
+
+    def set_allowed_clients(self, keys: frozenset[bytes] | None) -> None:
+        """A new allow-list (a reload): new connections are checked against it; those
+        already admitted stay."""
+        self._allowed = keys
 
     # -- reader thread --------------------------------------------------------------------
 
@@ -650,7 +672,10 @@ class RelayServer:
             except zmq.Again:
                 return
             event, value = MONITOR_HEAD.unpack_from(head)
-            if event & _HANDSHAKE_FAILED:
+            if event == Event.HANDSHAKE_FAILED_AUTH:  # ZAP said no: a key not allowed
+                with self._lock:
+                    self.stats.rejected["unauthorized"] += 1
+            elif event & _HANDSHAKE_FAILED:
                 with self._lock:
                     self.stats.rejected["handshake"] += 1
             elif event == Event.DISCONNECTED:

@@ -7,18 +7,20 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import zmq
+import zmq.auth
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from prometheus_client import exposition
@@ -46,7 +48,7 @@ from exporter.render.prometheus import StateCollector
 from exporter.render.status import render_status
 from exporter.state import EngineSnapshot, ReaderStats, SocketState, apply_event, snapshot_socket
 
-from helpers import Daemon, total, value, wait_until
+from helpers import Daemon, free_port, total, value, wait_until
 
 LIMITS = RelayLimits(max_message_bytes=64 * 1024)
 
@@ -454,14 +456,13 @@ def test_relayed_series_count_against_max_series_with_a_share_per_process(
         ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         try:
             read = 0
+            dealers = []  # kept: a collected DEALER would close its connection
             for process, sockets in (("hog", 60), ("small", 1), ("hog2", 60), ("hog3", 60)):
-                dealer = _dealer(ctx, endpoint)
+                dealers.append(dealer := _dealer(ctx, endpoint))
                 for i in range(sockets):
                     dealer.send(_state(process, "i", i + 1, name=f"s{i}"))
                 read += sockets
-                wait_until(
-                    lambda n=read: _read(daemon.scrape()) >= n, timeout=10, what=f"{process} read"
-                )
+                wait_until(_reached(daemon, read), timeout=10, what=f"{process} read")
             samples = daemon.scrape()
             shown = [dict(labels) for name, labels in samples if name == "zmq_socket_info"]
             per = {p: sum(1 for x in shown if x["process"] == p) for p in ("hog", "hog2", "hog3")}
@@ -484,7 +485,137 @@ def test_relayed_series_count_against_max_series_with_a_share_per_process(
             ctx.destroy(linger=0)
 
 
+def _reached(daemon: Daemon, n: int) -> Callable[[], bool]:
+    return lambda: _read(daemon.scrape()) >= n
+
+
 def _read(samples: dict[Any, float]) -> float:
     return (value(samples, "zmq_exporter_relay_messages_received_total") or 0) + total(
         samples, "zmq_exporter_relay_messages_rejected_total"
     )
+
+
+# -- CURVE allow-list -----------------------------------------------------------------------
+
+
+def _curve_dealer(
+    ctx: zmq.Context[zmq.Socket[bytes]], endpoint: str, server_key: bytes, pair: tuple[bytes, bytes]
+) -> zmq.Socket[bytes]:
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
+    dealer.curve_serverkey = server_key
+    dealer.curve_publickey, dealer.curve_secretkey = pair
+    dealer.connect(endpoint)
+    return dealer
+
+
+def _curve_config(endpoint: str, secret_file: Path, allowed: Path) -> str:
+    return textwrap.dedent(
+        f"""\
+        relay:
+          listen: ["{endpoint}"]
+          curve_secretkey_file: {secret_file}
+          curve_allowed_clients: {allowed}
+        """
+    )
+
+
+def test_curve_allow_list_admits_listed_keys_only_and_reloads(tmp_path: Path) -> None:
+    server_public, server_secret = zmq.curve_keypair()
+    secret_file = tmp_path / "relay.key_secret"
+    secret_file.write_text(server_secret.decode())
+    alice, mallory, bob = zmq.curve_keypair(), zmq.curve_keypair(), zmq.curve_keypair()
+    allowed = tmp_path / "allowed"
+    allowed.write_text(f"# who may send\n{alice[0].decode()}\n\n")
+    endpoint = f"tcp://127.0.0.1:{free_port()}"
+    with Daemon(_curve_config(endpoint, secret_file, allowed)) as daemon:
+        ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+        try:
+            a = _curve_dealer(ctx, endpoint, server_public, alice)
+            a.send(_state("alice", "i", 1, accepted=5))
+            m = _curve_dealer(ctx, endpoint, server_public, mallory)
+            m.send(_state("mallory", "i", 1, accepted=5))
+            wait_until(
+                lambda: (
+                    value(daemon.scrape(), "zmq_exporter_relay_messages_rejected_total",
+                          reason="unauthorized") or 0
+                ) >= 1,
+                timeout=10,
+                what="mallory's handshake refused and counted",
+            )  # fmt: skip
+            wait_until(
+                lambda: total(daemon.scrape(), "zmq_accepted_total", process="alice") == 5,
+                timeout=10,
+                what="alice's state",
+            )
+            assert total(daemon.scrape(), "zmq_accepted_total", process="mallory") == 0
+            # Reload with a bad line: refused, the old list kept (bob still out).
+            assert daemon.proc is not None and daemon.config_path is not None
+            allowed.write_text(f"{alice[0].decode()}\n{bob[0].decode()}\nnot-a-key\n")
+            daemon.proc.send_signal(signal.SIGHUP)
+            wait_until(lambda: f"{allowed}:3: not a Z85" in daemon.logs(), timeout=10)
+            before = value(daemon.scrape(), "zmq_exporter_relay_messages_rejected_total",
+                           reason="unauthorized")  # fmt: skip
+            b = _curve_dealer(ctx, endpoint, server_public, bob)
+            b.send(_state("bob", "i", 1, accepted=4))
+            wait_until(
+                lambda: value(daemon.scrape(), "zmq_exporter_relay_messages_rejected_total",
+                              reason="unauthorized") != before,
+                timeout=10,
+                what="bob refused while the bad list is in the file",
+            )  # fmt: skip
+            b.close(0)
+            # A good list with bob: read on reload, bob gets in.
+            allowed.write_text(f"{alice[0].decode()}\n{bob[0].decode()}\n")
+            reloads = daemon.logs().count("config reloaded")
+            daemon.proc.send_signal(signal.SIGHUP)
+            wait_until(
+                lambda: daemon.logs().count("config reloaded") > reloads, timeout=10, what="reload"
+            )
+            b = _curve_dealer(ctx, endpoint, server_public, bob)
+            b.send(_state("bob", "i", 1, accepted=4))
+            wait_until(
+                lambda: total(daemon.scrape(), "zmq_accepted_total", process="bob") == 4,
+                timeout=15,
+                what="bob admitted after the reload",
+            )
+            # Identity on CURVE: another key cannot send as alice while she is live.
+            b.send(_state("alice", "evil", 1, accepted=999))
+            wait_until(
+                lambda: value(daemon.scrape(), "zmq_exporter_relay_messages_rejected_total",
+                              reason="identity") == 1,
+                timeout=10,
+                what="bob sending as alice refused",
+            )  # fmt: skip
+            assert total(daemon.scrape(), "zmq_accepted_total", process="alice") == 5
+        finally:
+            ctx.destroy(linger=0)
+
+
+def test_allow_list_errors_name_the_file_and_line(tmp_path: Path) -> None:
+    from exporter.config import ConfigError
+    from exporter.config.load import parse_config
+
+    secret_file = tmp_path / "relay.key_secret"
+    secret_file.write_text(zmq.curve_keypair()[1].decode())
+    keys = tmp_path / "keys"
+    keys.mkdir()
+    # A directory: plain key files and zmq.auth certificates; *_secret files are skipped.
+    zmq.auth.create_certificates(str(keys), "client")
+    (keys / "more.txt").write_text(zmq.curve_keypair()[0].decode() + "\n")
+    text = _curve_config("tcp://127.0.0.1:5999", secret_file, keys)
+    settings_ = parse_config(text, str(tmp_path / "c.yml"))
+    assert settings_.relay is not None and settings_.relay.curve_allowed_clients is not None
+    assert len(settings_.relay.curve_allowed_clients) == 2
+    (keys / "zz-bad.txt").write_text("# ok\n\nshort\n")
+    with pytest.raises(ConfigError, match=rf"{keys / 'zz-bad.txt'}:3: not a Z85"):
+        parse_config(text, str(tmp_path / "c.yml"))
+    with pytest.raises(ConfigError, match="cannot read"):
+        parse_config(_curve_config("tcp://127.0.0.1:5999", secret_file, tmp_path / "no"), "c")
+    empty = tmp_path / "empty"
+    empty.write_text("# nobody\n")
+    with pytest.raises(ConfigError, match="no CURVE public key"):
+        parse_config(_curve_config("tcp://127.0.0.1:5999", secret_file, empty), "c")
+    no_curve = f'relay:\n  listen: ["tcp://127.0.0.1:5999"]\n  curve_allowed_clients: {empty}\n'
+    with pytest.raises(ConfigError, match="needs curve_secretkey_file"):
+        parse_config(no_curve, "c")

@@ -292,6 +292,9 @@ class RelayConfig(_Strict):
     max_message_bytes: Annotated[int, Field(ge=1024, le=64 * 1024 * 1024)] = 256 * 1024
     # Relayed series of one process; all processes share what limits.max_series leaves.
     max_series_per_process: PositiveInt = 20_000
+    # With CURVE: only these client public keys may send (a file of Z85 keys, one a line,
+    # or a directory of such files / ZPL certificates). None: any key pair.
+    curve_allowed_clients: str | None = None
 
 
 class Config(_Strict):

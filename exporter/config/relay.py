@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ipaddress
+import os
+import re
 import typing
 from dataclasses import dataclass, field
 
@@ -24,6 +26,11 @@ class RelaySettings:
     max_message_bytes: int
     curve_secretkey: bytes | None = field(default=None, repr=False)
     max_series_per_process: int = 20_000
+    # The CURVE client keys allowed (Z85), read again on every reload: not compared, so a
+    # changed list is no "section changed, restart" case.
+    curve_allowed_clients: frozenset[bytes] | None = field(
+        default=None, repr=False, compare=False
+    )
 
 
 def is_loopback(endpoint: str) -> bool:
@@ -55,6 +62,15 @@ def resolve_relay(
         secret = parse_secret(text)
         if secret is None:
             fail(where, "key file holds no Z85 CURVE secret key (content not shown)")
+    allowed = None
+    if cfg.curve_allowed_clients is not None:
+        where = ("relay", "curve_allowed_clients")
+        if secret is None:
+            fail(where, "needs curve_secretkey_file: the allow-list is of CURVE client keys")
+        try:
+            allowed = read_allowed_clients(cfg.curve_allowed_clients)
+        except AllowListError as err:
+            fail(where, str(err))
     for index, endpoint in enumerate(cfg.listen):
         if secret is None and not is_loopback(endpoint):
             fail(
@@ -71,7 +87,65 @@ def resolve_relay(
         max_message_bytes=cfg.max_message_bytes,
         curve_secretkey=secret,
         max_series_per_process=cfg.max_series_per_process,
+        curve_allowed_clients=allowed,
     )
+
+
+class AllowListError(ValueError):
+    pass
+
+
+ALLOW_LIST_MAX_BYTES = 4 * 1024 * 1024  # 80,000 keys
+ALLOW_LIST_MAX_FILES = 10_000
+_Z85_KEY = re.compile(r"[0-9a-zA-Z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}")
+_ZPL_PUBLIC = re.compile(r'public-key\s*=\s*"([^"]*)"')
+
+
+def read_allowed_clients(path: str) -> frozenset[bytes]:
+    """The Z85 CURVE public keys in `path`: a file with one key a line (blank lines and
+    `#` comments allowed; a ZPL certificate's `public-key = "..."` line counts too), or a
+    directory of such files (not hidden ones, nor `*_secret` files). AllowListError names
+    the file and line of the first problem."""
+    if os.path.isdir(path):
+        try:
+            names = sorted(os.listdir(path))
+        except OSError as err:
+            raise AllowListError(f"{path}: cannot list: {err.strerror}") from None
+        files = [
+            os.path.join(path, n)
+            for n in names
+            if not n.startswith(".") and not n.endswith("_secret")
+        ]
+        if len(files) > ALLOW_LIST_MAX_FILES:
+            raise AllowListError(f"{path}: more than {ALLOW_LIST_MAX_FILES} files")
+    else:
+        files = [path]
+    keys: set[bytes] = set()
+    for file in files:
+        try:
+            text = read_limited(file, ALLOW_LIST_MAX_BYTES).decode("utf-8")
+        except FileProblem as err:
+            raise AllowListError(f"{file}: cannot read: {err}") from None
+        except UnicodeDecodeError:
+            raise AllowListError(f"{file}: not UTF-8 text") from None
+        certificate = _ZPL_PUBLIC.search(text) is not None  # zmq.auth.create_certificates
+        for number, line in enumerate(text.splitlines(), 1):
+            stripped = line.strip()
+            if certificate:
+                zpl = _ZPL_PUBLIC.search(stripped)
+                if zpl is None:
+                    continue  # the certificate's other lines
+                stripped = zpl.group(1)
+            elif not stripped or stripped.startswith("#"):
+                continue
+            if not _Z85_KEY.fullmatch(stripped):
+                raise AllowListError(
+                    f"{file}:{number}: not a Z85 CURVE public key (40 characters)"
+                )
+            keys.add(stripped.encode())
+    if not keys:
+        raise AllowListError(f"{path}: no CURVE public key in it: nobody could send")
+    return frozenset(keys)
 
 
 def relay_series_budget(
