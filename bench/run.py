@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from importlib.metadata import version
 from typing import Any
 
-from bench import app, connections, ingest, library, memory, otlp, probe, relay, scrape
+from bench import app, connections, http, ingest, library, memory, otlp, probe, relay, scrape
 from bench.common import BenchEngine, process_cpu, raise_fd_limit, wait_quiet, wait_until
 from exporter.engine import COALESCE_SECONDS
 
@@ -400,9 +400,23 @@ def measure_connections(p: Profile, out: dict[str, Measure]) -> None:
     )  # fmt: skip
 
 
+def measure_http(p: Profile, out: dict[str, Measure]) -> None:
+    """http_parse_cost: bench/http.py (h11 against the previous parser, in process)."""
+    rounds, batch = {"smoke": (4, 50), "quick": (20, 200)}.get(p.name, (40, 400))
+    r = http.run(rounds=rounds, batch=batch)
+    out["http_parse_cost"] = Measure(
+        r.ratio,
+        1.5,
+        "<=",
+        "ratio",
+        {"h11_us_per_head": round(r.new_us, 1), "previous_us_per_head": round(r.old_us, 1),
+         "rounds": r.rounds, "heads": r.heads},
+    )  # fmt: skip
+
+
 STEPS = (
     "pipeline", "scale", "app", "library", "scrape", "otlp", "memory", "overload", "probe",
-    "relay", "connections",
+    "relay", "connections", "http",
 )  # fmt: skip
 
 
@@ -424,6 +438,7 @@ def run(
         "probe": lambda: measure_probe(profile, out),
         "relay": lambda: measure_relay(profile, out),
         "connections": lambda: measure_connections(profile, out),
+        "http": lambda: measure_http(profile, out),
     }
     assert tuple(steps) == STEPS
     for name, step in steps.items():

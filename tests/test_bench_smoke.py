@@ -21,6 +21,7 @@ MEASURES = (
     "rss_per_socket_vs_libzmq",
     "storm_loss",
     "connections_scrape_cost",
+    "http_parse_cost",
 )
 
 
