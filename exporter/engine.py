@@ -22,7 +22,9 @@ their counters stay exactly as they were.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
+import os
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -31,12 +33,14 @@ from dataclasses import dataclass, field
 import zmq
 
 from exporter.config import Settings, SocketSpec
+from exporter.connections import Expected, Gone, read_connection
 from exporter.contexts import BindNames, ContextPool
 from exporter.endpoints import EndpointMap, Role
-from exporter.fdbudget import fd_budget_problem, open_fds, specs_fds
+from exporter.events import errno_name
+from exporter.fdbudget import fd_budget_problem, nofile_limit, open_fds, specs_fds
 from exporter.reader import BATCH, COALESCE_SECONDS, EngineStopped, Handler, Reader
 from exporter.sockets import MonitoredSocket, open_socket
-from exporter.state import SocketState, apply_event, record_bind
+from exporter.state import SocketState, apply_event, forget_connections, record_bind
 
 __all__ = [
     "BATCH",
@@ -63,6 +67,31 @@ class ApplyResult:
 # 2**MAX_BACKOFF_EXPONENT times any base interval is far above any cap, and the float
 # product cannot overflow (it did at attempt 1025 with `base * 2 ** (attempt - 1)`).
 MAX_BACKOFF_EXPONENT = 60
+
+
+# Out of descriptors, a listener cannot accept its queued peers, and libzmq retries the
+# accept() at once, in a loop, with an ACCEPT_FAILED monitor event per try (tcp_listener.cpp
+# and ipc_listener.cpp, in_event): measured ~1.2 million events/s, more than the reader
+# can read, queued in the unbounded monitor pipe (126 bytes each: +60 MB/s). For these
+# errnos (descriptors or memory, not the peer) the engine *sheds* that listener: it
+# unbinds it, which stops the loop at once, refuses the peers queued in the kernel and
+# ends the accepted connections that have not completed a ZMTP handshake (handshaken
+# ones stay), and binds the same address again once descriptors are free.
+EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+# Descriptors the engine holds open (on /dev/null) while no listener is shed, and closes
+# when it sheds one, so that the web server can still answer /-/healthy and /metrics while
+# accepted peers hold every other descriptor; taken back before listeners are bound again.
+SPARE_FDS = 16
+# While shedding: how often the engine looks whether descriptors are free again, and how
+# many must be free beyond the spares before shed listeners are bound again.
+RESUME_CHECK = 0.5
+RESUME_HEADROOM = 16
+# A shed within this long of the previous resume counts as the same attack: the next
+# resume waits exponentially longer (the bind retry backoff), so peers that refill the
+# descriptors at once cost one short burst per backoff interval, not one per check.
+SHED_CALM = 10.0
+# After a shed, when the engine checks which of the listener's connections libzmq ended.
+SHED_PRUNE = 0.2
 
 
 class ApplyError(RuntimeError):
@@ -100,6 +129,16 @@ class Engine(Reader):
         # Engine thread only:
         self._sockets: dict[str, MonitoredSocket] = {}
         self._retry_attempts: dict[tuple[str, str], int] = {}
+        # Bound listeners: (socket, configured endpoint) -> the address libzmq bound (what
+        # unbind() takes, and what a resume binds again: `:0` keeps its port).
+        self._bound: dict[tuple[str, str], str] = {}
+        # Listeners shed (unbound until descriptors are free), same keys and values.
+        self._shed: dict[tuple[str, str], str] = {}
+        self._sheds_in_row = 0
+        self._resumed_at = -SHED_CALM
+        self._resume_at = 0.0
+        self._spares: list[int] = []
+        self._take_spares()
 
     # -- public API, any thread ---------------------------------------------------------
 
@@ -122,6 +161,7 @@ class Engine(Reader):
             self._close_all()
         finally:
             self._close_fds()
+            self._release_spares()
             self.contexts.terminate()  # bounded: a lookup in progress must not delay exit
         if self._owns_ctx:
             self.ctx.term()
@@ -205,7 +245,15 @@ class Engine(Reader):
         with self._lock:
             self._states[spec.name] = state
         # `apply_event` as this module sees it (tests replace it here to inject failures).
-        handler = self._monitor_handler(managed.monitor, state, apply_event)
+        name = spec.name
+
+        def accept_failed(seen: str, err: int) -> None:
+            if err in EXHAUSTED:
+                self._shed_listener(name, seen, err)
+
+        handler = self._monitor_handler(
+            managed.monitor, state, apply_event, on_accept_failed=accept_failed
+        )
         self._register(spec.name, managed.monitor_fd, handler)
         if managed.socket_fd is not None:
             self._register(spec.name, managed.socket_fd, self._inbound_handler(managed))
@@ -222,8 +270,9 @@ class Engine(Reader):
         self.contexts.close_socket(managed)
         with self._lock:
             del self._states[name]
-        for key in [k for k in self._retry_attempts if k[0] == name]:
-            del self._retry_attempts[key]
+        for table in (self._retry_attempts, self._bound, self._shed):
+            for key in [k for k in table if k[0] == name]:
+                del table[key]
         self._errors_logged.discard(name)
 
     def _attach(
@@ -232,8 +281,10 @@ class Engine(Reader):
         state: SocketState,
         role: Role,
         endpoint: str,
+        address: str | None = None,
     ) -> None:
         """bind()/connect() one endpoint; on failure retry with exponential backoff.
+        `address`: bind this address (one bound before) instead of resolving `endpoint`.
 
         A failed bind() is also counted by its BIND_FAILED monitor event; this path adds
         the retry and one log line per state change (failing / recovered). Any other
@@ -242,10 +293,15 @@ class Engine(Reader):
             return
         name = managed.spec.name
         key = (name, endpoint)
+        if key in self._shed:  # bound again when descriptors are free
+            return
         try:
             if role == "bind":
-                # A host name is resolved on a worker thread (ZMQError EAGAIN meanwhile).
-                target = self._bind_names.target(endpoint, managed.spec.options.ipv6)
+                if address is not None:
+                    target = address
+                else:
+                    # A host name is resolved on a worker thread (ZMQError EAGAIN meanwhile).
+                    target = self._bind_names.target(endpoint, managed.spec.options.ipv6)
                 if target != endpoint:  # events name the address bound: map it back
                     with self._lock:
                         record_bind(state, endpoint, target)
@@ -253,6 +309,7 @@ class Engine(Reader):
                 resolved = managed.socket.getsockopt_string(zmq.LAST_ENDPOINT)
                 with self._lock:
                     record_bind(state, endpoint, resolved)
+                self._bound[key] = resolved
             else:
                 managed.socket.connect(endpoint)
         except Exception as err:
@@ -276,7 +333,7 @@ class Engine(Reader):
                     "retry_in": delay,
                 },
             )
-            self._schedule(delay, lambda: self._attach(managed, state, role, endpoint))
+            self._schedule(delay, lambda: self._attach(managed, state, role, endpoint, address))
             return
         attempts = self._retry_attempts.pop(key, 0)
         log.log(
@@ -284,6 +341,112 @@ class Engine(Reader):
             "%s succeeded",
             role,
             extra={"socket": name, "endpoint": endpoint, "failed_attempts": attempts},
+        )
+
+    # -- shedding peers when descriptors run out -----------------------------------------
+
+    def _take_spares(self) -> bool:
+        """Hold SPARE_FDS descriptors; False (holding none) if they cannot all be had."""
+        try:
+            while len(self._spares) < SPARE_FDS:
+                self._spares.append(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))
+        except OSError:
+            self._release_spares()
+            return False
+        return True
+
+    def _release_spares(self) -> None:
+        spares, self._spares = self._spares, []
+        for fd in spares:
+            with contextlib.suppress(OSError):
+                os.close(fd)
+
+    def _shed_listener(self, name: str, seen: str, err: int) -> None:
+        """`name`'s listener `seen` could not accept for want of descriptors or memory:
+        unbind it until descriptors are free again (see EXHAUSTED)."""
+        managed = self._sockets.get(name)
+        with self._lock:
+            state = self._states.get(name)
+        if managed is None or managed.closed or state is None:
+            return
+        endpoint = state.endpoint_map.lookup(seen)
+        key = (name, endpoint)
+        address = self._bound.pop(key, None)
+        if address is None:  # shed already (events queued before the unbind), or unknown
+            return
+        with contextlib.suppress(zmq.ZMQError):  # not bound any more: nothing to stop
+            managed.socket.unbind(address)
+        first = not self._shed
+        self._shed[key] = address
+        now = time.monotonic()
+        if first:
+            calm = now - self._resumed_at > SHED_CALM
+            self._sheds_in_row = 1 if calm else self._sheds_in_row + 1
+            self._resume_at = now + retry_delay(self._sheds_in_row, *self._backoff)
+            self._release_spares()  # for the web server, while peers hold the others
+            self._schedule(max(RESUME_CHECK, self._resume_at - now), self._try_resume)
+        with self._lock:
+            self._stats.listener_sheds += 1
+        # libzmq ends the listener's connections still in their handshake as it goes, with
+        # no DISCONNECTED event: drop them from the gauge once it has (the I/O thread does
+        # it within milliseconds), and again before the listener is bound again.
+        self._schedule(SHED_PRUNE, lambda: self._prune_gone(name, endpoint, address))
+        log.warning(
+            "accept failed for want of resources: listener unbound until peers leave",
+            extra={
+                "socket": name,
+                "endpoint": endpoint,
+                "err": errno_name(err),
+                "open_fds": open_fds(),
+                "nofile": nofile_limit(),
+                "retry_in": round(max(RESUME_CHECK, self._resume_at - now), 3),
+            },
+        )
+
+    def _prune_gone(self, name: str, endpoint: str, address: str) -> None:
+        """Forget the live connections of a shed listener that the kernel says are gone
+        (fd closed, reused, or not a connection on the listener's address any more). An fd
+        that cannot be checked (no descriptor free for the check) is kept."""
+        with self._lock:
+            state = self._states.get(name)
+            ep = state.endpoints.get(endpoint) if state is not None else None
+            fds = list(ep.live) if ep is not None else []
+        if state is None or not fds:
+            return
+        try:
+            expected = Expected.for_endpoint(address, "bind")
+        except ValueError:  # inproc and the like: no kernel connections to check
+            return
+        gone = []
+        for fd in fds:
+            found = read_connection(fd, expected)
+            if isinstance(found, Gone) and found.reason != "error":
+                gone.append(fd)
+        if gone:
+            with self._lock:
+                forget_connections(state, endpoint, gone)
+
+    def _try_resume(self) -> None:
+        if not self._shed:  # its sockets were removed meanwhile
+            self._take_spares()
+            return
+        free = nofile_limit() - open_fds()
+        if free < SPARE_FDS + RESUME_HEADROOM or not self._take_spares():
+            self._schedule(RESUME_CHECK, self._try_resume)
+            return
+        self._resumed_at = time.monotonic()
+        shed, self._shed = self._shed, {}
+        for (name, endpoint), address in shed.items():
+            managed = self._sockets.get(name)
+            with self._lock:
+                state = self._states.get(name)
+            if managed is None or state is None or managed.closed:
+                continue
+            self._prune_gone(name, endpoint, address)
+            self._attach(managed, state, "bind", endpoint, address)
+        log.info(
+            "file descriptors free again: shed listeners bound again",
+            extra={"listeners": len(shed), "open_fds": open_fds()},
         )
 
     def _shutdown(self) -> ApplyResult:

@@ -20,8 +20,9 @@ from exporter.contexts import context_fds
 
 FDS_PER_SOCKET = 3
 # Descriptors a process has before any socket: interpreter, logs, the engine's epoll and
-# eventfd, the zmq context (measured: ~20); rounded up.
-BASE_FDS = 32
+# eventfd, the zmq context (measured: ~20), and the 16 the engine holds in reserve for the
+# web server while peers exhaust the rest (exporter/engine.py, SPARE_FDS); rounded up.
+BASE_FDS = 48
 # Kept free beyond the web server's own connection cap: accepted peers, key and config
 # files read at reload, OTLP exporter connections.
 MISC_RESERVE = 64

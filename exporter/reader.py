@@ -29,6 +29,8 @@ and later commands fail at once with `EngineStopped`, and `on_failure` is called
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import ctypes.util
 import heapq
 import itertools
 import logging
@@ -69,6 +71,12 @@ BATCH = 256
 # price: state lags the events by at most this much (Prometheus scrapes every few
 # seconds). Nothing is lost or blocked meanwhile: the monitor pipes are unbounded.
 COALESCE_SECONDS = 0.05
+# A burst of at least this many events (what had queued in the monitor pipes, ~126 bytes
+# each in libzmq's pipe chunks, freed once read) is followed by glibc's malloc_trim(0),
+# at most once per TRIM_INTERVAL: freed memory goes back to the kernel instead of staying
+# in the allocator's arenas, so RSS comes down after a storm rather than staying at its peak.
+TRIM_BURST = 20_000
+TRIM_INTERVAL = 10.0
 # unwatch() reads what is still queued before it closes the PAIR (the MONITOR_STOPPED
 # that disable_monitor() just sent, a storm's backlog), for at most this long.
 UNWATCH_DRAIN_SECONDS = 1.0
@@ -77,6 +85,32 @@ Reduce = Callable[[SocketState, int, int, str, float], None]
 Handler = Callable[[], tuple[bool, int]]
 
 _STOPPED = int(Event.MONITOR_STOPPED)
+_ACCEPT_FAILED = int(Event.ACCEPT_FAILED)
+
+
+def _find_malloc_trim() -> Callable[[int], int] | None:
+    """glibc's malloc_trim, or None (musl and other C libraries have none)."""
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    try:
+        trim = ctypes.CDLL(name).malloc_trim
+    except (OSError, AttributeError):
+        return None
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
+    return trim
+
+
+_malloc_trim = _find_malloc_trim()
+
+
+def trim_memory() -> bool:
+    """Give the allocator's free memory back to the kernel; False where it cannot."""
+    if _malloc_trim is None:
+        return False
+    _malloc_trim(0)
+    return True
 
 
 class EngineStopped(RuntimeError):
@@ -115,6 +149,7 @@ class Reader:
         self._handlers: dict[int, tuple[str, Handler]] = {}
         self._watches: dict[str, _Watch] = {}
         self._burst = 0
+        self._trimmed_at = -TRIM_INTERVAL
         self._ready_fds: deque[int] = deque()
         self._ready_set: set[int] = set()
         self._timers: list[tuple[float, int, Callable[[], None]]] = []
@@ -369,6 +404,13 @@ class Reader:
             stats.backlog = self._burst
             stats.backlog_max = max(stats.backlog_max, self._burst)
         if not self._ready_fds:
+            if self._burst >= TRIM_BURST:
+                now = time.monotonic()
+                if now - self._trimmed_at >= TRIM_INTERVAL:
+                    self._trimmed_at = now
+                    if trim_memory():
+                        with self._lock:
+                            self._stats.memory_trims += 1
             self._burst = 0
         return events
 
@@ -378,11 +420,14 @@ class Reader:
         state: SocketState,
         reduce: Reduce = apply_event,
         on_end: Callable[[str], None] | None = None,
+        on_accept_failed: Callable[[str, int], None] | None = None,
     ) -> Handler:
         """Drains one monitor PAIR into `state` with `reduce`. With `on_end`, the end of
         the monitor is reported instead of raised: "stopped" after MONITOR_STOPPED (the
         last event a monitor sends), "terminated" when the PAIR's context is being
-        terminated (ETERM; `ctx.term()` waits until the PAIR is closed)."""
+        terminated (ETERM; `ctx.term()` waits until the PAIR is closed). With
+        `on_accept_failed`, every ACCEPT_FAILED is also reported as (endpoint as libzmq
+        names it, errno), after its batch is reduced and outside the lock."""
         recv = pair.recv
         noblock = zmq.NOBLOCK
         unpack_head = MONITOR_HEAD.unpack_from
@@ -405,10 +450,17 @@ class Reader:
                 more, ended = False, "terminated"
             if frames:
                 now = self._clock()
+                failed: set[tuple[str, int]] = set()  # a storm repeats one pair
                 with self._lock:
                     for head, endpoint in frames:
                         event_id, value = unpack_head(head)
-                        reduce(state, event_id, value, endpoint.decode(), now)
+                        seen = endpoint.decode()
+                        reduce(state, event_id, value, seen, now)
+                        if event_id == _ACCEPT_FAILED:
+                            failed.add((seen, value))
+                if failed and on_accept_failed is not None:
+                    for seen, value in failed:
+                        on_accept_failed(seen, value)
                 # MONITOR_STOPPED is the last event of a monitor: if it came, it is last.
                 if on_end is not None and unpack_head(frames[-1][0])[0] == _STOPPED:
                     more, ended = False, ended or "stopped"

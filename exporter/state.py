@@ -181,6 +181,18 @@ def apply_event(sock: SocketState, event_id: int, value: int, seen: str, now: fl
                 sock.pending_closed = 0
 
 
+def forget_connections(sock: SocketState, label: str, fds: list[int]) -> None:
+    """Connections of endpoint `label` that ended without a DISCONNECTED event (libzmq
+    ends a listener's connections still in their handshake when it is unbound, silently):
+    the caller checked with the kernel that each fd is no longer one of them."""
+    state = sock.endpoints.get(label)
+    if state is None:
+        return
+    dropped = [fd for fd in fds if state.live.pop(fd, None) is not None]
+    if dropped:
+        sock.events += 1  # a new snapshot (Reader.snapshot reuses one while this is equal)
+
+
 # Library mode learns an endpoint's role from the first event that names it (the events
 # that open a listener or a connection); other events name endpoints learned already.
 _EVENT_ROLE: dict[Event, Role] = {
@@ -315,6 +327,13 @@ class ReaderStats:
     # Unexpected exceptions caught in a socket's handler, retry timer or setup: the engine
     # counts them and keeps serving every other socket (see Engine docstring).
     engine_errors: int = 0
+    # Times the engine unbound every listener because an accept failed for want of file
+    # descriptors or memory (exporter/engine.py, EXHAUSTED); they are bound again once
+    # descriptors are free.
+    listener_sheds: int = 0
+    # Times the reader gave freed memory back to the kernel after a large burst
+    # (exporter/reader.py, TRIM_BURST).
+    memory_trims: int = 0
 
 
 @dataclass(frozen=True)
