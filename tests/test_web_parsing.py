@@ -15,7 +15,7 @@ import statistics
 import textwrap
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -424,22 +424,61 @@ def mutated(draw: st.DrawFn) -> bytes:
     return bytes(data)
 
 
-@pytest.fixture(scope="module")
-def fuzz_daemon() -> Iterator[Daemon]:
+def test_mutated_requests_get_well_formed_answers() -> None:
     with Daemon(CONFIG.format(port=free_port())) as daemon:
-        yield daemon
+
+        def healthy() -> None:
+            healthy_latency(daemon.port, 1)
+
+        mutations_against(daemon, None, 400, healthy)
 
 
-def test_mutated_requests_get_well_formed_answers(fuzz_daemon: Daemon) -> None:
-    daemon = fuzz_daemon
+def test_mutated_requests_over_tls_get_well_formed_answers(pki: Pki, tmp_path: Path) -> None:
+    web = tmp_path / "web.yml"
+    web.write_text(f"tls_server_config:\n  cert_file: {pki.server_cert}\n"
+                   f"  key_file: {pki.server_key}\n")  # fmt: skip
+    context = ssl.create_default_context(cafile=str(pki.ca))
+    context.check_hostname = False
+
+    def healthy() -> None:
+        with (
+            socket.create_connection(("127.0.0.1", daemon.port), timeout=10) as raw,
+            context.wrap_socket(raw) as sock,
+        ):
+            request = b"GET /-/healthy HTTP/1.1\r\nHost: x\r\n\r\n"
+            assert parse_responses(exchange(sock, request)) == [200]
+
+    daemon = Daemon(CONFIG.format(port=free_port()), args=[f"--web.config.file={web}"])
+    daemon.start(wait_ready=False)
+    try:
+        wait_until(lambda: _tries(healthy), timeout=15, what="the TLS daemon answering")
+        mutations_against(daemon, context, 150, healthy)
+    finally:
+        assert daemon.stop() == 0
+
+
+def _tries(call: Callable[[], None]) -> bool:
+    try:
+        call()
+        return True
+    except OSError:
+        return False
+
+
+def mutations_against(
+    daemon: Daemon, context: ssl.SSLContext | None, examples: int, healthy: Callable[[], None]
+) -> None:
+    """`examples` mutated corpus requests, each on a new connection (in TLS with
+    `context`): every answer well-formed, never a 500, the daemon alive afterwards and its
+    descriptors back at their count before."""
     assert daemon.proc is not None
     pid = daemon.proc.pid
-    healthy_latency(daemon.port, 3)
+    healthy()
     baseline = open_fds(pid)
     seen: dict[int, int] = {}
 
     @settings(
-        max_examples=400,
+        max_examples=examples,
         deadline=None,
         derandomize=True,
         suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
@@ -447,7 +486,11 @@ def test_mutated_requests_get_well_formed_answers(fuzz_daemon: Daemon) -> None:
     @given(mutated())
     def one(data: bytes) -> None:
         with socket.create_connection(("127.0.0.1", daemon.port), timeout=10) as sock:
-            answer = exchange(sock, data)
+            if context is None:
+                answer = exchange(sock, data)
+            else:
+                with context.wrap_socket(sock) as tls:
+                    answer = exchange(tls, data)
         statuses = parse_responses(answer, head_request=b"HEAD" in data)
         assert 500 not in statuses, answer[:300]
         complete = b"\n\r\n" in data or b"\n\n" in data
@@ -460,6 +503,43 @@ def test_mutated_requests_get_well_formed_answers(fuzz_daemon: Daemon) -> None:
     one()
     assert daemon.proc.poll() is None, daemon.logs()
     wait_until(lambda: open_fds(pid) <= baseline, timeout=15, what="fds back at baseline")
-    assert healthy_latency(daemon.port, 1)
+    healthy()
     print(f"statuses of the mutated requests: {dict(sorted(seen.items()))}")
-    assert seen.get(400, 0) > 50 and seen.get(200, 0) > 5, seen
+    assert seen.get(400, 0) > examples // 8 and seen.get(200, 0) > 2, seen
+
+
+# -- a malformed Accept -------------------------------------------------------------------
+
+
+def test_malformed_accept_is_served_in_the_text_format(plain: tuple[WebServer, Reloads]) -> None:
+    """`choose_encoder` raised TypeError on `version=1.s0.0`: a 500 with a traceback."""
+    server, _ = plain
+    for accept in (
+        b"application/openmetrics-text; version=1.s0.0",
+        b"application/openmetrics-text; version=a.b.c",
+        b"application/openmetrics-text; version=1..0",
+    ):
+        request = b"GET /metrics HTTP/1.1\r\nHost: x\r\nAccept: " + accept + b"\r\n\r\n"
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            answer = exchange(sock, request)
+        assert parse_responses(answer) == [200], answer[:300]
+        assert b"\r\nContent-Type: text/plain; version=0.0.4" in answer, answer[:300]
+
+
+@settings(max_examples=300, deadline=None, derandomize=True)
+@given(
+    st.text(alphabet=st.sampled_from("application/openmetrics-text;version=0.1.2,q*; "))
+    | st.text(max_size=60)
+)
+def test_any_accept_gets_a_format_not_an_exception(accept: str) -> None:
+    app = WebApp(
+        registry=CollectorRegistry(auto_describe=False),
+        telemetry_path="/metrics",
+        is_ready=lambda: True,
+        landing_page=lambda: "",
+        reload=lambda: (True, ""),
+        state=NO_SOCKETS,
+    )
+    status, headers, _ = app.metrics(accept, None)
+    assert status in (200, 406), (accept, status)
+    assert headers["Content-Type"].startswith(("text/plain", "application/openmetrics-text"))
