@@ -28,9 +28,7 @@ class RelaySettings:
     max_series_per_process: int = 20_000
     # The CURVE client keys allowed (Z85), read again on every reload: not compared, so a
     # changed list is no "section changed, restart" case.
-    curve_allowed_clients: frozenset[bytes] | None = field(
-        default=None, repr=False, compare=False
-    )
+    curve_allowed_clients: frozenset[bytes] | None = field(default=None, repr=False, compare=False)
 
 
 def is_loopback(endpoint: str) -> bool:
@@ -139,9 +137,7 @@ def read_allowed_clients(path: str) -> frozenset[bytes]:
             elif not stripped or stripped.startswith("#"):
                 continue
             if not _Z85_KEY.fullmatch(stripped):
-                raise AllowListError(
-                    f"{file}:{number}: not a Z85 CURVE public key (40 characters)"
-                )
+                raise AllowListError(f"{file}:{number}: not a Z85 CURVE public key (40 characters)")
             keys.add(stripped.encode())
     if not keys:
         raise AllowListError(f"{path}: no CURVE public key in it: nobody could send")
