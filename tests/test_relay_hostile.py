@@ -619,3 +619,27 @@ def test_allow_list_errors_name_the_file_and_line(tmp_path: Path) -> None:
     no_curve = f'relay:\n  listen: ["tcp://127.0.0.1:5999"]\n  curve_allowed_clients: {empty}\n'
     with pytest.raises(ConfigError, match="needs curve_secretkey_file"):
         parse_config(no_curve, "c")
+
+
+def test_a_holder_whose_end_is_not_seen_keeps_its_id_for_three_heartbeats() -> None:
+    server = RelayServer(("tcp://127.0.0.1:*",), limits=LIMITS)
+    server.start()
+    endpoint = server.bound[0]
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    try:
+        holder = _dealer(ctx, endpoint)  # goes silent, its connection stays open
+        holder.send(encode("hello", "p", "i", 1, heartbeat_ms=2000))
+        holder.send(_state("p", "i", 2, accepted=5))
+        wait_until(lambda: _accepted(server) == [5], timeout=5, what="holder's state")
+        claimant = _dealer(ctx, endpoint)
+        claimant.send(_state("p", "new", 1, accepted=1))
+        wait_until(lambda: server.stats.rejected["identity"] == 1, timeout=5, what="refused")
+        assert _accepted(server) == [5]
+        # After 3 x 2 s of the holder's silence the id is free to the same credentials
+        # (none, on plain tcp): the claimant's next state takes it.
+        wait_until(lambda: server.processes() == {"p": False}, timeout=20, what="holder down")
+        claimant.send(_state("p", "new", 2, accepted=1))
+        wait_until(lambda: _accepted(server) == [1], timeout=5, what="taken over")
+    finally:
+        server.stop()
+        ctx.destroy(linger=0)
