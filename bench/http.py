@@ -9,18 +9,43 @@ times, in alternating order (ABBA) so that drift hits both alike, timed in the t
 own CPU time (time.thread_time: time other processes take from this 2-core machine is not
 charged); the value is the median of the rounds' ratios, new ÷ old. The heads are those
 the exporter gets: Prometheus' scrape, a kubelet probe, curl.
+
+`http_round_trip` (informational): the whole request through the server, h11 or not:
+today's `HttpServer` and the one of BASELINE_COMMIT (its source read with `git show`, so
+its code is not kept here; skipped outside a git checkout), both in this process with the
+same trivial handler, each on its own loopback port; a client keeps one connection to
+each and sends Prometheus' scrape head, reading each answer, in alternating batches
+(ABBA); median of the batches' ratios of the process's CPU time per round trip (client
+and server threads: the client's share is the same for both), new ÷ old.
 """
 
 from __future__ import annotations
 
 import http.client
+import importlib.util
 import io
+import socket
 import statistics
+import subprocess
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from types import ModuleType
+from typing import Any
 
-from exporter.httpserver import MAX_BODY_BYTES, Refusal, Request, parse_head
+from bench.common import ROOT
+from exporter.httpserver import (
+    MAX_BODY_BYTES,
+    HttpServer,
+    LaneSpec,
+    Refusal,
+    Request,
+    Response,
+    parse_head,
+)
+
+BASELINE_COMMIT = "44f8c93"  # the last commit with the str.split/email parser
 
 HEADS = [
     # Prometheus 2.x/3.x scrape (its Accept, gzip, the scrape timeout header)
@@ -134,6 +159,104 @@ def run(rounds: int = 20, batch: int = 200) -> HttpBench:
     )
 
 
+# -- the whole round trip ---------------------------------------------------------------
+
+
+class _Healthy:
+    """The smallest handler: one lane, every request answered 200."""
+
+    def lanes(self) -> Sequence[LaneSpec]:
+        return [LaneSpec("probe", 2, 32, "too_many_connections")]
+
+    def lane_for(self, request: Any) -> str:
+        return "probe"
+
+    def serve(self, request: Any) -> Response:
+        return 200, {"Content-Type": "text/plain"}, b"Healthy\n"
+
+    def reject(self, reason: str) -> None:
+        pass
+
+
+def baseline_server_module() -> ModuleType | None:
+    """exporter/httpserver.py as of BASELINE_COMMIT, imported under another name; None
+    outside a git checkout."""
+    try:
+        source = subprocess.run(
+            ["git", "show", f"{BASELINE_COMMIT}:exporter/httpserver.py"],
+            cwd=ROOT, capture_output=True, check=True, timeout=30,
+        ).stdout  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    name = "bench_baseline_httpserver"
+    spec = importlib.util.spec_from_loader(name, loader=None)
+    assert spec is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up there
+    exec(compile(source, f"{BASELINE_COMMIT}:exporter/httpserver.py", "exec"), module.__dict__)
+    return module
+
+
+def _round_trips(sock: socket.socket, count: int) -> float:
+    """CPU seconds of this process (client and server threads) per round trip of
+    HEADS[0] on a kept-alive connection."""
+    start = time.process_time()
+    for _ in range(count):
+        sock.sendall(HEADS[0])
+        answer = b""
+        for _ in range(100):
+            answer += sock.recv(65536)
+            if answer.endswith(b"\r\n\r\nHealthy\n"):
+                break
+        else:
+            raise AssertionError(f"no answer: {answer[:200]!r}")
+    return (time.process_time() - start) / count
+
+
+def run_round_trip(batches: int = 20, batch: int = 200) -> tuple[float, float, float] | None:
+    """(new seconds per round trip, old, median ratio), or None without the baseline."""
+    old_module = baseline_server_module()
+    if old_module is None:
+        return None
+    servers: list[Any] = []
+    clients = []
+    try:
+        for server_class in (HttpServer, old_module.HttpServer):
+            listener = socket.create_server(("127.0.0.1", 0))
+            server = server_class([listener], _Healthy())
+            server.start()
+            servers.append(server)
+            client = socket.create_connection(listener.getsockname(), timeout=10)
+            client.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            clients.append(client)
+        new_client, old_client = clients
+        _round_trips(new_client, batch // 4 + 1)  # warm-up
+        _round_trips(old_client, batch // 4 + 1)
+        new_times: list[float] = []
+        old_times: list[float] = []
+        for index in range(batches):
+            if index % 2:
+                old_times.append(_round_trips(old_client, batch))
+                new_times.append(_round_trips(new_client, batch))
+            else:
+                new_times.append(_round_trips(new_client, batch))
+                old_times.append(_round_trips(old_client, batch))
+    finally:
+        for client in clients:
+            client.close()
+        for server in servers:
+            server.stop()
+    ratio = statistics.median(n / o for n, o in zip(new_times, old_times, strict=True))
+    return statistics.median(new_times), statistics.median(old_times), ratio
+
+
 if __name__ == "__main__":
     r = run()
     print(f"h11 {r.new_us:.1f} µs, previous parser {r.old_us:.1f} µs per head: {r.ratio:.3f}")
+    trip = run_round_trip()
+    if trip is not None:
+        new_s, old_s, ratio = trip
+        print(
+            f"round trip {new_s * 1e6:.0f} µs, {old_s * 1e6:.0f} µs at {BASELINE_COMMIT}: "
+            f"{ratio:.3f}"
+        )

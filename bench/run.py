@@ -412,6 +412,18 @@ def measure_http(p: Profile, out: dict[str, Measure]) -> None:
         {"h11_us_per_head": round(r.new_us, 1), "previous_us_per_head": round(r.old_us, 1),
          "rounds": r.rounds, "heads": r.heads},
     )  # fmt: skip
+    trip = http.run_round_trip(batches=rounds, batch=batch)
+    if trip is not None:  # the baseline server's source comes from git
+        new_s, old_s, ratio = trip
+        out["http_round_trip"] = Measure(
+            ratio,
+            1.5,
+            "<=",
+            "ratio",
+            {"informational": True, "us_cpu_per_request": round(new_s * 1e6, 1),
+             "baseline_us_cpu_per_request": round(old_s * 1e6, 1),
+             "baseline": http.BASELINE_COMMIT},
+        )  # fmt: skip
 
 
 STEPS = (
