@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import functools
 import logging
 import os
 import time
@@ -75,8 +76,10 @@ MAX_BACKOFF_EXPONENT = 60
 # can read, queued in the unbounded monitor pipe (126 bytes each: +60 MB/s). For these
 # errnos (descriptors or memory, not the peer) the engine *sheds* that listener: it
 # unbinds it, which stops the loop at once, refuses the peers queued in the kernel and
-# ends the accepted connections that have not completed a ZMTP handshake (handshaken
-# ones stay), and binds the same address again once descriptors are free.
+# ends the listener's sessions (libzmq closes the connections still in their handshake at
+# once; a handshaken one stops delivering and is closed when its peer next sends, which
+# then reconnects; neither emits DISCONNECTED), and binds the same address again once
+# descriptors are free.
 EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 # Descriptors the engine holds open (on /dev/null) while no listener is shed, and closes
 # when it sheds one, so that the web server can still answer /-/healthy and /metrics while
@@ -90,8 +93,12 @@ RESUME_HEADROOM = 16
 # resume waits exponentially longer (the bind retry backoff), so peers that refill the
 # descriptors at once cost one short burst per backoff interval, not one per check.
 SHED_CALM = 10.0
-# After a shed, when the engine checks which of the listener's connections libzmq ended.
+# After a shed, when the engine checks which of the listener's connections libzmq ended
+# (then at every resume check, at the resume, and this long after it: a handshaken
+# connection of a shed listener stops delivering but is closed only when its peer next
+# sends, again without a DISCONNECTED event).
 SHED_PRUNE = 0.2
+PRUNE_AFTER_RESUME = (1.0, 10.0, 60.0)
 
 
 class ApplyError(RuntimeError):
@@ -389,7 +396,7 @@ class Engine(Reader):
             self._stats.listener_sheds += 1
         # libzmq ends the listener's connections still in their handshake as it goes, with
         # no DISCONNECTED event: drop them from the gauge once it has (the I/O thread does
-        # it within milliseconds), and again before the listener is bound again.
+        # it within milliseconds), and later again (PRUNE_AFTER_RESUME).
         self._schedule(SHED_PRUNE, lambda: self._prune_gone(name, endpoint, address))
         log.warning(
             "accept failed for want of resources: listener unbound until peers leave",
@@ -432,6 +439,8 @@ class Engine(Reader):
             return
         free = nofile_limit() - open_fds()
         if free < SPARE_FDS + RESUME_HEADROOM or not self._take_spares():
+            for (name, endpoint), address in self._shed.items():
+                self._prune_gone(name, endpoint, address)
             self._schedule(RESUME_CHECK, self._try_resume)
             return
         self._resumed_at = time.monotonic()
@@ -444,6 +453,8 @@ class Engine(Reader):
                 continue
             self._prune_gone(name, endpoint, address)
             self._attach(managed, state, "bind", endpoint, address)
+            for delay in PRUNE_AFTER_RESUME:
+                self._schedule(delay, functools.partial(self._prune_gone, name, endpoint, address))
         log.info(
             "file descriptors free again: shed listeners bound again",
             extra={"listeners": len(shed), "open_fds": open_fds()},

@@ -19,12 +19,14 @@ import time
 import urllib.request
 from pathlib import Path
 
+import zmq
+
 from exporter.config import parse_config
 from exporter.engine import Engine
 from exporter.reader import TRIM_BURST
 
 from helpers import ROOT, Samples, parse_metrics, total, value
-from testkit import LoadGen, free_port, wait_until
+from testkit import LoadGen, established, free_port, wait_until
 
 NOFILE = 256
 SOCKETS = 30
@@ -76,6 +78,11 @@ def test_peers_holding_connections_cannot_exhaust_the_daemon(tmp_path: Path) -> 
             preexec_fn=_limit_nofile,
         )  # fmt: skip
     peers: subprocess.Popen[str] | None = None
+    # A ZeroMQ peer connected before the attack: it must be served again afterwards, and
+    # the gauge must follow the kernel's count through the shed.
+    ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
+    dealer = ctx.socket(zmq.DEALER)
+    dealer.setsockopt(zmq.LINGER, 0)
 
     def ready() -> bool:
         assert daemon.poll() is None, log_path.read_text()
@@ -86,6 +93,13 @@ def test_peers_holding_connections_cannot_exhaust_the_daemon(tmp_path: Path) -> 
 
     try:
         wait_until(ready, timeout=30, what="daemon ready")
+        dealer.connect(f"tcp://127.0.0.1:{ports[0]}")
+
+        def dealer_counted() -> bool:
+            samples = parse_metrics(_timed_get(web + "/metrics")[1])
+            return value(samples, "zmq_connections", socket="r0") == 1
+
+        wait_until(dealer_counted, timeout=20, interval=0.1, what="the DEALER connected")
         baseline_rss, baseline_fds = _rss(daemon.pid), _fds(daemon.pid)
         peers = subprocess.Popen(
             [sys.executable, str(PEERS_SCRIPT), str(ports[0]), str(PEERS)],
@@ -123,14 +137,20 @@ def test_peers_holding_connections_cannot_exhaust_the_daemon(tmp_path: Path) -> 
         seen: dict[str, float] = {}
 
         def recovered() -> Samples:
+            # A shed listener's handshaken connection is closed only when its peer next
+            # sends (the DEALER then reconnects): keep sending.
+            dealer.send(b"ping", zmq.NOBLOCK)
             samples = parse_metrics(_timed_get(web + "/metrics")[1])
             seen["fds"] = _fds(daemon.pid)
             seen["listening"] = total(samples, "zmq_listening")
             seen["connections"] = total(samples, "zmq_connections")
+            seen["kernel"] = established(ports[0])
             back = (seen["fds"] <= baseline_fds + 4, seen["listening"] == SOCKETS)
-            return samples if all(back) and seen["connections"] == 0 else {}
+            exact = seen["connections"] == seen["kernel"] == 1
+            return samples if all(back) and exact else {}
 
-        # The shed listener is bound again within the bind retry backoff (at most 30 s).
+        # The shed listener is bound again within the bind retry backoff (at most 30 s); a
+        # stale fd leaves the gauge at the latest 10 s after that (PRUNE_AFTER_RESUME).
         try:
             after: Samples = wait_until(recovered, timeout=60, interval=0.5, what="recovery")
         except AssertionError as err:
@@ -142,6 +162,8 @@ def test_peers_holding_connections_cannot_exhaust_the_daemon(tmp_path: Path) -> 
         assert value(again, "zmq_accept_failed_total", socket="r0", errno="EMFILE") == settled
         assert _timed_get(web + "/-/healthy")[1].startswith("Healthy")
     finally:
+        dealer.close(linger=0)
+        ctx.term()
         if peers is not None:
             peers.terminate()
             peers.wait(10)
