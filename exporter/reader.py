@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import ctypes.util
 import heapq
 import itertools
 import logging
@@ -89,12 +88,10 @@ _ACCEPT_FAILED = int(Event.ACCEPT_FAILED)
 
 
 def _find_malloc_trim() -> Callable[[int], int] | None:
-    """glibc's malloc_trim, or None (musl and other C libraries have none)."""
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return None
+    """glibc's malloc_trim from the symbols the process has loaded already (no library
+    search, which would run `ldconfig`), or None: musl and others have none."""
     try:
-        trim = ctypes.CDLL(name).malloc_trim
+        trim = ctypes.CDLL(None).malloc_trim
     except (OSError, AttributeError):
         return None
     trim.argtypes = [ctypes.c_size_t]
@@ -102,14 +99,17 @@ def _find_malloc_trim() -> Callable[[int], int] | None:
     return trim
 
 
-_malloc_trim = _find_malloc_trim()
+_malloc_trim: list[Callable[[int], int] | None] = []  # looked up at the first trim
 
 
 def trim_memory() -> bool:
     """Give the allocator's free memory back to the kernel; False where it cannot."""
-    if _malloc_trim is None:
+    if not _malloc_trim:
+        _malloc_trim.append(_find_malloc_trim())
+    trim = _malloc_trim[0]
+    if trim is None:
         return False
-    _malloc_trim(0)
+    trim(0)
     return True
 
 
