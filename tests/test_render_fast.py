@@ -9,6 +9,7 @@ from __future__ import annotations
 import gc
 import gzip
 import math
+import platform
 import socket
 import subprocess
 import textwrap
@@ -33,6 +34,7 @@ from exporter.config import parse_config
 from exporter.endpoints import EndpointMap
 from exporter.engine import Engine
 from exporter.events import Event
+from exporter.render.alloc import Trimmer
 from exporter.render.prometheus import StateCollector, render_sockets
 from exporter.render.rows import SOCKET_FAMILIES, socket_rows
 from exporter.render.sockettext import SocketText, fast_format, format_value
@@ -474,3 +476,35 @@ def test_daemon_scrape_passes_promtool_and_both_parsers() -> None:
     )
     assert done.returncode == 0, f"{done.stdout}\n{done.stderr}"
     assert om.count("# EOF") == 1 and om.endswith("# EOF\n")
+
+
+def test_trimmer_trims_once_after_many_rebuilt_sockets() -> None:
+    """A render that rebuilt `threshold` sockets arms a trim, which the next render does
+    (its garbage is only freed once its response is sent); idle renders never trim."""
+    trimmer = Trimmer(threshold=10, min_interval=0)
+    assert not trimmer.note(5)  # 5 rebuilt: not armed
+    assert not trimmer.note(12)  # armed by this render
+    assert trimmer.note(12) is trim_available()  # trimmed (where libc can), disarmed
+    assert not trimmer.note(12) and not trimmer.note(21)  # 9 more: not armed
+    assert not trimmer.note(22) and trimmer.note(22) is trim_available()
+    # At most once per min_interval: armed again at once, but not due.
+    slow = Trimmer(threshold=1, min_interval=3600)
+    assert not slow.note(1) and slow.note(2) is trim_available()
+    assert not slow.note(3) and not slow.note(4) and slow.trims == int(trim_available())
+
+
+def trim_available() -> bool:
+    return platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+
+
+def test_scrapes_after_churn_trim_once() -> None:
+    """/metrics' renderer (`StateCollector.prerender`): the scrape after one that rebuilt
+    over a thousand relayed sockets trims; warm scrapes do not."""
+    sockets = [relayed(f"proc-{p}", f"s{n}", 1) for p in range(60) for n in range(20)]
+    snap = EngineSnapshot(tuple(sockets), ReaderStats(), True)
+    state = StateCollector(lambda: snap, build_labels())
+    state.prerender(False)  # 1,200 rebuilt: armed
+    assert state.trimmer.trims == 0
+    state.prerender(False)
+    state.prerender(True)
+    assert state.trimmer.trims == int(trim_available())

@@ -26,6 +26,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from exporter import metrics
+from exporter.render.alloc import Trimmer
 from exporter.render.rows import SOCKET_FAMILIES, row_labels, socket_rows
 from exporter.render.sockettext import SocketText
 from exporter.state import EngineSnapshot, SocketSnapshot
@@ -93,6 +94,9 @@ class StateCollector(Collector):
         self._build = dict(build)
         self._connections = connections
         self.text = SocketText()
+        # What renders that rebuilt many sockets freed goes back to the system
+        # (exporter/render/alloc.py): a relay sidecar's RSS after churn.
+        self.trimmer = Trimmer()
 
     def collect(self) -> Iterator[Metric]:
         snap = self._snapshot()
@@ -108,6 +112,7 @@ class StateCollector(Collector):
         snap = self._snapshot()
         sample = self._connections()
         text, series = self.text.render_counted(snap.sockets, openmetrics)
+        self.trimmer.note(self.text.built)
         if sample is not None and sample.series:
             text += sample.openmetrics if openmetrics else sample.text
             series += sample.series
