@@ -13,6 +13,11 @@ the thread itself end anyway, `failure` says why, `snapshot().ready` turns false
 and later commands fail at once with `EngineStopped` (a reload never waits for a dead
 thread), and `on_failure` is called once so the daemon can exit non-zero.
 
+Peers: a listener whose accept() fails for want of descriptors or memory would make libzmq
+retry in a loop, one monitor event per try; the engine unbinds it until descriptors are
+free again, and holds a few descriptors in reserve for the web server meanwhile (see
+EXHAUSTED).
+
 Applying a config is a transaction: everything that can fail (the fd budget, creating each
 new socket with its options and monitor) happens before any running socket is touched; if
 it fails, what was opened is closed again and the running sockets, their connections and

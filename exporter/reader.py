@@ -18,7 +18,11 @@ Two users build on it:
 
 Public names: `Reader` (`start`, `watch`, `unwatch`, `watching`, `snapshot`, `hold`,
 `cpu_seconds`, `stall_reader`, `failure`, `stop`), `EngineStopped`, `BATCH`,
-`COALESCE_SECONDS`.
+`COALESCE_SECONDS`, `TRIM_BURST`, `trim_memory`.
+
+Memory: events queued in the monitor pipes are freed as they are read, but glibc keeps
+the freed memory in its arenas; after a large burst the reader calls `malloc_trim(0)` so
+that RSS comes back down (see TRIM_BURST).
 
 Failures: an exception raised while serving one PAIR is caught, logged once per socket and
 counted (`zmq_exporter_engine_errors_total`); the reader goes on with the others. Should
