@@ -15,7 +15,19 @@ from dataclasses import dataclass, field
 from importlib.metadata import version
 from typing import Any
 
-from bench import app, connections, http, ingest, library, memory, otlp, probe, relay, scrape
+from bench import (
+    app,
+    connections,
+    http,
+    ingest,
+    library,
+    memory,
+    otlp,
+    probe,
+    relay,
+    relay_scale,
+    scrape,
+)
 from bench.common import BenchEngine, process_cpu, raise_fd_limit, wait_quiet, wait_until
 from exporter.engine import COALESCE_SECONDS
 
@@ -371,6 +383,37 @@ def measure_relay(p: Profile, out: dict[str, Measure]) -> None:
     )
 
 
+def measure_relay_scale(p: Profile, out: dict[str, Measure]) -> None:
+    """relay_scale: bench/relay_scale.py (sender processes simulated, see its docstring)."""
+    # (processes, sockets each, daemon-owned sockets, churn rounds, warm scrape rounds)
+    size = {"smoke": (10, 20, 20, 1, 6), "quick": (200, 20, 500, 2, 9)}
+    r = relay_scale.run(*size.get(p.name, (1000, 20, 2000, 2, 15)))
+    detail = {
+        "processes": r.processes, "sockets_per_process": r.sockets_per_process,
+        "relayed_sockets": r.relayed, "owned_sockets": r.owned, "churn_rounds": r.rounds,
+        "seconds": round(r.seconds, 1),
+    }  # fmt: skip
+    out["relay_scale_rss_per_socket"] = Measure(
+        r.rss_per_socket_bytes,
+        16384,
+        "<=",
+        "bytes (sidecar RSS per relayed socket, after churn)",
+        {**detail, "before_churn_bytes": round(r.rss_per_socket_before_churn_bytes),
+         "messages": r.messages, "sidecar_us_per_message": round(r.sidecar_us_per_message, 1)},
+    )  # fmt: skip
+    out["relay_scale_scrape_cost"] = Measure(
+        r.scrape_ratio,
+        1.2,
+        "<=",
+        "ratio (warm scrape per relayed socket / per daemon-owned socket)",
+        {**detail, "relayed_us_per_socket": round(r.relayed_scrape_us_per_socket, 3),
+         "owned_us_per_socket": round(r.owned_scrape_us_per_socket, 3),
+         "scrape_s": {k: round(v, 5) for k, v in r.scrape_s.items()},
+         "bytes_per_socket": {k: round(v) for k, v in r.bytes_per_socket.items()},
+         "scrape_rounds": r.scrape_rounds},
+    )  # fmt: skip
+
+
 def measure_connections(p: Profile, out: dict[str, Measure]) -> None:
     """connections_scrape_cost (issue 18): bench/connections.py (two real daemons)."""
     size = {"smoke": (2, 20, 10, 0.5, 0.5), "quick": (4, 1000, 100, 5.0, 5.0)}
@@ -428,7 +471,7 @@ def measure_http(p: Profile, out: dict[str, Measure]) -> None:
 
 STEPS = (
     "pipeline", "scale", "app", "library", "scrape", "otlp", "memory", "overload", "probe",
-    "relay", "connections", "http",
+    "relay", "relay_scale", "connections", "http",
 )  # fmt: skip
 
 
@@ -449,6 +492,7 @@ def run(
         "overload": lambda: measure_overload(profile, out),
         "probe": lambda: measure_probe(profile, out),
         "relay": lambda: measure_relay(profile, out),
+        "relay_scale": lambda: measure_relay_scale(profile, out),
         "connections": lambda: measure_connections(profile, out),
         "http": lambda: measure_http(profile, out),
     }

@@ -50,6 +50,10 @@ def test_bench_smoke_produces_every_measure(tmp_path: Path) -> None:
     assert conn["tcp_info_us"] > 0 and conn["pinned_read_us"] > 0, conn
     # The on-daemon served the six families for both endpoints, from a sample of all 40.
     assert conn["connection_series"] == 12 and conn["sample_duration_s"] > 0, conn
+    scale = doc["relay_scale_scrape_cost"]  # every relayed socket reached the sidecar
+    assert scale["relayed_sockets"] == 200 and scale["owned_sockets"] == 20, scale
+    assert scale["relayed_us_per_socket"] > 0 and scale["owned_us_per_socket"] > 0, scale
+    assert doc["relay_scale_rss_per_socket"]["messages"] == 10 * (1 + 20 + 20), doc
     assert png.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
 
 
