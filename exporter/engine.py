@@ -402,7 +402,7 @@ class Engine(Reader):
         # libzmq ends the listener's connections still in their handshake as it goes, with
         # no DISCONNECTED event: drop them from the gauge once it has (the I/O thread does
         # it within milliseconds), and later again (PRUNE_AFTER_RESUME).
-        self._schedule(SHED_PRUNE, lambda: self._prune_gone(name, endpoint, address))
+        self._schedule(SHED_PRUNE, functools.partial(self._prune_gone, managed, endpoint, address))
         log.warning(
             "accept failed for want of resources: listener unbound until peers leave",
             extra={
@@ -415,10 +415,14 @@ class Engine(Reader):
             },
         )
 
-    def _prune_gone(self, name: str, endpoint: str, address: str) -> None:
+    def _prune_gone(self, managed: MonitoredSocket, endpoint: str, address: str) -> None:
         """Forget the live connections of a shed listener that the kernel says are gone
         (fd closed, reused, or not a connection on the listener's address any more). An fd
-        that cannot be checked (no descriptor free for the check) is kept."""
+        that cannot be checked (no descriptor free for the check) is kept. Nothing if the
+        socket was removed or recreated (a reload) since."""
+        name = managed.spec.name
+        if managed.closed or self._sockets.get(name) is not managed:
+            return
         with self._lock:
             state = self._states.get(name)
             ep = state.endpoints.get(endpoint) if state is not None else None
@@ -445,7 +449,9 @@ class Engine(Reader):
         free = nofile_limit() - open_fds()
         if free < SPARE_FDS + RESUME_HEADROOM or not self._take_spares():
             for (name, endpoint), address in self._shed.items():
-                self._prune_gone(name, endpoint, address)
+                shed_socket = self._sockets.get(name)
+                if shed_socket is not None:
+                    self._prune_gone(shed_socket, endpoint, address)
             self._schedule(RESUME_CHECK, self._try_resume)
             return
         self._resumed_at = time.monotonic()
@@ -456,10 +462,12 @@ class Engine(Reader):
                 state = self._states.get(name)
             if managed is None or state is None or managed.closed:
                 continue
-            self._prune_gone(name, endpoint, address)
+            self._prune_gone(managed, endpoint, address)
             self._attach(managed, state, "bind", endpoint, address)
             for delay in PRUNE_AFTER_RESUME:
-                self._schedule(delay, functools.partial(self._prune_gone, name, endpoint, address))
+                self._schedule(
+                    delay, functools.partial(self._prune_gone, managed, endpoint, address)
+                )
         log.info(
             "file descriptors free again: shed listeners bound again",
             extra={"listeners": len(shed), "open_fds": open_fds()},
