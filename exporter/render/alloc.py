@@ -17,37 +17,18 @@ Public names:
 
 from __future__ import annotations
 
-import ctypes
-import ctypes.util
 import threading
 import time
-from collections.abc import Callable
+
+from exporter.reader import trim_memory
 
 __all__ = ["Trimmer", "trim"]
 
 
-def _malloc_trim() -> Callable[[int], int] | None:
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        func = libc.malloc_trim
-    except (OSError, AttributeError):
-        return None
-    func.argtypes = [ctypes.c_size_t]
-    func.restype = ctypes.c_int
-    trim_func: Callable[[int], int] = func
-    return trim_func
-
-
-_TRIM = _malloc_trim()
-
-
 def trim() -> bool:
-    """Return the free pages of every malloc arena to the system (glibc); False where
-    the C library cannot."""
-    if _TRIM is None:
-        return False
-    _TRIM(0)
-    return True
+    """Return the free pages of every malloc arena to the system (glibc's
+    `malloc_trim(0)`, the reader's `trim_memory`); False where the C library cannot."""
+    return trim_memory()
 
 
 class Trimmer:
