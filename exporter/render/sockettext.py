@@ -119,29 +119,43 @@ class _SocketLabels:
     one socket: per endpoint, and per (endpoint, extra labels). Built once and kept as long
     as the socket's configured labels stay the same. Configured labels never share a name
     with extra ones (`metrics.RESERVED_LABELS`), so a row's pairs are its base pairs and
-    its extra pairs, sorted together."""
+    its extra pairs, sorted together. Only the finished strings are kept (a relay sidecar
+    holds tens of thousands of sockets): the base pairs live for one `_build`, and the
+    extra labels in the keys are shared between sockets (`_canonical`)."""
 
-    __slots__ = ("bases", "extras", "labels", "plain")
+    __slots__ = ("extras", "labels", "plain")
 
     def __init__(self, sock: SocketSnapshot) -> None:
         self.labels = dict(sock.labels)
         self.plain: dict[str | None, str] = {}  # endpoint -> label string
         self.extras: dict[tuple[str | None, Labels], str] = {}
-        # endpoint -> its labels without extras, as sorted (name, pair)
-        self.bases: dict[str | None, list[tuple[str, str]]] = {}
 
-    def build(self, sock: SocketSnapshot, endpoint: str | None, extra: Labels) -> str:
-        items = self.bases.get(endpoint)
+    def build(
+        self,
+        sock: SocketSnapshot,
+        endpoint: str | None,
+        extra: Labels,
+        bases: dict[str | None, list[tuple[str, str]]],
+    ) -> str:
+        """The label string of a row; `bases` (endpoint -> its labels without extras, as
+        sorted (name, pair)) is the caller's, for the rows of one build."""
+        items = bases.get(endpoint)
         if items is None:
             labels = row_labels(sock, endpoint, ())
-            items = self.bases[endpoint] = sorted([(k, _pair(k, v)) for k, v in labels.items()])
+            items = bases[endpoint] = sorted([(k, _pair(k, v)) for k, v in labels.items()])
         if extra:
             items = [*items, *_extra_items(extra)]
             items.sort()
-            text = self.extras[(endpoint, extra)] = ",".join([pair for _, pair in items])
+            text = self.extras[(endpoint, _canonical(extra))] = ",".join([p for _, p in items])
         else:
             text = self.plain[endpoint] = ",".join([pair for _, pair in items])
         return text
+
+
+@functools.lru_cache(maxsize=4096)
+def _canonical(extra: Labels) -> Labels:
+    """One object for equal extra labels (rows build new tuples each time)."""
+    return extra
 
 
 @functools.lru_cache(maxsize=4096)
@@ -217,6 +231,7 @@ class SocketText:
         if labels is None or labels.labels != sock.labels:
             labels = self._labels[key] = _SocketLabels(sock)
         plain, extras = labels.plain, labels.extras
+        bases: dict[str | None, list[tuple[str, str]]] = {}
         names = _SAMPLE_NAMES
         lines = [b""] * _FAMILIES
         current: object = _NO_ENDPOINT  # endpoint of `body`: rows come grouped by endpoint
@@ -226,11 +241,11 @@ class SocketText:
             if extra:
                 text = extras.get((endpoint, extra))
                 if text is None:
-                    text = labels.build(sock, endpoint, extra)
+                    text = labels.build(sock, endpoint, extra, bases)
             else:
                 if endpoint is not current:
                     current = endpoint
-                    body = plain.get(endpoint) or labels.build(sock, endpoint, ())
+                    body = plain.get(endpoint) or labels.build(sock, endpoint, (), bases)
                 text = body
             lines[index] += f"{names[index]}{{{text}}} {format_value(value)}\n".encode()
             count += 1
