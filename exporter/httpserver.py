@@ -71,6 +71,7 @@ TLS_HANDSHAKE_TIMEOUT = 10.0
 MAX_CONNECTIONS = 256
 MAX_OUTPUT_BYTES = 64 * 1024 * 1024  # responses written but not yet read, all connections
 LISTEN_BACKLOG = 1024  # a burst of connects waits in the kernel, not in SYN retries
+WORKER_IDLE_SECONDS = 30.0  # a lane's thread ends after this long without a request
 
 PROBE_WORKERS = 2
 # Go's answer to plain HTTP on a TLS listener (net/http), word for word.
@@ -191,11 +192,20 @@ class _Lane:
 
     def __init__(self, name: str, workers: int, backlog: int, reason: str) -> None:
         self.name = name
-        self.workers = workers
+        self.workers = workers  # the most threads this lane runs at once
         self.limit = workers + backlog
         self.reason = reason  # zmq_exporter_http_requests_rejected_total reason when full
         self.pending = 0
         self.queue: queue.SimpleQueue[tuple[_Conn, Request] | None] = queue.SimpleQueue()
+        # Threads start on demand and end after WORKER_IDLE_SECONDS without a request, so
+        # an idle daemon runs a handful of threads, not one per possible concurrent
+        # request (a container's pids limit counts them). Guarded by `lock`: `queued`
+        # jobs not yet taken, `started` threads alive, `idle` threads not serving.
+        self.lock = threading.Lock()
+        self.queued = 0
+        self.started = 0
+        self.idle = 0
+        self.serial = 0  # for thread names
 
 
 class HttpServer:
@@ -241,16 +251,6 @@ class HttpServer:
         for listener in self.listeners:
             self.selector.register(listener, selectors.EVENT_READ, listener)
         self.selector.register(self.wake_r, selectors.EVENT_READ, self.wake_r)
-        for lane in self.lanes.values():
-            for index in range(lane.workers):
-                self.threads.append(
-                    threading.Thread(
-                        target=self._work,
-                        args=(lane,),
-                        name=f"zmq-exporter-web-{lane.name}-{index}",
-                        daemon=True,
-                    )
-                )
         self.threads.append(
             threading.Thread(target=self._run, name="zmq-exporter-web", daemon=True)
         )
@@ -261,8 +261,9 @@ class HttpServer:
         self.stopping = True
         self._wake()
         for lane in self.lanes.values():
-            for _ in range(lane.workers):
-                lane.queue.put(None)
+            with lane.lock:
+                for _ in range(lane.started):
+                    lane.queue.put(None)
         loop = self.threads[-1] if self.threads else None
         if loop is not None:
             loop.join(5.0)
@@ -613,26 +614,58 @@ class HttpServer:
         conn.deadline = float("inf")
         self._watch(conn, 0)
         lane.pending += 1
-        lane.queue.put((conn, request))
+        with lane.lock:
+            lane.queued += 1
+            lane.queue.put((conn, request))
+            if lane.idle < lane.queued and lane.started < lane.workers:
+                lane.started += 1
+                lane.idle += 1
+                lane.serial += 1
+                threading.Thread(
+                    target=self._work,
+                    args=(lane,),
+                    name=f"zmq-exporter-web-{lane.name}-{lane.serial}",
+                    daemon=True,
+                ).start()
 
     # -- workers -------------------------------------------------------------------------
 
     def _work(self, lane: _Lane) -> None:
         while True:
-            job = lane.queue.get()
-            if job is None:
-                return
-            conn, request = job
             try:
-                status, headers, body = self.handler.serve(request)
-                keep_alive = request.keep_alive
-                data = _response(status, headers, body, request.method == "HEAD", not keep_alive)
-            except Exception:
-                log.exception("HTTP handler error", extra={"path": request.path})
-                keep_alive = False
-                data = _error(500, "Internal server error", request.method == "HEAD")
-            self.done.append((lane, conn, data, keep_alive))
-            self._wake()
+                job = lane.queue.get(timeout=WORKER_IDLE_SECONDS)
+            except queue.Empty:
+                with lane.lock:
+                    if lane.queued:  # a job was put between the timeout and the lock
+                        continue
+                    lane.idle -= 1
+                    lane.started -= 1
+                    return
+            if job is None:
+                with lane.lock:
+                    lane.idle -= 1
+                    lane.started -= 1
+                return
+            with lane.lock:
+                lane.queued -= 1
+                lane.idle -= 1
+            self._serve(lane, *job)
+            with lane.lock:
+                lane.idle += 1
+
+    def _serve(self, lane: _Lane, conn: _Conn, request: Request) -> None:
+        """One request; its own frame, so an idle worker holds no response body (at
+        20,000 sockets a body is ~24 MB)."""
+        try:
+            status, headers, body = self.handler.serve(request)
+            keep_alive = request.keep_alive
+            data = _response(status, headers, body, request.method == "HEAD", not keep_alive)
+        except Exception:
+            log.exception("HTTP handler error", extra={"path": request.path})
+            keep_alive = False
+            data = _error(500, "Internal server error", request.method == "HEAD")
+        self.done.append((lane, conn, data, keep_alive))
+        self._wake()
 
     # -- writing responses ---------------------------------------------------------------
 
