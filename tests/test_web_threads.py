@@ -14,6 +14,7 @@ import pytest
 
 from exporter import httpserver
 from exporter.httpserver import HttpServer, LaneSpec, Request, Response
+
 from helpers import Daemon
 from testkit import free_port, wait_until
 
