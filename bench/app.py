@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import zmq
 
 from bench.common import BACKLOG, BenchEngine
-from exporter.engine import COALESCE_SECONDS
+from exporter.monitor.engine import COALESCE_SECONDS
 
 from testkit import LoadGen, free_port
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import zmq
 
 from exporter.config import Settings, parse_config
-from exporter.engine import COALESCE_SECONDS, Engine
+from exporter.monitor.engine import COALESCE_SECONDS, Engine
 
 from testkit import LOADGEN, LoadGen, Tally, free_port, poll_until
 

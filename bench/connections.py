@@ -14,7 +14,7 @@ Details reported:
 - `tcp_info_us`: one `getsockopt(TCP_INFO)` per connection, over every connection of the
   "on" daemon (this process's ends: the same kind of socket, the same syscall), fastest
   of 5 passes;
-- `first_read_us` / `pinned_read_us`: `exporter.connections.read_connection` on the same
+- `first_read_us` / `pinned_read_us`: `exporter.connections.kernel.read_connection` on the same
   fds, unpinned (addresses checked) and pinned (the steady state), fastest of 5 passes;
 - `sample_duration_s`: the on-daemon's own `zmq_exporter_connection_sample_duration_seconds`
   (the sampler's last pass over all connections), when the daemon has that family;
@@ -37,7 +37,7 @@ from functools import partial
 from pathlib import Path
 
 from bench.common import BACKLOG, DaemonProcess, free_port, raise_fd_limit, wait_until
-from exporter.connections import TCP_INFO_LEN, Expected, Gone, read_connection
+from exporter.connections.kernel import TCP_INFO_LEN, Expected, Gone, read_connection
 from exporter.prober.greeting import our_greeting
 from exporter.prober.wire import basic_properties, command
 

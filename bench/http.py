@@ -1,4 +1,4 @@
-"""What parsing a request head costs: h11 (exporter.httpserver.parse_head) against the
+"""What parsing a request head costs: h11 (exporter.web.server.parse_head) against the
 parser it replaced (str.split on the request line, http.client.parse_headers, the email
 package's header parser), kept here only as the baseline.
 
@@ -35,7 +35,7 @@ from types import ModuleType
 from typing import Any
 
 from bench.common import ROOT
-from exporter.httpserver import (
+from exporter.web.server import (
     MAX_BODY_BYTES,
     HttpServer,
     LaneSpec,
@@ -179,11 +179,11 @@ class _Healthy:
 
 
 def baseline_server_module() -> ModuleType | None:
-    """exporter/httpserver.py as of BASELINE_COMMIT, imported under another name; None
+    """exporter/web/server.py as of BASELINE_COMMIT, imported under another name; None
     outside a git checkout."""
     try:
         source = subprocess.run(
-            ["git", "show", f"{BASELINE_COMMIT}:exporter/httpserver.py"],
+            ["git", "show", f"{BASELINE_COMMIT}:exporter/web/server.py"],
             cwd=ROOT, capture_output=True, check=True, timeout=30,
         ).stdout  # fmt: skip
     except (OSError, subprocess.SubprocessError):
@@ -193,7 +193,7 @@ def baseline_server_module() -> ModuleType | None:
     assert spec is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module  # dataclasses look their module up there
-    exec(compile(source, f"{BASELINE_COMMIT}:exporter/httpserver.py", "exec"), module.__dict__)
+    exec(compile(source, f"{BASELINE_COMMIT}:exporter/web/server.py", "exec"), module.__dict__)
     return module
 
 

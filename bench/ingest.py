@@ -19,7 +19,7 @@ from prometheus_client import CollectorRegistry, Counter
 from zmq.utils.monitor import recv_monitor_message
 
 from bench.common import BACKLOG, BenchEngine, thread_cpu
-from exporter.sockets import attach_monitor
+from exporter.monitor.sockets import attach_monitor
 
 from testkit import LoadGen, free_port, poll_until
 

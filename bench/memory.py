@@ -14,7 +14,7 @@ import tempfile
 import zmq
 
 from bench.common import engine_config, raise_fd_limit
-from exporter.sockets import attach_monitor
+from exporter.monitor.sockets import attach_monitor
 
 from testkit import free_port, poll_until
 
@@ -53,7 +53,7 @@ def bare(sockets: int, ipc_dir: str) -> float:
 
 def ours(sockets: int, ipc_dir: str) -> float:
     """The same sockets configured in our engine (config, sockets, monitors, state)."""
-    from exporter.engine import Engine
+    from exporter.monitor.engine import Engine
 
     engine = Engine()
     engine.start()

@@ -20,7 +20,7 @@ from typing import Any
 
 import zmq
 
-from exporter.events import Event
+from exporter.core.events import Event
 
 from testkit import LoadGen, established, free_port, poll_until
 

@@ -14,17 +14,17 @@ from dataclasses import dataclass
 from opentelemetry.sdk.resources import Resource
 
 from bench import scrape
-from exporter.events import Event
-from exporter.otlp import MetricsBuilder, count_points
-from exporter.render.sockettext import SocketText
-from exporter.sockets import build_labels
-from exporter.state import (
+from exporter.core.events import Event
+from exporter.core.state import (
     EngineSnapshot,
     ReaderStats,
     SocketSnapshot,
     apply_event,
     snapshot_socket,
 )
+from exporter.monitor.sockets import build_labels
+from exporter.otlp.export import MetricsBuilder, count_points
+from exporter.render.sockettext import SocketText
 
 
 @dataclass

@@ -27,8 +27,8 @@ from dataclasses import dataclass
 import zmq
 
 from exporter.config.modules import ProbeModule, default_modules
+from exporter.monitor.sockets import attach_monitor
 from exporter.prober import Prober
-from exporter.sockets import attach_monitor
 
 HEADERS = {"X-Prometheus-Scrape-Timeout-Seconds": "5"}
 

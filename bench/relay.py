@@ -43,10 +43,10 @@ from typing import Any
 import zmq
 
 from bench.common import BACKLOG, DaemonProcess, LoadGen, free_port, thread_cpu, wait_until
-from exporter.endpoints import EndpointMap
-from exporter.events import Event
-from exporter.relay import RelaySender
-from exporter.state import SocketSnapshot, SocketState, apply_event, snapshot_socket
+from exporter.core.endpoints import EndpointMap
+from exporter.core.events import Event
+from exporter.core.state import SocketSnapshot, SocketState, apply_event, snapshot_socket
+from exporter.relay.server import RelaySender
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRAPE_INTERVAL = 0.1

@@ -29,7 +29,7 @@ from bench import (
     scrape,
 )
 from bench.common import BenchEngine, process_cpu, raise_fd_limit, wait_quiet, wait_until
-from exporter.engine import COALESCE_SECONDS
+from exporter.monitor.engine import COALESCE_SECONDS
 
 
 @dataclass(frozen=True)

@@ -13,10 +13,10 @@ import prometheus_client
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from exporter.endpoints import EndpointMap
-from exporter.events import Event
+from exporter.core.endpoints import EndpointMap
+from exporter.core.events import Event
+from exporter.core.state import SocketSnapshot, SocketState, apply_event, snapshot_socket
 from exporter.render.sockettext import SocketText
-from exporter.state import SocketSnapshot, SocketState, apply_event, snapshot_socket
 
 # A ROUTER's life: listening, two peers accepted, one gone, handshakes, one auth failure.
 _EVENTS = (

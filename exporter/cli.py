@@ -15,14 +15,14 @@ import zmq
 
 from exporter import __version__
 from exporter.config import ConfigError, load_config
-from exporter.fdbudget import raise_nofile_limit, startup_fd_problem
+from exporter.monitor.fdbudget import raise_nofile_limit, startup_fd_problem
 from exporter.prober.handler import DEFAULT_MAX_CONCURRENT, DEFAULT_TIMEOUT_OFFSET
-from exporter.web import DEFAULT_MAX_REQUESTS
+from exporter.web.app import DEFAULT_MAX_REQUESTS
 
 if TYPE_CHECKING:
     from exporter.config import Settings
     from exporter.config.otlp import OtlpSettings
-    from exporter.webconfig import WebConfig
+    from exporter.web.live_config import WebConfig
 
 DEFAULT_LISTEN = ":19555"
 # sysexits.h EX_SOFTWARE: the engine thread ended; distinct from 1 (bad config or flags).
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     raise_nofile_limit()  # before the check, so that the check sees what the start will
     try:
         settings = load_config(args.config_file)
-        from exporter.otlp import check_otlp
+        from exporter.otlp.export import check_otlp
 
         # The `otlp:` section and the OTEL_* environment, resolved once; the daemon gets it.
         otlp = check_otlp(settings)
@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
         return fail(f"{settings.file}: {fd_problem}")
     web_config = None
     if args.web_config_file:
-        from exporter.webconfig import load_web_config
+        from exporter.web.live_config import load_web_config
 
         try:
             web_config = load_web_config(args.web_config_file)

@@ -11,27 +11,27 @@ from prometheus_client import PLATFORM_COLLECTOR, PROCESS_COLLECTOR
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from exporter import metrics
 from exporter.config import ConfigError, Settings, load_config
 from exporter.config.model import ConnectionsConfig
 from exporter.config.otlp import OtlpSettings
 from exporter.config.relay import relay_series_budget
-from exporter.connsampler import ConnectionSample, ConnectionSampler, reads_gone_family
-from exporter.conntable import ConnectionTable
-from exporter.engine import ApplyError, Engine, EngineStopped
-from exporter.fdbudget import MISC_RESERVE
+from exporter.connections.sampler import ConnectionSample, ConnectionSampler, reads_gone_family
+from exporter.connections.table import ConnectionTable
+from exporter.core import metrics
+from exporter.core.state import EngineSnapshot
 from exporter.logs import dropped_log_lines
-from exporter.otlp import OtlpOutput
+from exporter.monitor.engine import ApplyError, Engine, EngineStopped
+from exporter.monitor.fdbudget import MISC_RESERVE
+from exporter.monitor.sockets import build_labels
+from exporter.otlp.export import OtlpOutput
 from exporter.prober import Prober
 from exporter.prober.handler import DEFAULT_MAX_CONCURRENT, DEFAULT_TIMEOUT_OFFSET
 from exporter.prober.handshake import close_context as close_prober_context
-from exporter.relay import RelayLimits, RelayServer
+from exporter.relay.server import RelayLimits, RelayServer
 from exporter.render.prometheus import StateCollector, one_sample
-from exporter.render.status import render_status
-from exporter.sockets import build_labels
-from exporter.state import EngineSnapshot
-from exporter.web import DEFAULT_MAX_REQUESTS, MAX_CONNECTIONS, WebApp, WebServer
-from exporter.webconfig import WebConfig
+from exporter.web.app import DEFAULT_MAX_REQUESTS, MAX_CONNECTIONS, WebApp, WebServer
+from exporter.web.live_config import WebConfig
+from exporter.web.status import render_status
 
 log = logging.getLogger("zmq_exporter")
 
@@ -113,7 +113,7 @@ class Daemon:
         self.registry.register(PLATFORM_COLLECTOR)
         if self.relay is not None:
             self.registry.register(self.relay.collector())
-        # OTLP push, when configured (`otlp`: resolved once, by exporter.otlp.check_otlp):
+        # OTLP push, when configured (`otlp`: resolved once, by exporter.otlp.export.check_otlp):
         # the same snapshots and rows as /metrics, on a thread of its own.
         self.otlp = (
             OtlpOutput(

@@ -5,18 +5,20 @@
     ...
     handle.close()  # from the thread that uses `sock`, before closing `sock`
 
-The same reader and reducer as the daemon's (exporter/reader.py, exporter/state.py), and
+The same reader and reducer as the daemon's (exporter/monitor/reader.py, exporter/core/state.py),
+and
 the same families and label names, served by one prometheus_client Collector per registry
 and, with `meter_provider`, by OTel observable instruments named as the daemon's OTLP
 output.
 
 Who is connected (issue 18): `connections_table()` (all instrumented sockets, or one
 socket or endpoint) and `Instrumentation.connections()` return the live connections as the
-daemon's /api/v1/connections rows, read by the daemon's ConnectionTable (exporter/conntable.py)
+daemon's /api/v1/connections rows,
+read by the daemon's ConnectionTable (exporter/connections/table.py)
 over this reader's snapshot: the same fd checks and pins, one table per process. The
 daemon's six per-endpoint `zmq_connection*` families, its sampler self-metrics and
 `zmq_exporter_connection_reads_gone_total` come from one ConnectionSampler per process over
-that table (exporter/connsampler.py), a daemon thread started by the first collect of a
+that table (exporter/connections/sampler.py), a daemon thread started by the first collect of a
 registry (or OTel callback) that shows an instrumented socket, and not in a forked child
 until it collects there; each registry and meter provider gets its own sockets' series.
 `configure_connections()` sets it as the daemon's `connections:` section (default: on,
@@ -64,23 +66,24 @@ from prometheus_client import REGISTRY
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import CollectorRegistry
 
-from exporter import __version__, metrics
+from exporter import __version__
 from exporter.config.model import ConnectionsConfig
-from exporter.connsampler import ConnectionSampler, reads_gone_family
-from exporter.conntable import ConnectionTable
-from exporter.endpoints import LearningEndpointMap
-from exporter.events import ALL_EVENTS_MASK, EVENT_BY_NAME, Event
-from exporter.reader import EngineStopped, Reader
-from exporter.render.prometheus import StateCollector, render_self, render_sockets
-from exporter.render.rows import row_labels, socket_rows
-from exporter.sockets import attach_monitor, build_labels
-from exporter.state import (
+from exporter.connections.sampler import ConnectionSampler, reads_gone_family
+from exporter.connections.table import ConnectionTable
+from exporter.core import metrics
+from exporter.core.endpoints import LearningEndpointMap
+from exporter.core.events import ALL_EVENTS_MASK, EVENT_BY_NAME, Event
+from exporter.core.state import (
     EngineSnapshot,
     ReaderStats,
     SocketSnapshot,
     SocketState,
     record_endpoint,
 )
+from exporter.monitor.reader import EngineStopped, Reader
+from exporter.monitor.sockets import attach_monitor, build_labels
+from exporter.render.prometheus import StateCollector, render_self, render_sockets
+from exporter.render.rows import row_labels, socket_rows
 
 if TYPE_CHECKING:
     from opentelemetry.metrics import CallbackOptions, MeterProvider, Observation
@@ -439,7 +442,7 @@ def instrument(
 
 def _relay_sender(endpoint: str, relay_id: str | None, server_key: str | None) -> None:
     """The process's sender to `endpoint`, started on first use. With `_lock` held."""
-    from exporter.relay import RelaySender  # only applications that relay load it
+    from exporter.relay.server import RelaySender  # only applications that relay load it
 
     sender = _process.relays.get(endpoint)
     if sender is not None:
@@ -534,7 +537,7 @@ def connections_table(
     (its label, as given to bind/connect) connections. `limit`: read at most that many
     (None: every live connection; the count is bounded by the process's open files).
 
-    The daemon's code does the reads (exporter/conntable.py): each fd from a CONNECTED or
+    The daemon's code does the reads (exporter/connections/table.py): each fd from a CONNECTED or
     ACCEPTED event is verified (addresses, pinned socket inode) before a row is made, so a
     closed or reused fd number is never reported as a connection. A connection that ended
     is gone once its DISCONNECTED is reduced (within the reader's 50 ms coalescing). No

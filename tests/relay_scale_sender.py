@@ -12,7 +12,7 @@ import time
 import zmq
 
 import exporter
-from exporter.events import Event
+from exporter.core.events import Event
 
 SOCKETS = 20
 

@@ -11,7 +11,7 @@ import yaml
 
 from exporter.config import ConfigError, Settings, load_config, parse_config
 from exporter.config.durations import parse_duration
-from exporter.events import ALL_EVENTS_MASK, Event
+from exporter.core.events import ALL_EVENTS_MASK, Event
 
 from helpers import run_cli
 

@@ -71,7 +71,7 @@ def _worker() -> None:  # pragma: no cover - runs in the child
     import zmq
 
     from exporter.config import ConfigError, load_config
-    from exporter.sockets import close_socket, open_socket
+    from exporter.monitor.sockets import close_socket, open_socket
 
     ctx = zmq.Context()
     for line in sys.stdin:

@@ -15,7 +15,7 @@ import pytest
 import zmq
 
 from exporter.config import ConfigError, load_config, parse_config
-from exporter.sockets import close_socket, open_socket
+from exporter.monitor.sockets import close_socket, open_socket
 
 from helpers import ROOT, Daemon, http_post, run_cli, total
 from testkit import free_port, wait_until

@@ -1,4 +1,4 @@
-"""exporter/connections.py against the kernel: real TCP over loopback, real ZeroMQ sockets
+"""exporter/connections/kernel.py against the kernel: real TCP over loopback, real ZeroMQ sockets
 whose fds come from their monitors' CONNECTED/ACCEPTED events, ipc with SO_PEERCRED, and
 fd numbers closed or reused by other kinds of files (issue 18)."""
 
@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import zmq
 
-from exporter.connections import (
+from exporter.connections.kernel import (
     TCP_INFO_LEN,
     ConnectionInfo,
     Expected,
@@ -35,7 +35,7 @@ from exporter.connections import (
     summarize,
     summarize_by,
 )
-from exporter.sockets import attach_monitor
+from exporter.monitor.sockets import attach_monitor
 
 from helpers import missing_tool, netns_executor
 from testkit import free_port, wait_until

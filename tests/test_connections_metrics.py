@@ -23,9 +23,9 @@ from typing import Any
 import pytest
 from test_connections import lossy_ns, sh  # noqa: F401  (the netns fixture)
 
-from exporter import metrics
 from exporter.config import load_config
-from exporter.connsampler import peer_of
+from exporter.connections.sampler import peer_of
+from exporter.core import metrics
 from exporter.daemon import Daemon as InProcessDaemon
 
 from helpers import (
@@ -227,7 +227,7 @@ def test_per_peer_labels_and_the_guard(ipc_dir: Path) -> None:
 
 
 def test_peer_label_values() -> None:
-    from exporter.connections import ConnectionInfo
+    from exporter.connections.kernel import ConnectionInfo
 
     def info(transport: str, peer: str, pid: int | None = None) -> ConnectionInfo:
         family = "unix" if transport == "ipc" else "ipv4"
@@ -491,8 +491,8 @@ def test_sampler_reads_are_the_tables_pinned_reads_in_batches() -> None:
     the API: the first walk pins every connection, and a connection whose fd number now
     names another connection of the same endpoint is refused as `reused`, not reported.
     The lock is taken once per batch (and once to prune), never for the whole walk."""
-    from exporter.conntable import ConnectionTable
-    from exporter.state import EndpointSnapshot, EngineSnapshot, ReaderStats, SocketSnapshot
+    from exporter.connections.table import ConnectionTable
+    from exporter.core.state import EndpointSnapshot, EngineSnapshot, ReaderStats, SocketSnapshot
 
     n, batch = 300, 128
     with socket.create_server(("127.0.0.1", 0), backlog=n) as listener:
@@ -539,8 +539,8 @@ def test_unchanged_sample_is_not_rendered_again() -> None:
     from prometheus_client import exposition
 
     from exporter.config.model import ConnectionsConfig
-    from exporter.connsampler import build_sample
-    from exporter.state import EndpointSnapshot, EngineSnapshot, ReaderStats, SocketSnapshot
+    from exporter.connections.sampler import build_sample
+    from exporter.core.state import EndpointSnapshot, EngineSnapshot, ReaderStats, SocketSnapshot
 
     def snap(endpoints: int) -> EngineSnapshot:
         eps = tuple(

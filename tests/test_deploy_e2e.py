@@ -442,7 +442,7 @@ def test_dashboard_connection_health_row_selects_the_connection_families() -> No
     """Every connection family has a panel in the Connection health row, selected by
     `$instance` and `$socket` and grouped per endpoint; byte families in bytes, RTT in
     seconds; every sampler family has one in the Exporter row."""
-    from exporter import metrics
+    from exporter.core import metrics
 
     dash = json.loads(DASHBOARD.read_text())
     rows = sorted((p["gridPos"]["y"], p["title"]) for p in dash["panels"] if p["type"] == "row")

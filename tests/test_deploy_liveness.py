@@ -239,7 +239,7 @@ def test_alert_rules_reference_only_served_families() -> None:
     `process_*`): a renamed family cannot leave a rule selecting nothing."""
     from test_deploy_e2e import DASHBOARD, metric_names
 
-    from exporter import metrics
+    from exporter.core import metrics
 
     served = {f.name for f in metrics.FAMILIES} | {"up"}
     rules = [r for g in yaml.safe_load(ALERTS.read_text())["groups"] for r in g["rules"]]

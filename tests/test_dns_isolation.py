@@ -28,7 +28,7 @@ import pytest
 import zmq
 
 from exporter.config import SocketSpec, parse_config
-from exporter.contexts import CONTEXT_FDS, BindNames, ContextPool, context_fds, dns_names
+from exporter.monitor.contexts import CONTEXT_FDS, BindNames, ContextPool, context_fds, dns_names
 
 from helpers import ROOT, Daemon, value
 from testkit import free_port, wait_until

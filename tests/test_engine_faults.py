@@ -26,20 +26,20 @@ from typing import Any
 import pytest
 import zmq
 
-import exporter.engine as engine_module
-import exporter.sockets as sockets_module
-import exporter.state as state_module
+import exporter.core.state as state_module
+import exporter.monitor.engine as engine_module
+import exporter.monitor.sockets as sockets_module
 from exporter.config import parse_config
+from exporter.core.events import Event
 from exporter.daemon import FD_RESERVE
-from exporter.engine import (
+from exporter.monitor.engine import (
     MAX_BACKOFF_EXPONENT,
     ApplyError,
     Engine,
     EngineStopped,
     retry_delay,
 )
-from exporter.events import Event
-from exporter.fdbudget import BASE_FDS, FDS_PER_SOCKET
+from exporter.monitor.fdbudget import BASE_FDS, FDS_PER_SOCKET
 
 from helpers import ROOT, Daemon, http_get, parse_metrics, value
 from testkit import free_port, wait_until
@@ -183,7 +183,7 @@ def test_engine_thread_death_is_visible_and_fails_commands_at_once(
 INJECT = """\
 import sys, threading, time
 from exporter import cli
-from exporter.engine import Engine
+from exporter.monitor.engine import Engine
 
 real = Engine._run_timers
 started = time.monotonic()
@@ -507,7 +507,7 @@ def test_probes_fail_once_the_engine_thread_ended(monkeypatch: pytest.MonkeyPatc
 
 
 def test_fd_budget_arithmetic() -> None:
-    from exporter.fdbudget import MIN_RESERVE, fd_budget_problem
+    from exporter.monitor.fdbudget import MIN_RESERVE, fd_budget_problem
 
     # A reload that opens nothing is never refused, whatever the limit.
     assert fd_budget_problem(250, 0, 320, limit=256) is None

@@ -17,7 +17,7 @@ from prometheus_client.openmetrics.parser import (
 from prometheus_client.parser import text_string_to_metric_families as parse_text
 from test_deploy_tools import tool
 
-from exporter import metrics
+from exporter.core import metrics
 
 from helpers import Daemon, http_get
 from testkit import free_port, wait_until

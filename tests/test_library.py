@@ -24,7 +24,8 @@ from prometheus_client import CollectorRegistry, generate_latest
 from test_storm import STORM, PingPong
 
 import exporter
-from exporter import library, metrics
+from exporter import library
+from exporter.core import metrics
 
 from helpers import ROOT, Samples, http_get, parse_metrics, value
 from testkit import LoadGen, established, free_port, wait_until
@@ -573,9 +574,9 @@ def test_examples_serve_their_metrics(script: str, ctx: Ctx) -> None:
 
 
 def test_learned_endpoints_are_bounded_and_mapped_back() -> None:
-    from exporter.endpoints import UNMAPPED, LearningEndpointMap
-    from exporter.events import Event
-    from exporter.state import SocketState, apply_event, record_endpoint
+    from exporter.core.endpoints import UNMAPPED, LearningEndpointMap
+    from exporter.core.events import Event
+    from exporter.core.state import SocketState, apply_event, record_endpoint
 
     sock = SocketState("s", "ROUTER", {}, LearningEndpointMap((), (), limit=3))
     apply_event(sock, Event.CONNECT_DELAYED, 115, "tcp://localhost:6000", 0)

@@ -32,7 +32,8 @@ from test_deploy_tools import tool
 from test_library import PRELUDE, run_child
 
 import exporter
-from exporter import library, metrics
+from exporter import library
+from exporter.core import metrics
 
 from helpers import ROOT, Samples, missing_tool, parse_metrics, value
 from testkit import free_port, wait_until

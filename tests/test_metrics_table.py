@@ -1,4 +1,4 @@
-"""The metrics table (`exporter.metrics`) is the one definition of every family: the README's
+"""The metrics table (`exporter.core.metrics`) is the one definition of every family: the README's
 tables are generated from it, a real /metrics serves exactly its families (names, types,
 help, labels) in both formats, the rows of a fresh socket follow its initial-zero rules,
 and the facts derived from it (reserved labels, counters at 0, the series estimate) agree.
@@ -17,13 +17,13 @@ from prometheus_client.openmetrics.parser import (
 )
 from prometheus_client.parser import text_string_to_metric_families as parse_text
 
-from exporter import metrics
 from exporter.config import ConfigError, parse_config
 from exporter.config.cardinality import BIND_SERIES, CONNECT_SERIES, SOCKET_SERIES
-from exporter.endpoints import EndpointMap
-from exporter.events import ERRNO_EVENTS
+from exporter.core import metrics
+from exporter.core.endpoints import EndpointMap
+from exporter.core.events import ERRNO_EVENTS
+from exporter.core.state import SocketState, snapshot_socket
 from exporter.render.rows import SOCKET_FAMILIES, socket_rows
-from exporter.state import SocketState, snapshot_socket
 
 from helpers import ROOT, Daemon, http_get, value
 from testkit import free_port, wait_until
@@ -54,15 +54,16 @@ def code_names(cell: str) -> tuple[str, ...]:
 
 def test_readme_tables_are_the_table() -> None:
     generated = subprocess.run(
-        [sys.executable, "-m", "exporter.metrics", "--markdown"],
+        [sys.executable, "-m", "exporter.core.metrics", "--markdown"],
         cwd=ROOT, capture_output=True, text=True, timeout=30, check=True,
     ).stdout  # fmt: skip
     assert generated == metrics.markdown_metrics()
     assert generated in README, "README's metrics table: regenerate it with " + (
-        "python -m exporter.metrics --markdown"
+        "python -m exporter.core.metrics --markdown"
     )
     assert metrics.markdown_otel_names() in README, (
-        "README's OTel names table: regenerate it with python -m exporter.metrics --markdown otel"
+        "README's OTel names table: regenerate it with python -m exporter.core.metrics --markdown "
+        "otel"
     )
     # Every row of every metric table of the README (the OTLP push's own too) says what the
     # table says, and every family is in one.
@@ -223,11 +224,13 @@ def test_facts_derived_from_the_table() -> None:
 def test_table_and_config_import_no_runtime_module() -> None:
     code = textwrap.dedent("""\
         import sys
-        import exporter.metrics
+        import exporter.core.metrics
         assert not [m for m in sys.modules if m.startswith(("zmq", "prometheus_client"))]
         import exporter.config, exporter.config.cardinality
-        runtime = ("exporter.state", "exporter.engine", "exporter.sockets", "exporter.render",
-                   "exporter.web", "exporter.daemon", "exporter.otlp", "prometheus_client")
+        runtime = ("exporter.core.state", "exporter.monitor.engine", "exporter.monitor.sockets",
+                   "exporter.render",
+                   "exporter.web.app", "exporter.daemon", "exporter.otlp.export",
+                   "prometheus_client")
         print(sorted(m for m in sys.modules if m.startswith(runtime)))
         """)
     out = subprocess.run(
@@ -240,9 +243,10 @@ def test_renderers_import_no_zmq_and_no_engine() -> None:
     """The data flow: render/ reads snapshots; the build labels come in from the zmq edge."""
     code = textwrap.dedent("""\
         import sys
-        import exporter.render.prometheus, exporter.render.status
-        io = ("zmq", "exporter.engine", "exporter.reader", "exporter.sockets", "exporter.daemon",
-              "exporter.web", "exporter.otlp")
+        import exporter.render.prometheus, exporter.web.status
+        io = ("zmq", "exporter.monitor.engine", "exporter.monitor.reader",
+              "exporter.monitor.sockets", "exporter.daemon",
+              "exporter.web.app", "exporter.otlp.export")
         print(sorted({m.split(".")[0] if m.startswith("zmq") else m
                       for m in sys.modules if m.startswith(io)}))
         """)

@@ -50,7 +50,7 @@ HELD_DAEMON = """
 import os
 import sys
 
-import exporter.engine as engine
+import exporter.monitor.engine as engine
 from exporter import cli
 
 hold_fd, hold_at = int(sys.argv.pop(1)), int(sys.argv.pop(1))

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import zmq
 
-from exporter import metrics
 from exporter.config import parse_config
 from exporter.config.cardinality import (
     FIXED_SERIES,
@@ -21,7 +20,8 @@ from exporter.config.cardinality import (
     connection_series,
     estimate_series,
 )
-from exporter.events import HANDSHAKE_REASONS, ZAP_STATUS, ZMTP_ERRORS
+from exporter.core import metrics
+from exporter.core.events import HANDSHAKE_REASONS, ZAP_STATUS, ZMTP_ERRORS
 
 from helpers import ROOT, Daemon, Samples, total, value
 from testkit import free_port, wait_until

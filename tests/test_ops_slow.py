@@ -16,7 +16,7 @@ import zmq
 from helpers import Daemon, http_get, value
 from testkit import free_port, wait_until
 
-HEADER_TIMEOUT = 10.0  # exporter.httpserver.HEADER_TIMEOUT
+HEADER_TIMEOUT = 10.0  # exporter.web.server.HEADER_TIMEOUT
 
 
 def router_config(port: int) -> str:

@@ -19,7 +19,7 @@ import bcrypt
 import pytest
 from pki import Pki, make_pki
 
-from exporter.web import MAX_CONNECTIONS
+from exporter.web.app import MAX_CONNECTIONS
 
 from helpers import ROOT, Daemon, parse_metrics, value
 from testkit import free_port, wait_until

@@ -24,13 +24,13 @@ import pytest
 import zmq
 from opentelemetry.proto.collector.metrics.v1 import metrics_service_pb2, metrics_service_pb2_grpc
 
-from exporter.metrics import (
+from exporter.core.metrics import (
     CONNECTION_RTT_AVG,
     CONNECTION_RTT_MAX,
     CONNECTION_SEND_QUEUE,
     PUSHED,
 )
-from exporter.sockets import build_labels
+from exporter.monitor.sockets import build_labels
 
 from helpers import Daemon, Samples, free_port, value, wait_until
 
@@ -516,8 +516,8 @@ def test_one_snapshot_per_export() -> None:
     """In-process: every export takes exactly one engine snapshot, and the final export at
     stop is one more."""
     from exporter.config.otlp import OtlpSettings
-    from exporter.engine import Engine
-    from exporter.otlp import OtlpOutput
+    from exporter.monitor.engine import Engine
+    from exporter.otlp.export import OtlpOutput
 
     engine = Engine()
     calls = 0
@@ -557,8 +557,8 @@ def test_idle_sockets_keep_their_points_and_the_payload_stays_equal(
     carry the same series, values and start times, and only time_unix_nano moves on."""
     from exporter.config import parse_config
     from exporter.config.otlp import OtlpSettings
-    from exporter.engine import Engine
-    from exporter.otlp import OtlpOutput
+    from exporter.monitor.engine import Engine
+    from exporter.otlp.export import OtlpOutput
 
     zport, idle_port = free_port(), free_port()
     settings = parse_config(
@@ -763,9 +763,9 @@ def _sockets() -> tuple[Any, ...]:
     """Snapshots of sockets with every kind of row: configured labels (non-ASCII, and
     longer than 127 bytes: two-byte lengths), counters beyond 2**32, errno and unknown
     event rows, endpoints of both roles."""
-    from exporter.endpoints import EndpointMap
-    from exporter.events import Event
-    from exporter.state import SocketState, apply_event, snapshot_socket
+    from exporter.core.endpoints import EndpointMap
+    from exporter.core.events import Event
+    from exporter.core.state import SocketState, apply_event, snapshot_socket
 
     long = "x" * 200
     states = [
@@ -820,11 +820,11 @@ def test_request_equals_the_official_encoding() -> None:
     from opentelemetry.sdk.util.instrumentation import InstrumentationScope
 
     from exporter import __version__
-    from exporter.metrics import SOCKET_FAMILIES
-    from exporter.otlp import MetricsBuilder
+    from exporter.core.metrics import SOCKET_FAMILIES
+    from exporter.core.state import EngineSnapshot, ReaderStats
+    from exporter.otlp.export import MetricsBuilder
     from exporter.render.prometheus import render_self
     from exporter.render.rows import row_labels, socket_rows
-    from exporter.state import EngineSnapshot, ReaderStats
 
     resource = Resource.create({"service.name": "t", "k8s.pod.name": "pod-ü", "n": 3, "b": True})
     times = iter([10**18, 10**18 + 5, 10**18 + 9, 10**18 + 20])
@@ -870,7 +870,7 @@ def test_request_equals_the_official_encoding() -> None:
 @pytest.mark.parametrize("protocol", ["grpc", "http/protobuf"])
 def test_official_exporters_send_the_built_request(protocol: str) -> None:
     """The official exporters are handed the built request through the private methods
-    named in `exporter.otlp.HOOKS` (the step where they would encode). Fails loudly if a
+    named in `exporter.otlp.export.HOOKS` (the step where they would encode). Fails loudly if a
     version of the exporters drops or stops calling them: making the exporter raises, or
     the export fails, or the receiver gets something else."""
     from opentelemetry.exporter.otlp.proto.grpc.metric_exporter import (
@@ -883,8 +883,8 @@ def test_official_exporters_send_the_built_request(protocol: str) -> None:
     from opentelemetry.sdk.resources import Resource
 
     from exporter.config.otlp import OtlpSettings, Protocol
-    from exporter.otlp import HOOKS, MetricsBuilder, sdk_exporter
-    from exporter.state import EngineSnapshot, ReaderStats
+    from exporter.core.state import EngineSnapshot, ReaderStats
+    from exporter.otlp.export import HOOKS, MetricsBuilder, sdk_exporter
 
     official = GrpcExporter if protocol == "grpc" else HttpExporter
     for name in HOOKS[protocol]:
@@ -912,9 +912,9 @@ def test_official_exporters_send_the_built_request(protocol: str) -> None:
 def many_sockets(count: int, endpoints: int = 1) -> tuple[Any, ...]:
     """Snapshots of `count` ROUTER sockets with `endpoints` bound endpoints each, every
     endpoint with listening, accepted, handshake and disconnect rows (as bench/scrape.py)."""
-    from exporter.endpoints import EndpointMap
-    from exporter.events import Event
-    from exporter.state import SocketState, apply_event, snapshot_socket
+    from exporter.core.endpoints import EndpointMap
+    from exporter.core.events import Event
+    from exporter.core.state import SocketState, apply_event, snapshot_socket
 
     events = (
         (Event.LISTENING, 9),
@@ -957,8 +957,8 @@ def split_output(
     its builder's clock fixed so that an unsplit build of the same state has the same
     times."""
     from exporter.config.otlp import OtlpSettings, Protocol
-    from exporter.otlp import MetricsBuilder, OtlpOutput, make_resource
-    from exporter.state import EngineSnapshot, ReaderStats
+    from exporter.core.state import EngineSnapshot, ReaderStats
+    from exporter.otlp.export import MetricsBuilder, OtlpOutput, make_resource
 
     endpoint = rx.endpoint if protocol == "grpc" else rx.endpoint + "/v1/metrics"
     settings = OtlpSettings(
@@ -981,7 +981,7 @@ def check_split(rx: Receiver, output: Any, sockets: tuple[Any, ...], budget: int
     """Every request of the last export arrived, each within `budget`, each a whole
     request (resource, and every metric with its name, unit, description, kind and
     temporality), and together they carry exactly the points of one unsplit request."""
-    from exporter.state import EngineSnapshot, ReaderStats
+    from exporter.core.state import EngineSnapshot, ReaderStats
 
     n = output.stats.last_requests
     got = rx.exports[-n:]
@@ -1012,7 +1012,7 @@ def test_large_export_arrives_in_requests_within_the_receivers_limit(protocol: s
     from opentelemetry.sdk.metrics.export import MetricExportResult
 
     from exporter.config.otlp import DEFAULT_MAX_REQUEST_BYTES
-    from exporter.state import EngineSnapshot, ReaderStats
+    from exporter.core.state import EngineSnapshot, ReaderStats
 
     sockets = many_sockets(4000)
     rx = Receiver(protocol, max_bytes=GRPC_DEFAULT_MAX).start()
@@ -1077,8 +1077,8 @@ def test_split_budget_edges() -> None:
     even one point sends each point alone rather than nothing."""
     from opentelemetry.sdk.resources import Resource
 
-    from exporter.otlp import MetricsBuilder
-    from exporter.state import EngineSnapshot, ReaderStats
+    from exporter.core.state import EngineSnapshot, ReaderStats
+    from exporter.otlp.export import MetricsBuilder
 
     snap = EngineSnapshot(many_sockets(3, endpoints=4), ReaderStats(), True)
     builder = MetricsBuilder(Resource.create({}), build_labels(), clock=lambda: 10**18)

@@ -12,7 +12,7 @@ import pytest
 
 from exporter.config import ConfigError, parse_config
 from exporter.config.otlp import OtlpSettings, resolve_otlp
-from exporter.metrics import PUSHED
+from exporter.core.metrics import PUSHED
 
 from helpers import ROOT, Daemon, free_port, value
 

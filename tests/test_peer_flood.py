@@ -5,7 +5,7 @@ one of them (and open a new one whenever one closes) run the process out of desc
 libzmq's listener then retries accept() in a loop, one ACCEPT_FAILED(EMFILE) monitor event
 per try (~1.2 million/s), queued in the unbounded monitor pipe. On 44f8c93 RSS grew by
 ~60 MB/s (52 MB -> 1.65 GB in 11 s measured), /-/healthy and /metrics timed out, and the
-memory stayed after the peers left. The engine now sheds the listener (exporter/engine.py:
+memory stayed after the peers left. The engine now sheds the listener (exporter/monitor/engine.py:
 unbind until descriptors are free) and the reader gives a burst's memory back.
 """
 
@@ -22,8 +22,8 @@ from pathlib import Path
 import zmq
 
 from exporter.config import parse_config
-from exporter.engine import Engine
-from exporter.reader import TRIM_BURST
+from exporter.monitor.engine import Engine
+from exporter.monitor.reader import TRIM_BURST
 
 from helpers import ROOT, Samples, parse_metrics, total, value
 from testkit import LoadGen, established, free_port, wait_until

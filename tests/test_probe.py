@@ -401,7 +401,7 @@ def test_concurrency_bound(prober: Prober) -> None:
 
 
 def test_reasons_are_the_table() -> None:
-    from exporter import metrics
+    from exporter.core import metrics
 
     assert metrics.PROBE_FAILURE_INFO.values == REASONS
 

@@ -22,7 +22,7 @@ from test_deploy_e2e import DASHBOARD, Prometheus, probe_metric_names
 from test_deploy_kubernetes import crd_errors
 from test_deploy_tools import DEPLOY, check, tool
 
-from exporter import metrics
+from exporter.core import metrics
 from exporter.prober.target import parse_target
 
 from helpers import ROOT, Daemon

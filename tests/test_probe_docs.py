@@ -8,8 +8,8 @@ import re
 
 import yaml
 
-from exporter import metrics
 from exporter.config import parse_config
+from exporter.core import metrics
 from exporter.prober import REASONS
 
 from helpers import ROOT
@@ -24,7 +24,7 @@ def section() -> str:
 
 def test_metrics_table_is_generated() -> None:
     assert metrics.markdown_probe() in section(), (
-        "regenerate it with python -m exporter.metrics --markdown probe"
+        "regenerate it with python -m exporter.core.metrics --markdown probe"
     )
     assert [f.name for f in metrics.PROBE_FAMILIES] == [
         "probe_success",

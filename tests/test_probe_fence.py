@@ -30,7 +30,7 @@ from hypothesis import strategies as st
 
 from exporter.config.fence import parse_pattern
 from exporter.config.modules import ProbeModule
-from exporter.endpoints import shown
+from exporter.core.endpoints import shown
 from exporter.prober import Prober
 
 from helpers import parse_metrics, value

@@ -19,10 +19,10 @@ import zmq
 from zmq.auth.thread import ThreadAuthenticator
 
 from exporter.config.modules import ProbeModule, default_modules
+from exporter.monitor.sockets import attach_monitor
 from exporter.prober import Prober
 from exporter.prober.greeting import our_greeting
 from exporter.prober.wire import MAX_COMMAND_SIZE, command, encode_property, parse_properties
-from exporter.sockets import attach_monitor
 
 from helpers import parse_metrics, value
 from testkit import wait_until

@@ -1,5 +1,5 @@
 """Relay (issue 16): application processes send their sockets' cumulative state to a
-sidecar daemon (exporter/relay.py, docs/relay.md). Real daemons, real senders, real
+sidecar daemon (exporter/relay/server.py, docs/relay.md). Real daemons, real senders, real
 SIGKILLs."""
 
 from __future__ import annotations
@@ -20,9 +20,10 @@ import zmq
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from exporter.endpoints import EndpointMap
-from exporter.events import Event
-from exporter.relay import (
+from exporter.core.endpoints import EndpointMap
+from exporter.core.events import Event
+from exporter.core.state import SocketSnapshot, SocketState, apply_event, snapshot_socket
+from exporter.relay.server import (
     REJECT_REASONS,
     Peer,
     RejectedMessage,
@@ -33,7 +34,6 @@ from exporter.relay import (
     encode,
     encode_socket,
 )
-from exporter.state import SocketSnapshot, SocketState, apply_event, snapshot_socket
 
 from helpers import (
     ROOT,
@@ -464,7 +464,7 @@ def test_docs_example_message_is_valid() -> None:
 
 
 def test_readme_relay_table_is_generated() -> None:
-    from exporter.metrics import markdown_relay
+    from exporter.core.metrics import markdown_relay
 
     readme = (ROOT / "README.md").read_text()
     section = readme.split("## Relay\n", 1)[1].split("\n## ", 1)[0]

@@ -32,9 +32,16 @@ from prometheus_client.openmetrics.parser import (
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
 
-from exporter.endpoints import EndpointMap
-from exporter.events import Event
-from exporter.relay import (
+from exporter.core.endpoints import EndpointMap
+from exporter.core.events import Event
+from exporter.core.state import (
+    EngineSnapshot,
+    ReaderStats,
+    SocketState,
+    apply_event,
+    snapshot_socket,
+)
+from exporter.relay.server import (
     MAX_COUNT,
     Peer,
     RejectedMessage,
@@ -45,8 +52,7 @@ from exporter.relay import (
     encode_socket,
 )
 from exporter.render.prometheus import StateCollector
-from exporter.render.status import render_status
-from exporter.state import EngineSnapshot, ReaderStats, SocketState, apply_event, snapshot_socket
+from exporter.web.status import render_status
 
 from helpers import Daemon, free_port, total, value, wait_until
 
@@ -438,7 +444,7 @@ def test_relayed_series_count_against_max_series_with_a_share_per_process(
     tmp_path: Path,
 ) -> None:
     from exporter.config.cardinality import FIXED_SERIES
-    from exporter.metrics import RELAY_FAMILIES
+    from exporter.core.metrics import RELAY_FAMILIES
 
     endpoint = _ipc(tmp_path)
     own = FIXED_SERIES + sum(f.series for f in RELAY_FAMILIES)

@@ -6,11 +6,17 @@ from prometheus_client import generate_latest
 from prometheus_client.openmetrics.exposition import generate_latest as generate_openmetrics
 from prometheus_client.registry import CollectorRegistry
 
-from exporter.endpoints import EndpointMap
-from exporter.events import Event
+from exporter.core.endpoints import EndpointMap
+from exporter.core.events import Event
+from exporter.core.state import (
+    EngineSnapshot,
+    ReaderStats,
+    SocketState,
+    apply_event,
+    snapshot_socket,
+)
+from exporter.monitor.sockets import build_labels
 from exporter.render.prometheus import StateCollector
-from exporter.sockets import build_labels
-from exporter.state import EngineSnapshot, ReaderStats, SocketState, apply_event, snapshot_socket
 
 from helpers import parse_metrics, value
 

@@ -31,15 +31,9 @@ from prometheus_client.utils import floatToGoString
 from test_deploy_tools import tool
 
 from exporter.config import parse_config
-from exporter.endpoints import EndpointMap
-from exporter.engine import Engine
-from exporter.events import Event
-from exporter.render.alloc import Trimmer
-from exporter.render.prometheus import StateCollector, render_sockets
-from exporter.render.rows import SOCKET_FAMILIES, socket_rows
-from exporter.render.sockettext import SocketText, fast_format, format_value
-from exporter.sockets import build_labels
-from exporter.state import (
+from exporter.core.endpoints import EndpointMap
+from exporter.core.events import Event
+from exporter.core.state import (
     EndpointSnapshot,
     EngineSnapshot,
     ReaderStats,
@@ -47,8 +41,14 @@ from exporter.state import (
     SocketState,
     apply_event,
 )
-from exporter.state import snapshot_socket as snap_of
-from exporter.web import WebApp
+from exporter.core.state import snapshot_socket as snap_of
+from exporter.monitor.engine import Engine
+from exporter.monitor.sockets import build_labels
+from exporter.render.alloc import Trimmer
+from exporter.render.prometheus import StateCollector, render_sockets
+from exporter.render.rows import SOCKET_FAMILIES, socket_rows
+from exporter.render.sockettext import SocketText, fast_format, format_value
+from exporter.web.app import WebApp
 
 from helpers import Daemon, http_get
 from testkit import free_port, wait_until

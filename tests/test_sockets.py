@@ -8,7 +8,7 @@ import time
 import zmq
 
 from exporter.config import parse_config
-from exporter.sockets import close_socket, open_socket
+from exporter.monitor.sockets import close_socket, open_socket
 
 from testkit import free_port
 

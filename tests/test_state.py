@@ -7,9 +7,9 @@ import errno
 
 import pytest
 
-from exporter.endpoints import SOCKET_WIDE, UNMAPPED, EndpointMap
-from exporter.events import Event
-from exporter.state import EndpointSnapshot, SocketState, apply_event, snapshot_socket
+from exporter.core.endpoints import SOCKET_WIDE, UNMAPPED, EndpointMap
+from exporter.core.events import Event
+from exporter.core.state import EndpointSnapshot, SocketState, apply_event, snapshot_socket
 
 E = Event
 BIND = "tcp://127.0.0.1:5555"

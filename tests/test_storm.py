@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 import zmq
 
 from exporter.config import parse_config
-from exporter.engine import Engine
-from exporter.events import Event
+from exporter.core.events import Event
+from exporter.monitor.engine import Engine
 
 from helpers import Daemon, value
 from testkit import LoadGen, free_port, wait_until

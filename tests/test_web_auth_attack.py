@@ -22,12 +22,12 @@ from pathlib import Path
 import bcrypt
 from prometheus_client.registry import CollectorRegistry
 
+from exporter.core.state import EngineSnapshot, ReaderStats
+from exporter.monitor.sockets import build_labels
 from exporter.render.prometheus import StateCollector
-from exporter.sockets import build_labels
-from exporter.state import EngineSnapshot, ReaderStats
-from exporter.web import WebApp, WebServer
-from exporter.webauth import AUTH_BURST, AUTH_INTERVAL, AddressThrottle
-from exporter.webconfig import load_web_config
+from exporter.web.app import WebApp, WebServer
+from exporter.web.auth import AUTH_BURST, AUTH_INTERVAL, AddressThrottle
+from exporter.web.live_config import load_web_config
 
 from testkit import free_port, wait_until
 

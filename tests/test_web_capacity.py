@@ -22,11 +22,11 @@ from collections.abc import Iterator
 import pytest
 from prometheus_client.registry import CollectorRegistry
 
-from exporter import httpserver
+from exporter.core.state import EngineSnapshot, ReaderStats
+from exporter.monitor.sockets import build_labels
 from exporter.render.prometheus import StateCollector
-from exporter.sockets import build_labels
-from exporter.state import EngineSnapshot, ReaderStats
-from exporter.web import MAX_CONNECTIONS, WebApp, WebServer
+from exporter.web import server as httpserver
+from exporter.web.app import MAX_CONNECTIONS, WebApp, WebServer
 
 from helpers import Daemon, parse_metrics, value
 from testkit import free_port, wait_until

@@ -35,12 +35,12 @@ from prometheus_client.registry import CollectorRegistry
 
 from exporter.config.errors import ConfigError
 from exporter.config.web import TLS_VERSIONS, WebSettings, load_web_settings, parse_web_settings
+from exporter.core.state import EngineSnapshot, ReaderStats
+from exporter.monitor.sockets import build_labels
 from exporter.render.prometheus import StateCollector
-from exporter.sockets import build_labels
-from exporter.state import EngineSnapshot, ReaderStats
-from exporter.web import WebApp, WebServer
-from exporter.webauth import AuthResult, BasicAuth, HashGate
-from exporter.webconfig import load_web_config
+from exporter.web.app import WebApp, WebServer
+from exporter.web.auth import AuthResult, BasicAuth, HashGate
+from exporter.web.live_config import load_web_config
 
 from helpers import ROOT, run_cli, write_atomic
 from testkit import free_port, wait_until

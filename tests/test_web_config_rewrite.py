@@ -24,11 +24,11 @@ import bcrypt
 from pki import Pki, make_pki
 from prometheus_client.registry import CollectorRegistry
 
+from exporter.core.state import EngineSnapshot, ReaderStats
+from exporter.monitor.sockets import build_labels
 from exporter.render.prometheus import StateCollector
-from exporter.sockets import build_labels
-from exporter.state import EngineSnapshot, ReaderStats
-from exporter.web import WebApp, WebServer
-from exporter.webconfig import SETTLE_SECONDS, load_web_config
+from exporter.web.app import WebApp, WebServer
+from exporter.web.live_config import SETTLE_SECONDS, load_web_config
 
 from helpers import write_atomic
 from testkit import free_port, wait_until

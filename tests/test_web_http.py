@@ -21,10 +21,10 @@ import pytest
 from pki import Pki, make_pki
 from prometheus_client.registry import CollectorRegistry
 
+from exporter.core.state import EngineSnapshot, ReaderStats
+from exporter.monitor.sockets import build_labels
 from exporter.render.prometheus import StateCollector
-from exporter.sockets import build_labels
-from exporter.state import EngineSnapshot, ReaderStats
-from exporter.web import WebApp, WebServer, accepts_gzip
+from exporter.web.app import WebApp, WebServer, accepts_gzip
 
 from helpers import ROOT, Daemon, parse_metrics, value
 from testkit import free_port, wait_until

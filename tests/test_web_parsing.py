@@ -26,11 +26,11 @@ from hypothesis import strategies as st
 from pki import Pki, make_pki
 from prometheus_client.registry import CollectorRegistry
 
+from exporter.core.state import EngineSnapshot, ReaderStats
+from exporter.monitor.sockets import build_labels
 from exporter.render.prometheus import StateCollector
-from exporter.sockets import build_labels
-from exporter.state import EngineSnapshot, ReaderStats
-from exporter.web import WebApp, WebServer
-from exporter.webconfig import load_web_config
+from exporter.web.app import WebApp, WebServer
+from exporter.web.live_config import load_web_config
 
 from helpers import Daemon, open_fds
 from testkit import free_port, wait_until

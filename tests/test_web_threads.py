@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from exporter import httpserver
-from exporter.httpserver import HttpServer, LaneSpec, Request, Response
+from exporter.web import server as httpserver
+from exporter.web.server import HttpServer, LaneSpec, Request, Response
 
 from helpers import Daemon
 from testkit import free_port, wait_until

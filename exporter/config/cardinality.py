@@ -3,7 +3,7 @@
 Label values come only from the config (socket name, configured endpoint, configured
 labels) and from bounded decodings (event, handshake reason/error, errno name), so the
 series of a socket follow from its endpoints. The figures come from the metrics table
-(`exporter.metrics`): the series each configured endpoint and socket has from start, plus
+(`exporter.core.metrics`): the series each configured endpoint and socket has from start, plus
 the series that usually appear later; tests/test_ops_limits.py compares the estimate with
 a scrape.
 
@@ -18,7 +18,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Protocol
 
-from exporter import metrics
+from exporter.core import metrics
 
 # Series that exist only after an event but usually appear: per endpoint, one error series
 # (bind_failed{errno} or handshake_failed{error}); per socket, the socket-wide series

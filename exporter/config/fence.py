@@ -37,7 +37,7 @@ import os
 import string
 from dataclasses import dataclass
 
-from exporter.endpoints import host_problem, parse_endpoint
+from exporter.core.endpoints import host_problem, parse_endpoint
 
 _GLOB = frozenset("*?[]!")
 _IPV4_GLOB = frozenset(string.digits + ".") | _GLOB

@@ -31,8 +31,8 @@ from exporter.config.modules import ProbeModule, default_modules, resolve_module
 from exporter.config.otlp import OtlpConfig
 from exporter.config.relay import RelaySettings, resolve_relay
 from exporter.config.yamlnodes import decode, line_of, load_with_lines
-from exporter.endpoints import Role, parse_endpoint
-from exporter.events import ALL_EVENTS_MASK, EVENT_BY_NAME, Event
+from exporter.core.endpoints import Role, parse_endpoint
+from exporter.core.events import ALL_EVENTS_MASK, EVENT_BY_NAME, Event
 
 
 @dataclass(frozen=True)

@@ -11,9 +11,9 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 
 from exporter.config.durations import format_millis, parse_duration, to_millis
 from exporter.config.otlp import OtlpConfig
-from exporter.endpoints import parse_endpoint
-from exporter.events import EVENT_BY_NAME
-from exporter.metrics import RESERVED_LABELS  # a configured label may not shadow them
+from exporter.core.endpoints import parse_endpoint
+from exporter.core.events import EVENT_BY_NAME
+from exporter.core.metrics import RESERVED_LABELS  # a configured label may not shadow them
 
 SOCKET_TYPES = (
     "ROUTER", "DEALER", "PUB", "SUB", "REQ", "REP",
@@ -145,7 +145,7 @@ class _Strict(BaseModel):
 
 
 class SocketOptions(_Strict):
-    """Socket options; each maps to one ZMQ_* option (see `exporter.sockets`)."""
+    """Socket options; each maps to one ZMQ_* option (see `exporter.monitor.sockets`)."""
 
     reconnect_ivl: Duration | None = None
     reconnect_ivl_max: Duration | None = None
@@ -202,7 +202,7 @@ def _between_millis(low: int, high: int, shown: str) -> AfterValidator:
 
 class ConnectionsConfig(_Strict):
     """Who is connected (issue 18): the per-endpoint metrics read from the kernel by a
-    sampler thread (exporter/connsampler.py; docs/connections.md)."""
+    sampler thread (exporter/connections/sampler.py; docs/connections.md)."""
 
     metrics: bool = True  # the six zmq_connection* families; False: no sampler thread
     per_peer: bool = False  # opt-in: the families per peer address (`peer` label)

@@ -4,7 +4,7 @@ OpenTelemetry environment variables, merged into one `OtlpSettings`.
 The YAML section is a pydantic model, so its errors carry file:line like any other key.
 Environment variables are checked here and a bad one raises `OtlpEnvError`, one line that
 names the variable. Where both set the same thing, the config file wins. `resolve_otlp`
-runs once at startup (exporter.otlp.check_otlp); the daemon is handed its result.
+runs once at startup (exporter.otlp.export.check_otlp); the daemon is handed its result.
 
 The exporter is given every value explicitly (endpoint, insecure, compression, timeout), so
 what is checked here is what it uses; only the certificate variables are left to it.

@@ -1,4 +1,4 @@
-"""The `relay:` section resolved (issue 16; exporter/relay.py serves it)."""
+"""The `relay:` section resolved (issue 16; exporter/relay/server.py serves it)."""
 
 from __future__ import annotations
 
@@ -8,10 +8,10 @@ import re
 import typing
 from dataclasses import dataclass, field
 
-from exporter import metrics
 from exporter.config.cardinality import _Connections, _Spec, estimate_series
 from exporter.config.files import KEY_MAX_BYTES, FileProblem, read_limited
 from exporter.config.model import RelayConfig
+from exporter.core import metrics
 
 Path = tuple[str | int, ...]
 

@@ -22,7 +22,7 @@ basic_auth_users:
 
 The result is a plain `WebSettings`: paths resolved against the web config file's directory,
 names checked, Go's names mapped to OpenSSL's, hashes checked for shape. Nothing here opens
-a certificate or builds an SSL context; `exporter.webtls` does that from these settings,
+a certificate or builds an SSL context; `exporter.web.tls` does that from these settings,
 and its errors name the same file:line:key. No message quotes a hash, an inline key or
 anything pasted where a key file's name belongs.
 """

@@ -9,8 +9,8 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from exporter import metrics
 from exporter.config.modules import ProbeModule
+from exporter.core import metrics
 
 # `probe_zmtp_failure_info{reason}`: the closed set, defined in the metrics table. The
 # first eight are the issue's; `handshake_timeout` is libzmq's own handshake error

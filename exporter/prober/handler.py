@@ -14,7 +14,7 @@ from collections.abc import Callable, Mapping
 from email.message import Message
 
 from exporter.config.modules import DEFAULT_MODULE, ProbeModule
-from exporter.endpoints import shown
+from exporter.core.endpoints import shown
 from exporter.prober.base import Deadline, ProbeLog
 from exporter.prober.render import CONTENT_TYPE, render
 from exporter.prober.target import parse_target

@@ -30,8 +30,8 @@ import time
 import zmq
 
 from exporter.config.modules import ProbeModule
+from exporter.monitor.sockets import attach_monitor
 from exporter.prober.base import Deadline, ProbeFailed, ProbeLog, ProbeResult
-from exporter.sockets import attach_monitor
 
 _ctx: zmq.Context[zmq.Socket[bytes]] | None = None
 MAX_SOCKETS = 16384

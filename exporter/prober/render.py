@@ -1,9 +1,9 @@
 """A probe's metrics as Prometheus text, built per request (nothing is kept between
-probes). Names and help come from the metrics table (`exporter.metrics`, probe section)."""
+probes). Names and help come from the metrics table (`exporter.core.metrics`, probe section)."""
 
 from __future__ import annotations
 
-from exporter import metrics
+from exporter.core import metrics
 from exporter.prober.base import ProbeResult
 
 CONTENT_TYPE = "text/plain; version=0.0.4; charset=utf-8"

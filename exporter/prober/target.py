@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from exporter.endpoints import parse_endpoint
+from exporter.core.endpoints import parse_endpoint
 
 
 @dataclass(frozen=True)

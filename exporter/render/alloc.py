@@ -20,7 +20,7 @@ from __future__ import annotations
 import threading
 import time
 
-from exporter.reader import trim_memory
+from exporter.monitor.reader import trim_memory
 
 __all__ = ["Trimmer", "trim"]
 

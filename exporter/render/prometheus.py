@@ -6,14 +6,14 @@ builds families outside the lock, so a slow scrape never holds up event processi
 `SocketText` (exporter/render/sockettext.py), identical bytes at a fraction of the cost.
 
 The connection families (issue 18) are not read here: the connection sampler
-(exporter/connsampler.py) renders them once per sample, and `StateCollector` appends the
+(exporter/connections/sampler.py) renders them once per sample, and `StateCollector` appends the
 latest sample (`ConnectionText`) after the socket families.
 
 Public names: `StateCollector` (`collect()`, `prerender(openmetrics)`), `Prerendered`,
 `ConnectionText`,
 `render_sockets(sockets)` (socket families, rows from `exporter.render.rows.socket_rows`),
 `render_self(snapshot, build)`, `one_sample(family, value, labels)` (a family of
-`exporter.metrics` with one sample).
+`exporter.core.metrics` with one sample).
 """
 
 from __future__ import annotations
@@ -25,11 +25,11 @@ from typing import Protocol
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
-from exporter import metrics
+from exporter.core import metrics
+from exporter.core.state import EngineSnapshot, SocketSnapshot
 from exporter.render.alloc import Trimmer
 from exporter.render.rows import SOCKET_FAMILIES, row_labels, socket_rows
 from exporter.render.sockettext import SocketText
-from exporter.state import EngineSnapshot, SocketSnapshot
 
 __all__ = [
     "ConnectionText",
@@ -60,7 +60,7 @@ class Prerendered:
 
 
 class ConnectionText(Protocol):
-    """The latest connection sample (exporter/connsampler.py `ConnectionSample`): its
+    """The latest connection sample (exporter/connections/sampler.py `ConnectionSample`): its
     families, and the text each format's encoder writes for them."""
 
     @property
@@ -134,7 +134,7 @@ def render_sockets(sockets: tuple[SocketSnapshot, ...]) -> Iterator[Metric]:
 
 def render_self(snap: EngineSnapshot, build: Mapping[str, str]) -> Iterator[Metric]:
     """The engine's self-metrics (`metrics.ENGINE_FAMILIES`), then `metrics.BUILD_INFO`
-    with `build` as labels (`exporter.sockets.build_labels()`)."""
+    with `build` as labels (`exporter.monitor.sockets.build_labels()`)."""
     stats = snap.stats
     pairs: tuple[tuple[metrics.Family, float], ...] = (
         (metrics.EVENTS_PROCESSED, stats.events),

@@ -1,5 +1,5 @@
 """The one definition of which socket series exist: the rows of each socket, in the socket
-families of the metrics table (`exporter.metrics`), which says which rows exist from start.
+families of the metrics table (`exporter.core.metrics`), which says which rows exist from start.
 
 Everything that shows socket series reads them from here: `render_sockets` (Prometheus
 `Metric` families, also read by the OTLP pusher) and `SocketText` (the pre-rendered
@@ -19,14 +19,14 @@ from __future__ import annotations
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from exporter import metrics
-from exporter.events import HANDSHAKE_REASONS, Event
-from exporter.state import SocketSnapshot
+from exporter.core import metrics
+from exporter.core.events import HANDSHAKE_REASONS, Event
+from exporter.core.state import SocketSnapshot
 
 
 @dataclass(frozen=True)
 class SocketFamily:
-    """A socket family as the exposition declares it (`exporter.metrics` has the rest)."""
+    """A socket family as the exposition declares it (`exporter.core.metrics` has the rest)."""
 
     name: str  # Metric family name
     help: str

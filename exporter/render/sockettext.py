@@ -33,8 +33,8 @@ from prometheus_client.openmetrics import exposition as om_exposition
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+from exporter.core.state import SocketSnapshot
 from exporter.render.rows import SOCKET_FAMILIES, Labels, row_labels, socket_rows
-from exporter.state import SocketSnapshot
 
 __all__ = ["SocketText", "fast_format", "format_value"]
 

@@ -7,7 +7,7 @@ command queue and an eventfd, and read state only via `snapshot()`, which copies
 lock that the reader holds only while reducing a batch of events.
 
 Two users build on it:
-- the daemon's `Engine` (exporter/engine.py), which also owns the watched sockets: it
+- the daemon's `Engine` (exporter/monitor/engine.py), which also owns the watched sockets: it
   creates them, binds, connects, retries and applies configs on this same thread;
 - library mode (exporter/library.py), which owns no socket: the application's thread calls
   `socket.monitor()` and hands the PAIR over with `watch()`. The reader then owns only
@@ -50,8 +50,8 @@ from typing import Any, TypeVar
 
 import zmq
 
-from exporter.events import MONITOR_HEAD, Event
-from exporter.state import (
+from exporter.core.events import MONITOR_HEAD, Event
+from exporter.core.state import (
     EngineSnapshot,
     ReaderStats,
     SocketSnapshot,

@@ -23,15 +23,15 @@ import functools
 from collections import Counter
 from dataclasses import dataclass, field
 
-from exporter.endpoints import SOCKET_WIDE, UNMAPPED, EndpointMap, Role
-from exporter.events import (
+from exporter.core.endpoints import SOCKET_WIDE, UNMAPPED, EndpointMap, Role
+from exporter.core.events import (
     ERRNO_EVENTS,
     HANDSHAKE_FAILURES,
     Event,
     errno_name,
     handshake_error,
 )
-from exporter.metrics import initial_counters
+from exporter.core.metrics import initial_counters
 
 # Counters carried by every endpoint of a role, created at 0 before any event happens so
 # that rate() and increase() see the first event (client_golang #296). Which ones: the
@@ -49,11 +49,12 @@ class EndpointState:
     # (reason, error label) for HANDSHAKE_FAILED_*
     handshake_failures: Counter[tuple[str, str]] = field(default_factory=Counter)
     # Live connections: fd -> connected-since (the event's `now`; no syscalls here: reading
-    # the kernel at event time would double an event's cost, exporter/connections.py reads
+    # the kernel at event time would double an event's cost, exporter/connections/kernel.py reads
     # at request time).
     live: dict[int, float] = field(default_factory=dict)
     # The endpoint as libzmq names it in ACCEPTED/CONNECTED (a bind's resolved address, so
-    # `tcp://*:0` has its port): what exporter/connections.py checks a fd's addresses against.
+    # `tcp://*:0` has its port): what exporter/connections/kernel.py checks a fd's addresses
+    # against.
     address: str = ""
     listener_fd: int | None = None
     reconnect_interval_ms: int = 0
@@ -328,11 +329,11 @@ class ReaderStats:
     # counts them and keeps serving every other socket (see Engine docstring).
     engine_errors: int = 0
     # Times the engine unbound every listener because an accept failed for want of file
-    # descriptors or memory (exporter/engine.py, EXHAUSTED); they are bound again once
+    # descriptors or memory (exporter/monitor/engine.py, EXHAUSTED); they are bound again once
     # descriptors are free.
     listener_sheds: int = 0
     # Times the reader gave freed memory back to the kernel after a large burst
-    # (exporter/reader.py, TRIM_BURST).
+    # (exporter/monitor/reader.py, TRIM_BURST).
     memory_trims: int = 0
 
 

@@ -9,8 +9,8 @@ import urllib.parse
 from collections.abc import Sequence
 
 from exporter import __version__
-from exporter.conntable import Row
-from exporter.state import EngineSnapshot
+from exporter.connections.table import Row
+from exporter.core.state import EngineSnapshot
 
 TOP_CONNECTIONS = 10  # per socket, by send queue
 

@@ -1,6 +1,6 @@
 """`--web.config.file` at run time: the validated settings (`exporter.config.web`) made
-into what the web server uses (the SSL context from `exporter.webtls`; the basic-auth
-checker and the rate limiter from `exporter.webauth`; the response headers), and read per
+into what the web server uses (the SSL context from `exporter.web.tls`; the basic-auth
+checker and the rate limiter from `exporter.web.auth`; the response headers), and read per
 use like exporter-toolkit does.
 
 `WebConfigSource.current()` is called by the web server for every TLS handshake and every
@@ -36,8 +36,8 @@ from exporter.config.errors import ConfigError
 from exporter.config.files import WEB_CONFIG_MAX_BYTES, FileProblem, read_limited
 from exporter.config.web import WebSettings, load_web_settings, parse_web_settings
 from exporter.config.yamlnodes import decode
-from exporter.webauth import DUMMY_COST, BasicAuth, HashGate, RateLimiter
-from exporter.webtls import server_context
+from exporter.web.auth import DUMMY_COST, BasicAuth, HashGate, RateLimiter
+from exporter.web.tls import server_context
 
 log = logging.getLogger("zmq_exporter.web")
 

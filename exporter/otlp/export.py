@@ -25,7 +25,7 @@ explicitly.
 OTel names map back to the Prometheus names of the contract through the standard
 OTLP→Prometheus translation (`.` → `_`, unit suffix such as `s` → `_seconds`, `_total`
 for monotonic sums; unit annotations in braces add nothing). Names come from the metrics
-table (`exporter.metrics`), which keeps them distinct.
+table (`exporter.core.metrics`), which keeps them distinct.
 
 A collector that is down or slow does not hurt: exports run on a thread of their own, never
 on the event path, each bounded by the export deadline; cumulative temporality means nothing
@@ -68,12 +68,13 @@ from opentelemetry.sdk.resources import Resource
 from prometheus_client.metrics_core import Metric as PromMetric
 from prometheus_client.registry import Collector
 
-from exporter import __version__, metrics
+from exporter import __version__
 from exporter.config import ConfigError, Settings
 from exporter.config.otlp import DEFAULT_MAX_REQUEST_BYTES, OtlpSettings, resolve_otlp
+from exporter.core import metrics
+from exporter.core.state import EngineSnapshot, SocketSnapshot
 from exporter.render.prometheus import one_sample, render_self
 from exporter.render.rows import row_labels, socket_rows
-from exporter.state import EngineSnapshot, SocketSnapshot
 
 log = logging.getLogger("zmq_exporter.otlp")
 

@@ -481,7 +481,7 @@ def _read_unix(
 @dataclass(frozen=True, slots=True)
 class EndpointConnections:
     """Per-endpoint aggregate of the live connections, computed per connection sample
-    (exporter/connsampler.py; the families are `metrics.CONNECTION_FAMILIES`).
+    (exporter/connections/sampler.py; the families are `metrics.CONNECTION_FAMILIES`).
 
     RTT figures cover tcp connections only and are None when there are none (the metric
     then has no sample for the endpoint: 0 would read as a perfect network)."""

@@ -38,10 +38,11 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 from zmq.auth.thread import ThreadAuthenticator
 
-from exporter import __version__, metrics
-from exporter.events import MONITOR_HEAD, ZAP_STATUS, ZMTP_ERRORS, Event
+from exporter import __version__
+from exporter.core import metrics
+from exporter.core.events import MONITOR_HEAD, ZAP_STATUS, ZMTP_ERRORS, Event
+from exporter.core.state import EndpointSnapshot, SocketSnapshot
 from exporter.render.rows import socket_rows
-from exporter.state import EndpointSnapshot, SocketSnapshot
 
 log = logging.getLogger("zmq_exporter.relay")
 
@@ -62,7 +63,7 @@ MESSAGE_TYPES = ("hello", "state", "gone", "heartbeat", "bye")
 
 _EVENT_BY_NAME = {e.name: e for e in Event}
 _ERRNO_NAMES = frozenset({*errno.errorcode.values(), "other"})
-# The closed set of `error` values of each handshake failure reason (exporter.events).
+# The closed set of `error` values of each handshake failure reason (exporter.core.events).
 _HANDSHAKE_ERRORS = {
     "no_detail": _ERRNO_NAMES,
     "protocol": frozenset({*ZMTP_ERRORS.values(), "other"}),

@@ -1,6 +1,6 @@
 """The daemon's event engine: one thread that owns every ZeroMQ socket of the exporter.
 
-It is a `Reader` (exporter/reader.py: one epoll set over all monitor PAIRs, edge-triggered
+It is a `Reader` (exporter/monitor/reader.py: one epoll set over all monitor PAIRs, edge-triggered
 drains, the reducer under a lock, `snapshot()`, failure handling) that also creates the
 configured sockets, binds and connects them with retries and backoff, and applies configs.
 Other threads talk to it through the reader's command queue, and read state only via
@@ -39,14 +39,14 @@ from dataclasses import dataclass, field
 import zmq
 
 from exporter.config import Settings, SocketSpec
-from exporter.connections import Expected, Gone, read_connection
-from exporter.contexts import BindNames, ContextPool
-from exporter.endpoints import EndpointMap, Role
-from exporter.events import errno_name
-from exporter.fdbudget import fd_budget_problem, nofile_limit, open_fds, specs_fds
-from exporter.reader import BATCH, COALESCE_SECONDS, EngineStopped, Handler, Reader
-from exporter.sockets import MonitoredSocket, open_socket
-from exporter.state import SocketState, apply_event, forget_connections, record_bind
+from exporter.connections.kernel import Expected, Gone, read_connection
+from exporter.core.endpoints import EndpointMap, Role
+from exporter.core.events import errno_name
+from exporter.core.state import SocketState, apply_event, forget_connections, record_bind
+from exporter.monitor.contexts import BindNames, ContextPool
+from exporter.monitor.fdbudget import fd_budget_problem, nofile_limit, open_fds, specs_fds
+from exporter.monitor.reader import BATCH, COALESCE_SECONDS, EngineStopped, Handler, Reader
+from exporter.monitor.sockets import MonitoredSocket, open_socket
 
 __all__ = [
     "BATCH",

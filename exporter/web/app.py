@@ -1,9 +1,9 @@
 """The HTTP application: /metrics (text format or OpenMetrics by content negotiation, gzip
 when the client accepts it), health endpoints, the landing page, POST /-/reload and GET
 /probe; the web config's basic auth, rate limit and response headers, read per request
-(`exporter.webconfig.WebConfigSource`); the listeners (--web.listen-address, any number of
+(`exporter.web.live_config.WebConfigSource`); the listeners (--web.listen-address, any number of
 them, or the sockets systemd passes with --web.systemd-socket). The transport (connections,
-HTTP/1.x framing, TLS, deadlines, worker lanes) is `exporter.httpserver`.
+HTTP/1.x framing, TLS, deadlines, worker lanes) is `exporter.web.server`.
 
 /metrics is the socket families pre-rendered by `WebApp.state` (`StateCollector.prerender`,
 lines kept per socket snapshot) followed by the negotiated encoder's output of everything
@@ -38,8 +38,12 @@ from prometheus_client.exposition import choose_encoder
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
-from exporter import metrics
-from exporter.httpserver import (
+from exporter.core import metrics
+from exporter.render.prometheus import StateCollector, one_sample
+from exporter.render.sockettext import fast_format
+from exporter.web.auth import AuthResult
+from exporter.web.live_config import WebConfig, WebConfigSource
+from exporter.web.server import (
     LISTEN_BACKLOG,
     MAX_CONNECTIONS,
     PROBE_WORKERS,
@@ -48,11 +52,7 @@ from exporter.httpserver import (
     Request,
     Response,
 )
-from exporter.render.prometheus import StateCollector, one_sample
-from exporter.render.sockettext import fast_format
-from exporter.webauth import AuthResult
-from exporter.webconfig import WebConfig, WebConfigSource
-from exporter.webtls import check_client_sans
+from exporter.web.tls import check_client_sans
 
 __all__ = ["MAX_CONNECTIONS", "WebApp", "WebServer", "parse_listen_address"]
 
@@ -172,7 +172,7 @@ class WebApp:
     # with `max_concurrent_probes` workers (--probe.max-concurrent). None: no /probe.
     probe: ProbeHandler | None = None
     max_concurrent_probes: int = 0
-    # GET /api/v1/connections (issue 18, exporter/conntable.py): query -> response, in the
+    # GET /api/v1/connections (issue 18, exporter/connections/table.py): query -> response, in the
     # scrape lane (it reads the kernel, like a scrape). None: no such route.
     connections: Callable[[dict[str, list[str]]], Response] | None = None
 
@@ -231,7 +231,7 @@ _PLAIN = {"Content-Type": "text/plain"}
 
 
 class WebHandler:
-    """`exporter.httpserver.Handler` for a `WebApp`: lanes, routing, and per request the
+    """`exporter.web.server.Handler` for a `WebApp`: lanes, routing, and per request the
     web config's rate limit, basic auth and response headers."""
 
     def __init__(self, app: WebApp, web_config: WebConfigSource | None) -> None:
@@ -359,7 +359,7 @@ class WebHandler:
 
 
 class WebTls:
-    """`exporter.httpserver.TlsProvider` over the web config: the SSL context as of each
+    """`exporter.web.server.TlsProvider` over the web config: the SSL context as of each
     handshake, then `client_allowed_sans` (webtls.check_client_sans)."""
 
     def __init__(self, source: WebConfigSource) -> None:
@@ -457,7 +457,7 @@ def bound_address(sock: socket.socket) -> str:
 
 class WebServer:
     """`app` on every address of `listen_addresses` (or, with `systemd_socket`, on the
-    sockets systemd passed), through `exporter.httpserver.HttpServer`."""
+    sockets systemd passed), through `exporter.web.server.HttpServer`."""
 
     def __init__(
         self,

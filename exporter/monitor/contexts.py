@@ -32,8 +32,8 @@ from dataclasses import dataclass, field
 import zmq
 
 from exporter.config import SocketSpec
-from exporter.endpoints import parse_endpoint
-from exporter.sockets import MonitoredSocket, close_socket, open_socket
+from exporter.core.endpoints import parse_endpoint
+from exporter.monitor.sockets import MonitoredSocket, close_socket, open_socket
 
 log = logging.getLogger("zmq_exporter.contexts")
 

@@ -1,5 +1,5 @@
-"""The HTTP transport under `exporter.web`: listeners, connections, HTTP/1.x framing, TLS
-and worker lanes. It knows nothing of the endpoints: a `Handler` (exporter.web.WebApp's
+"""The HTTP transport under `exporter.web.app`: listeners, connections, HTTP/1.x framing, TLS
+and worker lanes. It knows nothing of the endpoints: a `Handler` (exporter.web.app.WebApp's
 routing) names the lanes, picks one per request and answers it; a `TlsProvider` hands out
 the SSL context per handshake and checks the peer after it (the web config, read per use).
 

@@ -9,7 +9,7 @@ engine's sockets through the connection table (`ConnectionTable.read_batched`: t
 pinned, verified reads as GET /api/v1/connections, at most `SAMPLE_BATCH` per hold of the
 table's lock) every `connections.sample_interval`, and at least 20 times the last sample's
 duration apart (start to start), so the reads never take more than 5% of a core. Each
-sample is summarized per endpoint (`exporter.connections.summarize`) and published as one
+sample is summarized per endpoint (`exporter.connections.kernel.summarize`) and published as one
 immutable `ConnectionSample`: the families as prometheus_client `Metric`s (for the OTLP push
 and the encoders' slow path) and as the text both /metrics formats write for them, rendered
 once by the encoders themselves. A scrape renders the latest sample: a reference read and a
@@ -54,18 +54,18 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.openmetrics import exposition as om_exposition
 from prometheus_client.registry import Collector
 
-from exporter import metrics
 from exporter.config.model import ConnectionsConfig
-from exporter.connections import (
+from exporter.connections.kernel import (
     EMPTY,
     ConnectionInfo,
     EndpointConnections,
     GoneReason,
     summarize,
 )
-from exporter.conntable import SAMPLE_BATCH, ConnectionTable, Row
+from exporter.connections.table import SAMPLE_BATCH, ConnectionTable, Row
+from exporter.core import metrics
+from exporter.core.state import EngineSnapshot
 from exporter.render.prometheus import one_sample
-from exporter.state import EngineSnapshot
 
 __all__ = [
     "OTHER_PEER",

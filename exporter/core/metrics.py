@@ -1,10 +1,10 @@
 """The metrics table: every family the exporter serves on /metrics or pushes over OTLP,
-defined once. /metrics (`exporter.render`, `exporter.web`, `exporter.daemon`), the OTLP
+defined once. /metrics (`exporter.render`, `exporter.web.app`, `exporter.daemon`), the OTLP
 instruments, the config's series estimate (`exporter.config.cardinality`), the reserved
-label names and the README's tables (`python -m exporter.metrics --markdown`) all read
+label names and the README's tables (`python -m exporter.core.metrics --markdown`) all read
 it; tests/test_metrics_table.py compares it with the README and with a real scrape.
 
-Plain data: it imports only `exporter.events`, so the config and tools can read it
+Plain data: it imports only `exporter.core.events`, so the config and tools can read it
 without zmq, prometheus_client or the engine.
 
 Public names:
@@ -29,12 +29,13 @@ import sys
 from dataclasses import dataclass
 from typing import Literal
 
-from exporter.endpoints import Role
-from exporter.events import ERRNO_EVENTS, HANDSHAKE_REASONS, Event
+from exporter.core.endpoints import Role
+from exporter.core.events import ERRNO_EVENTS, HANDSHAKE_REASONS, Event
 
 Type = Literal["counter", "gauge", "histogram"]
 # socket: one set of series per configured socket; the others are the exporter's own.
-# connection: per configured endpoint, from the connection sampler (exporter/connsampler.py);
+# connection: per configured endpoint, from the connection sampler
+# (exporter/connections/sampler.py);
 # sampler: the sampler's own.
 Group = Literal[
     "socket",
@@ -409,7 +410,8 @@ SOCKET_FAMILIES: tuple[Family, ...] = (
 )
 
 # -- connection families (issue 18): per endpoint, from the kernel ------------------------
-# Read by the connection sampler (exporter/connsampler.py) every `connections.sample_interval`
+# Read by the connection sampler (exporter/connections/sampler.py) every
+# `connections.sample_interval`
 # through the connection table's pinned reads (docs/connections.md), never at scrape time.
 # Served while `connections.metrics` is true, for every configured tcp and ipc endpoint.
 
@@ -508,7 +510,7 @@ CONNECTION_SEND_QUEUE_MAX = _connection(
     _EVERY_ENDPOINT,
     unit="bytes",
 )
-# In the order of exporter.connections.EndpointConnections' fields after `connections`.
+# In the order of exporter.connections.kernel.EndpointConnections' fields after `connections`.
 CONNECTION_FAMILIES: tuple[Family, ...] = (
     CONNECTION_RTT_MAX,
     CONNECTION_RTT_AVG,
@@ -672,7 +674,7 @@ OTLP_LAST_DURATION = _self(
     unit="seconds",
 )
 
-# The connection sampler's own (exporter/connsampler.py); the reads refused are the
+# The connection sampler's own (exporter/connections/sampler.py); the reads refused are the
 # connection table's, API and status page reads included.
 SAMPLE_DURATION = _self(
     "zmq_exporter_connection_sample_duration_seconds",
@@ -850,7 +852,7 @@ def markdown_otel_names() -> str:
 def main(argv: list[str]) -> int:
     tables = {"metrics": markdown_metrics, "otel": markdown_otel_names}
     if len(argv) not in (1, 2) or argv[0] != "--markdown" or argv[-1] not in {*tables, argv[0]}:
-        print("usage: python -m exporter.metrics --markdown [metrics|otel]", file=sys.stderr)
+        print("usage: python -m exporter.core.metrics --markdown [metrics|otel]", file=sys.stderr)
         return 2
     print(tables[argv[1] if len(argv) == 2 else "metrics"](), end="")
     return 0
@@ -858,7 +860,7 @@ def main(argv: list[str]) -> int:
 
 # -- /probe (issue 17) ---------------------------------------------------------------------
 # Rendered per probe request by exporter/prober/render.py, never on /metrics: not in
-# FAMILIES. The README's "Probing endpoints" table is `python -m exporter.metrics --markdown
+# FAMILIES. The README's "Probing endpoints" table is `python -m exporter.core.metrics --markdown
 # probe` (tests/test_probe_docs.py).
 
 PROBE_SUCCESS = _self("probe_success", "gauge", "probe", "1 if the probe succeeded, else 0.")
@@ -943,9 +945,9 @@ def markdown_probe() -> str:
 
 
 # -- relay (issue 16) -----------------------------------------------------------------------
-# Served by a daemon with a `relay:` section (exporter/relay.py), so not in FAMILIES (the
+# Served by a daemon with a `relay:` section (exporter/relay/server.py), so not in FAMILIES (the
 # README's main table and tests/test_metrics_table.py cover a daemon without one). The
-# README's "Relay" table is `python -m exporter.metrics --markdown relay`.
+# README's "Relay" table is `python -m exporter.core.metrics --markdown relay`.
 
 RELAY_PROCESSES = _self(
     "zmq_exporter_relay_processes",

@@ -16,12 +16,12 @@ import resource
 from collections.abc import Iterable
 
 from exporter.config import SocketSpec
-from exporter.contexts import context_fds
+from exporter.monitor.contexts import context_fds
 
 FDS_PER_SOCKET = 3
 # Descriptors a process has before any socket: interpreter, logs, the engine's epoll and
 # eventfd, the zmq context (measured: ~20), and the 16 the engine holds in reserve for the
-# web server while peers exhaust the rest (exporter/engine.py, SPARE_FDS); rounded up.
+# web server while peers exhaust the rest (exporter/monitor/engine.py, SPARE_FDS); rounded up.
 BASE_FDS = 48
 # Kept free beyond the web server's own connection cap: accepted peers, key and config
 # files read at reload, OTLP exporter connections.
@@ -36,7 +36,7 @@ def socket_fds(spec: SocketSpec) -> int:
 
 def specs_fds(specs: Iterable[SocketSpec]) -> int:
     """Descriptors that opening `specs` takes: their sockets', and the own contexts of
-    sockets that connect to host names (exporter/contexts.py)."""
+    sockets that connect to host names (exporter/monitor/contexts.py)."""
     specs = list(specs)
     return sum(map(socket_fds, specs)) + context_fds(specs)
 

@@ -1,6 +1,6 @@
 """The connection table (issue 18): the engine snapshot's live fds read from the kernel with
-`exporter.connections`: at request time for GET /api/v1/connections and the status page,
-and by the connection sampler's thread (`read_batched`, exporter/connsampler.py) for the
+`exporter.connections.kernel`: at request time for GET /api/v1/connections and the status page,
+and by the connection sampler's thread (`read_batched`, exporter/connections/sampler.py) for the
 per-endpoint metrics. One read path (`_read`) for all of them.
 
 It owns the pins (docs/connections.md, "The fd-reuse race"): the first good read of a
@@ -22,7 +22,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from exporter.connections import (
+from exporter.connections.kernel import (
     ConnectionInfo,
     EndpointConnections,
     Expected,
@@ -30,7 +30,7 @@ from exporter.connections import (
     read_connection,
     summarize,
 )
-from exporter.state import EndpointSnapshot, EngineSnapshot, SocketSnapshot
+from exporter.core.state import EndpointSnapshot, EngineSnapshot, SocketSnapshot
 
 __all__ = ["DEFAULT_LIMIT", "MAX_LIMIT", "SAMPLE_BATCH", "ConnectionTable", "Page", "Row"]
 
@@ -199,7 +199,7 @@ class ConnectionTable:
         """Every live connection of `snap` (default: a new snapshot), read as `all_rows`
         reads them (same pins, same checks) but holding the lock for at most `batch` reads
         at a time, so that an API request or the status page never waits for a whole
-        sample (exporter/connsampler.py)."""
+        sample (exporter/connections/sampler.py)."""
         if snap is None:
             snap = self._snapshot()
         out: list[Row] = []

@@ -1,0 +1,1 @@
+"""The relay: applications send their monitor events to a sidecar daemon."""
