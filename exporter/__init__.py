@@ -7,7 +7,7 @@ else and starts nothing.
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from exporter._version import __version__
 
 # Not `typing.TYPE_CHECKING`: importing typing would be most of this module's import time.
 TYPE_CHECKING = False

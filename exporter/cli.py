@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 import zmq
 
-from exporter import __version__
+from exporter._version import __version__
 from exporter.config import ConfigError, load_config
 from exporter.monitor.fdbudget import raise_nofile_limit, startup_fd_problem
 from exporter.prober.handler import DEFAULT_MAX_CONCURRENT, DEFAULT_TIMEOUT_OFFSET

@@ -66,7 +66,8 @@ from prometheus_client import REGISTRY
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import CollectorRegistry
 
-from exporter import __version__
+from exporter._version import __version__
+from exporter.config.keys import Z85_KEY
 from exporter.config.model import ConnectionsConfig
 from exporter.connections.sampler import ConnectionSampler, reads_gone_family
 from exporter.connections.table import ConnectionTable
@@ -108,7 +109,6 @@ READER_THREAD = "zmq-exporter-reader"
 SAMPLER_THREAD = "zmq-exporter-library-connection-sampler"
 
 _LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
-_Z85_KEY = re.compile(r"[0-9a-zA-Z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}")
 
 
 class InstrumentError(ValueError):
@@ -391,7 +391,7 @@ def instrument(
         raise InstrumentError(f"cannot instrument {name!r}: the socket is closed")
     relay = relay or os.environ.get("ZMQ_EXPORTER_RELAY") or None
     server_key = relay_server_key or os.environ.get("ZMQ_EXPORTER_RELAY_SERVER_KEY") or None
-    if server_key is not None and not _Z85_KEY.fullmatch(server_key):
+    if server_key is not None and not Z85_KEY.fullmatch(server_key):
         raise InstrumentError("relay_server_key: expected a 40-character Z85 CURVE public key")
     with _lock:
         process = _process

@@ -227,9 +227,8 @@ def test_table_and_config_import_no_runtime_module() -> None:
         import exporter.core.metrics
         assert not [m for m in sys.modules if m.startswith(("zmq", "prometheus_client"))]
         import exporter.config, exporter.config.cardinality
-        runtime = ("exporter.core.state", "exporter.monitor.engine", "exporter.monitor.sockets",
-                   "exporter.render",
-                   "exporter.web.app", "exporter.daemon", "exporter.otlp.export",
+        runtime = ("exporter.core.state", "exporter.monitor", "exporter.render",
+                   "exporter.web", "exporter.daemon", "exporter.otlp", "exporter.relay",
                    "prometheus_client")
         print(sorted(m for m in sys.modules if m.startswith(runtime)))
         """)
@@ -244,9 +243,8 @@ def test_renderers_import_no_zmq_and_no_engine() -> None:
     code = textwrap.dedent("""\
         import sys
         import exporter.render.prometheus, exporter.web.status
-        io = ("zmq", "exporter.monitor.engine", "exporter.monitor.reader",
-              "exporter.monitor.sockets", "exporter.daemon",
-              "exporter.web.app", "exporter.otlp.export")
+        io = ("zmq", "exporter.monitor", "exporter.connections.sampler", "exporter.daemon",
+              "exporter.web.app", "exporter.web.server", "exporter.otlp", "exporter.relay")
         print(sorted({m.split(".")[0] if m.startswith("zmq") else m
                       for m in sys.modules if m.startswith(io)}))
         """)

@@ -17,6 +17,7 @@ from exporter.config.cardinality import estimate_series
 from exporter.config.durations import format_millis, to_millis
 from exporter.config.errors import ConfigError, Path, shown
 from exporter.config.files import CONFIG_MAX_BYTES, KEY_MAX_BYTES, FileProblem, read_limited
+from exporter.config.keys import Z85_KEY
 from exporter.config.messages import first_problem
 from exporter.config.model import (
     Config,
@@ -306,14 +307,13 @@ def _curve(
 
 
 _ZPL_SECRET = re.compile(r'secret-key\s*=\s*"([^"]{40})"')
-_Z85 = re.compile(r"[0-9a-zA-Z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}")
 
 
 def _parse_secret_key(text: str) -> bytes | None:
     stripped = text.strip()
     match = _ZPL_SECRET.search(text)
     candidate = match.group(1) if match else stripped
-    if not _Z85.fullmatch(candidate):
+    if not Z85_KEY.fullmatch(candidate):
         return None
     try:
         zmq.curve_public(candidate.encode())
@@ -323,12 +323,12 @@ def _parse_secret_key(text: str) -> bytes | None:
 
 
 def _valid_z85_public(key: str) -> bool:
-    return bool(_Z85.fullmatch(key))
+    return bool(Z85_KEY.fullmatch(key))
 
 
 def _looks_like_key(text: str) -> bool:
     stripped = text.strip()
-    return bool(_Z85.fullmatch(stripped) or _ZPL_SECRET.search(text))
+    return bool(Z85_KEY.fullmatch(stripped) or _ZPL_SECRET.search(text))
 
 
 def _events_mask(names: list[str]) -> int:

@@ -16,6 +16,7 @@ import zmq
 from exporter.config.errors import Path, shown
 from exporter.config.fence import Fence, address_of, parse_pattern
 from exporter.config.files import KEY_MAX_BYTES, FileProblem, read_limited
+from exporter.config.keys import Z85_KEY
 from exporter.config.model import ModuleConfig
 
 DEFAULT_MODULE = "zmtp"  # works with no config: a DEALER, NULL mechanism, ip4 first
@@ -166,8 +167,6 @@ def _read(path: str, where: Path, fail: Fail) -> bytes:
 
 def _key(path: str, kind: str, where: Path, fail: Fail) -> bytes:
     """A Z85 CURVE key of `kind` (public or secret) from a bare-key or ZPL certificate file."""
-    from exporter.config.load import _Z85  # one definition of a Z85 key
-
     try:
         text = _read(path, where, fail).decode("utf-8")
     except UnicodeDecodeError:
@@ -178,7 +177,7 @@ def _key(path: str, kind: str, where: Path, fail: Fail) -> bytes:
         if sep and head.strip() == f"{kind}-key":
             candidate = value.strip().strip('"')
             break
-    if not _Z85.fullmatch(candidate):
+    if not Z85_KEY.fullmatch(candidate):
         fail(
             where,
             f"key file holds no Z85 CURVE {kind} key (expected 40 Z85 characters or a ZPL "

@@ -21,7 +21,7 @@ from urllib.parse import unquote, urlsplit
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict
 
-from exporter import __version__
+from exporter._version import __version__
 from exporter.config.durations import parse_duration
 from exporter.config.errors import ConfigError
 

@@ -18,7 +18,7 @@ Two users build on it:
 
 Public names: `Reader` (`start`, `watch`, `unwatch`, `watching`, `snapshot`, `hold`,
 `cpu_seconds`, `stall_reader`, `failure`, `stop`), `EngineStopped`, `BATCH`,
-`COALESCE_SECONDS`, `TRIM_BURST`, `trim_memory`.
+`COALESCE_SECONDS`, `TRIM_BURST`.
 
 Memory: events queued in the monitor pipes are freed as they are read, but glibc keeps
 the freed memory in its arenas; after a large burst the reader calls `malloc_trim(0)` so
@@ -33,7 +33,6 @@ and later commands fail at once with `EngineStopped`, and `on_failure` is called
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import heapq
 import itertools
 import logging
@@ -51,6 +50,7 @@ from typing import Any, TypeVar
 import zmq
 
 from exporter.core.events import MONITOR_HEAD, Event
+from exporter.core.memory import trim_memory
 from exporter.core.state import (
     EngineSnapshot,
     ReaderStats,
@@ -89,32 +89,6 @@ Handler = Callable[[], tuple[bool, int]]
 
 _STOPPED = int(Event.MONITOR_STOPPED)
 _ACCEPT_FAILED = int(Event.ACCEPT_FAILED)
-
-
-def _find_malloc_trim() -> Callable[[int], int] | None:
-    """glibc's malloc_trim from the symbols the process has loaded already (no library
-    search, which would run `ldconfig`), or None: musl and others have none."""
-    try:
-        trim = ctypes.CDLL(None).malloc_trim
-    except (OSError, AttributeError):
-        return None
-    trim.argtypes = [ctypes.c_size_t]
-    trim.restype = ctypes.c_int
-    return trim
-
-
-_malloc_trim: list[Callable[[int], int] | None] = []  # looked up at the first trim
-
-
-def trim_memory() -> bool:
-    """Give the allocator's free memory back to the kernel; False where it cannot."""
-    if not _malloc_trim:
-        _malloc_trim.append(_find_malloc_trim())
-    trim = _malloc_trim[0]
-    if trim is None:
-        return False
-    trim(0)
-    return True
 
 
 class EngineStopped(RuntimeError):

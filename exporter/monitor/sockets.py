@@ -14,7 +14,7 @@ from typing import Any
 
 import zmq
 
-from exporter import __version__
+from exporter._version import __version__
 from exporter.config import SocketSpec
 from exporter.config.durations import to_millis
 from exporter.config.model import SocketOptions

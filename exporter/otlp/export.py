@@ -68,7 +68,7 @@ from opentelemetry.sdk.resources import Resource
 from prometheus_client.metrics_core import Metric as PromMetric
 from prometheus_client.registry import Collector
 
-from exporter import __version__
+from exporter._version import __version__
 from exporter.config import ConfigError, Settings
 from exporter.config.otlp import DEFAULT_MAX_REQUEST_BYTES, OtlpSettings, resolve_otlp
 from exporter.core import metrics

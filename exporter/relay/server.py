@@ -38,7 +38,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 from zmq.auth.thread import ThreadAuthenticator
 
-from exporter import __version__
+from exporter._version import __version__
 from exporter.core import metrics
 from exporter.core.events import MONITOR_HEAD, ZAP_STATUS, ZMTP_ERRORS, Event
 from exporter.core.state import EndpointSnapshot, SocketSnapshot

@@ -20,14 +20,14 @@ from __future__ import annotations
 import threading
 import time
 
-from exporter.monitor.reader import trim_memory
+from exporter.core.memory import trim_memory
 
 __all__ = ["Trimmer", "trim"]
 
 
 def trim() -> bool:
     """Return the free pages of every malloc arena to the system (glibc's
-    `malloc_trim(0)`, the reader's `trim_memory`); False where the C library cannot."""
+    `malloc_trim(0)`, `core.memory.trim_memory`); False where the C library cannot."""
     return trim_memory()
 
 

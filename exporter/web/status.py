@@ -8,7 +8,7 @@ import time
 import urllib.parse
 from collections.abc import Sequence
 
-from exporter import __version__
+from exporter._version import __version__
 from exporter.connections.table import Row
 from exporter.core.state import EngineSnapshot
 
