@@ -46,7 +46,7 @@ from bench.common import BACKLOG, DaemonProcess, LoadGen, free_port, thread_cpu,
 from exporter.core.endpoints import EndpointMap
 from exporter.core.events import Event
 from exporter.core.state import SocketSnapshot, SocketState, apply_event, snapshot_socket
-from exporter.relay.server import RelaySender
+from exporter.relay.sender import RelaySender
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRAPE_INTERVAL = 0.1

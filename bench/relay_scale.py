@@ -12,7 +12,7 @@ Three real daemons (`python -m exporter`, each its own process), connection metr
 The sender processes are simulated by a few subprocesses (`python -m bench.relay_scale
 --sender`), each holding one DEALER per simulated process (its own connection, process id
 and instance, as a real process has) and speaking the wire format with the library's own
-encoder (`exporter.relay.server.encode`, `encode_socket`); their sockets' states are reduced from
+encoder (`exporter.relay.wire.encode`, `encode_socket`); their sockets' states are reduced from
 synthetic monitor events by the library's reducer, 3 events per connection, as in
 bench/relay.py. A thousand Python processes (or 1,000 `RelaySender` threads, each with a
 context) would not fit 2 cores beside the daemon; what the sidecar sees is the same: 1,000
@@ -50,7 +50,7 @@ from bench.common import ROOT, DaemonProcess, raise_fd_limit, wait_until
 from exporter.core.endpoints import EndpointMap
 from exporter.core.events import Event
 from exporter.core.state import SocketState, apply_event, snapshot_socket
-from exporter.relay.server import encode, encode_socket
+from exporter.relay.wire import encode, encode_socket
 
 _CONNECTION = (  # one raw connect+close, as bench/relay.py and bench's load generator
     (int(Event.ACCEPTED), 12),

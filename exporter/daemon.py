@@ -27,7 +27,8 @@ from exporter.otlp.export import OtlpOutput
 from exporter.prober import Prober
 from exporter.prober.handler import DEFAULT_MAX_CONCURRENT, DEFAULT_TIMEOUT_OFFSET
 from exporter.prober.handshake import close_context as close_prober_context
-from exporter.relay.server import RelayLimits, RelayServer
+from exporter.relay.server import RelayServer
+from exporter.relay.wire import RelayLimits
 from exporter.render.prometheus import StateCollector, one_sample
 from exporter.web.app import DEFAULT_MAX_REQUESTS, MAX_CONNECTIONS, WebApp, WebServer
 from exporter.web.live_config import WebConfig

@@ -442,7 +442,7 @@ def instrument(
 
 def _relay_sender(endpoint: str, relay_id: str | None, server_key: str | None) -> None:
     """The process's sender to `endpoint`, started on first use. With `_lock` held."""
-    from exporter.relay.server import RelaySender  # only applications that relay load it
+    from exporter.relay.sender import RelaySender  # only applications that relay load it
 
     sender = _process.relays.get(endpoint)
     if sender is not None:

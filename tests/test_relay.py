@@ -1,6 +1,6 @@
 """Relay (issue 16): application processes send their sockets' cumulative state to a
-sidecar daemon (exporter/relay/server.py, docs/relay.md). Real daemons, real senders, real
-SIGKILLs."""
+sidecar daemon (exporter/relay/: wire, sender, server; docs/relay.md). Real daemons, real
+senders, real SIGKILLs."""
 
 from __future__ import annotations
 
@@ -23,13 +23,12 @@ from hypothesis import strategies as st
 from exporter.core.endpoints import EndpointMap
 from exporter.core.events import Event
 from exporter.core.state import SocketSnapshot, SocketState, apply_event, snapshot_socket
-from exporter.relay.server import (
+from exporter.relay.sender import RelaySender
+from exporter.relay.server import Peer, RelayServer
+from exporter.relay.wire import (
     REJECT_REASONS,
-    Peer,
     RejectedMessage,
     RelayLimits,
-    RelaySender,
-    RelayServer,
     decode,
     encode,
     encode_socket,

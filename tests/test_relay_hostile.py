@@ -41,12 +41,11 @@ from exporter.core.state import (
     apply_event,
     snapshot_socket,
 )
-from exporter.relay.server import (
+from exporter.relay.server import Peer, RelayServer
+from exporter.relay.wire import (
     MAX_COUNT,
-    Peer,
     RejectedMessage,
     RelayLimits,
-    RelayServer,
     decode,
     encode,
     encode_socket,
