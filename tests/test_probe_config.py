@@ -101,7 +101,7 @@ def test_secrets_are_never_echoed(tmp_path: Path) -> None:
         "modules: {c: {mechanism: CURVE, curve_server_key_file: "
         f"'{tmp_path}/server.pub', curve_client_key_file: '{pasted}'}}}}"
     )
-    assert pasted not in message and "cannot read file" in message
+    assert pasted not in message and "cannot read key file" in message
     (tmp_path / "bad.key").write_text("not a key at all, but maybe a password\n")
     message = error(
         "modules: {c: {mechanism: CURVE, curve_server_key_file: "

@@ -6,7 +6,6 @@ sockets, so a bad file changes nothing.
 
 from __future__ import annotations
 
-import re
 import typing
 from dataclasses import dataclass, field
 
@@ -16,8 +15,8 @@ import zmq
 from exporter.config.cardinality import estimate_series
 from exporter.config.durations import format_millis, to_millis
 from exporter.config.errors import ConfigError, Path, shown
-from exporter.config.files import CONFIG_MAX_BYTES, KEY_MAX_BYTES, FileProblem, read_limited
-from exporter.config.keys import Z85_KEY
+from exporter.config.files import CONFIG_MAX_BYTES, FileProblem, read_limited
+from exporter.config.keys import Z85_KEY, KeyFileError, read_key_file
 from exporter.config.messages import first_problem
 from exporter.config.model import (
     Config,
@@ -148,7 +147,7 @@ def _resolve(model: Config, file: str, lines: dict[Path, int]) -> Settings:
     modules = resolve_modules(model.modules, fail)
     relay = None
     if model.relay is not None:
-        relay = resolve_relay(model.relay, _parse_secret_key, fail)
+        relay = resolve_relay(model.relay, fail)
     if not specs and "modules" not in model.model_fields_set and relay is None:
         # An empty file, or `sockets: []` alone, would start a daemon that watches nothing;
         # a `modules:` section (even `{}`, the default module only) makes a probe-only one.
@@ -279,56 +278,15 @@ def _curve(
         fail((*opts, "curve_serverkey"), "a CURVE server takes no `curve_serverkey`")
     if not options.curve_server and not options.curve_serverkey:
         fail(opts, "a CURVE client needs `curve_serverkey` (or set `curve_server: true`)")
-    path = options.curve_secretkey_file
-    where: Path = (*opts, "curve_secretkey_file")
-    # Neither the path nor the file's content is ever quoted: either may be the secret.
     try:
-        text = read_limited(path, KEY_MAX_BYTES).decode("utf-8")
-    except (FileProblem, UnicodeDecodeError) as err:
-        reason = str(err) if isinstance(err, FileProblem) else "not UTF-8 text"
-        hint = (
-            "; it looks like a Z85 key, not a path: put the key in a file and name the file"
-            if _looks_like_key(path)
-            else ""
-        )
-        fail(where, f"cannot read key file: {reason} (value not shown{hint})")
-    secret = _parse_secret_key(text)
-    if secret is None:
-        fail(
-            where,
-            "key file holds no Z85 CURVE secret key (expected 40 Z85 characters "
-            'or a ZPL certificate with secret-key = "..."; content not shown)',
-        )
+        secret = read_key_file(options.curve_secretkey_file, "secret")
+    except KeyFileError as err:
+        fail((*opts, "curve_secretkey_file"), str(err))
     for key in ("curve_publickey", "curve_serverkey"):
         value = getattr(options, key)
-        if value is not None and not _valid_z85_public(value):
+        if value is not None and not Z85_KEY.fullmatch(value):
             fail((*opts, key), "not a valid Z85-encoded CURVE key")
     return secret
-
-
-_ZPL_SECRET = re.compile(r'secret-key\s*=\s*"([^"]{40})"')
-
-
-def _parse_secret_key(text: str) -> bytes | None:
-    stripped = text.strip()
-    match = _ZPL_SECRET.search(text)
-    candidate = match.group(1) if match else stripped
-    if not Z85_KEY.fullmatch(candidate):
-        return None
-    try:
-        zmq.curve_public(candidate.encode())
-    except (zmq.ZMQError, ValueError):
-        return None
-    return candidate.encode()
-
-
-def _valid_z85_public(key: str) -> bool:
-    return bool(Z85_KEY.fullmatch(key))
-
-
-def _looks_like_key(text: str) -> bool:
-    stripped = text.strip()
-    return bool(Z85_KEY.fullmatch(stripped) or _ZPL_SECRET.search(text))
 
 
 def _events_mask(names: list[str]) -> int:

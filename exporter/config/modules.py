@@ -16,7 +16,7 @@ import zmq
 from exporter.config.errors import Path, shown
 from exporter.config.fence import Fence, address_of, parse_pattern
 from exporter.config.files import KEY_MAX_BYTES, FileProblem, read_limited
-from exporter.config.keys import Z85_KEY
+from exporter.config.keys import KeyFileError, KeyKind, read_key_file
 from exporter.config.model import ModuleConfig
 
 DEFAULT_MODULE = "zmtp"  # works with no config: a DEALER, NULL mechanism, ip4 first
@@ -165,28 +165,8 @@ def _read(path: str, where: Path, fail: Fail) -> bytes:
         fail(where, f"cannot read file: {err} (value not shown)")
 
 
-def _key(path: str, kind: str, where: Path, fail: Fail) -> bytes:
-    """A Z85 CURVE key of `kind` (public or secret) from a bare-key or ZPL certificate file."""
+def _key(path: str, kind: KeyKind, where: Path, fail: Fail) -> bytes:
     try:
-        text = _read(path, where, fail).decode("utf-8")
-    except UnicodeDecodeError:
-        fail(where, "key file is not UTF-8 text (content not shown)")
-    candidate = text.strip()
-    for line in text.splitlines():  # ZPL: `public-key = "..."` / `secret-key = "..."`
-        head, sep, value = line.partition("=")
-        if sep and head.strip() == f"{kind}-key":
-            candidate = value.strip().strip('"')
-            break
-    if not Z85_KEY.fullmatch(candidate):
-        fail(
-            where,
-            f"key file holds no Z85 CURVE {kind} key (expected 40 Z85 characters or a ZPL "
-            f'certificate with {kind}-key = "..."; content not shown)',
-        )
-    key = candidate.encode()
-    if kind == "secret":
-        try:
-            zmq.curve_public(key)
-        except (zmq.ZMQError, ValueError):
-            fail(where, "key file holds no valid CURVE secret key (content not shown)")
-    return key
+        return read_key_file(path, kind)
+    except KeyFileError as err:
+        fail(where, str(err))

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import re
 import typing
 from dataclasses import dataclass, field
 
 from exporter.config.cardinality import _Connections, _Spec, estimate_series
-from exporter.config.files import KEY_MAX_BYTES, FileProblem, read_limited
+from exporter.config.files import FileProblem, read_limited
+from exporter.config.keys import Z85_KEY, KeyFileError, read_key_file, zpl_key
 from exporter.config.model import RelayConfig
 from exporter.core import metrics
 
@@ -46,23 +46,17 @@ def is_loopback(endpoint: str) -> bool:
 
 def resolve_relay(
     cfg: RelayConfig,
-    parse_secret: typing.Callable[[str], bytes | None],
     fail: typing.Callable[[Path, str], typing.NoReturn],
 ) -> RelaySettings:
     secret = None
     if cfg.curve_secretkey_file is not None:
-        where: Path = ("relay", "curve_secretkey_file")
         try:
-            text = read_limited(cfg.curve_secretkey_file, KEY_MAX_BYTES).decode("utf-8")
-        except (FileProblem, UnicodeDecodeError) as err:
-            reason = str(err) if isinstance(err, FileProblem) else "not UTF-8 text"
-            fail(where, f"cannot read key file: {reason} (value not shown)")
-        secret = parse_secret(text)
-        if secret is None:
-            fail(where, "key file holds no Z85 CURVE secret key (content not shown)")
+            secret = read_key_file(cfg.curve_secretkey_file, "secret")
+        except KeyFileError as err:
+            fail(("relay", "curve_secretkey_file"), str(err))
     allowed = None
     if cfg.curve_allowed_clients is not None:
-        where = ("relay", "curve_allowed_clients")
+        where: Path = ("relay", "curve_allowed_clients")
         if secret is None:
             fail(where, "needs curve_secretkey_file: the allow-list is of CURVE client keys")
         try:
@@ -95,8 +89,6 @@ class AllowListError(ValueError):
 
 ALLOW_LIST_MAX_BYTES = 4 * 1024 * 1024  # 80,000 keys
 ALLOW_LIST_MAX_FILES = 10_000
-_Z85_KEY = re.compile(r"[0-9a-zA-Z.\-:+=^!/*?&<>()\[\]{}@%$#]{40}")
-_ZPL_PUBLIC = re.compile(r'public-key\s*=\s*"([^"]*)"')
 
 
 def read_allowed_clients(path: str) -> frozenset[bytes]:
@@ -126,17 +118,19 @@ def read_allowed_clients(path: str) -> frozenset[bytes]:
             raise AllowListError(f"{file}: cannot read: {err}") from None
         except UnicodeDecodeError:
             raise AllowListError(f"{file}: not UTF-8 text") from None
-        certificate = _ZPL_PUBLIC.search(text) is not None  # zmq.auth.create_certificates
-        for number, line in enumerate(text.splitlines(), 1):
+        lines = text.splitlines()
+        # A certificate (zmq.auth.create_certificates): its public-key line is the key.
+        certificate = any(zpl_key(line, "public") is not None for line in lines)
+        for number, line in enumerate(lines, 1):
             stripped = line.strip()
             if certificate:
-                zpl = _ZPL_PUBLIC.search(stripped)
+                zpl = zpl_key(stripped, "public")
                 if zpl is None:
                     continue  # the certificate's other lines
-                stripped = zpl.group(1)
+                stripped = zpl
             elif not stripped or stripped.startswith("#"):
                 continue
-            if not _Z85_KEY.fullmatch(stripped):
+            if not Z85_KEY.fullmatch(stripped):
                 raise AllowListError(f"{file}:{number}: not a Z85 CURVE public key (40 characters)")
             keys.add(stripped.encode())
     if not keys:
