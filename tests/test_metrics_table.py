@@ -1,7 +1,8 @@
-"""The metrics table (`exporter.core.metrics`) is the one definition of every family: the README's
-tables are generated from it, a real /metrics serves exactly its families (names, types,
-help, labels) in both formats, the rows of a fresh socket follow its initial-zero rules,
-and the facts derived from it (reserved labels, counters at 0, the series estimate) agree.
+"""The metrics table (`exporter.core.metrics`) is the one definition of every family: the tables
+of docs/metrics.md and docs/otlp.md are generated from it, a real /metrics serves exactly its
+families (names, types, help, labels) in both formats, the rows of a fresh socket follow its
+initial-zero rules, and the facts derived from it (reserved labels, counters at 0, the series
+estimate) agree.
 """
 
 from __future__ import annotations
@@ -28,7 +29,10 @@ from exporter.render.rows import SOCKET_FAMILIES, socket_rows
 from helpers import ROOT, Daemon, http_get, value
 from testkit import free_port, wait_until
 
-README = (ROOT / "README.md").read_text()
+METRICS_DOC = (ROOT / "docs" / "metrics.md").read_text()
+OTLP_DOC = (ROOT / "docs" / "otlp.md").read_text()
+# Every page a metric table may be on: the front page and the reference pages.
+DOCS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 OPENMETRICS = "application/openmetrics-text; version=1.0.0; charset=utf-8"
 FOREIGN = ("process_", "python_")  # prometheus_client's own collectors
 
@@ -52,31 +56,31 @@ def code_names(cell: str) -> tuple[str, ...]:
     return tuple(re.findall(r"`([^`]*)`", cell))
 
 
-def test_readme_tables_are_the_table() -> None:
+def test_docs_tables_are_the_table() -> None:
     generated = subprocess.run(
         [sys.executable, "-m", "exporter.core.metrics", "--markdown"],
         cwd=ROOT, capture_output=True, text=True, timeout=30, check=True,
     ).stdout  # fmt: skip
     assert generated == metrics.markdown_metrics()
-    assert generated in README, "README's metrics table: regenerate it with " + (
+    assert generated in METRICS_DOC, "docs/metrics.md's table: regenerate it with " + (
         "python -m exporter.core.metrics --markdown"
     )
-    assert metrics.markdown_otel_names() in README, (
-        "README's OTel names table: regenerate it with python -m exporter.core.metrics --markdown "
-        "otel"
+    assert metrics.markdown_otel_names() in OTLP_DOC, (
+        "docs/otlp.md's OTel names table: regenerate it with python -m exporter.core.metrics "
+        "--markdown otel"
     )
-    # Every row of every metric table of the README (the OTLP push's own too) says what the
-    # table says, and every family is in one.
+    # Every row of every metric table of the docs (the OTLP push's own too) says what the
+    # table says, and every family is in exactly one.
     table = {f.name: f for f in metrics.FAMILIES}
     seen = []
-    for rows in tables(README):
+    for rows in (rows for page in DOCS for rows in tables(page.read_text())):
         header = rows[0]
         if header[:2] != ["metric", "type"]:
             continue
         for row in rows[1:]:
             cell = row[0].strip("`")
             name, _, braces = cell.partition("{")
-            assert name in table, f"README row {row[0]} is not in the table"
+            assert name in table, f"docs row {row[0]} is not in the table"
             family = table[name]
             labels = code_names(row[2]) if header[2] == "extra labels" else (
                 tuple(re.findall(r"(\w+)=", braces))
@@ -87,7 +91,7 @@ def test_readme_tables_are_the_table() -> None:
 
 
 def translate(family: metrics.Family) -> str:
-    """The standard OTLP→Prometheus name of a pushed family's instrument (README)."""
+    """The standard OTLP→Prometheus name of a pushed family's instrument (docs/otlp.md)."""
     assert family.otel_name is not None
     name = family.otel_name.replace(".", "_")
     if family.otel_unit == "s":

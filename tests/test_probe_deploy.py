@@ -70,8 +70,7 @@ def test_scrape_job_relabels_targets_into_the_parameter() -> None:
     )
     for target in job["static_configs"][0]["targets"]:
         parse_target(target)
-    readme = (ROOT / "README.md").read_text()
-    section = readme[readme.index("## Probing endpoints") :]
+    section = (ROOT / "docs" / "probe.md").read_text()
     (block,) = [b for b in section.split("```yaml\n")[1:] if b.startswith("scrape_configs:")]
     documented = yaml.safe_load(block.split("```")[0])["scrape_configs"][0]
     assert documented["relabel_configs"] == job["relabel_configs"]

@@ -1,4 +1,4 @@
-"""README "Probing endpoints" says what the code does: its metrics table is the metrics
+"""docs/probe.md says what the code does: its metrics table is the metrics
 table's probe section, its reasons are the prober's, its examples load, and the SSRF
 caution shows `allowed_targets`."""
 
@@ -14,12 +14,11 @@ from exporter.prober import REASONS
 
 from helpers import ROOT
 
-README = (ROOT / "README.md").read_text()
+PAGE = ROOT / "docs" / "probe.md"
 
 
 def section() -> str:
-    start = README.index("## Probing endpoints\n")
-    return README[start : README.index("\n## ", start + 1)]
+    return PAGE.read_text()
 
 
 def test_metrics_table_is_generated() -> None:
@@ -49,7 +48,7 @@ def test_examples_load() -> None:
     for block in modules:
         # The key files are examples: the module without them, as NULL.
         text = re.sub(r"(?m)^.*_key_file:.*\n", "", block).replace("CURVE", "NULL")
-        assert parse_config(text, "README.md").modules
+        assert parse_config(text, "docs/probe.md").modules
     (scrape,) = [b for b in blocks if b.startswith("scrape_configs:")]
     job = yaml.safe_load(scrape)["scrape_configs"][0]
     assert job["metrics_path"] == "/probe"
