@@ -43,7 +43,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import threading
 import time
 import typing
 from collections.abc import Callable, Iterator, Sequence
@@ -63,7 +62,7 @@ from exporter.connections.kernel import (
     summarize,
 )
 from exporter.connections.table import SAMPLE_BATCH, ConnectionTable, Row
-from exporter.core import metrics
+from exporter.core import metrics, native
 from exporter.core.state import EngineSnapshot
 from exporter.render.prometheus import one_sample
 
@@ -252,12 +251,12 @@ class ConnectionSampler:
         self._snapshot = snapshot
         self._settings = settings
         self._batch = batch
-        self._wake = threading.Event()
+        self._wake = native.Event()
         # One sample at a time, snapshot to publication: a sample the reload thread takes
         # (`refresh`) and one of the sampler thread never publish out of order.
-        self._sample_lock = threading.Lock()
+        self._sample_lock = native.Lock()
         self._stopping = False
-        self._thread: threading.Thread | None = None
+        self._thread: native.ThreadLike | None = None
         self._logged: set[str] = set()  # kinds of error logged already
         self.latest: ConnectionSample | None = None
         self.errors = 0
@@ -275,7 +274,7 @@ class ConnectionSampler:
 
     def start(self) -> None:
         self.started = time.monotonic()
-        self._thread = threading.Thread(target=self._run, name=self._thread_name, daemon=True)
+        self._thread = native.Thread(target=self._run, name=self._thread_name, daemon=True)
         self._thread.start()
 
     @property

@@ -17,7 +17,6 @@ import base64
 import binascii
 import functools
 import json
-import threading
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ from exporter.connections.kernel import (
     read_connection,
     summarize,
 )
+from exporter.core import native
 from exporter.core.state import EndpointSnapshot, EngineSnapshot, SocketSnapshot
 
 __all__ = ["DEFAULT_LIMIT", "MAX_LIMIT", "SAMPLE_BATCH", "ConnectionTable", "Page", "Row"]
@@ -105,7 +105,7 @@ class ConnectionTable:
 
     def __init__(self, snapshot: Callable[[], EngineSnapshot]) -> None:
         self._snapshot = snapshot
-        self._lock = threading.Lock()
+        self._lock = native.Lock()
         self._pins: dict[Key, Expected] = {}
         self.gone: Counter[str] = Counter()  # reads refused, by Gone reason
 

@@ -39,7 +39,6 @@ import logging
 import os
 import queue
 import select
-import threading
 import time
 from collections import deque
 from collections.abc import Callable, Iterator
@@ -49,6 +48,7 @@ from typing import Any, TypeVar
 
 import zmq
 
+from exporter.core import native
 from exporter.core.events import MONITOR_HEAD, Event
 from exporter.core.memory import trim_memory
 from exporter.core.state import (
@@ -115,7 +115,7 @@ class Reader:
         self._clock = clock
         self._coalesce = coalesce
         self._on_failure = on_failure
-        self._lock = threading.Lock()
+        self._lock = native.Lock()
         # Guarded by _lock:
         self._states: dict[str, SocketState] = {}
         self._stats = ReaderStats()
@@ -133,19 +133,19 @@ class Reader:
         self._timers: list[tuple[float, int, Callable[[], None]]] = []
         self._timer_seq = itertools.count()
         self._errors_logged: set[str] = set()  # sockets whose first error was logged
-        self._epoll = select.epoll()
+        self._epoll = native.epoll()
         self._wake_fd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
         self._epoll.register(self._wake_fd, select.EPOLLIN)
-        self._commands_only = select.epoll()  # waits for commands while coalescing
+        self._commands_only = native.epoll()  # waits for commands while coalescing
         self._commands_only.register(self._wake_fd, select.EPOLLIN)
         # Commands and the futures they complete; _command_lock orders them against the
         # thread's death, so no command is left waiting on a dead thread.
         self._commands: queue.SimpleQueue[tuple[Callable[[], Any], Future[Any]]] = (
-            queue.SimpleQueue()
+            native.SimpleQueue()
         )
-        self._command_lock = threading.Lock()
+        self._command_lock = native.Lock()
         self._running = False
-        self._thread = threading.Thread(target=self._run, name=thread_name, daemon=True)
+        self._thread = native.Thread(target=self._run, name=thread_name, daemon=True)
 
     # -- public API, any thread ---------------------------------------------------------
 
@@ -241,7 +241,7 @@ class Reader:
             return EngineSnapshot(tuple(sockets), stats, ready, self._failure)
 
     def _call(self, fn: Callable[[], T]) -> Future[T]:
-        future: Future[T] = Future()
+        future: Future[T] = native.Future()
         with self._command_lock:
             failure = self._failure
             if failure is None:

@@ -12,7 +12,6 @@ import logging
 import os
 import secrets
 import socket as _socket
-import threading
 import time
 from collections.abc import Callable
 from typing import Any
@@ -20,6 +19,7 @@ from typing import Any
 import zmq
 
 from exporter._version import __version__
+from exporter.core import native
 from exporter.core.events import Event
 from exporter.core.state import SocketSnapshot
 from exporter.relay.wire import HEARTBEAT_SECONDS, encode, encode_socket
@@ -71,10 +71,10 @@ class RelaySender:
         self._sent: dict[str, SocketSnapshot] = {}  # what the daemon has, as far as we know
         self._gone: set[str] = set()  # sockets removed, "gone" not sent yet
         self._hello = True
-        self._stop = threading.Event()
+        self._stop = native.Event()
         self.sent = 0  # messages handed to libzmq
         self.deferred = 0  # messages that could not go now (will be resent)
-        self._thread = threading.Thread(target=self._run, name="zmq-exporter-relay", daemon=True)
+        self._thread = native.Thread(target=self._run, name="zmq-exporter-relay", daemon=True)
         self._ctx: zmq.Context[zmq.Socket[bytes]] = zmq.Context(1)
 
     def start(self) -> None:
