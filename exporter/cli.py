@@ -9,6 +9,7 @@ import signal
 import sys
 import threading
 from collections.abc import Callable
+from importlib import resources
 from typing import TYPE_CHECKING
 
 import zmq
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
     from exporter.web.live_config import WebConfig
 
 DEFAULT_LISTEN = ":19555"
+DEFAULT_CONFIG_NAME = "default.yml"  # in exporter/config/, shipped as package data
 # sysexits.h EX_SOFTWARE: the engine thread ended; distinct from 1 (bad config or flags).
 EXIT_INTERNAL_FAILURE = 70
 log = logging.getLogger("zmq_exporter")
@@ -38,9 +40,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--config.file",
         dest="config_file",
-        default="config/zmq-exporter.yml",
+        default=None,  # the embedded default, whatever the working directory
         metavar="PATH",
-        help="YAML file listing the sockets (default: %(default)s)",
+        help="YAML file listing the sockets (default: the embedded demo config, "
+        "config/zmq-exporter.yml of the source: a ROUTER bound on 127.0.0.1:5555, a DEALER "
+        f"connected to it and a DEALER to a port where nothing listens; at {default_config()})",
     )
     p.add_argument(
         "--config.check",
@@ -125,6 +129,13 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def default_config() -> str:
+    """The embedded default config (package data, a copy of config/zmq-exporter.yml that
+    tests/test_distribution.py keeps identical): the daemon runs on it when no
+    --config.file is given, from any directory, as installed from a wheel."""
+    return str(resources.files("exporter.config").joinpath(DEFAULT_CONFIG_NAME))
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -151,6 +162,8 @@ def version_text() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.config_file is None:
+        args.config_file = default_config()
     from exporter.logs import setup_logging, start_async_logging, stop_logging
 
     # Synchronous until the daemon is built: a bad config's line is on stderr before exit 1.

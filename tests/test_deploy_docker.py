@@ -22,6 +22,7 @@ import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import bcrypt
 import pytest
@@ -29,7 +30,7 @@ import yaml
 from pki import make_pki
 from test_deploy_tools import check, run, tool
 
-from helpers import ROOT, Samples, http_get, parse_metrics, value
+from helpers import ROOT, Samples, http_get, missing_tool, parse_metrics, value
 from testkit import free_port, wait_until
 
 DOCKERFILE = ROOT / "Dockerfile"
@@ -246,29 +247,150 @@ def test_entrypoint_and_cmd_start_the_daemon_and_healthcheck_sees_it(
     assert b"Traceback" not in out, out
 
 
-def test_healthcheck_reads_the_listen_address_as_argparse_does() -> None:
-    """Both flag spellings, wildcard and IPv6 hosts, and the default when the flag is absent
-    (the script is run as a module here: its functions, not a daemon)."""
+def healthcheck_module() -> Any:
+    """deploy/healthcheck.py as a module: its functions, not a run."""
     spec = importlib.util.spec_from_file_location("healthcheck", HEALTHCHECK_SCRIPT)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
+    return module
+
+
+def test_healthcheck_reads_the_listen_addresses_as_argparse_does() -> None:
+    """Both flag spellings, every address given, unique prefixes, wildcard and IPv6 hosts,
+    and the default when the flag is absent."""
+    module = healthcheck_module()
     cases = {
-        ("--web.listen-address=:9999",): "http://127.0.0.1:9999/-/healthy",
-        ("--web.listen-address", "0.0.0.0:9999"): "http://127.0.0.1:9999/-/healthy",
-        ("--web.listen-address=[::]:9999",): "http://[::1]:9999/-/healthy",
-        ("--web.listen-address=[::1]:9999",): "http://[::1]:9999/-/healthy",
-        ("--web.listen-address=10.1.2.3:9999",): "http://10.1.2.3:9999/-/healthy",
-        ("--config.file=x.yml",): f"http://127.0.0.1:{PORT}/-/healthy",
+        ("--web.listen-address=:9999",): ["http://127.0.0.1:9999/-/healthy"],
+        ("--web.listen-address", "0.0.0.0:9999"): ["http://127.0.0.1:9999/-/healthy"],
+        ("--web.listen-address=[::]:9999",): ["http://[::1]:9999/-/healthy"],
+        ("--web.listen-address=[::1]:9999",): ["http://[::1]:9999/-/healthy"],
+        ("--web.listen-address=10.1.2.3:9999",): ["http://10.1.2.3:9999/-/healthy"],
+        ("--config.file=x.yml",): [f"http://127.0.0.1:{PORT}/-/healthy"],
+        ("--web.listen-address=:1", "--log.level", "debug", "--web.listen-address", ":2"): [
+            "http://127.0.0.1:1/-/healthy",
+            "http://127.0.0.1:2/-/healthy",
+        ],
+        # argparse takes a unique prefix; an ambiguous one (--web.) names no option
+        ("--web.listen=:3", "--web.=:4"): ["http://127.0.0.1:3/-/healthy"],
+        # a value that looks like an option is still the previous option's value
+        ("--config.file", "--web.listen-address=:5"): [f"http://127.0.0.1:{PORT}/-/healthy"],
     }
     for args, expected in cases.items():
-        listen = module.flag(list(args), "--web.listen-address") or module.DEFAULT_LISTEN
-        assert module.url(listen, tls=False) == expected, args
-    # The daemon's own default, which the script cannot import (it runs beside it).
+        options = module.parse(list(args))
+        listen = options.get("--web.listen-address") or [module.DEFAULT_LISTEN]
+        assert [module.url(a, tls=False) for a in listen] == expected, args
+    # The script cannot import the daemon's parser (it runs beside it, every 30 s): its
+    # option table and default must be the parser's.
+    from exporter.cli import DEFAULT_LISTEN, build_parser
+
+    takes_value = {
+        name: action.nargs != 0
+        for action in build_parser()._actions
+        for name in action.option_strings
+        if name.startswith("--")
+    }
+    assert takes_value == module.OPTIONS
     default = next(a for a in exec_form("CMD") if a.startswith("--web.listen-address=")).partition(
         "="
     )[2]
-    assert module.DEFAULT_LISTEN == default == f":{PORT}"
+    assert module.DEFAULT_LISTEN == default == DEFAULT_LISTEN == f":{PORT}"
+
+
+def test_healthcheck_checks_every_listen_address(tmp_config: Path) -> None:
+    """A daemon on two addresses: both are checked. Arguments naming one more address where
+    nothing answers: unhealthy, naming it."""
+    ports = [free_port(), free_port()]
+    listen = [f"--web.listen-address=127.0.0.1:{p}" for p in ports]
+    proc = subprocess.Popen(
+        [console_script(), f"--config.file={tmp_config}", *listen],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    # A process whose command line names the daemon's first address and a dead one.
+    dead = free_port()
+    stand_in = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys; sys.stdin.read()",
+            listen[0],
+            f"--web.listen-address=127.0.0.1:{dead}",
+        ],
+        stdin=subprocess.PIPE,
+    )
+    try:
+        wait_until(
+            lambda: healthcheck_on_host(proc.pid).returncode == 0,
+            timeout=15,
+            what="the daemon healthy on both addresses",
+        )
+        health = healthcheck_on_host(proc.pid)
+        assert (
+            health.stdout
+            == "healthy: " + "; ".join(f"http://127.0.0.1:{p}/-/healthy 200" for p in ports) + "\n"
+        ), health
+        partial = healthcheck_on_host(stand_in.pid)
+        assert partial.returncode == 1, partial
+        assert partial.stdout.startswith(f"unhealthy: http://127.0.0.1:{dead}/-/healthy"), partial
+        assert str(ports[0]) not in partial.stdout, partial  # the live one passed
+    finally:
+        stand_in.communicate(b"", timeout=10)
+        proc.send_signal(signal.SIGTERM)
+        out = proc.communicate(timeout=10)[0]
+    assert proc.returncode == 0 and b"Traceback" not in out, out
+
+
+def test_healthcheck_follows_systemd_socket_activation(tmp_config: Path) -> None:
+    """--web.systemd-socket: the addresses are those of the sockets passed to the daemon
+    (systemd-socket-activate passes them as systemd does, on two addresses here), whatever
+    --web.listen-address says (the daemon ignores it then)."""
+    activate = shutil.which("systemd-socket-activate")
+    if activate is None:
+        missing_tool("systemd-socket-activate (Debian systemd)")
+        return
+    port = free_port()
+    proc = subprocess.Popen(
+        [
+            activate,
+            f"--listen=127.0.0.1:{port}",
+            f"--listen=[::1]:{port}",
+            "--",
+            console_script(),
+            f"--config.file={tmp_config}",
+            "--web.systemd-socket",
+            "--web.listen-address=127.0.0.1:1",
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    try:
+        # The activator execs the daemon (same pid) on the first connection.
+        def healthy() -> bool:
+            assert proc.poll() is None, f"exited {proc.returncode}: {proc.communicate()[0]!r}"
+            try:
+                return "Healthy" in http_get(f"http://127.0.0.1:{port}/-/healthy", timeout=10)
+            except OSError:  # the activator not listening yet
+                return False
+
+        wait_until(healthy, timeout=20, what="the socket-activated daemon")
+        wait_until(
+            lambda: healthcheck_on_host(proc.pid).returncode == 0,
+            timeout=10,
+            what="the HEALTHCHECK on the passed sockets",
+        )
+        health = healthcheck_on_host(proc.pid)
+        assert health.stdout == (
+            f"healthy: http://127.0.0.1:{port}/-/healthy 200; http://[::1]:{port}/-/healthy 200\n"
+        ), health
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out = proc.communicate(timeout=10)[0]
+    assert proc.returncode == 0 and b"Traceback" not in out, out
+    gone = healthcheck_on_host(proc.pid)
+    assert gone.returncode == 1 and gone.stdout.startswith("unhealthy:"), gone
 
 
 def test_compose_file_uses_the_image_contract() -> None:
