@@ -518,7 +518,7 @@ def cpu_times(check: Callable[[], object], tries: int) -> list[float]:
 
 
 def test_unknown_user_costs_what_a_wrong_password_costs() -> None:
-    """The README's claim, measured: an unknown name costs the CPU time of a wrong
+    """docs/operations.md's claim, measured: an unknown name costs the CPU time of a wrong
     password for a user hashed at cost 10 (the dummy's cost), even with a user of a
     higher cost in the file (it set the dummy's cost before: 4x for cost 12)."""
     users = {"dave": hashed("dave123", 10).encode(), "alice": hashed("alice123", 12).encode()}
