@@ -74,7 +74,10 @@ def resolved(settings: Settings) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize(
-    "path", [*GOOD, ROOT / "config" / "zmq-exporter.yml", ROOT / "config" / "example.yml"], ids=str
+    "path",
+    [*GOOD, ROOT / "config" / "zmq-exporter.yml", ROOT / "config" / "example.yml"],
+    # relative to the checkout: the same ids wherever it is
+    ids=lambda p: str(p.relative_to(ROOT)),
 )
 def test_good_configs_load(path: Path) -> None:
     settings = load_config(str(path))

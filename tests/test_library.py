@@ -80,8 +80,11 @@ def test_import_is_cheap_and_starts_nothing() -> None:
         print(f"import exporter: {took * 1e3:.2f} ms")
         print("OK")
         """)
+    # Cheap means none of the heavy modules is loaded (asserted in the child: importing
+    # zmq, prometheus_client and pydantic takes 100-150 ms); the time bound only catches
+    # a gross regression and holds on a loaded machine.
     ms = float(out.split("import exporter: ")[1].split(" ms")[0])
-    assert ms < 20, out
+    assert ms < 250, out
     print(out.strip())
 
 
@@ -434,15 +437,18 @@ def test_context_terminated_with_instrumented_sockets_open(how: str) -> None:
             d.close()
             s.close()  # the app closes its sockets after ETERM; never calls h.close()
         if how != "destroy":
-            threading.Thread(target=worker, daemon=True).start()
-            time.sleep(0.1)
+            app = threading.Thread(target=worker, daemon=True)
+            app.start()
+            # Blocked in recv: the thread waits in the kernel's poll (libzmq's mailbox).
+            wchan = f"/proc/self/task/{{app.native_id}}/wchan"
+            wait_until(lambda: "poll" in open(wchan).read(), what="the app blocked in recv")
         t = time.monotonic()
         if how == "destroy":
             ctx.destroy(linger=0)  # closes the app's sockets, then term()
         else:
             ctx.term()
         took = time.monotonic() - t
-        assert took < 2, took
+        assert took < 10, took  # returns (a term held up by the monitors never does)
         assert status("t") in ("stopped", "terminated"), status("t")
         h.close()
         print(how, f"term took {{took * 1e3:.1f}} ms", ended)
@@ -465,7 +471,9 @@ def test_fork_after_instrumenting() -> None:
             try:
                 t = time.monotonic()
                 h.close()  # inherited: does nothing, touches nothing
-                assert time.monotonic() - t < 0.1 and library.reader() is None
+                # returns at once (bounded loosely for a loaded machine): no join of
+                # the parent's threads, which do not exist in the child
+                assert time.monotonic() - t < 2 and library.reader() is None
                 assert value(scrape(), "zmq_socket_info", socket="parent") is None
                 c2 = zmq.Context()
                 s2, h2, port2 = router(c2, "child")

@@ -101,11 +101,13 @@ def test_stalled_clients_do_not_delay_events_or_scrapes(
                 what="responses queued to clients that never read",
             )
 
-            # Other scrapes answer promptly.
+            # Other scrapes answer promptly. A server held by the stalled clients would
+            # wait for its header (10 s) or write (30 s) deadlines; the bounds here hold
+            # on a loaded 2-core machine and stay far below those.
             latencies = [timed_scrape(daemon) for _ in range(20)]
-            assert max(latencies) < 1.0, latencies
+            assert max(latencies) < 3.0, latencies
 
-            # Events are still counted promptly: 10 new connections seen within 2 s.
+            # Events are still counted promptly: 10 new connections seen within 5 s.
             started = time.monotonic()
             for _ in range(10):
                 dealer = ctx.socket(zmq.DEALER)
@@ -114,7 +116,7 @@ def test_stalled_clients_do_not_delay_events_or_scrapes(
                 dealers.append(dealer)
             wait_until(
                 lambda: value(daemon.scrape(), "zmq_connections", socket="backend") == 10,
-                timeout=2.0,
+                timeout=5.0,
                 what="10 connections counted while clients stall",
             )
             event_latency = time.monotonic() - started

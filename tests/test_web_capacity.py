@@ -12,6 +12,7 @@ import http.client
 import math
 import os
 import resource
+import select
 import selectors
 import socket
 import textwrap
@@ -182,9 +183,16 @@ def test_idle_and_slowloris_do_not_lock_out_probes(many_fds: None) -> None:
         fds_before, threads_before = open_fds(pid), threads(pid)
         with Attack(daemon.port, IDLE, SLOWLORIS) as attack:
             assert attack.filled.wait(60), "the attack's connections were not opened in 60 s"
-            # Let the server work through the burst (its accept queue drains) and the
-            # slowloris trickle for a while.
-            time.sleep(1.0)
+            # The server has worked through the burst: its accept queue drained, so it
+            # holds its connection limit and has let go of the rest.
+            wait_until(
+                lambda: (
+                    attack.dropped >= IDLE + SLOWLORIS - MAX_CONNECTIONS
+                    and open_fds(pid) >= fds_before + MAX_CONNECTIONS - 10
+                ),
+                timeout=60,
+                what="the attack's burst accepted and the excess evicted",
+            )
             fds_peak, threads_peak = open_fds(pid), threads(pid)
             scrapes: list[tuple[float, int]] = []
             probes: list[tuple[float, int]] = []
@@ -328,7 +336,10 @@ def test_unread_responses_are_bounded_in_memory(monkeypatch: pytest.MonkeyPatch)
             s.connect(("127.0.0.1", server.port))
             s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
             clients.append(s)
-            time.sleep(0.01)  # in order: the first ones have stalled longest
+            # In order: the server is writing this response (its first bytes arrived)
+            # before the next request is sent, so the first ones have stalled longest.
+            readable, _, _ = select.select([s], [], [], 30)
+            assert readable, "the server did not start writing the response in 30 s"
 
         def rejected() -> float:
             m = parse_metrics(timed_body(server.port))
