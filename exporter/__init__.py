@@ -14,6 +14,7 @@ TYPE_CHECKING = False
 if TYPE_CHECKING:
     from typing import Any
 
+    from exporter.instrument.hooks import instrument_sockets
     from exporter.library import (
         Instrumentation,
         InstrumentError,
@@ -29,12 +30,17 @@ __all__ = [
     "configure_connections",
     "connections_table",
     "instrument",
+    "instrument_sockets",
 ]
 _LAZY = frozenset(__all__) - {"__version__"}
 
 
 def __getattr__(name: str) -> Any:
     # PEP 562: library mode costs nothing until an application asks for it.
+    if name == "instrument_sockets":
+        from exporter.instrument import hooks
+
+        return hooks.instrument_sockets
     if name in _LAZY:
         from exporter import library
 

@@ -1,0 +1,196 @@
+"""Instrument at creation (`exporter.instrument_sockets`) and the zero-code launcher
+(`zmq-exporter-instrument`): real sockets, real processes (forked and spawned children), a
+real sidecar daemon, the kernel's count of connections as the reference."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+from helpers import ROOT, Daemon, established_in, parse_metrics, value, wait_until
+
+LAUNCHER = [sys.executable, "-m", "exporter.instrument.launcher"]
+
+HOOKED = textwrap.dedent(
+    """\
+    import json, os, sys, time, zmq, exporter
+    from prometheus_client import generate_latest
+    ctx, other = zmq.Context(), zmq.Context()
+    hook = exporter.instrument_sockets(ctx)
+    skip = exporter.instrument_sockets(
+        other, name=lambda s, role, ep: None if role == "connect" else "srv-" + ep)
+    router = ctx.socket(zmq.ROUTER)             # created and bound inside "a library"
+    router.bind("tcp://127.0.0.1:*")
+    ep = router.last_endpoint.decode()
+    dealers = [ctx.socket(zmq.DEALER) for _ in range(3)]
+    for d in dealers:
+        d.connect(ep)
+    lone = other.socket(zmq.DEALER)              # left alone by the callable
+    lone.connect(ep)
+    pub = other.socket(zmq.PUB)
+    pub.bind("tcp://127.0.0.1:*")
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        text = generate_latest().decode()
+        if ('socket="ROUTER@tcp://127.0.0.1:*"} 4.0' in text
+                and 'zmq_listening{endpoint="tcp://127.0.0.1:*",socket="srv-tcp' in text):
+            break
+        time.sleep(0.05)
+    print(json.dumps({"ep": ep, "text": text, "pid": os.getpid(),
+                      "count": hook.instrumented}), flush=True)
+    sys.stdin.readline()
+    """
+)
+
+
+def test_instrument_sockets_names_and_counts_from_creation() -> None:
+    app = subprocess.Popen(
+        [sys.executable, "-c", HOOKED],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
+    try:
+        assert app.stdout is not None and app.stdin is not None
+        report = json.loads(app.stdout.readline())
+        s = parse_metrics(report["text"])
+        port = int(report["ep"].rsplit(":", 1)[1])
+        router = {"socket": "ROUTER@tcp://127.0.0.1:*", "endpoint": "tcp://127.0.0.1:*"}
+        # 3 DEALERs of ctx and one of the other context: the ROUTER's 4 peers, as the kernel.
+        assert value(s, "zmq_connections", **router) == 4
+        assert established_in(report["pid"], local_port=port) == 4
+        assert value(s, "zmq_listening", **router) == 1
+        names = {"DEALER@" + report["ep"] + suffix for suffix in ("", "#2", "#3")}
+        for name in names:
+            assert value(s, "zmq_connections", socket=name, endpoint=report["ep"]) == 1
+        assert report["count"] == 4
+        # The callable's names; its None left the other context's DEALER alone.
+        assert value(s, "zmq_listening", socket="srv-tcp://127.0.0.1:*") == 1
+        dealers = {
+            dict(lbl)["socket"]
+            for (name, lbl) in s
+            if name == "zmq_connections" and dict(lbl)["socket"].startswith("DEALER")
+        }
+        assert dealers == names
+        app.stdin.write("\n")
+        app.stdin.flush()
+        assert app.wait(15) == 0
+    finally:
+        if app.poll() is None:
+            app.kill()
+            app.wait()
+
+
+FAMILY = textwrap.dedent(
+    """\
+    # An unmodified program: forks a worker, spawns a multiprocessing child; each has sockets.
+    import multiprocessing, os, sys, time, zmq
+
+    def child(endpoint):
+        d = zmq.Context().socket(zmq.DEALER)
+        d.connect(endpoint)
+        d.send(b"spawned")
+        time.sleep(30)
+
+    if __name__ == "__main__":
+        ctx = zmq.Context()
+        router = ctx.socket(zmq.ROUTER)
+        router.bind("tcp://127.0.0.1:*")
+        ep = router.last_endpoint.decode()
+        pid = os.fork()
+        if pid == 0:
+            d = zmq.Context().socket(zmq.DEALER)
+            d.setsockopt(zmq.LINGER, 0)
+            d.connect(ep)
+            d.send(b"forked")
+            time.sleep(30)
+            os._exit(0)
+        proc = multiprocessing.get_context("spawn").Process(target=child, args=(ep,))
+        proc.start()
+        got = sorted(router.recv_multipart()[1] for _ in range(2))
+        print(ep, os.getpid(), pid, proc.pid, zmq.Socket(ctx, zmq.DEALER)
+              .getsockopt(zmq.HEARTBEAT_IVL), b",".join(got).decode(), flush=True)
+        sys.stdin.readline()
+        os.kill(pid, 9)
+        proc.kill()
+    """
+)
+
+
+def test_launcher_instruments_every_process_of_an_unmodified_program(tmp_path: Path) -> None:
+    relay = f"ipc://{tmp_path}/relay.sock"
+    script = tmp_path / "family.py"
+    script.write_text(FAMILY)
+    config = f'relay:\n  listen: ["{relay}"]\n  expire: 5m\n'
+    with Daemon(config) as daemon:
+        app = subprocess.Popen(
+            [*LAUNCHER, "--relay", relay, "--heartbeat", "5s", sys.executable, str(script)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=tmp_path,
+            env={**os.environ, "PYTHONPATH": str(ROOT)},
+        )
+        try:
+            assert app.stdout is not None and app.stdin is not None
+            ep, main_pid, fork_pid, spawn_pid, ivl, got = app.stdout.readline().split()
+            assert got == "forked,spawned"
+            # zmq.Socket(ctx, type) is not a creation through the context: not hooked.
+            assert ivl == "0"
+            host = os.uname().nodename
+
+            def three() -> bool:
+                s = daemon.scrape()
+                ok = (
+                    value(
+                        s,
+                        "zmq_connections",
+                        process=f"{host}/{main_pid}",
+                        endpoint="tcp://127.0.0.1:*",
+                    )
+                    == 2
+                )
+                for pid in (fork_pid, spawn_pid):
+                    ok = (
+                        ok
+                        and value(s, "zmq_connections", process=f"{host}/{pid}", endpoint=ep) == 1
+                    )
+                return ok
+
+            wait_until(three, timeout=20, what="three processes at the sidecar")
+            assert established_in(int(main_pid), local_port=int(ep.rsplit(":", 1)[1])) == 2
+            app.stdin.write("\n")
+            app.stdin.flush()
+            assert app.wait(20) == 0
+        finally:
+            if app.poll() is None:
+                app.kill()
+                app.wait()
+
+
+def test_launcher_heartbeat_and_bad_values(tmp_path: Path) -> None:
+    code = "import zmq; print(zmq.Context().socket(zmq.DEALER).getsockopt(zmq.HEARTBEAT_IVL))"
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    on = subprocess.run(
+        [*LAUNCHER, "--heartbeat", "5s", sys.executable, "-c", code],
+        capture_output=True, text=True, timeout=60, env=env,
+    )  # fmt: skip
+    assert on.stdout.strip() == "5000", on.stderr
+    off = subprocess.run(
+        [*LAUNCHER, sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert off.stdout.strip() == "0", off.stderr
+    bad = subprocess.run(
+        [*LAUNCHER, "--heartbeat", "5", sys.executable, "-c", "pass"],
+        capture_output=True, text=True, timeout=60, env=env,
+    )  # fmt: skip
+    assert bad.returncode == 2 and "ZMQ_EXPORTER_HEARTBEAT" in bad.stderr
+    missing = subprocess.run(
+        [*LAUNCHER, "no-such-command-x"], capture_output=True, text=True, timeout=60, env=env
+    )
+    assert missing.returncode == 127
