@@ -7,11 +7,15 @@ estimate) agree.
 
 from __future__ import annotations
 
+import ast
 import re
 import subprocess
 import sys
 import textwrap
+import typing
+from dataclasses import replace
 
+import pytest
 from prometheus_client.metrics_core import Metric
 from prometheus_client.openmetrics.parser import (
     text_string_to_metric_families as parse_openmetrics,
@@ -20,6 +24,8 @@ from prometheus_client.parser import text_string_to_metric_families as parse_tex
 
 from exporter.config import ConfigError, parse_config
 from exporter.config.cardinality import BIND_SERIES, CONNECT_SERIES, SOCKET_SERIES
+from exporter.connections import sampler
+from exporter.connections.kernel import GoneReason
 from exporter.core import metrics
 from exporter.core.endpoints import EndpointMap
 from exporter.core.events import ERRNO_EVENTS
@@ -61,17 +67,17 @@ def test_docs_tables_are_the_table() -> None:
         [sys.executable, "-m", "exporter.core.metrics", "--markdown"],
         cwd=ROOT, capture_output=True, text=True, timeout=30, check=True,
     ).stdout  # fmt: skip
-    assert generated == metrics.markdown_metrics()
+    assert generated == metrics.markdown()
     assert generated in METRICS_DOC, "docs/metrics.md's table: regenerate it with " + (
         "python -m exporter.core.metrics --markdown"
     )
-    assert metrics.markdown_otel_names() in OTLP_DOC, (
+    assert metrics.markdown("otel") in OTLP_DOC, (
         "docs/otlp.md's OTel names table: regenerate it with python -m exporter.core.metrics "
         "--markdown otel"
     )
     # Every row of every metric table of the docs (the OTLP push's own too) says what the
     # table says, and every family is in exactly one.
-    table = {f.name: f for f in metrics.FAMILIES}
+    table = {f.name: f for f in metrics.DAEMON_FAMILIES}
     seen = []
     for rows in (rows for page in DOCS for rows in tables(page.read_text())):
         header = rows[0]
@@ -113,7 +119,7 @@ def test_otel_names_translate_to_the_prometheus_names() -> None:
         "engine",
         "reload",
     }
-    rows = tables(metrics.markdown_otel_names())[0][1:]
+    rows = tables(metrics.markdown("otel"))[0][1:]
     assert [(r[0], r[2], r[3]) for r in rows] == [
         (f"`{f.otel_name}`", f"`{f.otel_unit}`" if f.otel_unit else "", f"`{f.name}`")
         for f in metrics.PUSHED
@@ -160,7 +166,7 @@ def test_scrape_serves_exactly_the_table() -> None:
             False: http_get(daemon.url + "/metrics"),
             True: http_get(daemon.url + "/metrics", {"Accept": OPENMETRICS}),
         }
-    table = {f.name: f for f in metrics.FAMILIES}
+    table = {f.name: f for f in metrics.DAEMON_FAMILIES}
     for openmetrics, body in bodies.items():
         parse = parse_openmetrics if openmetrics else parse_text
         served: dict[str, Metric] = {
@@ -256,3 +262,43 @@ def test_renderers_import_no_zmq_and_no_engine() -> None:
         [sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=30
     )
     assert out.returncode == 0 and out.stdout.strip() == "[]", out.stdout + out.stderr
+
+
+BROKEN = {
+    "duplicate family name": metrics.CONNECTED,
+    "duplicate OTel name": replace(metrics.SOCKETS, name="zmq_x", otel_name="zmq.connected"),
+    "samples clash": replace(metrics.SOCKETS, name="zmq_connected", type="gauge"),
+    "_total on a gauge": replace(metrics.SOCKETS, name="zmq_y_total", type="gauge"),
+    "unit not the suffix": replace(metrics.SOCKETS, name="zmq_z", unit="seconds"),
+    "errno counter at 0": replace(metrics.BIND_FAILED, name="zmq_w_total", initial="bind"),
+}
+
+
+@pytest.mark.parametrize("rule", BROKEN)
+def test_check_table_refuses_a_family_that_breaks_a_rule(rule: str) -> None:
+    """The table's rules hold under `python -O` too: a function that raises, not asserts."""
+    metrics.check_table(metrics.FAMILIES)
+    with pytest.raises(metrics.TableError):
+        metrics.check_table((*metrics.FAMILIES, BROKEN[rule]))
+
+
+def test_no_module_level_assert_in_the_package() -> None:
+    """`python -O` strips asserts: a module's import-time checks must raise instead."""
+    found = []
+    for path in sorted((ROOT / "exporter").rglob("*.py")):
+        tree = ast.parse(path.read_text(), str(path))
+        found += [f"{path}:{n.lineno}" for n in tree.body if isinstance(n, ast.Assert)]
+    assert not found
+
+
+def test_connection_sampler_follows_the_table() -> None:
+    assert len(sampler._FIELDS) == len(metrics.CONNECTION_FAMILIES)
+    assert typing.get_args(GoneReason) == metrics.READS_GONE.values
+
+
+def test_table_imports_under_python_O() -> None:
+    out = subprocess.run(
+        [sys.executable, "-O", "-m", "exporter.core.metrics", "--markdown", "relay"],
+        cwd=ROOT, capture_output=True, text=True, timeout=30, check=True,
+    ).stdout  # fmt: skip
+    assert out == metrics.markdown("relay")

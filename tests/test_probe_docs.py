@@ -22,7 +22,7 @@ def section() -> str:
 
 
 def test_metrics_table_is_generated() -> None:
-    assert metrics.markdown_probe() in section(), (
+    assert metrics.markdown("probe") in section(), (
         "regenerate it with python -m exporter.core.metrics --markdown probe"
     )
     assert [f.name for f in metrics.PROBE_FAMILIES] == [

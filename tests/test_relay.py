@@ -468,9 +468,9 @@ def _relay_usage() -> str:
 
 
 def test_docs_relay_table_is_generated() -> None:
-    from exporter.core.metrics import markdown_relay
+    from exporter.core.metrics import markdown
 
-    assert markdown_relay() in _relay_usage()
+    assert markdown("relay") in _relay_usage()
 
 
 def test_docs_relay_config_loads(tmp_path: Path) -> None:

@@ -33,7 +33,7 @@ PLATFORM_SERIES = 7
 # Independent of the sockets: the exporter's own series (the OTLP push's included, as if it
 # were on), and the platform's.
 FIXED_SERIES = (
-    sum(f.series for f in metrics.FAMILIES if f.group not in ("socket", "connection"))
+    sum(f.series for f in metrics.DAEMON_FAMILIES if f.group not in ("socket", "connection"))
     + PLATFORM_SERIES
 )
 TCP_CONNECTION_SERIES = len(metrics.CONNECTION_FAMILIES)

@@ -1,8 +1,8 @@
 """The metrics table: every family the exporter serves on /metrics or pushes over OTLP,
 defined once. /metrics (`exporter.render`, `exporter.web.app`, `exporter.daemon`), the OTLP
 instruments, the config's series estimate (`exporter.config.cardinality`), the reserved
-label names and the README's tables (`python -m exporter.core.metrics --markdown`) all read
-it; tests/test_metrics_table.py compares it with the README and with a real scrape.
+label names and the docs' tables (`python -m exporter.core.metrics --markdown`) all read
+it; tests/test_metrics_table.py compares it with the docs and with a real scrape.
 
 Plain data: it imports only `exporter.core.events`, so the config and tools can read it
 without zmq, prometheus_client or the engine.
@@ -10,22 +10,27 @@ without zmq, prometheus_client or the engine.
 Public names:
 - `Family`: one family: Prometheus name, type, unit, help, labels, OTel instrument, and
   for socket families the event that feeds it and when its series first exist.
-- One constant per family (`CONNECTED`, ..., `OTLP_EXPORTS`), and the groups
+- One constant per family (`CONNECTED`, ..., `RELAY_STATE_AGE`), and the groups
   `SOCKET_FAMILIES` (in /metrics order), `CONNECTION_FAMILIES` (per endpoint, from the
   connection sampler; `CONNECTION_FAMILIES_ALWAYS`: those served without a tcp
   connection), `ENGINE_FAMILIES`, `RELOAD_FAMILIES`, `LOG_FAMILIES`, `WEB_FAMILIES`,
-  `SAMPLER_FAMILIES`, `OTLP_FAMILIES`; `FAMILIES`: all of them, in the README's order.
+  `SAMPLER_FAMILIES`, `OTLP_FAMILIES`, `PROBE_FAMILIES`, `RELAY_FAMILIES`.
+- `FAMILIES`: the table, every family of every group, in the docs' order, checked by
+  `check_table` at import. `DAEMON_FAMILIES`: those on every daemon's /metrics (not the
+  groups of `OWN_TABLE_GROUPS`).
 - `PUSHED`: the families pushed over OTLP, in instrument order (`otel_name`, `otel_unit`).
 - `EVENT_COUNTERS`: counted event -> its socket family.
 - `SOCKET_LABELS`, `EXTRA_LABELS`, `PEER_LABEL`, `RESERVED_LABELS`: label names.
 - `INITIAL_RULES`, `initial_counters(role)`, `initial_series(role)`: the series that
   exist before any event.
-- `markdown_metrics()`, `markdown_otel_names()`: the README's tables.
+- `markdown(table)`: the docs' tables (`TABLES`: metrics, otel, probe, relay);
+  `python -m exporter.core.metrics --markdown [TABLE]` prints one.
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -749,21 +754,6 @@ LOG_FAMILIES: tuple[Family, ...] = (LOG_MESSAGES_DROPPED,)
 WEB_FAMILIES: tuple[Family, ...] = (SCRAPES, SCRAPE_DURATION, SERIES, HTTP_REJECTED)
 OTLP_FAMILIES: tuple[Family, ...] = (OTLP_EXPORTS, OTLP_LAST_SUCCESS, OTLP_LAST_DURATION)
 
-FAMILIES: tuple[Family, ...] = (
-    *SOCKET_FAMILIES,
-    *CONNECTION_FAMILIES,
-    BUILD_INFO,
-    *ENGINE_FAMILIES,
-    *RELOAD_FAMILIES,
-    *LOG_FAMILIES,
-    *WEB_FAMILIES,
-    *SAMPLER_FAMILIES,
-    *OTLP_FAMILIES,
-)
-# Pushed over OTLP: what describes the sockets and the engine. The web server's and the
-# OTLP push's own metrics describe the endpoints themselves and stay on /metrics.
-PUSHED: tuple[Family, ...] = tuple(f for f in FAMILIES if f.pushed)
-
 EVENT_COUNTERS: dict[Event, Family] = {f.event: f for f in SOCKET_FAMILIES if f.event}
 
 # Label names: every socket series has `socket`, endpoint series `endpoint`, and the rows
@@ -787,80 +777,9 @@ def initial_series(role: Role | None) -> int:
     return sum(f.initial_rows for f in SOCKET_FAMILIES if role in f.initial_roles())
 
 
-def _check() -> None:
-    names = [f.name for f in FAMILIES]
-    assert len(set(names)) == len(names), "duplicate family"
-    otel = [f.otel_name for f in PUSHED]
-    assert len(set(otel)) == len(otel), "duplicate OTel name"
-    # No two families may share a name under either format: OpenMetrics names a counter's
-    # family without `_total`, and the text format 0.0.4 a histogram's samples with
-    # `_bucket`, `_sum`, `_count` (and prometheus_client adds `_created`).
-    exposed = [f.metric_name for f in FAMILIES]
-    assert len(set(exposed)) == len(exposed), "two families share an OpenMetrics name"
-    samples = {f.name: f for f in FAMILIES}
-    for f in FAMILIES:
-        for suffix in ("_total", "_created", "_bucket", "_sum", "_count", "_info"):
-            other = samples.get(f.metric_name + suffix)
-            assert other is None or other is f, (f.name, other.name)
-    for f in FAMILIES:
-        assert (f.type == "counter") == f.name.endswith("_total"), f.name
-        assert f.unit is None or f.metric_name.endswith("_" + f.unit), f.name
-        # A counter of an errno event has a series per errno seen: none before the first.
-        assert not (f.event in ERRNO_EVENTS and f.initial != "event"), f.name
-
-
-_check()
-
-# -- the README's tables -----------------------------------------------------------------
-
-
-def _code(names: tuple[str, ...] | str) -> str:
-    return ", ".join(f"`{n}`" for n in ((names,) if isinstance(names, str) else names))
-
-
-def markdown_metrics() -> str:
-    """The README's table of metrics (the OTLP push's own are in its section)."""
-    lines = [
-        "| metric | type | extra labels | libzmq event | series from | meaning |",
-        "|---|---|---|---|---|---|",
-    ]
-    for f in FAMILIES:
-        if f.group == "otlp":
-            continue
-        initial = f.series_from or (INITIAL_RULES[f.initial] if f.group == "socket" else "start")
-        meaning = f"{f.help} {f.note}".strip()
-        if f.values:
-            meaning += f" {_code(f.labels)}: {_code(f.values)}."
-        cells = [_code(f.name), f.type, _code(f.labels), f.source, initial, meaning]
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def markdown_otel_names() -> str:
-    """The README's table of OTel instruments and the Prometheus names they translate to."""
-    lines = [
-        "| OTel instrument | kind | unit | Prometheus name |",
-        "|---|---|---|---|",
-    ]
-    for f in PUSHED:
-        kind = "counter (ObservableCounter)" if f.type == "counter" else "gauge (ObservableGauge)"
-        unit = f"`{f.otel_unit}`" if f.otel_unit else ""
-        lines.append(f"| `{f.otel_name}` | {kind} | {unit} | `{f.name}` |")
-    return "\n".join(lines) + "\n"
-
-
-def main(argv: list[str]) -> int:
-    tables = {"metrics": markdown_metrics, "otel": markdown_otel_names}
-    if len(argv) not in (1, 2) or argv[0] != "--markdown" or argv[-1] not in {*tables, argv[0]}:
-        print("usage: python -m exporter.core.metrics --markdown [metrics|otel]", file=sys.stderr)
-        return 2
-    print(tables[argv[1] if len(argv) == 2 else "metrics"](), end="")
-    return 0
-
-
-# -- /probe (issue 17) ---------------------------------------------------------------------
-# Rendered per probe request by exporter/prober/render.py, never on /metrics: not in
-# FAMILIES. The README's "Probing endpoints" table is `python -m exporter.core.metrics --markdown
+# -- /probe ------------------------------------------------------------------------------
+# Rendered per probe request by exporter/prober/render.py, never on /metrics (not in
+# DAEMON_FAMILIES). docs/probe.md's table is `python -m exporter.core.metrics --markdown
 # probe` (tests/test_probe_docs.py).
 
 PROBE_SUCCESS = _self("probe_success", "gauge", "probe", "1 if the probe succeeded, else 0.")
@@ -930,24 +849,11 @@ PROBE_FAMILIES: tuple[Family, ...] = (
     PROBE_ZMTP_INFO,
     PROBE_FAILURE_INFO,
 )
-assert not {f.name for f in PROBE_FAMILIES} & {f.name for f in FAMILIES}
 
-
-def markdown_probe() -> str:
-    """The README's table of /probe families."""
-    lines = ["| probe metric | type | labels | meaning |", "|---|---|---|---|"]
-    for f in PROBE_FAMILIES:
-        meaning = f"{f.help} {f.note}".strip()
-        if f.values:
-            meaning += f" {_code(f.labels)}: {_code(f.values)}."
-        lines.append(f"| {_code(f.name)} | {f.type} | {_code(f.labels)} | {meaning} |")
-    return "\n".join(lines) + "\n"
-
-
-# -- relay (issue 16) -----------------------------------------------------------------------
-# Served by a daemon with a `relay:` section (exporter/relay/server.py), so not in FAMILIES (the
-# README's main table and tests/test_metrics_table.py cover a daemon without one). The
-# README's "Relay" table is `python -m exporter.core.metrics --markdown relay`.
+# -- relay -------------------------------------------------------------------------------
+# Served by a daemon with a `relay:` section (exporter/relay/server.py), so not in
+# DAEMON_FAMILIES (docs/metrics.md's table and tests/test_metrics_table.py cover a daemon
+# without one). docs/relay.md's table is `python -m exporter.core.metrics --markdown relay`.
 
 RELAY_PROCESSES = _self(
     "zmq_exporter_relay_processes",
@@ -1001,27 +907,156 @@ RELAY_FAMILIES: tuple[Family, ...] = (
     RELAY_MESSAGES_REJECTED,
     RELAY_STATE_AGE,
 )
-assert not {f.name for f in RELAY_FAMILIES} & {f.name for f in FAMILIES}
 
 
-def markdown_relay() -> str:
-    """The README's table of the relay's self-metrics."""
-    lines = ["| relay metric | type | labels | meaning |", "|---|---|---|---|"]
-    for f in RELAY_FAMILIES:
-        meaning = f"{f.help} {f.note}".strip()
-        if f.values:
-            meaning += f" {_code(f.labels)}: {_code(f.values)}."
-        lines.append(f"| {_code(f.name)} | {f.type} | {_code(f.labels)} | {meaning} |")
+# -- the table ---------------------------------------------------------------------------
+# Every family, in the docs' order. A new group: its families and their tuple in a section
+# above, the tuple here, its group in OWN_TABLE_GROUPS if not every daemon serves it, and
+# its docs table in TABLES.
+
+FAMILIES: tuple[Family, ...] = (
+    *SOCKET_FAMILIES,
+    *CONNECTION_FAMILIES,
+    BUILD_INFO,
+    *ENGINE_FAMILIES,
+    *RELOAD_FAMILIES,
+    *LOG_FAMILIES,
+    *WEB_FAMILIES,
+    *SAMPLER_FAMILIES,
+    *OTLP_FAMILIES,
+    *PROBE_FAMILIES,
+    *RELAY_FAMILIES,
+)
+# Groups not on every daemon's /metrics, each with a docs table of its own.
+OWN_TABLE_GROUPS: frozenset[Group] = frozenset({"probe", "relay"})
+DAEMON_FAMILIES: tuple[Family, ...] = tuple(f for f in FAMILIES if f.group not in OWN_TABLE_GROUPS)
+# Pushed over OTLP: what describes the sockets and the engine. The web server's and the
+# OTLP push's own metrics describe the endpoints themselves and stay on /metrics.
+PUSHED: tuple[Family, ...] = tuple(f for f in DAEMON_FAMILIES if f.pushed)
+
+
+class TableError(ValueError):
+    """A family breaks a rule of the table."""
+
+
+def check_table(families: Sequence[Family]) -> None:
+    """Raises TableError unless every family keeps the table's rules: unique names (under
+    both exposition formats) and OTel names, `_total` on counters only, the unit as the
+    name's suffix, and no series at 0 before the first event for errno counters."""
+    names = [f.name for f in families]
+    _unique(names, "family name")
+    _unique([f.otel_name for f in families if f.otel_name is not None], "OTel name")
+    # No two families may share a name under either format: OpenMetrics names a counter's
+    # family without `_total`, and the text format 0.0.4 a histogram's samples with
+    # `_bucket`, `_sum`, `_count` (and prometheus_client adds `_created`).
+    _unique([f.metric_name for f in families], "OpenMetrics family name")
+    samples = {f.name: f for f in families}
+    for f in families:
+        for suffix in ("_total", "_created", "_bucket", "_sum", "_count", "_info"):
+            other = samples.get(f.metric_name + suffix)
+            if other is not None and other is not f:
+                raise TableError(f"{f.name}: its samples would clash with {other.name}")
+        if (f.type == "counter") != f.name.endswith("_total"):
+            raise TableError(f"{f.name}: counters, and only counters, end in _total")
+        if f.unit is not None and not f.metric_name.endswith("_" + f.unit):
+            raise TableError(f"{f.name}: the name does not end in its unit {f.unit}")
+        # A counter of an errno event has a series per errno seen: none before the first.
+        if f.event in ERRNO_EVENTS and f.initial != "event":
+            raise TableError(f"{f.name}: an errno counter has no series before its event")
+
+
+def _unique(values: list[str], what: str) -> None:
+    seen: set[str] = set()
+    for value in values:
+        if value in seen:
+            raise TableError(f"duplicate {what}: {value}")
+        seen.add(value)
+
+
+check_table(FAMILIES)
+
+# -- the docs' tables --------------------------------------------------------------------
+
+
+def _code(names: tuple[str, ...] | str) -> str:
+    return ", ".join(f"`{n}`" for n in ((names,) if isinstance(names, str) else names))
+
+
+def _meaning(f: Family) -> str:
+    meaning = f"{f.help} {f.note}".strip()
+    if f.values:
+        meaning += f" {_code(f.labels)}: {_code(f.values)}."
+    return meaning
+
+
+def _series_from(f: Family) -> str:
+    return f.series_from or (INITIAL_RULES[f.initial] if f.group == "socket" else "start")
+
+
+def _kind(f: Family) -> str:
+    return "counter (ObservableCounter)" if f.type == "counter" else "gauge (ObservableGauge)"
+
+
+Cell = Callable[[Family], str]
+_NAME: Cell = lambda f: _code(f.name)  # noqa: E731
+_TYPE: Cell = lambda f: f.type  # noqa: E731
+_LABELS: Cell = lambda f: _code(f.labels)  # noqa: E731
+
+
+def _short(title: str) -> tuple[tuple[str, Cell], ...]:
+    """The columns of a group's own table."""
+    return ((title, _NAME), ("type", _TYPE), ("labels", _LABELS), ("meaning", _meaning))
+
+
+# Table name -> (its rows, its columns: header and cell).
+TABLES: dict[str, tuple[tuple[Family, ...], tuple[tuple[str, Cell], ...]]] = {
+    # The OTLP push's own are in docs/otlp.md's text.
+    "metrics": (
+        tuple(f for f in DAEMON_FAMILIES if f.group != "otlp"),
+        (
+            ("metric", _NAME),
+            ("type", _TYPE),
+            ("extra labels", _LABELS),
+            ("libzmq event", lambda f: f.source),
+            ("series from", _series_from),
+            ("meaning", _meaning),
+        ),
+    ),
+    # The OTel instruments and the Prometheus names they translate to.
+    "otel": (
+        PUSHED,
+        (
+            ("OTel instrument", lambda f: f"`{f.otel_name}`"),
+            ("kind", _kind),
+            ("unit", lambda f: f"`{f.otel_unit}`" if f.otel_unit else ""),
+            ("Prometheus name", _NAME),
+        ),
+    ),
+    "probe": (PROBE_FAMILIES, _short("probe metric")),
+    "relay": (RELAY_FAMILIES, _short("relay metric")),
+}
+
+
+def markdown(table: str = "metrics") -> str:
+    """The docs' table `table` (a key of TABLES), in Markdown."""
+    families, columns = TABLES[table]
+    lines = [
+        "| " + " | ".join(title for title, _ in columns) + " |",
+        "|" + "---|" * len(columns),
+    ]
+    for f in families:
+        lines.append("| " + " | ".join(cell(f) for _, cell in columns) + " |")
     return "\n".join(lines) + "\n"
 
 
-if __name__ == "__main__" and sys.argv[1:] == ["--markdown", "relay"]:
-    print(markdown_relay(), end="")
-    sys.exit(0)
+def main(argv: list[str]) -> int:
+    if argv[:1] != ["--markdown"] or len(argv) > 2 or argv[1:2] not in ([], *[[t] for t in TABLES]):
+        tables = "|".join(TABLES)
+        print(f"usage: python -m exporter.core.metrics --markdown [{tables}]", file=sys.stderr)
+        return 2
+    print(markdown(*argv[1:]), end="")
+    return 0
 
-if __name__ == "__main__" and sys.argv[1:] == ["--markdown", "probe"]:
-    print(markdown_probe(), end="")
-    sys.exit(0)
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:]))
