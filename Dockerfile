@@ -20,7 +20,8 @@ COPY pyproject.toml README.md LICENSE ./
 COPY exporter ./exporter
 # Non-editable install; bytecode is compiled here, so nothing is written at run time.
 # pip and setuptools leave the venv once it is installed: nothing runs them at run time.
-RUN /opt/venv/bin/pip install --no-cache-dir --no-compile . \
+# The otlp extra: the image can push over OTLP (grpcio, urllib3, opentelemetry-proto).
+RUN /opt/venv/bin/pip install --no-cache-dir --no-compile ".[otlp]" \
     && /opt/venv/bin/python -m pip uninstall --yes --quiet pip setuptools \
     && /opt/venv/bin/python -m compileall -q /opt/venv/lib
 

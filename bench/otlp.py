@@ -1,19 +1,16 @@
-"""One OTLP export's payload: our `MetricsBuilder` (the serialized requests, each idle
-socket's serialized data points kept, cut into requests of at most the default
-`max_request_bytes`, as the daemon sends them), parsed into the
-`ExportMetricsServiceRequest`s that the exporters are handed, and serialized again as they
-do to send them, against
-`prometheus_client`'s `generate_latest` over the same series held in ordinary Counters
-and Gauges, at 10,000 sockets."""
+"""One OTLP export's payload: our `MetricsBuilder` (exporter/otlp/request.py: the
+serialized requests, each idle socket's serialized data points kept, cut into requests of
+at most the default `max_request_bytes`), the bytes the transport sends as they are,
+against `prometheus_client`'s `generate_latest` over the same series held in ordinary
+Counters and Gauges, at 10,000 sockets."""
 
 from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
 
-from opentelemetry.sdk.resources import Resource
-
 from bench import scrape
+from exporter.config.otlp import default_resource
 from exporter.core.events import Event
 from exporter.core.state import (
     EngineSnapshot,
@@ -23,7 +20,7 @@ from exporter.core.state import (
     snapshot_socket,
 )
 from exporter.monitor.sockets import build_labels
-from exporter.otlp.export import MetricsBuilder, count_points
+from exporter.otlp.request import MetricsBuilder, count_points
 from exporter.render.sockettext import SocketText
 
 
@@ -34,7 +31,6 @@ class OtlpTimes:
     payload_bytes: int  # every request of one export together
     generate_latest: float  # seconds, `_created` series disabled (same series as ours)
     warm: float  # 1% of the sockets changed since the previous export
-    warm_build: float  # of which: writing the request's bytes (the rest: parse, serialize)
     all_changed: float  # every socket changed: every point rebuilt
     first: float  # the first export after start: a new builder
     requests: int = 1  # requests of one export (split at the default max_request_bytes)
@@ -42,11 +38,9 @@ class OtlpTimes:
 
 
 def _payload(builder: MetricsBuilder, sockets: tuple[SocketSnapshot, ...]) -> list[bytes]:
-    # What an export costs before the transport: the requests handed to the exporter,
-    # then their serialization (gRPC's request serializer, or the HTTP exporter's
-    # SerializeToString).
-    requests = builder.build_requests(EngineSnapshot(sockets, ReaderStats(), True))
-    return [request.SerializeToString() for request in requests]
+    # What an export costs before the transport: the serialized requests, which the
+    # transport sends as they are (gRPC without a serializer, HTTP as the body).
+    return builder.encode_requests(EngineSnapshot(sockets, ReaderStats(), True))
 
 
 def run(sockets: int, repeat: int) -> OtlpTimes:
@@ -65,7 +59,7 @@ def run(sockets: int, repeat: int) -> OtlpTimes:
         baseline = scrape._best(lambda: scrape._generate(plain), repeat)
     finally:
         scrape._created_series(True)
-    resource = Resource.create({"service.name": "bench"})
+    resource = default_resource()
 
     def first_export() -> None:
         _payload(MetricsBuilder(resource, build_labels()), scrape.snapshots(states))
@@ -77,18 +71,14 @@ def run(sockets: int, repeat: int) -> OtlpTimes:
     points = count_points(builder.build(EngineSnapshot(tuple(snaps), ReaderStats(), True)))
     clock = itertools.count(2_000_000_000)
 
-    def export_after_changes(step: int, encode: bool = True) -> None:
+    def export_after_changes(step: int) -> None:
         now = float(next(clock))
         for i in range(0, sockets, step):  # a new event, then a new snapshot
             apply_event(states[i], int(Event.ACCEPTED), 12, f"tcp://127.0.0.1:{20000 + i}", now)
             snaps[i] = snapshot_socket(states[i])
-        if encode:
-            _payload(builder, tuple(snaps))
-        else:
-            builder.encode_requests(EngineSnapshot(tuple(snaps), ReaderStats(), True))
+        _payload(builder, tuple(snaps))
 
     warm = scrape._best(lambda: export_after_changes(100), repeat)
-    warm_build = scrape._best(lambda: export_after_changes(100, encode=False), repeat)
     all_changed = scrape._best(lambda: export_after_changes(1), repeat)
     first = scrape._best(first_export, repeat)
     return OtlpTimes(
@@ -97,7 +87,6 @@ def run(sockets: int, repeat: int) -> OtlpTimes:
         sum(map(len, payload)),
         baseline,
         warm,
-        warm_build,
         all_changed,
         first,
         len(payload),

@@ -260,7 +260,9 @@ class Daemon:
         if self.sampler is not None:
             self.sampler.stop()
         if self.otlp is not None:
-            self.otlp.stop(timeout=0.5)  # bounded: a dead collector must not delay exit
+            # The final export: bounded by otlp.shutdown_timeout (a dead collector delays
+            # exit by at most that), retried while the receiver asks within it.
+            self.otlp.stop()
         self.engine.stop()
         if self.relay is not None:
             self.relay.stop()

@@ -18,6 +18,8 @@ MEASURES = (
     "scale_40_vs_10",  # the smoke profile's scale_4000_vs_10
     "idle_cpu_40",  # the smoke profile's idle_cpu_4000
     "scrape_vs_generate_latest",
+    "otlp_export_vs_generate_latest",
+    "otlp_export_vs_generate_latest_all_changed",
     "rss_per_socket_vs_libzmq",
     "storm_loss",
     "connections_scrape_cost",

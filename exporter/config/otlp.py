@@ -6,8 +6,9 @@ Environment variables are checked here and a bad one raises `OtlpEnvError`, one 
 names the variable. Where both set the same thing, the config file wins. `resolve_otlp`
 runs once at startup (exporter.otlp.export.check_otlp); the daemon is handed its result.
 
-The exporter is given every value explicitly (endpoint, insecure, compression, timeout), so
-what is checked here is what it uses; only the certificate variables are left to it.
+The transport (exporter/otlp/transport.py) reads nothing itself: what is checked here is
+what it uses, the certificate variables included (read as paths here, their files by the
+transport when it is made, so a missing file stops startup).
 """
 
 from __future__ import annotations
@@ -36,6 +37,11 @@ DEFAULT_ENDPOINTS: dict[Protocol, str] = {
 DEFAULT_INTERVAL = 60.0  # seconds; OTEL_METRIC_EXPORT_INTERVAL's default
 DEFAULT_TIMEOUT = 10.0  # seconds; OTEL_EXPORTER_OTLP_TIMEOUT's default
 DEFAULT_EXPORT_TIMEOUT = 30.0  # seconds; OTEL_METRIC_EXPORT_TIMEOUT's default
+# Seconds the final export at shutdown (SIGTERM) may take, its retries included: room for
+# a round trip, a retry after the first backoff (0.5-1 s) and another; a collector that is
+# down or hung delays exit by this much. Well below Docker's 10 s and Kubernetes' 30 s
+# grace before SIGKILL.
+DEFAULT_SHUTDOWN_TIMEOUT = 2.0
 Compression = Literal["gzip", "none"]
 COMPRESSIONS: tuple[Compression, ...] = ("gzip", "none")  # the specification's values
 SERVICE_NAME = "zmq-exporter"
@@ -139,6 +145,8 @@ class OtlpConfig(BaseModel):
     resource_attributes: dict[str, str] = {}  # OTEL_RESOURCE_ATTRIBUTES
     # Not an OpenTelemetry setting (no variable): a larger export is split into requests.
     max_request_bytes: RequestBytes = DEFAULT_MAX_REQUEST_BYTES
+    # Not an OpenTelemetry setting: the budget of the final export at shutdown.
+    shutdown_timeout: PositiveDuration = DEFAULT_SHUTDOWN_TIMEOUT
 
 
 @dataclass(frozen=True)
@@ -152,12 +160,19 @@ class OtlpSettings:
     headers: dict[str, str] = field(default_factory=dict)
     interval: float = DEFAULT_INTERVAL
     timeout: float = DEFAULT_TIMEOUT  # the exporter's, its retries included
-    resource: dict[str, str] = field(default_factory=dict)
+    # Resource attributes (strings); resolve_otlp starts from default_resource() too.
+    resource: dict[str, str] = field(default_factory=lambda: default_resource())
     compression: Compression = "none"
     # gRPC `host:port` endpoints: plaintext instead of TLS (see `plaintext`).
     insecure: bool = False
     export_timeout: float = DEFAULT_EXPORT_TIMEOUT  # OTEL_METRIC_EXPORT_TIMEOUT
     max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES  # serialized, per request
+    shutdown_timeout: float = DEFAULT_SHUTDOWN_TIMEOUT  # the final export's budget
+    # TLS files (PEM paths): OTEL_EXPORTER_OTLP_[METRICS_]CERTIFICATE (trusted CAs; the
+    # system's when empty), ..._CLIENT_KEY and ..._CLIENT_CERTIFICATE (mutual TLS).
+    certificate: str = ""
+    client_key: str = ""
+    client_certificate: str = ""
 
     @property
     def plaintext(self) -> bool:
@@ -240,11 +255,7 @@ def resolve_otlp(
         _env("OTEL_METRIC_EXPORT_TIMEOUT", raw, _millis) if raw else DEFAULT_EXPORT_TIMEOUT
     )
 
-    resource = {
-        "service.name": SERVICE_NAME,
-        "service.version": __version__,
-        "host.name": socket.gethostname(),
-    }
+    resource = default_resource()
     raw = env.get("OTEL_RESOURCE_ATTRIBUTES", "")
     if raw.strip():
         resource.update(_env("OTEL_RESOURCE_ATTRIBUTES", raw, _parse_pairs))
@@ -266,7 +277,44 @@ def resolve_otlp(
         insecure=insecure,
         export_timeout=export_timeout,
         max_request_bytes=yaml.max_request_bytes,
+        shutdown_timeout=yaml.shutdown_timeout,
+        **_tls_files(env),
     )
+
+
+def default_resource(hostname: str | None = None) -> dict[str, str]:
+    """The resource attributes sent unless overridden (OTEL_RESOURCE_ATTRIBUTES, then
+    OTEL_SERVICE_NAME, then the config file's `resource_attributes` and `service_name`).
+
+    `service.instance.id` is the host name: stable across restarts of the same sidecar
+    (a pod's host name is its name; a container's, its id), so a restart continues the same
+    series in receivers that key on it (Prometheus maps it to `instance`), where a random id
+    per start (the SDK's) began new ones. The `telemetry.sdk.*` attributes name what wrote
+    the data: this program (no OpenTelemetry SDK is involved), as the semantic conventions
+    ask of an implementation that is not the official SDK."""
+    host = socket.gethostname() if hostname is None else hostname
+    return {
+        "service.name": SERVICE_NAME,
+        "service.version": __version__,
+        "service.instance.id": host,
+        "host.name": host,
+        "telemetry.sdk.name": SERVICE_NAME,
+        "telemetry.sdk.language": "python",
+        "telemetry.sdk.version": __version__,
+    }
+
+
+def _tls_files(env: Mapping[str, str]) -> dict[str, str]:
+    """The TLS file variables, the signal-specific one first (paths; an empty one is unset)."""
+    out = {}
+    for key, suffix in (
+        ("certificate", "CERTIFICATE"),
+        ("client_key", "CLIENT_KEY"),
+        ("client_certificate", "CLIENT_CERTIFICATE"),
+    ):
+        _, raw = _first(env, f"OTEL_EXPORTER_OTLP_METRICS_{suffix}", f"OTEL_EXPORTER_OTLP_{suffix}")
+        out[key] = raw
+    return out
 
 
 def _enabled(config: OtlpConfig | None, env: Mapping[str, str], warn: list[str]) -> bool:
