@@ -66,6 +66,7 @@ from prometheus_client import REGISTRY
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import CollectorRegistry
 
+from exporter import messages as message_counting
 from exporter._version import __version__
 from exporter.config.keys import Z85_KEY
 from exporter.config.model import ConnectionsConfig
@@ -218,6 +219,9 @@ class Instrumentation:
         self._closed = False
         self._close_lock = threading.Lock()
         self.relay: str | None = None  # the relay endpoint its state is sent to
+        # With instrument(..., messages=True): the socket's message counts (its class is
+        # swapped for a counting subclass until close(); exporter/messages.py).
+        self.message_counts: message_counting.MessageCounts | None = None
 
     def __repr__(self) -> str:
         return f"<Instrumentation {self.name!r}{' closed' if self._closed else ''}>"
@@ -304,6 +308,9 @@ class Instrumentation:
             self._closed = True
         if self._pid != os.getpid():
             return  # inherited through fork: the parent's socket is not ours to touch
+        counted = self._socket()
+        if counted is not None and self.message_counts is not None:
+            message_counting.uncount(counted)  # the socket's own class again
         sock = self._socket_open()
         if sock is not None:
             # ETERM: its context is being terminated; the reader closes the PAIR anyway.
@@ -369,6 +376,7 @@ def instrument(
     relay: str | None = None,
     relay_id: str | None = None,
     relay_server_key: str | None = None,
+    messages: bool | None = None,
 ) -> Instrumentation:
     """Watch `socket`'s monitor events: the daemon's socket families, with `socket=name`,
     `labels`, and the endpoints the socket binds and connects as `endpoint`.
@@ -380,7 +388,10 @@ def instrument(
     `relay`: a sidecar daemon's relay endpoint (default: $ZMQ_EXPORTER_RELAY, if set) to
     send the socket's state to (docs/relay.md), as process `relay_id` (default
     hostname/pid). `relay_server_key`: the daemon's CURVE public key (Z85; default:
-    $ZMQ_EXPORTER_RELAY_SERVER_KEY), for a relay over tcp off loopback."""
+    $ZMQ_EXPORTER_RELAY_SERVER_KEY), for a relay over tcp off loopback.
+    `messages`: count the messages and bytes the application sends and receives on
+    `socket`, and its sends' backpressure (docs/messages.md; default: $ZMQ_EXPORTER_MESSAGES,
+    else off; off leaves the socket object untouched)."""
     if not isinstance(socket, zmq.Socket):
         raise InstrumentError(f"expected a zmq.Socket, got {type(socket).__name__}")
     if not isinstance(name, str) or not name:
@@ -428,6 +439,8 @@ def instrument(
                 socket.disable_monitor()
             raise
         handle = Instrumentation(name, socket, pair, state, registry, meter_provider)
+        if messages if messages is not None else message_counting.enabled_by_env():
+            handle.message_counts = message_counting.count(socket)
         process.handles[name] = handle
         handle.relay = relay
         process.show()
@@ -658,6 +671,17 @@ def _connection_families(key: int) -> Iterator[Metric]:
     yield reads_gone_family(_table())
 
 
+def _counted(key: int) -> list[message_counting.Counted]:
+    """The message counts of the counted sockets `key` (a registry or meter provider)
+    shows."""
+    names = _process.shown.get(key, frozenset())
+    return [
+        (handle.name, handle.labels, handle.message_counts.values())
+        for handle in list(_process.handles.values())
+        if handle.message_counts is not None and handle.name in names
+    ]
+
+
 class _LibraryCollector(StateCollector):
     """The socket families, the connection families of its sockets and the reader's and
     sampler's self-metrics, for one registry."""
@@ -669,6 +693,9 @@ class _LibraryCollector(StateCollector):
     def collect(self) -> Iterator[Metric]:
         snap = self._snapshot()
         yield from render_sockets(snap.sockets)
+        counted = _counted(self._key)
+        if counted:
+            yield from message_counting.families(counted)
         try:
             connections = list(_connection_families(self._key))
         except Exception:  # never fail the application's scrape for the connection metrics
@@ -715,6 +742,22 @@ class _OtelExport:
                 meter.create_observable_gauge(
                     family.otel_name, [callback], family.otel_unit, family.help
                 )
+        for index, family in enumerate(metrics.MESSAGE_FAMILIES):
+            assert family.otel_name is not None
+            meter.create_observable_counter(
+                family.otel_name, [self._message_callback(index)], family.otel_unit, family.help
+            )
+
+    def _message_callback(self, index: int) -> Callable[[CallbackOptions], Iterable[Observation]]:
+        def observe(options: CallbackOptions) -> Iterable[Observation]:
+            from opentelemetry.metrics import Observation
+
+            return [
+                Observation(values[index], {"socket": name, **labels})
+                for name, labels, values in _counted(self._key)
+            ]
+
+        return observe
 
     def _callback(self, slot: int) -> Callable[[CallbackOptions], Iterable[Observation]]:
         def observe(options: CallbackOptions) -> Iterable[Observation]:

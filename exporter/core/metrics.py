@@ -54,6 +54,7 @@ Group = Literal[
     "sampler",
     "probe",
     "relay",
+    "message",
 ]
 # When a socket family's series first exist. Before their first event they are at 0, so
 # that rate() and increase() see that event (client_golang #296).
@@ -909,6 +910,82 @@ RELAY_FAMILIES: tuple[Family, ...] = (
 )
 
 
+# -- message counts (library mode) -----------------------------------------------------------
+# Counted inside an application by `exporter.instrument(sock, name, messages=True)`
+# (exporter/messages.py) and served on its registry, its meter provider and, relayed, by
+# the sidecar; the daemon cannot see messages, so not in DAEMON_FAMILIES. One series per socket
+# (`socket` and the configured labels, no `endpoint`), each from the instrument() call.
+# docs/messages.md is `python -m exporter.core.metrics --markdown messages`.
+
+
+def _message(
+    name: str, help_text: str, otel: str, otel_unit: str, unit: str | None = None, note: str = ""
+) -> Family:
+    return Family(
+        name,
+        "counter",
+        help_text,
+        "message",
+        unit=unit,
+        otel_name=otel,
+        otel_unit=otel_unit,
+        note=note,
+        series_from="instrument(..., messages=True)",
+        per_endpoint=False,
+    )
+
+
+MESSAGES_SENT = _message(
+    "zmq_messages_sent_total",
+    "Whole messages the application sent on the socket (a multipart message is one).",
+    "zmq.messages_sent",
+    "{message}",
+)
+MESSAGES_RECEIVED = _message(
+    "zmq_messages_received_total",
+    "Whole messages the application received from the socket (a multipart message is one).",
+    "zmq.messages_received",
+    "{message}",
+)
+MESSAGE_BYTES_SENT = _message(
+    "zmq_message_bytes_sent_total",
+    "Payload bytes of every frame the application sent on the socket.",
+    "zmq.message_bytes_sent",
+    "{byte}",  # UCUM `By` would add a `_bytes` suffix in translation
+    note="ZMTP framing and security overhead are not included.",
+)
+MESSAGE_BYTES_RECEIVED = _message(
+    "zmq_message_bytes_received_total",
+    "Payload bytes of every frame the application received from the socket.",
+    "zmq.message_bytes_received",
+    "{byte}",  # UCUM `By` would add a `_bytes` suffix in translation
+    note="recv_into: the frame's size, also when the buffer truncated it.",
+)
+SEND_WOULD_BLOCK = _message(
+    "zmq_send_would_block_total",
+    "Sends that raised zmq.Again: NOBLOCK with the send queue full (HWM) or no peer, or "
+    "SNDTIMEO expired.",
+    "zmq.send_would_block",
+    "{send}",
+)
+SEND_BLOCKED = _message(
+    "zmq_send_blocked_seconds_total",
+    "Time the application spent inside sends that could not complete at once (backpressure).",
+    "zmq.send_blocked",
+    "s",
+    unit="seconds",
+    note="zmq.asyncio: from the send call until its future completed.",
+)
+MESSAGE_FAMILIES: tuple[Family, ...] = (
+    MESSAGES_SENT,
+    MESSAGES_RECEIVED,
+    MESSAGE_BYTES_SENT,
+    MESSAGE_BYTES_RECEIVED,
+    SEND_WOULD_BLOCK,
+    SEND_BLOCKED,
+)
+
+
 # -- the table ---------------------------------------------------------------------------
 # Every family, in the docs' order. A new group: its families and their tuple in a section
 # above, the tuple here, its group in OWN_TABLE_GROUPS if not every daemon serves it, and
@@ -926,9 +1003,10 @@ FAMILIES: tuple[Family, ...] = (
     *OTLP_FAMILIES,
     *PROBE_FAMILIES,
     *RELAY_FAMILIES,
+    *MESSAGE_FAMILIES,
 )
 # Groups not on every daemon's /metrics, each with a docs table of its own.
-OWN_TABLE_GROUPS: frozenset[Group] = frozenset({"probe", "relay"})
+OWN_TABLE_GROUPS: frozenset[Group] = frozenset({"probe", "relay", "message"})
 DAEMON_FAMILIES: tuple[Family, ...] = tuple(f for f in FAMILIES if f.group not in OWN_TABLE_GROUPS)
 # Pushed over OTLP: what describes the sockets and the engine. The web server's and the
 # OTLP push's own metrics describe the endpoints themselves and stay on /metrics.
@@ -1034,6 +1112,16 @@ TABLES: dict[str, tuple[tuple[Family, ...], tuple[tuple[str, Cell], ...]]] = {
     ),
     "probe": (PROBE_FAMILIES, _short("probe metric")),
     "relay": (RELAY_FAMILIES, _short("relay metric")),
+    "messages": (
+        MESSAGE_FAMILIES,
+        (
+            ("metric", _NAME),
+            ("type", _TYPE),
+            ("OTel instrument", lambda f: f"`{f.otel_name}`"),
+            ("unit", lambda f: f"`{f.otel_unit}`"),
+            ("meaning", _meaning),
+        ),
+    ),
 }
 
 

@@ -1,0 +1,297 @@
+"""Message counting for library mode: how many messages and bytes an application's socket
+sends and receives, and how often and how long its sends meet backpressure.
+
+libzmq's monitor says nothing about messages, and pyzmq's wheels lack the draft
+`ZMQ_EVENT_PIPES_STATS`; but library mode runs inside the application, so it can count
+exactly what the application's own calls move.
+
+`count(sock)` changes the socket object's class to a subclass made for that one socket,
+named like its own class, whose `send`, `recv` and `recv_into` count and then return what
+the original methods return (or raise what they raise). Every other path of pyzmq goes
+through those three: `send_multipart`/`recv_multipart`, the `_string`/`_json`/`_pyobj`/
+`_serialized` variants, `zmq.green` sockets (their cooperative send/recv sit below ours)
+and `zmq.asyncio` sockets (all their I/O is done, non-blocking, by a plain `_shadow_sock`
+of the same libzmq socket, which is counted; their own `send`/`send_multipart` are
+wrapped for the backpressure figures, taken when the returned future completes). So
+`isinstance`, `repr`, option attributes and the errors (pickling included) are the
+socket's own. `uncount(sock)` gives the object its class back; a socket never counted is
+never touched, so counting off costs nothing.
+
+What is counted (`MessageCounts`):
+- `sent`, `received`: whole messages: a frame sent without SNDMORE, a frame received with
+  RCVMORE false (a multipart message is one message);
+- `bytes_sent`, `bytes_received`: payload bytes of every frame (`bytes`, `Frame`,
+  `copy=False`, any buffer such as `memoryview`; `recv_into`: the frame's size as libzmq
+  reports it, also when the buffer truncated it);
+- `would_block`: sends that raised `zmq.Again` (NOBLOCK with the queue full or no peer,
+  or SNDTIMEO expired);
+- `blocked_seconds`: time spent inside sends that could not complete at once. A blocking
+  send first tries without waiting; only if that meets backpressure is the wait timed, so
+  the usual send reads no clock.
+
+Counts are written by the socket's own thread (sockets are not thread-safe) and read by
+scrapes from others: plain int and float attributes, each read whole under the GIL.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import zmq
+from prometheus_client.metrics_core import Metric
+
+from exporter.core import metrics
+
+__all__ = [
+    "ENV_MESSAGES",
+    "MessageCounts",
+    "count",
+    "counts",
+    "enabled_by_env",
+    "families",
+    "uncount",
+]
+
+# instrument()'s `messages` when not given (and so the launcher's): "1", "true", "yes", "on".
+ENV_MESSAGES = "ZMQ_EXPORTER_MESSAGES"
+
+# Plain ints: pyzmq's constants are enums, whose `|` and `&` cost a microsecond.
+_NOBLOCK = int(zmq.NOBLOCK)
+_SNDMORE = int(zmq.SNDMORE)
+_RCVMORE = int(zmq.RCVMORE)
+_Again = zmq.Again
+_perf = time.perf_counter
+# Marks the classes made here: `_COUNTS` holds the socket's counts, `_ORIGINAL` the class
+# to restore.
+_COUNTS = "_zmq_exporter_message_counts"
+_ORIGINAL = "_zmq_exporter_original_class"
+
+
+class MessageCounts:
+    """One socket's message counts since `count()` (monotonic, never reset)."""
+
+    __slots__ = (
+        "blocked_seconds",
+        "bytes_received",
+        "bytes_sent",
+        "received",
+        "sent",
+        "would_block",
+    )
+
+    def __init__(self) -> None:
+        self.sent = 0
+        self.received = 0
+        self.bytes_sent = 0
+        self.bytes_received = 0
+        self.would_block = 0
+        self.blocked_seconds = 0.0
+
+    def values(self) -> tuple[int, int, int, int, int, float]:
+        """(sent, received, bytes_sent, bytes_received, would_block, blocked_seconds),
+        the order of `metrics.MESSAGE_FAMILIES`."""
+        return (
+            self.sent,
+            self.received,
+            self.bytes_sent,
+            self.bytes_received,
+            self.would_block,
+            self.blocked_seconds,
+        )
+
+    def __repr__(self) -> str:
+        return "MessageCounts(" + ", ".join(f"{k}={getattr(self, k)}" for k in self.__slots__) + ")"
+
+
+def _nbytes(data: Any) -> int:
+    """Payload bytes of what `send` accepts: bytes, a Frame, any buffer."""
+    if isinstance(data, bytes | bytearray | zmq.Frame):
+        return len(data)
+    return memoryview(data).nbytes
+
+
+def _looks(cls: type) -> dict[str, Any]:
+    """What pyzmq reads from a socket's exact class, not inherited (`_repr_cls`: the name
+    `repr()` shows, e.g. `zmq.Socket`)."""
+    return {k: cls.__dict__[k] for k in ("_repr_cls",) if k in cls.__dict__}
+
+
+def _sync_class(cls: type[zmq.Socket[Any]], c: MessageCounts, waits: bool) -> type:
+    """A subclass of `cls` counting into `c`. `waits`: time blocking sends and count
+    `zmq.Again` (False for an asyncio socket's shadow, whose sends never wait and whose
+    `Again` are the asyncio layer's own attempts, not the application's)."""
+    base_send = cls.send
+    base_recv = cls.recv
+    base_get = cls.get
+    base_recv_into: Callable[..., int] | None = getattr(cls, "recv_into", None)
+
+    def send(
+        self: Any, data: Any, flags: int = 0, copy: bool = True, track: bool = False, **kw: Any
+    ) -> Any:
+        n = len(data) if type(data) is bytes else _nbytes(data)
+        if not waits:
+            result = base_send(self, data, flags, copy, track, **kw)
+        elif flags & _NOBLOCK:
+            try:
+                result = base_send(self, data, flags, copy, track, **kw)
+            except _Again:
+                c.would_block += 1
+                raise
+        else:
+            try:
+                result = base_send(self, data, flags | _NOBLOCK, copy, track, **kw)
+            except _Again:
+                start = _perf()
+                try:
+                    result = base_send(self, data, flags, copy, track, **kw)
+                except _Again:  # SNDTIMEO expired
+                    c.would_block += 1
+                    raise
+                finally:
+                    c.blocked_seconds += _perf() - start
+        c.bytes_sent += n
+        if not flags & _SNDMORE:
+            c.sent += 1
+        return result
+
+    def recv(self: Any, flags: int = 0, copy: bool = True, track: bool = False) -> Any:
+        frame = base_recv(self, flags, copy, track)
+        if type(frame) is bytes:
+            c.bytes_received += len(frame)
+            if not base_get(self, _RCVMORE):
+                c.received += 1
+        else:
+            c.bytes_received += len(frame)
+            if not frame.more:  # type: ignore[union-attr]  # a Frame (copy=False)
+                c.received += 1
+        return frame
+
+    namespace: dict[str, Any] = {
+        "__slots__": (),
+        "__module__": cls.__module__,
+        "__qualname__": cls.__qualname__,
+        "__doc__": cls.__doc__,
+        "send": send,
+        "recv": recv,
+        _COUNTS: c,
+        _ORIGINAL: cls,
+        **_looks(cls),
+    }
+    if base_recv_into is not None:
+        original_recv_into = base_recv_into
+
+        def recv_into(self: Any, buf: Any, /, *, nbytes: int = 0, flags: int = 0) -> int:
+            size = original_recv_into(self, buf, nbytes=nbytes, flags=flags)
+            c.bytes_received += size
+            if not base_get(self, _RCVMORE):
+                c.received += 1
+            return size
+
+        namespace["recv_into"] = recv_into
+    for name in ("send", "recv", "recv_into"):
+        if name in namespace:
+            namespace[name].__doc__ = getattr(cls, name).__doc__
+    return type(cls.__name__, (cls,), namespace)
+
+
+def _async_class(cls: type[zmq.Socket[Any]], c: MessageCounts) -> type:
+    """A subclass of an asyncio socket class taking the backpressure figures of its
+    sends when their futures complete (the shadow socket counts messages and bytes)."""
+    base_send = cls.send
+    base_send_multipart = cls.send_multipart
+
+    def watch(future: Any, start: float) -> Any:
+        if future.done():
+            if not future.cancelled() and isinstance(future.exception(), _Again):
+                c.would_block += 1  # NOBLOCK asked: it failed at once
+            return future
+
+        def done(f: Any) -> None:
+            c.blocked_seconds += _perf() - start
+            if not f.cancelled() and isinstance(f.exception(), _Again):
+                c.would_block += 1  # SNDTIMEO expired
+
+        future.add_done_callback(done)
+        return future
+
+    def send(
+        self: Any, data: Any, flags: int = 0, copy: bool = True, track: bool = False, **kw: Any
+    ) -> Any:
+        return watch(base_send(self, data, flags, copy, track, **kw), _perf())
+
+    def send_multipart(
+        self: Any, msg_parts: Any, flags: int = 0, copy: bool = True, track: bool = False, **kw: Any
+    ) -> Any:
+        return watch(base_send_multipart(self, msg_parts, flags, copy, track, **kw), _perf())
+
+    send.__doc__ = base_send.__doc__
+    send_multipart.__doc__ = base_send_multipart.__doc__
+    namespace: dict[str, Any] = {
+        "__slots__": (),
+        "__module__": cls.__module__,
+        "__qualname__": cls.__qualname__,
+        "__doc__": cls.__doc__,
+        "send": send,
+        "send_multipart": send_multipart,
+        _COUNTS: c,
+        _ORIGINAL: cls,
+        **_looks(cls),
+    }
+    return type(cls.__name__, (cls,), namespace)
+
+
+def counts(sock: zmq.Socket[Any]) -> MessageCounts | None:
+    """The counts of a socket being counted, else None."""
+    found: MessageCounts | None = type(sock).__dict__.get(_COUNTS)
+    return found
+
+
+def count(sock: zmq.Socket[Any]) -> MessageCounts:
+    """Count `sock`'s messages from now on (from the socket's thread); its counts if it
+    is counted already."""
+    existing = counts(sock)
+    if existing is not None:
+        return existing
+    c = MessageCounts()
+    shadow = getattr(sock, "_shadow_sock", None)
+    if isinstance(shadow, zmq.Socket) and shadow is not sock:
+        # zmq.asyncio (and other _AsyncSocket flavours): the shadow does the I/O.
+        shadow.__class__ = _sync_class(type(shadow), c, waits=False)
+        sock.__class__ = _async_class(type(sock), c)
+    else:
+        sock.__class__ = _sync_class(type(sock), c, waits=True)
+    return c
+
+
+def uncount(sock: zmq.Socket[Any]) -> None:
+    """Stop counting: `sock` (and an asyncio socket's shadow) get their own class back."""
+    for target in (sock, getattr(sock, "_shadow_sock", None)):
+        if target is None:
+            continue
+        original = type(target).__dict__.get(_ORIGINAL)
+        if original is not None:
+            target.__class__ = original
+
+
+def enabled_by_env() -> bool:
+    """Whether $ZMQ_EXPORTER_MESSAGES turns counting on for instrument() calls that do
+    not say."""
+    return os.environ.get(ENV_MESSAGES, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+# (socket name, its configured labels, its counts' `values()`)
+Counted = tuple[str, Mapping[str, str], tuple[float, ...]]
+
+
+def families(sockets: Iterable[Counted]) -> list[Metric]:
+    """The message families (`metrics.MESSAGE_FAMILIES`) of the counted sockets, one
+    sample per socket, labelled `socket` and its configured labels."""
+    out = [Metric(f.metric_name, f.help, f.type, f.unit or "") for f in metrics.MESSAGE_FAMILIES]
+    for name, labels, values in sockets:
+        sample_labels = {"socket": name, **labels}
+        for family, spec, value in zip(out, metrics.MESSAGE_FAMILIES, values, strict=True):
+            family.add_sample(spec.name, sample_labels, value)
+    return out
