@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def fail(message: str) -> int:
         # One line on stderr, before anything starts: the plain `zmq-exporter: message`
-        # with logfmt (the line README and scripts know), one JSON log object with json.
+        # with logfmt (the line the docs and scripts know), one JSON log object with json.
         stop_logging()  # lines queued before it first; then synchronous again
         if args.log_format == "json":
             log.error("cannot start", extra={"err": message})

@@ -364,7 +364,7 @@ def test_k_connections_arrive_over_otlp_equal_to_metrics(
 
         # Every data point equals the /metrics sample of its translated name; every socket
         # series (zmq_*) of /metrics arrived over OTLP, and so did every self-metric the
-        # README lists as pushed (web-server and OTLP self-metrics describe the endpoints
+        # docs/otlp.md lists as pushed (web-server and OTLP self-metrics describe the endpoints
         # themselves and stay on /metrics).
         got = {(prometheus_name(q), q.attrs): q.value for q in export.points}
         pushed = {f.name for f in PUSHED}

@@ -79,14 +79,14 @@ class Family:
     labels: tuple[str, ...] = ()
     # Labels a mode of the config adds (connection families: `peer` with per_peer).
     optional_labels: tuple[str, ...] = ()
-    series_from: str = ""  # the README's "series from" column, where no `initial` rule fits
+    series_from: str = ""  # docs/metrics.md's "series from" column, where no `initial` rule fits
     unit: str | None = None  # base unit, the name's suffix (`seconds`); None: a count
     otel_name: str | None = None  # the OTel instrument pushed over OTLP; None: not pushed
     otel_unit: str = ""  # UCUM; annotations in braces add no suffix in translation
-    note: str = ""  # what the README's meaning column adds to `help`
+    note: str = ""  # what docs/metrics.md's meaning column adds to `help`
     # Socket families only:
     event: Event | None = None  # a counter of one event: the event counted
-    source: str = ""  # the README's "libzmq event" column: what feeds it
+    source: str = ""  # docs/metrics.md's "libzmq event" column: what feeds it
     initial: Initial = "event"
     initial_rows: int = 1  # label sets each endpoint (or socket) has from start
     per_endpoint: bool = True  # carries `endpoint` (False: one row set per socket)
@@ -216,8 +216,8 @@ CONNECT_RETRIED = _event(
     "Reconnect attempts scheduled after a failed or lost connection.",
 )
 # Named for the outcome of bind(), like `zmq_bind_failed_total` beside it and the
-# `zmq_handshake_{succeeded,failed}_total` pair. It was `zmq_listening_total` (README
-# "Changelog"): its OpenMetrics family `zmq_listening` collided with the gauge's.
+# `zmq_handshake_{succeeded,failed}_total` pair. It was `zmq_listening_total` (CHANGELOG.md,
+# 0.1.0): its OpenMetrics family `zmq_listening` collided with the gauge's.
 BIND_SUCCEEDED = _event(
     Event.LISTENING,
     "zmq_bind_succeeded_total",
