@@ -239,7 +239,7 @@ def run_overload(connections: int, bench: BenchEngine) -> Overload:
     poll_until(lambda: bench.socket_events() > 0, 5)
     before = bench.socket_events()
     started = time.monotonic()
-    with bench.engine.stall_reader():  # a reader that cannot keep up
+    with bench.engine.hold():  # a reader that cannot keep up
         tally = LoadGen(bench.port, connections, STORM_DEADLINE).tally()
         stalled = time.monotonic() - started
     released = time.monotonic()

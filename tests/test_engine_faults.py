@@ -40,6 +40,7 @@ from exporter.monitor.engine import (
     retry_delay,
 )
 from exporter.monitor.fdbudget import BASE_FDS, FDS_PER_SOCKET
+from exporter.monitor.reader import Reader
 
 from helpers import ROOT, Daemon, http_get, parse_metrics, value
 from testkit import free_port, wait_until
@@ -160,10 +161,10 @@ def test_engine_thread_death_is_visible_and_fails_commands_at_once(
     engine.apply(settings).result(10)
     assert engine.snapshot().ready
 
-    def broken(self: Engine) -> None:
+    def broken(self: Reader) -> None:
         raise RuntimeError("injected loop failure")
 
-    monkeypatch.setattr(Engine, "_run_commands", broken)
+    monkeypatch.setattr(Reader, "_run_commands", broken)
     pending = engine.apply(settings)  # wakes the loop, which now fails
     wait_until(lambda: failures, what="on_failure called")
     assert failures == ["RuntimeError: injected loop failure"]
@@ -183,9 +184,9 @@ def test_engine_thread_death_is_visible_and_fails_commands_at_once(
 INJECT = """\
 import sys, threading, time
 from exporter import cli
-from exporter.monitor.engine import Engine
+from exporter.monitor.reader import Reader
 
-real = Engine._run_timers
+real = Reader._run_timers
 started = time.monotonic()
 
 def run_timers(self):
@@ -193,7 +194,7 @@ def run_timers(self):
         raise RuntimeError("injected loop failure")
     real(self)
 
-Engine._run_timers = run_timers
+Reader._run_timers = run_timers
 sys.exit(cli.main(sys.argv[1:]))
 """
 
@@ -451,13 +452,13 @@ def test_sighup_storm_thread_safety_of_pending_commands(
             with lock:
                 futures.append(future)
 
-    def broken(self: Engine) -> None:
+    def broken(self: Reader) -> None:
         raise RuntimeError("injected")
 
     threads = [threading.Thread(target=send) for _ in range(4)]
     for thread in threads:
         thread.start()
-    monkeypatch.setattr(Engine, "_run_commands", broken)
+    monkeypatch.setattr(Reader, "_run_commands", broken)
     for thread in threads:
         thread.join(10)
     for future in futures:
@@ -492,10 +493,10 @@ def test_probes_fail_once_the_engine_thread_ended(monkeypatch: pytest.MonkeyPatc
     try:
         assert status("/-/healthy") == 200 and status("/-/ready") == 200
 
-        def broken(self: Engine) -> None:
+        def broken(self: Reader) -> None:
             raise RuntimeError("injected loop failure")
 
-        monkeypatch.setattr(Engine, "_run_commands", broken)
+        monkeypatch.setattr(Reader, "_run_commands", broken)
         pending = daemon.engine.apply(settings)  # wakes the loop, which fails
         wait_until(lambda: failures, what="on_failure called")
         with pytest.raises(EngineStopped):

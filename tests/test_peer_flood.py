@@ -187,7 +187,7 @@ def test_reader_gives_a_bursts_memory_back() -> None:
     try:
         engine.apply(settings).result(10)
         connections = TRIM_BURST  # 3 events each: 3x the burst that triggers a trim
-        with engine.stall_reader():
+        with engine.hold():
             tally = LoadGen(port, connections, deadline=120).tally()
             peak = _rss(os.getpid())
         # The event count is what matters here, not that every connect succeeded.

@@ -1,9 +1,10 @@
 """The daemon's event engine: one thread that owns every ZeroMQ socket of the exporter.
 
-It is a `Reader` (exporter/monitor/reader.py: one epoll set over all monitor PAIRs, edge-triggered
-drains, the reducer under a lock, `snapshot()`, failure handling) that also creates the
-configured sockets, binds and connects them with retries and backoff, and applies configs.
-Other threads talk to it through the reader's command queue, and read state only via
+It owns a `Reader` (exporter/monitor/reader.py: one epoll set over all monitor PAIRs,
+edge-triggered drains, the reducer under a lock, `snapshot()`, failure handling) and, on
+the reader's thread, creates the configured sockets, binds and connects them with retries
+and backoff, and applies configs, using the reader only through `ReaderControl`. Other
+threads talk to it through the reader's command queue, and read state only via
 `snapshot()`.
 
 Failures: an exception raised while serving one socket (its monitor or inbound handler, a
@@ -32,7 +33,7 @@ import functools
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -42,10 +43,23 @@ from exporter.config import Settings, SocketSpec
 from exporter.connections.kernel import Expected, Gone, read_connection
 from exporter.core.endpoints import EndpointMap, Role
 from exporter.core.events import errno_name
-from exporter.core.state import SocketState, apply_event, forget_connections, record_bind
+from exporter.core.state import (
+    EngineSnapshot,
+    SocketState,
+    apply_event,
+    forget_connections,
+    record_bind,
+)
 from exporter.monitor.contexts import BindNames, ContextPool
 from exporter.monitor.fdbudget import fd_budget_problem, nofile_limit, open_fds, specs_fds
-from exporter.monitor.reader import BATCH, COALESCE_SECONDS, EngineStopped, Handler, Reader
+from exporter.monitor.reader import (
+    BATCH,
+    COALESCE_SECONDS,
+    EngineStopped,
+    Handler,
+    Reader,
+    ReaderControl,
+)
 from exporter.monitor.sockets import MonitoredSocket, open_socket
 
 __all__ = [
@@ -116,7 +130,7 @@ def retry_delay(attempt: int, base: float, cap: float) -> float:
     return min(base * float(1 << exponent), cap)
 
 
-class Engine(Reader):
+class Engine:
     def __init__(
         self,
         ctx: zmq.Context[zmq.Socket[bytes]] | None = None,
@@ -125,7 +139,10 @@ class Engine(Reader):
         on_failure: Callable[[str], None] | None = None,
         fd_reserve: int = 0,
     ) -> None:
-        super().__init__(clock=clock, coalesce=coalesce, on_failure=on_failure)
+        # The reader: its thread's life and the snapshots through `_reader`; all the
+        # engine does on that thread, through the owner's interface `_control`.
+        self._reader = Reader(clock=clock, coalesce=coalesce, on_failure=on_failure)
+        self._control: ReaderControl = self._reader
         self._owns_ctx = ctx is None
         self.ctx: zmq.Context[zmq.Socket[bytes]] = ctx if ctx is not None else zmq.Context()
         if self._owns_ctx:  # 3 zmq sockets per monitored socket; the default cap is 1023
@@ -138,8 +155,9 @@ class Engine(Reader):
         self._fd_reserve = fd_reserve
         # (first, max) interval of bind/connect retries, from the config applied last.
         self._backoff = (1.0, 30.0)
-        # Engine thread only:
+        # Engine thread only (their states are read and changed under `reader.hold()`):
         self._sockets: dict[str, MonitoredSocket] = {}
+        self._states: dict[str, SocketState] = {}
         self._retry_attempts: dict[tuple[str, str], int] = {}
         # Bound listeners: (socket, configured endpoint) -> the address libzmq bound (what
         # unbind() takes, and what a resume binds again: `:0` keeps its port).
@@ -154,25 +172,42 @@ class Engine(Reader):
 
     # -- public API, any thread ---------------------------------------------------------
 
+    def start(self) -> None:
+        self._reader.start()
+
+    def snapshot(self) -> EngineSnapshot:
+        return self._reader.snapshot()
+
+    @property
+    def failure(self) -> str | None:
+        """Why the thread ended unexpectedly; None while it runs (or never ran)."""
+        return self._reader.failure
+
+    def cpu_seconds(self) -> float:
+        return self._reader.cpu_seconds()
+
+    @contextlib.contextmanager
+    def hold(self) -> Iterator[None]:
+        """The reader's `hold()`: no event is reduced while the block runs."""
+        with self._control.hold():
+            yield
+
     def apply(self, settings: Settings) -> Future[ApplyResult]:
         """Make the running sockets match `settings` (validated already). Raises (through
         the future) ApplyError when the config cannot be applied; nothing changed then."""
-        return self._call(lambda: self._apply(settings))
+        return self._control.call(lambda: self._apply(settings))
 
     def stop(self, timeout: float = 2.0) -> None:
         """Close monitors and sockets in the safe order and end the thread."""
         try:
-            if self._thread.is_alive():
+            if self._reader.alive:
                 with contextlib.suppress(EngineStopped):  # it died meanwhile
-                    self._call(self._shutdown).result(timeout)
-                self._thread.join(timeout)
-            if self._thread.is_alive():
-                raise TimeoutError(f"engine thread did not stop within {timeout} s")
+                    self._control.call(self._close_all).result(timeout)
+            self._reader.stop(timeout)
             # Nothing left after a clean shutdown; what a dead thread left otherwise. Safe
             # from this thread only because no other thread uses the sockets any more.
             self._close_all()
         finally:
-            self._close_fds()
             self._release_spares()
             self.contexts.terminate()  # bounded: a lookup in progress must not delay exit
         if self._owns_ctx:
@@ -195,8 +230,7 @@ class Engine(Reader):
                 if not frame.more:  # count messages, not frames (a ROUTER gets two)
                     dropped += 1
             if dropped:
-                with self._lock:
-                    self._stats.messages_dropped += dropped
+                self._control.count("messages_dropped", dropped)
             return more, 0
 
         return drain
@@ -236,8 +270,7 @@ class Engine(Reader):
         for managed in opened:
             self._install(managed)
         result.unchanged = [s.name for s in settings.sockets if s.name not in opening]
-        with self._lock:
-            self._ready = True
+        self._control.set_ready(True)
         return result
 
     def _check_fd_budget(self, to_open: list[SocketSpec]) -> None:
@@ -254,8 +287,8 @@ class Engine(Reader):
             endpoint_map=EndpointMap(spec.binds, spec.connects),
         )
         self._sockets[spec.name] = managed
-        with self._lock:
-            self._states[spec.name] = state
+        self._states[spec.name] = state
+        self._control.add_socket(spec.name, state)
         # `apply_event` as this module sees it (tests replace it here to inject failures).
         name = spec.name
 
@@ -263,12 +296,12 @@ class Engine(Reader):
             if err in EXHAUSTED:
                 self._shed_listener(name, seen, err)
 
-        handler = self._monitor_handler(
+        handler = self._control.monitor_handler(
             managed.monitor, state, apply_event, on_accept_failed=accept_failed
         )
-        self._register(spec.name, managed.monitor_fd, handler)
+        self._control.register(spec.name, managed.monitor_fd, handler)
         if managed.socket_fd is not None:
-            self._register(spec.name, managed.socket_fd, self._inbound_handler(managed))
+            self._control.register(spec.name, managed.socket_fd, self._inbound_handler(managed))
         for endpoint in spec.binds:
             self._attach(managed, state, "bind", endpoint)
         for endpoint in spec.connects:
@@ -278,14 +311,13 @@ class Engine(Reader):
         managed = self._sockets.pop(name)
         for fd in (managed.monitor_fd, managed.socket_fd):
             if fd is not None:
-                self._unregister(fd)
+                self._control.unregister(fd)
         self.contexts.close_socket(managed)
-        with self._lock:
-            del self._states[name]
+        del self._states[name]
+        self._control.remove_socket(name)
         for table in (self._retry_attempts, self._bound, self._shed):
             for key in [k for k in table if k[0] == name]:
                 del table[key]
-        self._errors_logged.discard(name)
 
     def _attach(
         self,
@@ -315,11 +347,11 @@ class Engine(Reader):
                     # A host name is resolved on a worker thread (ZMQError EAGAIN meanwhile).
                     target = self._bind_names.target(endpoint, managed.spec.options.ipv6)
                 if target != endpoint:  # events name the address bound: map it back
-                    with self._lock:
+                    with self._control.hold():
                         record_bind(state, endpoint, target)
                 managed.socket.bind(target)
                 resolved = managed.socket.getsockopt_string(zmq.LAST_ENDPOINT)
-                with self._lock:
+                with self._control.hold():
                     record_bind(state, endpoint, resolved)
                 self._bound[key] = resolved
             else:
@@ -328,10 +360,9 @@ class Engine(Reader):
             attempt = self._retry_attempts.get(key, 0) + 1
             self._retry_attempts[key] = attempt
             if isinstance(err, zmq.ZMQError):
-                with self._lock:
-                    self._stats.attach_failures += 1
+                self._control.count("attach_failures")
             else:
-                self._socket_error(name, role, err)
+                self._control.socket_error(name, role, err)
             delay = retry_delay(attempt, *self._backoff)
             log.log(
                 logging.WARNING if attempt == 1 else logging.DEBUG,
@@ -345,7 +376,9 @@ class Engine(Reader):
                     "retry_in": delay,
                 },
             )
-            self._schedule(delay, lambda: self._attach(managed, state, role, endpoint, address))
+            self._control.schedule(
+                delay, lambda: self._attach(managed, state, role, endpoint, address)
+            )
             return
         attempts = self._retry_attempts.pop(key, 0)
         log.log(
@@ -377,8 +410,7 @@ class Engine(Reader):
         """`name`'s listener `seen` could not accept for want of descriptors or memory:
         unbind it until descriptors are free again (see EXHAUSTED)."""
         managed = self._sockets.get(name)
-        with self._lock:
-            state = self._states.get(name)
+        state = self._states.get(name)
         if managed is None or managed.closed or state is None:
             return
         endpoint = state.endpoint_map.lookup(seen)
@@ -396,13 +428,14 @@ class Engine(Reader):
             self._sheds_in_row = 1 if calm else self._sheds_in_row + 1
             self._resume_at = now + retry_delay(self._sheds_in_row, *self._backoff)
             self._release_spares()  # for the web server, while peers hold the others
-            self._schedule(max(RESUME_CHECK, self._resume_at - now), self._try_resume)
-        with self._lock:
-            self._stats.listener_sheds += 1
+            self._control.schedule(max(RESUME_CHECK, self._resume_at - now), self._try_resume)
+        self._control.count("listener_sheds")
         # libzmq ends the listener's connections still in their handshake as it goes, with
         # no DISCONNECTED event: drop them from the gauge once it has (the I/O thread does
         # it within milliseconds), and later again (PRUNE_AFTER_RESUME).
-        self._schedule(SHED_PRUNE, functools.partial(self._prune_gone, managed, endpoint, address))
+        self._control.schedule(
+            SHED_PRUNE, functools.partial(self._prune_gone, managed, endpoint, address)
+        )
         log.warning(
             "accept failed for want of resources: listener unbound until peers leave",
             extra={
@@ -423,8 +456,8 @@ class Engine(Reader):
         name = managed.spec.name
         if managed.closed or self._sockets.get(name) is not managed:
             return
-        with self._lock:
-            state = self._states.get(name)
+        state = self._states.get(name)
+        with self._control.hold():
             ep = state.endpoints.get(endpoint) if state is not None else None
             fds = list(ep.live) if ep is not None else []
         if state is None or not fds:
@@ -439,7 +472,7 @@ class Engine(Reader):
             if isinstance(found, Gone) and found.reason != "error":
                 gone.append(fd)
         if gone:
-            with self._lock:
+            with self._control.hold():
                 forget_connections(state, endpoint, gone)
 
     def _try_resume(self) -> None:
@@ -452,35 +485,25 @@ class Engine(Reader):
                 shed_socket = self._sockets.get(name)
                 if shed_socket is not None:
                     self._prune_gone(shed_socket, endpoint, address)
-            self._schedule(RESUME_CHECK, self._try_resume)
+            self._control.schedule(RESUME_CHECK, self._try_resume)
             return
         self._resumed_at = time.monotonic()
         shed, self._shed = self._shed, {}
         for (name, endpoint), address in shed.items():
             managed = self._sockets.get(name)
-            with self._lock:
-                state = self._states.get(name)
+            state = self._states.get(name)
             if managed is None or state is None or managed.closed:
                 continue
             self._prune_gone(managed, endpoint, address)
             self._attach(managed, state, "bind", endpoint, address)
             for delay in PRUNE_AFTER_RESUME:
-                self._schedule(
+                self._control.schedule(
                     delay, functools.partial(self._prune_gone, managed, endpoint, address)
                 )
         log.info(
             "file descriptors free again: shed listeners bound again",
             extra={"listeners": len(shed), "open_fds": open_fds()},
         )
-
-    def _shutdown(self) -> ApplyResult:
-        result = ApplyResult(removed=list(self._sockets))
-        self._close_all()
-        self._timers.clear()
-        self._running = False
-        with self._lock:
-            self._ready = False
-        return result
 
     def _close_all(self) -> None:
         for name in list(self._sockets):

@@ -8,7 +8,8 @@ lock that the reader holds only while reducing a batch of events.
 
 Two users build on it:
 - the daemon's `Engine` (exporter/monitor/engine.py), which also owns the watched sockets: it
-  creates them, binds, connects, retries and applies configs on this same thread;
+  creates them, binds, connects, retries and applies configs on this same thread, through
+  the reader's owner interface (`ReaderControl`);
 - library mode (exporter/library.py), which owns no socket: the application's thread calls
   `socket.monitor()` and hands the PAIR over with `watch()`. The reader then owns only
   that PAIR and never touches the application's socket (libzmq sockets are not
@@ -17,8 +18,8 @@ Two users build on it:
   closed by the reader at once, so `ctx.term()` never waits for it; its counters stay.
 
 Public names: `Reader` (`start`, `watch`, `unwatch`, `watching`, `snapshot`, `hold`,
-`cpu_seconds`, `stall_reader`, `failure`, `stop`), `EngineStopped`, `BATCH`,
-`COALESCE_SECONDS`, `TRIM_BURST`.
+`cpu_seconds`, `failure`, `stop`, and the `ReaderControl` methods), `ReaderControl`,
+`EngineStopped`, `BATCH`, `COALESCE_SECONDS`, `TRIM_BURST`.
 
 Memory: events queued in the monitor pipes are freed as they are read, but glibc keeps
 the freed memory in its arenas; after a large burst the reader calls `malloc_trim(0)` so
@@ -44,7 +45,7 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
 import zmq
 
@@ -93,6 +94,35 @@ _ACCEPT_FAILED = int(Event.ACCEPT_FAILED)
 
 class EngineStopped(RuntimeError):
     """A command sent to a reader (or engine) whose thread has ended."""
+
+
+# The reader's counters an owner adds to (ReaderStats fields).
+OwnerCount = Literal["messages_dropped", "attach_failures", "listener_sheds"]
+
+
+class ReaderControl(Protocol):
+    """What the owner of the reader's sockets (the daemon's Engine) uses of the reader.
+    `call` from any thread; the others on the reader thread (in a command or a timer),
+    except `hold`, which any thread may take."""
+
+    def call(self, fn: Callable[[], T]) -> Future[T]: ...
+    def schedule(self, delay: float, callback: Callable[[], None]) -> None: ...
+    def hold(self) -> contextlib.AbstractContextManager[None]: ...
+    def add_socket(self, name: str, state: SocketState) -> None: ...
+    def remove_socket(self, name: str) -> None: ...
+    def set_ready(self, ready: bool) -> None: ...
+    def register(self, name: str, fd: int, handler: Handler) -> None: ...
+    def unregister(self, fd: int) -> None: ...
+    def monitor_handler(
+        self,
+        pair: zmq.Socket[bytes],
+        state: SocketState,
+        reduce: Reduce = ...,
+        on_end: Callable[[str], None] | None = None,
+        on_accept_failed: Callable[[str, int], None] | None = None,
+    ) -> Handler: ...
+    def socket_error(self, name: str, where: str, err: Exception) -> None: ...
+    def count(self, what: OwnerCount, n: int = 1) -> None: ...
 
 
 @dataclass
@@ -167,17 +197,17 @@ class Reader:
         """Read the monitor PAIR `pair` (connected already, RCVHWM=0) into `state`, shown as
         socket `name`. From now on the reader owns `pair`: the caller must not use it
         again. Fails (through the future) with ValueError if `name` is taken."""
-        return self._call(lambda: self._watch(name, pair, state))
+        return self.call(lambda: self._watch(name, pair, state))
 
     def unwatch(self, name: str) -> Future[None]:
         """Read what is still queued on `name`'s PAIR (bounded), close it and drop the
         socket's state: its series disappear. A name not watched is ignored."""
-        return self._call(lambda: self._unwatch(name))
+        return self.call(lambda: self._unwatch(name))
 
     def watching(self, name: str) -> Future[str | None]:
         """None while `name`'s PAIR is read; "stopped" or "terminated" once the reader
         closed it (MONITOR_STOPPED or ETERM); "unknown" for a name not watched."""
-        return self._call(lambda: self._watch_status(name))
+        return self.call(lambda: self._watch_status(name))
 
     def stop(self, timeout: float = 2.0) -> None:
         """Close every watched PAIR and end the thread (library mode never needs it; tests
@@ -185,7 +215,7 @@ class Reader:
         try:
             if self._thread.is_alive():
                 with contextlib.suppress(EngineStopped):
-                    self._call(self._stop_watches).result(timeout)
+                    self.call(self._stop_watches).result(timeout)
                 self._thread.join(timeout)
             if self._thread.is_alive():
                 raise TimeoutError(f"reader thread did not stop within {timeout} s")
@@ -201,16 +231,14 @@ class Reader:
         return time.clock_gettime(time.pthread_getcpuclockid(ident))
 
     @contextlib.contextmanager
-    def stall_reader(self) -> Iterator[None]:
+    def hold(self) -> Iterator[None]:
         """Hold the reader back while the block runs: it blocks before reducing its next
-        batch, a reader infinitely slower than any storm (bench/ and tests use it to show
-        that nothing is lost meanwhile). Snapshots wait too."""
+        batch, and snapshots wait too. For changing a state other than by an event (an
+        application's bind resolved, a listener's connections found gone: no event is
+        reduced in between), and for bench/ and tests, a reader infinitely slower than
+        any storm (nothing is lost meanwhile)."""
         with self._lock:
             yield
-
-    # Library mode changes a watched socket's endpoint map (what an application's bind
-    # resolved to) while holding the reader back, so no event is reduced in between.
-    hold = stall_reader
 
     def forget_snapshot(self, name: str) -> None:
         """With `hold()` held: `name`'s state changed other than by an event (library
@@ -240,7 +268,8 @@ class Reader:
             ready = self._ready and self._failure is None
             return EngineSnapshot(tuple(sockets), stats, ready, self._failure)
 
-    def _call(self, fn: Callable[[], T]) -> Future[T]:
+    def call(self, fn: Callable[[], T]) -> Future[T]:
+        """Run `fn` on the reader thread; its result (or exception) through the future."""
         future: Future[T] = native.Future()
         with self._command_lock:
             failure = self._failure
@@ -331,10 +360,33 @@ class Reader:
             _, _, callback = heapq.heappop(self._timers)
             callback()
 
-    def _schedule(self, delay: float, callback: Callable[[], None]) -> None:
+    # -- the owner's interface (ReaderControl), reader thread --------------------------
+
+    def schedule(self, delay: float, callback: Callable[[], None]) -> None:
+        """Call `callback` on the reader thread `delay` seconds from now."""
         heapq.heappush(self._timers, (time.monotonic() + delay, next(self._timer_seq), callback))
 
-    def _socket_error(self, name: str, where: str, err: Exception) -> None:
+    def add_socket(self, name: str, state: SocketState) -> None:
+        """Show `state` as socket `name` (the owner reduces into it through a handler)."""
+        with self._lock:
+            self._states[name] = state
+
+    def remove_socket(self, name: str) -> None:
+        """Stop showing socket `name`: its series disappear."""
+        with self._lock:
+            self._states.pop(name, None)
+        self._errors_logged.discard(name)
+
+    def set_ready(self, ready: bool) -> None:
+        with self._lock:
+            self._ready = ready
+
+    def count(self, what: OwnerCount, n: int = 1) -> None:
+        """Add `n` to one of the reader's counters (shown in every snapshot's stats)."""
+        with self._lock:
+            setattr(self._stats, what, getattr(self._stats, what) + n)
+
+    def socket_error(self, name: str, where: str, err: Exception) -> None:
         """Count an unexpected exception of one socket; log it the first time only, so a
         socket that fails on every event cannot flood the log."""
         with self._lock:
@@ -365,7 +417,7 @@ class Reader:
                 except Exception as err:
                     # Not retried at once: an fd that fails on every read would spin. The
                     # next edge (new event or message) tries again.
-                    self._socket_error(entry[0], "reader", err)
+                    self.socket_error(entry[0], "reader", err)
                     more, count = False, 0
                 events += count
             if more:
@@ -392,7 +444,7 @@ class Reader:
             self._burst = 0
         return events
 
-    def _monitor_handler(
+    def monitor_handler(
         self,
         pair: zmq.Socket[bytes],
         state: SocketState,
@@ -448,7 +500,9 @@ class Reader:
 
         return drain
 
-    def _register(self, name: str, fd: int, handler: Handler) -> None:
+    def register(self, name: str, fd: int, handler: Handler) -> None:
+        """Call `handler` whenever `fd` (edge-triggered, as zmq.FD is) is readable, until
+        it reports no more; its errors are counted as socket `name`'s."""
         self._handlers[fd] = (name, handler)
         self._epoll.register(fd, select.EPOLLIN | select.EPOLLET)
         # Events may already be queued; an edge-triggered fd would not report them.
@@ -456,8 +510,8 @@ class Reader:
             self._ready_set.add(fd)
             self._ready_fds.append(fd)
 
-    def _unregister(self, fd: int) -> None:
-        if self._handlers.pop(fd, None) is not None:
+    def unregister(self, fd: int) -> None:
+        if self._handlers.pop(fd, None) is not None and not self._epoll.closed:
             with contextlib.suppress(OSError):
                 self._epoll.unregister(fd)
         # A stale entry left in _ready_fds is skipped (no handler) or, if the fd number was
@@ -479,14 +533,14 @@ class Reader:
         def on_end(why: str) -> None:
             self._end_watch(watch, why)
 
-        self._register(name, fd, self._monitor_handler(pair, state, on_end=on_end))
+        self.register(name, fd, self.monitor_handler(pair, state, on_end=on_end))
 
     def _end_watch(self, watch: _Watch, why: str) -> None:
         """Close a watched PAIR whose monitor ended; the socket's state stays."""
         if watch.ended:
             return
         watch.ended = why
-        self._unregister(watch.fd)
+        self.unregister(watch.fd)
         watch.pair.close(linger=0)
 
     def _watch_status(self, name: str) -> str | None:
@@ -507,7 +561,7 @@ class Reader:
                 try:
                     more, count = entry[1]()
                 except Exception as err:
-                    self._socket_error(name, "reader", err)
+                    self.socket_error(name, "reader", err)
                     break
                 events += count
                 if not more:
