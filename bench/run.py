@@ -22,6 +22,7 @@ from bench import (
     ingest,
     library,
     memory,
+    messages,
     otlp,
     probe,
     relay,
@@ -473,8 +474,31 @@ def measure_http(p: Profile, out: dict[str, Measure]) -> None:
 
 STEPS = (
     "pipeline", "scale", "app", "library", "scrape", "otlp", "memory", "overload", "probe",
-    "relay", "relay_scale", "connections", "http",
+    "relay", "relay_scale", "connections", "http", "messages",
 )  # fmt: skip
+
+
+# (windows per mode, messages per window) of message_counting_overhead, per profile.
+MESSAGE_WINDOWS = {"smoke": (4, 2_000), "quick": (10, 10_000), "full": (30, 20_000)}
+
+
+def measure_messages(p: Profile, out: dict[str, Measure]) -> None:
+    windows, per_window = MESSAGE_WINDOWS[p.name]
+    result = messages.run(windows, per_window)
+    out["message_counting_overhead"] = Measure(
+        round(result.batched_ratio, 3),
+        1.10,
+        "<=",
+        "ratio",
+        {
+            "us_per_message": result.batched_us,
+            "round_trip_ratio": round(result.round_trip_ratio, 3),
+            "round_trip_us_per_message": result.round_trip_us,
+            "windows": result.windows,
+            "messages_per_window": per_window,
+            "counted": result.counted,
+        },
+    )
 
 
 def run(
@@ -497,6 +521,7 @@ def run(
         "relay_scale": lambda: measure_relay_scale(profile, out),
         "connections": lambda: measure_connections(profile, out),
         "http": lambda: measure_http(profile, out),
+        "messages": lambda: measure_messages(profile, out),
     }
     assert tuple(steps) == STEPS
     for name, step in steps.items():

@@ -128,46 +128,53 @@ def _sync_class(cls: type[zmq.Socket[Any]], c: MessageCounts, waits: bool) -> ty
     base_get = cls.get
     base_recv_into: Callable[..., int] | None = getattr(cls, "recv_into", None)
 
+    def waiting(
+        self: Any, data: Any, flags: int, copy: bool, track: bool, kw: dict[str, Any]
+    ) -> Any:
+        """The send as asked, timed unless NOBLOCK (it may wait for room)."""
+        if not waits:
+            return base_send(self, data, flags, copy, track, **kw)
+        if flags & _NOBLOCK:
+            try:
+                return base_send(self, data, flags, copy, track, **kw)
+            except _Again:
+                c.would_block += 1
+                raise
+        start = _perf()
+        try:
+            return base_send(self, data, flags, copy, track, **kw)
+        except _Again:  # SNDTIMEO expired
+            c.would_block += 1
+            raise
+        finally:
+            c.blocked_seconds += _perf() - start
+
     def send(
         self: Any, data: Any, flags: int = 0, copy: bool = True, track: bool = False, **kw: Any
     ) -> Any:
         n = len(data) if type(data) is bytes else _nbytes(data)
-        if not waits:
-            result = base_send(self, data, flags, copy, track, **kw)
-        elif flags & _NOBLOCK:
-            try:
-                result = base_send(self, data, flags, copy, track, **kw)
-            except _Again:
-                c.would_block += 1
-                raise
+        if kw or not waits or flags & _NOBLOCK:  # kw: routing_id, group (draft sockets)
+            result = waiting(self, data, flags, copy, track, kw)
         else:
+            # Without waiting first: only a send that meets backpressure reads the clock.
             try:
-                result = base_send(self, data, flags | _NOBLOCK, copy, track, **kw)
+                result = base_send(self, data, flags | _NOBLOCK, copy, track)
             except _Again:
-                start = _perf()
-                try:
-                    result = base_send(self, data, flags, copy, track, **kw)
-                except _Again:  # SNDTIMEO expired
-                    c.would_block += 1
-                    raise
-                finally:
-                    c.blocked_seconds += _perf() - start
+                result = waiting(self, data, flags, copy, track, kw)
         c.bytes_sent += n
         if not flags & _SNDMORE:
             c.sent += 1
         return result
 
     def recv(self: Any, flags: int = 0, copy: bool = True, track: bool = False) -> Any:
-        frame = base_recv(self, flags, copy, track)
-        if type(frame) is bytes:
-            c.bytes_received += len(frame)
-            if not base_get(self, _RCVMORE):
-                c.received += 1
-        else:
-            c.bytes_received += len(frame)
-            if not frame.more:  # type: ignore[union-attr]  # a Frame (copy=False)
-                c.received += 1
-        return frame
+        # Always as a Frame: its `more` is read from the message itself, where asking the
+        # socket for RCVMORE costs twice a small recv (pyzmq maps the option to its type
+        # through an enum lookup). copy=True returns the Frame's bytes, as pyzmq would.
+        frame = base_recv(self, flags, False, track)
+        c.bytes_received += len(frame)
+        if not frame.more:
+            c.received += 1
+        return frame.bytes if copy else frame
 
     namespace: dict[str, Any] = {
         "__slots__": (),

@@ -23,6 +23,7 @@ MEASURES = (
     "rss_per_socket_vs_libzmq",
     "storm_loss",
     "connections_scrape_cost",
+    "message_counting_overhead",
     "http_parse_cost",
 )
 
@@ -56,6 +57,8 @@ def test_bench_smoke_produces_every_measure(tmp_path: Path) -> None:
     assert scale["relayed_sockets"] == 200 and scale["owned_sockets"] == 20, scale
     assert scale["relayed_us_per_socket"] > 0 and scale["owned_us_per_socket"] > 0, scale
     assert doc["relay_scale_rss_per_socket"]["messages"] == 10 * (1 + 20 + 20), doc
+    counted = doc["message_counting_overhead"]  # every counted window's messages counted
+    assert counted["counted"] == 4 * (2_000 + 200), counted
     assert png.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
 
 
