@@ -136,9 +136,11 @@ def violations(source: str, filename: str = "<code>") -> list[str]:
         ):
             report(node, f"{node.func.id} of private name {node.args[1].value!r}")
         elif isinstance(node, ast.ClassDef) and any(_root(b) in bound for b in node.bases):
-            for item in node.body:
-                if isinstance(item, ast.FunctionDef | ast.AsyncFunctionDef) and _private(item.name):
-                    report(item, f"override of private method {item.name}")
+            for member in node.body:
+                if isinstance(member, ast.FunctionDef | ast.AsyncFunctionDef) and _private(
+                    member.name
+                ):
+                    report(member, f"override of private method {member.name}")
     return found
 
 
