@@ -132,7 +132,6 @@ ConnectEndpoint = Annotated[str, AfterValidator(_connect_endpoint)]
 EventName = Annotated[str, AfterValidator(_event_name)]
 Labels = dict[str, str]  # names checked by the loader, which knows each key's line
 Z85Key = Annotated[str, AfterValidator(_z85_key)]
-NonNegativeInt = Annotated[int, Field(ge=0)]
 PositiveInt = Annotated[int, Field(gt=0)]
 Hwm = Annotated[int, _int_range(0, INT_MAX, " (a C int; 0 means no limit)")]
 Backlog = Annotated[int, _int_range(1, INT_MAX, " (a C int)")]

@@ -40,8 +40,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Literal, NamedTuple, TypeVar
 
+from exporter.core.endpoints import Role
+
 Transport = Literal["tcp", "ipc"]
-Role = Literal["bind", "connect"]
 K = TypeVar("K")
 
 # <linux/sockios.h>: SIOCINQ is FIONREAD, SIOCOUTQ is TIOCOUTQ.

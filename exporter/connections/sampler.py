@@ -62,6 +62,7 @@ from exporter.connections.kernel import (
 from exporter.connections.table import SAMPLE_BATCH, ConnectionTable, Row
 from exporter.core import metrics, native
 from exporter.core.state import EngineSnapshot
+from exporter.render.collected import Collected
 from exporter.render.prometheus import one_sample
 
 __all__ = [
@@ -96,14 +97,6 @@ _FIELDS = (
 
 # Untyped in prometheus_client:
 _om_generate_latest: Callable[[Collector], bytes] = om_exposition.generate_latest
-
-
-class _Families(Collector):
-    def __init__(self, families: Sequence[Metric]) -> None:
-        self._families = families
-
-    def collect(self) -> Sequence[Metric]:
-        return self._families
 
 
 # One series group of a sample: its labels (socket, endpoint, configured, peer) and values.
@@ -198,8 +191,8 @@ def render_sample(summaries: tuple[Summary, ...]) -> tuple[tuple[Metric, ...], b
     present = tuple(f for f in families if f.samples)
     if not present:
         return (), b"", b""
-    text = exposition.generate_latest(_Families(present))
-    om = _om_generate_latest(_Families(present)).removesuffix(b"# EOF\n")
+    text = exposition.generate_latest(Collected(present))
+    om = _om_generate_latest(Collected(present)).removesuffix(b"# EOF\n")
     return present, text, om
 
 

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import functools
 import threading
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from operator import itemgetter
 
 from prometheus_client import exposition
@@ -34,6 +34,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from exporter.core.state import SocketSnapshot
+from exporter.render.collected import Collected
 from exporter.render.rows import SOCKET_FAMILIES, Labels, row_labels, socket_rows
 
 __all__ = ["SocketText", "fast_format", "format_value"]
@@ -51,14 +52,6 @@ _NO_ENDPOINT = object()  # no row rendered yet (None is an endpoint: the socket-
 _PLAIN_ESCAPINGS = (om_exposition.UNDERSCORES, om_exposition.ALLOWUTF8)
 
 
-class _Families(Collector):
-    def __init__(self, families: list[Metric]) -> None:
-        self._families = families
-
-    def collect(self) -> Iterable[Metric]:
-        return self._families
-
-
 def _headers(openmetrics: bool) -> tuple[bytes, ...]:
     """`# HELP`/`# TYPE` (and OpenMetrics' `# UNIT`) of each socket family, written by the
     encoder itself."""
@@ -66,10 +59,10 @@ def _headers(openmetrics: bool) -> tuple[bytes, ...]:
     for f in SOCKET_FAMILIES:
         family = Metric(f.name, f.help, f.type, f.unit)
         if openmetrics:
-            text = _om_generate_latest(_Families([family]))
+            text = _om_generate_latest(Collected([family]))
             out.append(text.removesuffix(b"# EOF\n"))
         else:
-            out.append(exposition.generate_latest(_Families([family])))
+            out.append(exposition.generate_latest(Collected([family])))
     return tuple(out)
 
 

@@ -30,8 +30,9 @@ import stat
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import Literal
 
 from prometheus_client import Histogram
 from prometheus_client.exposition import choose_encoder
@@ -39,6 +40,7 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector, CollectorRegistry
 
 from exporter.core import metrics
+from exporter.render.collected import Collected
 from exporter.render.prometheus import StateCollector, one_sample
 from exporter.render.sockettext import fast_format
 from exporter.web.auth import AuthResult
@@ -59,6 +61,26 @@ __all__ = ["MAX_CONNECTIONS", "WebApp", "WebServer", "parse_listen_address"]
 log = logging.getLogger("zmq_exporter.web")
 
 REJECT_REASONS = metrics.HTTP_REJECTED.values
+# What answers a request (WebHandler.route), and the lane whose workers serve each route;
+# the others are served by the scrape lane.
+Route = Literal[
+    "metrics",
+    "healthy",
+    "ready",
+    "reload",
+    "reload_needs_post",
+    "probe",
+    "connections",
+    "landing_page",
+    "not_found",
+    "method_not_allowed",
+]
+ROUTE_LANES: dict[Route, str] = {
+    "healthy": "probe",
+    "ready": "probe",
+    "reload": "reload",
+    "probe": "zmtp-probe",
+}
 DEFAULT_MAX_REQUESTS = 8  # --web.max-requests
 # Requests whose credentials need a bcrypt check (not cached): their own lane, so that
 # password guesses never hold the workers of health probes or scrapes; one hashes at a
@@ -67,16 +89,6 @@ AUTH_WORKERS = 2
 AUTH_BACKLOG = 32
 # Prober.handle_probe (exporter/prober/handler.py): query, headers -> status, headers, body.
 ProbeHandler = Callable[[dict[str, list[str]], http.client.HTTPMessage], Response]
-
-
-class _Collected(Collector):
-    """Families collected already, handed to an encoder."""
-
-    def __init__(self, families: list[Metric]) -> None:
-        self._families = families
-
-    def collect(self) -> Iterable[Metric]:
-        return self._families
 
 
 SCRAPE_BUCKETS = metrics.SCRAPE_DURATION.buckets
@@ -211,7 +223,7 @@ class WebApp:
                 pre = self.state.prerender(openmetrics)
                 head, series, families = pre.text, pre.series, pre.families
             families.extend(self.registry.collect())
-            body = head + encoder(_Collected(families))
+            body = head + encoder(Collected(families))
             series += sum(len(family.samples) for family in families)
             self.stats.scraped(time.perf_counter() - start, series)
         finally:
@@ -257,25 +269,38 @@ class WebHandler:
             lanes.append(LaneSpec("zmtp-probe", workers, 64, "too_many_connections"))
         return lanes
 
+    def route(self, method: str, path: str) -> Route:
+        """The route table: what answers `method` `path` (`_answer`), and so the lane
+        whose workers do (`ROUTE_LANES`)."""
+        app = self.app
+        if method in ("GET", "HEAD"):
+            if path == app.telemetry_path:
+                return "metrics"
+            if path == "/-/healthy":
+                return "healthy"
+            if path == "/-/ready":
+                return "ready"
+            if path == "/-/reload":
+                return "reload_needs_post"
+            if path == "/probe" and app.probe is not None:
+                return "probe"
+            if path == "/api/v1/connections" and app.connections is not None:
+                return "connections"
+            if path == "/":
+                return "landing_page"
+            return "not_found"
+        if method == "POST" and path == "/-/reload":
+            return "reload"
+        return "method_not_allowed"
+
     def lane_for(self, request: Request) -> str:
-        path = request.path
         # Credentials that need bcrypt (checked on the event loop against the config in
         # use, without reading the file: a cache lookup, microseconds).
         auth = self.web_config.peek().auth if self.web_config else None
         header = request.headers.get("Authorization")
         if auth is not None and header is not None and not auth.cached(header):
             return "auth"
-        if request.method == "POST" and path == "/-/reload":
-            return "reload"
-        if path == "/probe" and self.app.probe is not None:
-            return "zmtp-probe"
-        if (
-            request.method in ("GET", "HEAD")
-            and path in ("/-/healthy", "/-/ready")
-            and path != self.app.telemetry_path
-        ):
-            return "probe"
-        return "scrape"
+        return ROUTE_LANES.get(self.route(request.method, request.path), "scrape")
 
     def reject(self, reason: str) -> None:
         self.app.stats.reject(reason)
@@ -321,41 +346,36 @@ class WebHandler:
                 {**plain, "WWW-Authenticate": 'Basic realm="zmq-exporter"'},
                 b"Unauthorized\n",
             )
-        path = request.path
-        if request.method in ("GET", "HEAD"):
-            if path == app.telemetry_path:
-                return app.metrics(
-                    request.headers.get("Accept"), request.headers.get("Accept-Encoding")
-                )
-            if path == "/-/healthy":
-                if not app.is_healthy():
-                    return 503, plain, b"Engine stopped\n"
-                return 200, plain, b"Healthy\n"
-            if path == "/-/ready":
-                if app.is_healthy() and app.is_ready():
-                    return 200, plain, b"Ready\n"
-                return 503, plain, b"Not ready\n"
-            if path == "/-/reload":
-                return (
-                    405,
-                    {**plain, "Allow": "POST"},
-                    b"This endpoint requires a POST request.\n",
-                )
-            if path == "/probe" and app.probe is not None:  # issue 17: exporter/prober
-                query = urllib.parse.parse_qs(request.target.partition("?")[2])
-                return app.probe(query, request.headers)
-            if path == "/api/v1/connections" and app.connections is not None:
-                query = urllib.parse.parse_qs(request.target.partition("?")[2])
-                return app.connections(query)
-            if path == "/":
-                body = app.landing_page().encode()
-                return 200, {"Content-Type": "text/html; charset=utf-8"}, body
-            return 404, plain, b"Not found\n"
-        if request.method == "POST" and path == "/-/reload":
+        route = self.route(request.method, request.path)
+        if route == "metrics":
+            headers = request.headers
+            return app.metrics(headers.get("Accept"), headers.get("Accept-Encoding"))
+        if route == "healthy":
+            if not app.is_healthy():
+                return 503, plain, b"Engine stopped\n"
+            return 200, plain, b"Healthy\n"
+        if route == "ready":
+            if app.is_healthy() and app.is_ready():
+                return 200, plain, b"Ready\n"
+            return 503, plain, b"Not ready\n"
+        if route == "reload_needs_post":
+            return 405, {**plain, "Allow": "POST"}, b"This endpoint requires a POST request.\n"
+        if route == "probe" and app.probe is not None:  # exporter/prober
+            query = urllib.parse.parse_qs(request.target.partition("?")[2])
+            return app.probe(query, request.headers)
+        if route == "connections" and app.connections is not None:
+            query = urllib.parse.parse_qs(request.target.partition("?")[2])
+            return app.connections(query)
+        if route == "landing_page":
+            body = app.landing_page().encode()
+            return 200, {"Content-Type": "text/html; charset=utf-8"}, body
+        if route == "reload":
             ok, message = app.reload()
             return 200 if ok else 500, plain, message.encode() + b"\n"
-        allow = "POST" if path == "/-/reload" else "GET, HEAD"
-        return 405, {**plain, "Allow": allow}, b"Method not allowed\n"
+        if route == "method_not_allowed":
+            allow = "POST" if request.path == "/-/reload" else "GET, HEAD"
+            return 405, {**plain, "Allow": allow}, b"Method not allowed\n"
+        return 404, plain, b"Not found\n"
 
 
 class WebTls:
