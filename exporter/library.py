@@ -59,7 +59,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, TypeVar
 
 import zmq
 from prometheus_client import REGISTRY
@@ -135,6 +135,8 @@ class _Process:
     # Names of every instrumented socket (replaced, never changed, like `shown`), and the
     # connection table over them (issue 18), made on first use.
     instrumented: frozenset[str] = frozenset()
+    # Names of the sockets instrumented after they had bound or connected (`_late`).
+    late: frozenset[str] = frozenset()
     table: ConnectionTable | None = None
     # The connection sampler over `table` (issue 18), started by the first collect of a
     # registry (or OTel callback) that shows an instrumented socket; never in a child.
@@ -147,6 +149,7 @@ class _Process:
                 shown.setdefault(key, set()).add(name)
         self.shown = {key: frozenset(names) for key, names in shown.items()}
         self.instrumented = frozenset(self.handles)
+        self.late = frozenset(n for n, h in self.handles.items() if h.late is not None)
 
 
 _lock = threading.RLock()
@@ -219,6 +222,7 @@ class Instrumentation:
         self._closed = False
         self._close_lock = threading.Lock()
         self.relay: str | None = None  # the relay endpoint its state is sent to
+        self.late: str | None = None  # instrumented after a bind/connect: its last endpoint
         # With instrument(..., messages=True): the socket's message counts (its class is
         # swapped for a counting subclass until close(); exporter/messages.py).
         self.message_counts: message_counting.MessageCounts | None = None
@@ -421,6 +425,7 @@ def instrument(
         if relay is not None:
             # Before the monitor: it may refuse relay_id.
             _relay_sender(relay, relay_id, server_key)
+        late = _late(socket, name)
         pair = _attach_monitor(socket, name, mask)
         state = SocketState(
             name=name,
@@ -443,6 +448,9 @@ def instrument(
             handle.message_counts = message_counting.count(socket)
         process.handles[name] = handle
         handle.relay = relay
+        if late is not None:
+            handle.late = late
+            _learn_late(socket, state, late)
         process.show()
         if registry is not None and id(registry) not in process.collectors:
             collector = _LibraryCollector(id(registry))
@@ -451,6 +459,84 @@ def instrument(
         if meter_provider is not None and id(meter_provider) not in process.meters:
             process.meters[id(meter_provider)] = (meter_provider, _OtelExport(meter_provider))
     return handle
+
+
+# ---------------------------------------------------------------------------------------
+# Late instrumentation: a socket that bound or connected before instrument(). What happened
+# before is unknown: its listeners (no LISTENING event will come), the connections made
+# then (no CONNECTED/ACCEPTED), so the state gauges would be wrong. They are not served for
+# it (nor is it relayed); its counters count from instrument() on. docs/library.md.
+
+# State gauges (and the connection sampler's families, zmq_connection_*), by family name.
+_LATE_HIDDEN = ("zmq_connections", "zmq_connection_ready", "zmq_listening", "zmq_connection_")
+_LATE_SLOTS = frozenset(
+    n for n, f in enumerate(metrics.PUSHED) if f.metric_name.startswith(_LATE_HIDDEN)
+)
+
+
+def _late(socket: zmq.Socket[Any], name: str) -> str | None:
+    """The socket's last endpoint if it bound or connected already (one warning)."""
+    try:
+        last = socket.getsockopt_string(zmq.LAST_ENDPOINT)
+    except zmq.ZMQError:
+        return None
+    if not last:
+        return None
+    log.warning(
+        "instrument(%r): the socket has bound or connected already (last endpoint %s): "
+        "its listeners and earlier connections are unknown, so zmq_listening, "
+        "zmq_connections, zmq_connection_ready and the zmq_connection_* families are not "
+        "served for it, nor is it relayed; its counters count from now. Instrument a "
+        "socket before its first bind/connect (exporter.instrument_sockets() does)",
+        name,
+        last,
+    )
+    return last
+
+
+def _learn_late(socket: zmq.Socket[Any], state: SocketState, last: str) -> None:
+    """ZMQ_LAST_ENDPOINT labels the events of that endpoint: as a bind if this process
+    listens on its TCP port (the kernel says), else as a connect (tcp only)."""
+    if not last.startswith("tcp://"):
+        return
+    with contextlib.suppress(ValueError):
+        port = int(last.rsplit(":", 1)[1])
+        role: Literal["bind", "connect"] = "bind" if _listens(port) else "connect"
+        current = _process.reader
+        if current is not None:
+            with current.hold():
+                record_endpoint(state, last, role)
+                current.forget_snapshot(state.name)
+
+
+def _listens(port: int) -> bool:
+    """A LISTEN row for `port` among this process's own sockets (/proc/self/net/tcp*)."""
+    inodes = set()
+    with contextlib.suppress(OSError):
+        for fd in os.listdir("/proc/self/fd"):
+            with contextlib.suppress(OSError):
+                target = os.readlink(f"/proc/self/fd/{fd}")
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+    for table in ("tcp", "tcp6"):
+        with contextlib.suppress(OSError), open(f"/proc/self/net/{table}") as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                listening = fields[3] == "0A" and fields[9] in inodes
+                if listening and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                    return True
+    return False
+
+
+def _hide_late(families: Iterable[Metric]) -> Iterator[Metric]:
+    late = _process.late
+    for family in families:
+        if not late or not family.name.startswith(_LATE_HIDDEN):
+            yield family
+            continue
+        out = Metric(family.name, family.documentation, family.type, family.unit)
+        out.samples = [s for s in family.samples if s.labels.get("socket") not in late]
+        yield out
 
 
 def _relay_sender(endpoint: str, relay_id: str | None, server_key: str | None) -> None:
@@ -465,7 +551,13 @@ def _relay_sender(endpoint: str, relay_id: str | None, server_key: str | None) -
             )
         return
     key = server_key.encode() if server_key is not None else None
-    sender = RelaySender(endpoint, lambda: _relayed(endpoint), relay_id, curve_server_key=key)
+    sender = RelaySender(
+        endpoint,
+        lambda: _relayed(endpoint),
+        relay_id,
+        curve_server_key=key,
+        messages=lambda: _relayed_messages(endpoint),
+    )
     sender.start()
     _process.relays[endpoint] = sender
 
@@ -476,8 +568,19 @@ def _relayed(endpoint: str) -> tuple[SocketSnapshot, ...]:
     current = process.reader
     if current is None:
         return ()
-    names = {n for n, h in list(process.handles.items()) if h.relay == endpoint}
+    # Not a late socket: the sidecar would show its unknowable gauges as 0.
+    names = {n for n, h in list(process.handles.items()) if h.relay == endpoint and h.late is None}
     return tuple(s for s in current.snapshot().sockets if s.name in names)
+
+
+def _relayed_messages(endpoint: str) -> dict[str, tuple[float, ...]]:
+    """The message counts of the counted sockets sent to relay `endpoint` (from the
+    sender's thread)."""
+    return {
+        name: handle.message_counts.values()
+        for name, handle in list(_process.handles.items())
+        if handle.relay == endpoint and handle.message_counts is not None
+    }
 
 
 def _attach_monitor(socket: zmq.Socket[Any], name: str, mask: int) -> zmq.Socket[bytes]:
@@ -692,12 +795,12 @@ class _LibraryCollector(StateCollector):
 
     def collect(self) -> Iterator[Metric]:
         snap = self._snapshot()
-        yield from render_sockets(snap.sockets)
+        yield from _hide_late(render_sockets(snap.sockets))
         counted = _counted(self._key)
         if counted:
             yield from message_counting.families(counted)
         try:
-            connections = list(_connection_families(self._key))
+            connections = list(_hide_late(_connection_families(self._key)))
         except Exception:  # never fail the application's scrape for the connection metrics
             log.exception("the connection metrics failed; served without them")
             connections = []
@@ -709,13 +812,6 @@ class _LibraryCollector(StateCollector):
         yield from render_sockets(())
         yield from render_self(EngineSnapshot((), ReaderStats(), False), self._build)
 
-
-# Instrument slot (index into metrics.PUSHED) of each socket family's rows, and of the
-# self-metrics by their prometheus_client name.
-_PUSHED_SLOT = {f.metric_name: n for n, f in enumerate(metrics.PUSHED)}
-_SOCKET_SLOT = tuple(
-    metrics.PUSHED.index(f) if f in metrics.PUSHED else None for f in metrics.SOCKET_FAMILIES
-)
 
 Points = list[tuple[float, dict[str, str]]]
 
@@ -777,16 +873,18 @@ class _OtelExport:
                 if entry is None or entry[0] is not sock:
                     entry = (sock, _points(sock))
                 fresh[sock.name] = entry
+                if slot in _LATE_SLOTS and sock.name in _process.late:
+                    continue
                 for value, attrs in entry[1].get(slot, ()):
                     out.append(Observation(value, attrs))
             self._cache = fresh
         try:
-            connections = list(_connection_families(self._key))
+            connections = list(_hide_late(_connection_families(self._key)))
         except Exception:  # never fail the application's export for the connection metrics
             log.exception("the connection metrics failed; exported without them")
             connections = []
         for family in [*connections, *render_self(snap, self._build)]:
-            if _PUSHED_SLOT.get(family.name) == slot:
+            if metrics.PUSHED_SLOT.get(family.name) == slot:
                 out += [Observation(float(s.value), dict(s.labels)) for s in family.samples]
         return out
 
@@ -794,7 +892,6 @@ class _OtelExport:
 def _points(sock: SocketSnapshot) -> dict[int, Points]:
     by_slot: dict[int, Points] = {}
     for index, endpoint, extra, value in socket_rows(sock):
-        slot = _SOCKET_SLOT[index]
-        if slot is not None:
-            by_slot.setdefault(slot, []).append((float(value), row_labels(sock, endpoint, extra)))
+        slot = metrics.SOCKET_SLOTS[index]
+        by_slot.setdefault(slot, []).append((float(value), row_labels(sock, endpoint, extra)))
     return by_slot

@@ -11,7 +11,7 @@ import sys
 import textwrap
 from pathlib import Path
 
-from helpers import ROOT, Daemon, established_in, parse_metrics, value, wait_until
+from helpers import ROOT, Daemon, established_in, parse_metrics, total, value, wait_until
 
 LAUNCHER = [sys.executable, "-m", "exporter.instrument.launcher"]
 
@@ -194,3 +194,81 @@ def test_launcher_heartbeat_and_bad_values(tmp_path: Path) -> None:
         [*LAUNCHER, "no-such-command-x"], capture_output=True, text=True, timeout=60, env=env
     )
     assert missing.returncode == 127
+
+
+LATE = textwrap.dedent(
+    """\
+    import logging, sys, time, zmq, exporter
+    from prometheus_client import generate_latest
+    logging.basicConfig(stream=sys.stderr)
+    ctx = zmq.Context()
+    router = ctx.socket(zmq.ROUTER)
+    router.bind("tcp://127.0.0.1:*")              # bound before instrument(): late
+    ep = router.last_endpoint.decode()
+    early = ctx.socket(zmq.DEALER)
+    early.connect(ep)
+    time.sleep(0.2)
+    exporter.instrument(router, "late", relay=sys.argv[1], relay_id="late/1")
+    ok = ctx.socket(zmq.DEALER)
+    exporter.instrument(ok, "ok", relay=sys.argv[1], relay_id="late/1")
+    ok.connect(ep)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        text = generate_latest().decode()
+        if 'zmq_accepted_total{endpoint="%s",socket="late"} 1.0' % ep in text:
+            break
+        time.sleep(0.05)
+    print(ep, flush=True)
+    print(text, flush=True)
+    sys.stdin.readline()
+    """
+)
+
+
+def test_late_instrumentation_serves_no_wrong_gauge(tmp_path: Path) -> None:
+    relay = f"ipc://{tmp_path}/relay.sock"
+    with Daemon(f'relay:\n  listen: ["{relay}"]\n  expire: 5m\n') as daemon:
+        app = subprocess.Popen(
+            [sys.executable, "-c", LATE, relay],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+        )
+        try:
+            assert app.stdout is not None and app.stdin is not None
+            ep = app.stdout.readline().strip()
+            lines = []
+            while (line := app.stdout.readline()) and not line.startswith("zmq_exporter_build"):
+                lines.append(line)
+            s = parse_metrics("".join(lines))
+            late = {"socket": "late", "endpoint": ep}
+            # The kernel has 2 connections and a listener; what happened before
+            # instrument() is unknown, so no gauge is served rather than 0 or 1.
+            for gauge in ("zmq_listening", "zmq_connections", "zmq_connection_ready"):
+                assert value(s, gauge, socket="late") is None, gauge
+            # What it learned: the endpoint (ZMQ_LAST_ENDPOINT, a bind: this process
+            # listens on it), and counters from instrument() on: the one new peer.
+            assert value(s, "zmq_accepted_total", **late) == 1
+            assert value(s, "zmq_socket_info", socket="late") == 1
+            assert value(s, "zmq_connections", socket="ok", endpoint=ep) == 1
+            # The sidecar gets the socket instrumented in time, not the late one.
+            wait_until(
+                lambda: (
+                    value(daemon.scrape(), "zmq_connections", process="late/1", socket="ok") == 1
+                ),
+                timeout=10,
+                what="the in-time socket at the sidecar",
+            )
+            assert total(daemon.scrape(), "zmq_socket_info", socket="late") == 0
+            app.stdin.write("\n")
+            app.stdin.flush()
+            assert app.wait(15) == 0
+            assert app.stderr is not None
+            warnings = [ln for ln in app.stderr.read().splitlines() if "WARNING" in ln]
+            assert len(warnings) == 1 and "'late'" in warnings[0] and ep in warnings[0]
+        finally:
+            if app.poll() is None:
+                app.kill()
+                app.wait()
