@@ -13,7 +13,7 @@ import os
 import secrets
 import socket as _socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import zmq
@@ -58,17 +58,22 @@ class RelaySender:
         heartbeat: float = HEARTBEAT_SECONDS,
         refresh: float = REFRESH_SECONDS,
         curve_server_key: bytes | None = None,
+        messages: Callable[[], Mapping[str, tuple[float, ...]]] | None = None,
     ) -> None:
         self.endpoint = endpoint
         self.relay_id = relay_id or default_relay_id()
         self.instance = secrets.token_hex(8)
         self._source = source
+        # Socket name -> its message counts (library mode's `messages=True`), sent in the
+        # wire format's optional `messages` extension.
+        self._messages = messages
         self._coalesce = coalesce
         self._heartbeat = heartbeat
         self._refresh = refresh
         self._curve_server_key = curve_server_key
         self._seq = 0
-        self._sent: dict[str, SocketSnapshot] = {}  # what the daemon has, as far as we know
+        # What the daemon has, as far as we know: the state and message counts last sent.
+        self._sent: dict[str, tuple[SocketSnapshot, tuple[float, ...] | None]] = {}
         self._gone: set[str] = set()  # sockets removed, "gone" not sent yet
         self._hello = True
         self._stop = native.Event()
@@ -159,6 +164,7 @@ class RelaySender:
                 return
             self._hello = False
         current = {s.name: s for s in self._source()}
+        counted = self._messages() if self._messages is not None else {}
         self._gone |= set(self._sent) - set(current)
         for name in list(self._gone):
             if name in current:
@@ -167,7 +173,9 @@ class RelaySender:
                 self._gone.discard(name)
                 self._sent.pop(name, None)
         for name, sock in current.items():
-            if self._sent.get(name) is not sock:
-                if not self._send(dealer, "state", socket=encode_socket(sock)):
+            messages = counted.get(name)
+            held = self._sent.get(name)
+            if held is None or held[0] is not sock or held[1] != messages:
+                if not self._send(dealer, "state", socket=encode_socket(sock, messages)):
                     return  # the queue is full or no daemon: the rest on a later tick
-                self._sent[name] = sock
+                self._sent[name] = (sock, messages)

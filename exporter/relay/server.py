@@ -3,7 +3,8 @@ states (exporter.relay.wire) and serving them with the daemon's families plus a 
 label.
 
 Public names: `RelayServer` (a thread with its own context, ROUTER and monitor;
-`snapshot_sockets()` for the renderers, `collector()` for the self-metrics), `Peer`,
+`snapshot_sockets()` for the renderers, `collector()` for the self-metrics and the
+relayed message counts of library mode's `messages=True`), `Peer`,
 `may_claim`, `goes_backwards`, `series_of`.
 """
 
@@ -28,6 +29,7 @@ from zmq.auth.thread import ThreadAuthenticator
 from exporter.core import metrics
 from exporter.core.events import MONITOR_HEAD, Event
 from exporter.core.state import SocketSnapshot
+from exporter.messages import families as message_families
 from exporter.relay.wire import REJECT_REASONS, Message, RejectedMessage, RelayLimits, decode
 from exporter.render.rows import socket_rows
 
@@ -65,6 +67,9 @@ class _Process:
     rendered: dict[str, SocketSnapshot] = field(default_factory=dict)
     series: dict[str, int] = field(default_factory=dict)  # name -> series it renders
     total_series: int = 0
+    # name -> its message counts (the wire's `messages` extension), for the sockets whose
+    # latest state carried them.
+    messages: dict[str, tuple[float, ...]] = field(default_factory=dict)
 
 
 def may_claim(proc: _Process, peer: Peer) -> bool:
@@ -323,7 +328,7 @@ class RelayServer:
             refused, series = "", 0
             if msg.type == "state":
                 assert msg.socket is not None
-                refused, series = self._check_state(proc, msg.seq, msg.socket)
+                refused, series = self._check_state(proc, msg.seq, msg.socket, msg.messages)
                 if refused not in ("", "old"):
                     return refused
             self.stats.received += 1
@@ -338,17 +343,28 @@ class RelayServer:
                 self._down(proc, now)
             elif msg.type == "gone":
                 proc.sockets.pop(msg.name, None)
+                proc.messages.pop(msg.name, None)
                 proc.rendered.pop(msg.name, None)
                 self._count_series(proc, msg.name, 0)
             elif msg.type == "state" and not refused:
                 sock = msg.socket
                 assert sock is not None
                 proc.sockets[sock.name] = (msg.seq, sock)
+                if msg.messages is not None:
+                    proc.messages[sock.name] = msg.messages
+                else:
+                    proc.messages.pop(sock.name, None)
                 proc.rendered.pop(sock.name, None)
                 self._count_series(proc, sock.name, series)
             return None
 
-    def _check_state(self, proc: _Process, seq: int, sock: SocketSnapshot) -> tuple[str, int]:
+    def _check_state(
+        self,
+        proc: _Process,
+        seq: int,
+        sock: SocketSnapshot,
+        messages: tuple[float, ...] | None = None,
+    ) -> tuple[str, int]:
         """With the lock: why a state is not taken ("old": overtaken by a newer one, taken
         as received but not shown), or "" to take it; and the series it renders. A state
         is taken whole or not at all."""
@@ -360,7 +376,14 @@ class RelayServer:
                 return "old", 0  # only the latest state counts
             if goes_backwards(held[1], sock):
                 return "backwards", 0
-        series = series_of(sock)
+            held_messages = proc.messages.get(sock.name)
+            if (
+                held_messages is not None
+                and messages is not None
+                and any(new < old for old, new in zip(held_messages, messages, strict=True))
+            ):
+                return "backwards", 0
+        series = series_of(sock) + (len(metrics.MESSAGE_FAMILIES) if messages else 0)
         grow = series - proc.series.get(sock.name, 0)
         if grow > 0 and (
             proc.total_series + grow > self.limits.max_series_per_process
@@ -463,6 +486,12 @@ class _RelayCollector(Collector):
         now = time.monotonic()
         with server._lock:
             procs = list(server._processes.values())
+            counted = [
+                (name, proc.sockets[name][1].labels, values)
+                for proc in procs
+                for name, values in proc.messages.items()
+                if name in proc.sockets
+            ]
             received = server.stats.received
             rejected = dict(server.stats.rejected)
         connected = sum(1 for p in procs if p.down_since is None)
@@ -482,3 +511,5 @@ class _RelayCollector(Collector):
             out.add_sample(family.name, {"reason": reason}, n)
         yield out
         yield one(metrics.RELAY_STATE_AGE, age)
+        if counted:  # relayed sockets' message counts, labelled as their other series
+            yield from message_families(counted)

@@ -23,6 +23,14 @@ from exporter.core.events import ZAP_STATUS, ZMTP_ERRORS, Event
 from exporter.core.state import EndpointSnapshot, SocketSnapshot
 
 WIRE_VERSION = 1
+# The optional `messages` object of a state's socket (docs/relay.md, "Message counts"):
+# library mode's message counts, an extension with a version of its own. A daemon ignores
+# an extension version it does not know (the state itself is taken), and a daemon before
+# the extension ignores the key, so senders and daemons of either age work together.
+MESSAGES_VERSION = 1
+# Its keys, in the order of `metrics.MESSAGE_FAMILIES` (`exporter.messages.MessageCounts`).
+MESSAGE_KEYS = ("sent", "received", "bytes_sent", "bytes_received", "would_block")
+MESSAGE_SECONDS_KEY = "blocked_seconds"
 HEARTBEAT_SECONDS = 1.0  # a sender's heartbeat interval unless it says another
 
 
@@ -47,6 +55,7 @@ MAX_LABELS = 16
 MAX_ENDPOINTS = 64  # per socket
 MAX_COUNTER_KEYS = 64  # entries of one counts/errno/handshake/unknown map
 MAX_COUNT = 2**53  # JSON numbers are exact integers up to here in every language
+MAX_SECONDS = float(MAX_COUNT)
 # Unix time of 9999-12-31T23:59:59Z: beyond it time.gmtime/strftime (the status page) fail.
 MAX_TIME = 253_402_300_799.0
 # Text the renderers cannot write or a reader would misread: lone surrogates (not Unicode
@@ -80,6 +89,9 @@ class Message:
     seq: int
     heartbeat: float = HEARTBEAT_SECONDS
     socket: SocketSnapshot | None = None  # state
+    # state: the socket's message counts (the `messages` extension, `MESSAGE_KEYS` then
+    # blocked seconds), None when the sender sent none (or a version this daemon ignores).
+    messages: tuple[float, ...] | None = None
     name: str = ""  # gone: the socket's name
 
 
@@ -87,9 +99,12 @@ class Message:
 # Encoding (sender) and decoding (daemon).
 
 
-def encode_socket(sock: SocketSnapshot) -> dict[str, Any]:
-    """A socket's cumulative state as the `socket` object of a state message."""
-    return {
+def encode_socket(
+    sock: SocketSnapshot, messages: tuple[float, ...] | None = None
+) -> dict[str, Any]:
+    """A socket's cumulative state as the `socket` object of a state message; with
+    `messages` (its message counts, `MessageCounts.values()`), the `messages` extension."""
+    out = {
         "name": sock.name,
         "type": sock.socket_type,
         "labels": dict(sock.labels),
@@ -114,6 +129,35 @@ def encode_socket(sock: SocketSnapshot) -> dict[str, Any]:
             for ep in sock.endpoints
         ],
     }
+    if messages is not None:
+        *counts, blocked = messages
+        out["messages"] = {
+            "v": MESSAGES_VERSION,
+            **{k: int(n) for k, n in zip(MESSAGE_KEYS, counts, strict=True)},
+            MESSAGE_SECONDS_KEY: float(blocked),
+        }
+    return out
+
+
+def decode_messages(obj: Any) -> tuple[float, ...] | None:
+    """The `messages` extension of a state's socket object, checked; None if absent or of
+    an extension version this daemon does not know."""
+    raw = obj.get("messages") if isinstance(obj, dict) else None
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise RejectedMessage("invalid", "messages: expected an object")
+    if raw.get("v") != MESSAGES_VERSION or type(raw.get("v")) is not int:
+        return None  # a newer extension: the state is taken without it
+    counts = tuple(_count(raw.get(k), f"messages.{k}") for k in MESSAGE_KEYS)
+    seconds: Any = raw.get(MESSAGE_SECONDS_KEY)
+    if (
+        type(seconds) not in (int, float)
+        or not math.isfinite(seconds)
+        or not 0 <= seconds <= MAX_SECONDS
+    ):
+        raise RejectedMessage("invalid", "messages.blocked_seconds: expected seconds >= 0")
+    return (*counts, float(seconds))
 
 
 def _errno_map(counts: Mapping[tuple[Event, str], int]) -> dict[str, dict[str, int]]:
@@ -288,8 +332,11 @@ def decode(data: bytes, limits: RelayLimits) -> Message:
         ms = _count(obj["heartbeat_ms"], "heartbeat_ms")
         heartbeat = min(max(ms, 100), 60_000) / 1000
     if kind == "state":
-        sock = _decode_socket(obj.get("socket"), process)
-        return Message(kind, process, instance, seq, heartbeat, socket=sock)
+        raw = obj.get("socket")
+        sock = _decode_socket(raw, process)
+        return Message(
+            kind, process, instance, seq, heartbeat, socket=sock, messages=decode_messages(raw)
+        )
     if kind == "gone":
         return Message(kind, process, instance, seq, heartbeat, name=_text(obj, "socket"))
     return Message(kind, process, instance, seq, heartbeat)

@@ -1,0 +1,203 @@
+"""Message counts through the relay: the wire format's optional `messages` extension
+(docs/relay.md, "Message counts"): exact at the sidecar, also across a sidecar SIGKILL and
+restart, and senders and daemons of either age keep working together."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from exporter.core.endpoints import EndpointMap
+from exporter.core.state import SocketSnapshot, SocketState, snapshot_socket
+from exporter.relay.wire import (
+    MESSAGES_VERSION,
+    RejectedMessage,
+    RelayLimits,
+    decode,
+    encode,
+    encode_socket,
+)
+
+from helpers import ROOT, Daemon, value, wait_until
+
+LIMITS = RelayLimits()
+COUNTS = (12, 3, 4096, 77, 2, 0.125)  # MessageCounts.values() order
+
+
+def _sock() -> SocketSnapshot:
+    state = SocketState(
+        name="push", socket_type="PUSH", labels={"team": "t"}, endpoint_map=EndpointMap((), ())
+    )
+    return snapshot_socket(state)
+
+
+def _state(socket: dict[str, object]) -> bytes:
+    return encode("state", "app-1", "i1", 1, socket=socket)
+
+
+def test_extension_round_trips_and_is_optional() -> None:
+    sock = _sock()
+    with_counts = decode(_state(encode_socket(sock, COUNTS)), LIMITS)
+    assert with_counts.messages == COUNTS
+    without = decode(_state(encode_socket(sock)), LIMITS)  # a sender before the extension
+    assert without.messages is None
+    assert with_counts.socket == without.socket  # the state itself is the same
+    # A newer extension version: the state is taken, the counts are left out.
+    raw = encode_socket(sock, COUNTS)
+    raw["messages"] = {**raw["messages"], "v": MESSAGES_VERSION + 1, "new_field": [1]}
+    newer = decode(_state(raw), LIMITS)
+    assert newer.messages is None and newer.socket == without.socket
+
+
+def test_a_daemon_before_the_extension_ignores_it(tmp_path: Path) -> None:
+    """The decoder of a daemon before the extension (the wire module as it was committed
+    before it, read with git show) takes a state that carries the extension."""
+    old = subprocess.run(
+        ["git", "show", "787e197:exporter/relay/wire.py"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    if old.returncode != 0:
+        pytest.skip("not a git checkout with the relay's history")
+    (tmp_path / "old_wire.py").write_text(old.stdout)
+    check = (
+        "import sys; from old_wire import decode, RelayLimits; "
+        "m = decode(sys.stdin.buffer.read(), RelayLimits()); "
+        "print(m.type, m.socket.name, m.socket.labels['team'])"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", check],
+        input=_state(encode_socket(_sock(), COUNTS)),
+        capture_output=True,
+        timeout=30,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": f"{tmp_path}:{ROOT}"},
+    )
+    assert proc.stdout.decode().split() == ["state", "push", "t"], proc.stderr.decode()
+
+
+@pytest.mark.parametrize(
+    "messages",
+    [
+        "counts",
+        {"v": 1, "sent": -1, "received": 0, "bytes_sent": 0, "bytes_received": 0,
+         "would_block": 0, "blocked_seconds": 0.0},
+        {"v": 1, "sent": True, "received": 0, "bytes_sent": 0, "bytes_received": 0,
+         "would_block": 0, "blocked_seconds": 0.0},
+        {"v": 1, "sent": 1, "received": 0, "bytes_sent": 0, "bytes_received": 0,
+         "would_block": 0},
+        {"v": 1, "sent": 1, "received": 0, "bytes_sent": 0, "bytes_received": 0,
+         "would_block": 0, "blocked_seconds": float("inf")},
+    ],
+)  # fmt: skip
+def test_malformed_extension_is_refused(messages: object) -> None:
+    raw = encode_socket(_sock())
+    raw["messages"] = messages
+    data = json.dumps(
+        {"v": 1, "type": "state", "process": "p", "instance": "i", "seq": 1, "socket": raw}
+    ).encode()
+    with pytest.raises(RejectedMessage) as err:
+        decode(data, LIMITS)
+    assert err.value.reason == "invalid"
+
+
+APP = textwrap.dedent(
+    """\
+    import sys, zmq, exporter
+    endpoint = sys.argv[1]
+    ctx = zmq.Context()
+    pull = ctx.socket(zmq.PULL)
+    port = pull.bind_to_random_port("tcp://127.0.0.1")
+    push = ctx.socket(zmq.PUSH)
+    h = exporter.instrument(push, "push", registry=None, relay=endpoint, relay_id="app-1",
+                            messages=True)
+    h.connect(f"tcp://127.0.0.1:{port}")
+    sent = nbytes = 0
+    for line in sys.stdin:
+        n = int(line)
+        for i in range(n):
+            body = b"x" * (i % 200)
+            if i % 3 == 0:
+                push.send_multipart([b"head", body])
+                nbytes += 4 + len(body)
+            else:
+                push.send(body)
+                nbytes += len(body)
+            pull.recv_multipart()
+            sent += 1
+        print("sent", sent, nbytes, flush=True)
+    """
+)
+
+
+def _relay_config(endpoint: str) -> str:
+    return f'relay:\n  listen: ["{endpoint}"]\n  ipc_mode: "0600"\n'
+
+
+def _counts(daemon: Daemon) -> tuple[float | None, float | None]:
+    try:
+        samples = daemon.scrape()
+    except OSError:
+        return None, None
+    labels = {"process": "app-1", "socket": "push"}
+    return (
+        value(samples, "zmq_messages_sent_total", **labels),
+        value(samples, "zmq_message_bytes_sent_total", **labels),
+    )
+
+
+def test_sidecar_totals_equal_the_senders_across_a_sidecar_restart(tmp_path: Path) -> None:
+    endpoint = f"ipc://{tmp_path}/relay.sock"
+    script = tmp_path / "app.py"
+    script.write_text(APP)
+    first = Daemon(_relay_config(endpoint)).start()
+    second: Daemon | None = None
+    app = subprocess.Popen(
+        [sys.executable, str(script), endpoint],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert app.stdin is not None and app.stdout is not None
+
+    def phase(n: int) -> tuple[int, int]:
+        assert app.stdin is not None and app.stdout is not None
+        app.stdin.write(f"{n}\n")
+        app.stdin.flush()
+        word, sent, nbytes = app.stdout.readline().split()  # the app's own tally
+        assert word == "sent"
+        return int(sent), int(nbytes)
+
+    try:
+        truth = phase(3000)
+        wait_until(lambda: _counts(first) == truth, timeout=15, what=f"relayed == {truth}")
+        assert first.proc is not None
+        first.proc.kill()  # SIGKILL: the sidecar forgets everything
+        first.proc.wait(5)
+        truth = phase(2000)  # counted meanwhile, with no sidecar
+        second = Daemon(_relay_config(endpoint), port=first.port).start()
+        wait_until(lambda: _counts(second) == truth, timeout=15, what=f"relayed == {truth}")
+        truth = phase(1000)
+        wait_until(lambda: _counts(second) == truth, timeout=15, what=f"relayed == {truth}")
+        samples = second.scrape()
+        labels = {"process": "app-1", "socket": "push"}
+        assert value(samples, "zmq_messages_received_total", **labels) == 0
+        assert value(samples, "zmq_send_would_block_total", **labels) == 0
+        assert value(samples, "zmq_send_blocked_seconds_total", **labels) is not None
+    finally:
+        app.kill()
+        app.wait(5)
+        if first.proc is not None and first.proc.poll() is None:
+            first.stop()
+        if second is not None:
+            second.stop()
