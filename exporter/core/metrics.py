@@ -1011,6 +1011,11 @@ DAEMON_FAMILIES: tuple[Family, ...] = tuple(f for f in FAMILIES if f.group not i
 # Pushed over OTLP: what describes the sockets and the engine. The web server's and the
 # OTLP push's own metrics describe the endpoints themselves and stay on /metrics.
 PUSHED: tuple[Family, ...] = tuple(f for f in DAEMON_FAMILIES if f.pushed)
+# An OTel instrument's slot is its family's index in PUSHED: by prometheus_client name
+# (`metric_name`), and for each socket family (all are pushed), in SOCKET_FAMILIES order
+# (the order of the socket rows). The OTLP request and library mode's instruments use them.
+PUSHED_SLOT: dict[str, int] = {f.metric_name: n for n, f in enumerate(PUSHED)}
+SOCKET_SLOTS: tuple[int, ...] = tuple(PUSHED.index(f) for f in SOCKET_FAMILIES)
 
 
 class TableError(ValueError):

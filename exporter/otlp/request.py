@@ -62,10 +62,8 @@ SCOPE_NAME = "zmq-exporter"
 SCOPE_VERSION = __version__
 
 # The instruments: the families of the metrics table that are pushed, in its order (the
-# order of the metrics in an export). Counters are monotonic cumulative Sums, gauges Gauges.
-_SLOT = {f.metric_name: n for n, f in enumerate(metrics.PUSHED)}  # by prometheus_client name
-# Socket row index (rows.SOCKET_FAMILIES) -> slot (every socket family is pushed).
-_SOCKET_SLOT = tuple(metrics.PUSHED.index(f) for f in metrics.SOCKET_FAMILIES)
+# order of the metrics in an export; a family's slot: metrics.PUSHED_SLOT, SOCKET_SLOTS).
+# Counters are monotonic cumulative Sums, gauges Gauges.
 
 
 # ---------------------------------------------------------------------------------------
@@ -334,7 +332,7 @@ class MetricsBuilder:
         for collector in self._extra:
             others.extend(collector.collect())
         for other in others:
-            found = _SLOT.get(other.name)
+            found = metrics.PUSHED_SLOT.get(other.name)
             if found is None:
                 continue  # not pushed (the table says which families are)
             memo: dict[tuple[str, str], bytes] = {}
@@ -350,7 +348,7 @@ class MetricsBuilder:
         by_slot: dict[int, list[bytes]] = {}
         memo: dict[tuple[str, str], bytes] = {}  # a socket's labels repeat in its rows
         for index, endpoint, extra, value in socket_rows(sock):
-            slot = _SOCKET_SLOT[index]
+            slot = metrics.SOCKET_SLOTS[index]
             since = start if _IS_SUM[slot] else None
             point = _point(row_labels(sock, endpoint, extra), since, float(value), memo)
             points = by_slot.get(slot)
