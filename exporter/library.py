@@ -551,13 +551,7 @@ def _relay_sender(endpoint: str, relay_id: str | None, server_key: str | None) -
             )
         return
     key = server_key.encode() if server_key is not None else None
-    sender = RelaySender(
-        endpoint,
-        lambda: _relayed(endpoint),
-        relay_id,
-        curve_server_key=key,
-        messages=lambda: _relayed_messages(endpoint),
-    )
+    sender = RelaySender(endpoint, lambda: _relayed(endpoint), relay_id, curve_server_key=key)
     sender.start()
     _process.relays[endpoint] = sender
 
@@ -571,16 +565,6 @@ def _relayed(endpoint: str) -> tuple[SocketSnapshot, ...]:
     # Not a late socket: the sidecar would show its unknowable gauges as 0.
     names = {n for n, h in list(process.handles.items()) if h.relay == endpoint and h.late is None}
     return tuple(s for s in current.snapshot().sockets if s.name in names)
-
-
-def _relayed_messages(endpoint: str) -> dict[str, tuple[float, ...]]:
-    """The message counts of the counted sockets sent to relay `endpoint` (from the
-    sender's thread)."""
-    return {
-        name: handle.message_counts.values()
-        for name, handle in list(_process.handles.items())
-        if handle.relay == endpoint and handle.message_counts is not None
-    }
 
 
 def _attach_monitor(socket: zmq.Socket[Any], name: str, mask: int) -> zmq.Socket[bytes]:
@@ -813,6 +797,13 @@ class _LibraryCollector(StateCollector):
         yield from render_self(EngineSnapshot((), ReaderStats(), False), self._build)
 
 
+# Instrument slot (index into metrics.PUSHED) of each socket family's rows, and of the
+# self-metrics by their prometheus_client name.
+_PUSHED_SLOT = {f.metric_name: n for n, f in enumerate(metrics.PUSHED)}
+_SOCKET_SLOT = tuple(
+    metrics.PUSHED.index(f) if f in metrics.PUSHED else None for f in metrics.SOCKET_FAMILIES
+)
+
 Points = list[tuple[float, dict[str, str]]]
 
 
@@ -884,7 +875,7 @@ class _OtelExport:
             log.exception("the connection metrics failed; exported without them")
             connections = []
         for family in [*connections, *render_self(snap, self._build)]:
-            if metrics.PUSHED_SLOT.get(family.name) == slot:
+            if _PUSHED_SLOT.get(family.name) == slot:
                 out += [Observation(float(s.value), dict(s.labels)) for s in family.samples]
         return out
 
@@ -892,6 +883,7 @@ class _OtelExport:
 def _points(sock: SocketSnapshot) -> dict[int, Points]:
     by_slot: dict[int, Points] = {}
     for index, endpoint, extra, value in socket_rows(sock):
-        slot = metrics.SOCKET_SLOTS[index]
-        by_slot.setdefault(slot, []).append((float(value), row_labels(sock, endpoint, extra)))
+        slot = _SOCKET_SLOT[index]
+        if slot is not None:
+            by_slot.setdefault(slot, []).append((float(value), row_labels(sock, endpoint, extra)))
     return by_slot
