@@ -6,6 +6,9 @@ bench/)."""
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
+import io
+import logging
 import os
 import signal
 import subprocess
@@ -61,6 +64,28 @@ def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]
         timeout=timeout,
         cwd=ROOT,
         stdin=subprocess.DEVNULL,
+    )
+
+
+def check_in_process(*args: str) -> subprocess.CompletedProcess[str]:
+    """`zmq-exporter --config.check ARGS` through `exporter.cli.main` in this process, as
+    `run_cli` would run it (exit code, stdout, stderr) without an interpreter per case: for
+    the many config files whose one line `run_cli` checks once per error class. The root
+    logger's handlers (set by the CLI) are restored afterwards."""
+    assert "--config.check" in args, "in process only for a check: a start would serve"
+    from exporter import cli
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    out, err = io.StringIO(), io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = cli.main(list(args))
+    finally:
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    return subprocess.CompletedProcess(
+        ["zmq-exporter", *args], code, out.getvalue(), err.getvalue()
     )
 
 

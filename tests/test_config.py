@@ -3,6 +3,7 @@ file, line and key path - in-process and through `zmq-exporter --config.check`."
 
 from __future__ import annotations
 
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,7 @@ from exporter.config import ConfigError, Settings, load_config, parse_config
 from exporter.config.durations import parse_duration
 from exporter.core.events import ALL_EVENTS_MASK, Event
 
-from helpers import run_cli
+from helpers import check_in_process, run_cli
 
 DATA = Path(__file__).parent / "testdata" / "configs"
 GOOD = sorted((DATA / "good").glob("*.yml"))
@@ -95,9 +96,7 @@ def test_bad_config_message(path: Path) -> None:
     assert message.startswith(expected(path)), message
 
 
-@pytest.mark.parametrize("path", BAD, ids=lambda p: p.name)
-def test_bad_config_check_exits_nonzero_with_one_line(path: Path) -> None:
-    proc = run_cli("--config.check", f"--config.file={path}")
+def assert_one_line_refusal(proc: subprocess.CompletedProcess[str], path: Path) -> None:
     assert proc.returncode == 1
     assert proc.stdout == ""
     lines = proc.stderr.strip().splitlines()
@@ -106,9 +105,27 @@ def test_bad_config_check_exits_nonzero_with_one_line(path: Path) -> None:
     assert lines[0].startswith("zmq-exporter: " + expected(path)), lines[0]
 
 
+@pytest.mark.parametrize("path", BAD, ids=lambda p: p.name)
+def test_bad_config_check_exits_nonzero_with_one_line(path: Path) -> None:
+    assert_one_line_refusal(check_in_process("--config.check", f"--config.file={path}"), path)
+
+
+# Through a real process (interpreter, argparse, exit status) once per error class: YAML
+# syntax, the loader's duplicate key, the schema, a file the config names. The others go
+# through cli.main in this process above, which writes the same line.
+CLI_CASES = ["yaml-syntax.yml", "duplicate-key.yml", "unknown-key.yml", "unreadable-key-file.yml"]
+
+
+@pytest.mark.parametrize("name", CLI_CASES)
+def test_bad_config_check_in_a_process(name: str) -> None:
+    path = DATA / "bad" / name
+    assert_one_line_refusal(run_cli("--config.check", f"--config.file={path}"), path)
+
+
 @pytest.mark.parametrize("path", GOOD, ids=lambda p: p.name)
 def test_good_config_check_exits_zero(path: Path) -> None:
-    proc = run_cli("--config.check", f"--config.file={path}")
+    args = ("--config.check", f"--config.file={path}")
+    proc = run_cli(*args) if path.name == "minimal.yml" else check_in_process(*args)
     assert proc.returncode == 0, proc.stderr
     assert "OK" in proc.stdout
 
