@@ -51,7 +51,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import re
 import sys
 import threading
 import weakref
@@ -69,12 +68,12 @@ from prometheus_client.registry import CollectorRegistry
 from exporter import messages as message_counting
 from exporter._version import __version__
 from exporter.config.keys import Z85_KEY
-from exporter.config.model import ConnectionsConfig
+from exporter.config.model import ConnectionsConfig, label_name_problem
 from exporter.connections.sampler import ConnectionSampler, reads_gone_family
 from exporter.connections.table import ConnectionTable
 from exporter.core import metrics
 from exporter.core.endpoints import LearningEndpointMap
-from exporter.core.events import ALL_EVENTS_MASK, EVENT_BY_NAME, Event
+from exporter.core.events import ALL_EVENTS_MASK, EVENT_BY_NAME, Event, events_mask
 from exporter.core.state import (
     EngineSnapshot,
     ReaderStats,
@@ -108,8 +107,6 @@ T = TypeVar("T")
 COMMAND_TIMEOUT = 5.0
 READER_THREAD = "zmq-exporter-reader"
 SAMPLER_THREAD = "zmq-exporter-library-connection-sampler"
-
-_LABEL_NAME = re.compile(r"[a-zA-Z_][a-zA-Z0-9_]*")
 
 
 class InstrumentError(ValueError):
@@ -339,30 +336,24 @@ class Instrumentation:
 def _mask(events: Iterable[str | Event] | None) -> int:
     if events is None:
         return ALL_EVENTS_MASK
-    # MONITOR_STOPPED always: it resets the connection gauges and tells the reader that
-    # the monitor ended (so it closes the PAIR).
-    mask = int(Event.MONITOR_STOPPED)
-    for item in [events] if isinstance(events, str) else events:
-        if isinstance(item, Event):
-            mask |= int(item)
-        elif item == "all":
-            return ALL_EVENTS_MASK
-        elif item in EVENT_BY_NAME:
-            mask |= int(EVENT_BY_NAME[item])
-        else:
-            raise InstrumentError(
-                f"unknown event {item!r}; expected 'all' or some of {', '.join(EVENT_BY_NAME)}"
-            )
-    return mask
+    try:
+        return events_mask([events] if isinstance(events, str) else events)
+    except KeyError as err:
+        raise InstrumentError(
+            f"unknown event {err.args[0]!r}; expected 'all' or some of {', '.join(EVENT_BY_NAME)}"
+        ) from None
 
 
 def _check_labels(labels: Mapping[str, str] | None) -> dict[str, str]:
     out: dict[str, str] = {}
     for key, val in (labels or {}).items():
-        if not isinstance(key, str) or not _LABEL_NAME.fullmatch(key) or key.startswith("__"):
-            raise InstrumentError(f"invalid label name {key!r} (expected [a-zA-Z_][a-zA-Z0-9_]*)")
-        if key in metrics.RESERVED_LABELS:
-            raise InstrumentError(f"label name {key!r} is reserved by the exporter")
+        problem = (
+            label_name_problem(key)
+            if isinstance(key, str)
+            else f"invalid label name {key!r} (expected a str)"
+        )
+        if problem is not None:
+            raise InstrumentError(problem)
         if not isinstance(val, str):
             raise InstrumentError(f"label {key!r}: value must be a str, not {type(val).__name__}")
         out[key] = val
@@ -551,7 +542,13 @@ def _relay_sender(endpoint: str, relay_id: str | None, server_key: str | None) -
             )
         return
     key = server_key.encode() if server_key is not None else None
-    sender = RelaySender(endpoint, lambda: _relayed(endpoint), relay_id, curve_server_key=key)
+    sender = RelaySender(
+        endpoint,
+        lambda: _relayed(endpoint),
+        relay_id,
+        curve_server_key=key,
+        messages=lambda: _relayed_messages(endpoint),
+    )
     sender.start()
     _process.relays[endpoint] = sender
 
@@ -565,6 +562,16 @@ def _relayed(endpoint: str) -> tuple[SocketSnapshot, ...]:
     # Not a late socket: the sidecar would show its unknowable gauges as 0.
     names = {n for n, h in list(process.handles.items()) if h.relay == endpoint and h.late is None}
     return tuple(s for s in current.snapshot().sockets if s.name in names)
+
+
+def _relayed_messages(endpoint: str) -> dict[str, tuple[float, ...]]:
+    """The message counts of the counted sockets sent to relay `endpoint` (from the
+    sender's thread)."""
+    return {
+        name: handle.message_counts.values()
+        for name, handle in list(_process.handles.items())
+        if handle.relay == endpoint and handle.message_counts is not None
+    }
 
 
 def _attach_monitor(socket: zmq.Socket[Any], name: str, mask: int) -> zmq.Socket[bytes]:
@@ -797,13 +804,6 @@ class _LibraryCollector(StateCollector):
         yield from render_self(EngineSnapshot((), ReaderStats(), False), self._build)
 
 
-# Instrument slot (index into metrics.PUSHED) of each socket family's rows, and of the
-# self-metrics by their prometheus_client name.
-_PUSHED_SLOT = {f.metric_name: n for n, f in enumerate(metrics.PUSHED)}
-_SOCKET_SLOT = tuple(
-    metrics.PUSHED.index(f) if f in metrics.PUSHED else None for f in metrics.SOCKET_FAMILIES
-)
-
 Points = list[tuple[float, dict[str, str]]]
 
 
@@ -875,7 +875,7 @@ class _OtelExport:
             log.exception("the connection metrics failed; exported without them")
             connections = []
         for family in [*connections, *render_self(snap, self._build)]:
-            if _PUSHED_SLOT.get(family.name) == slot:
+            if metrics.PUSHED_SLOT.get(family.name) == slot:
                 out += [Observation(float(s.value), dict(s.labels)) for s in family.samples]
         return out
 
@@ -883,7 +883,6 @@ class _OtelExport:
 def _points(sock: SocketSnapshot) -> dict[int, Points]:
     by_slot: dict[int, Points] = {}
     for index, endpoint, extra, value in socket_rows(sock):
-        slot = _SOCKET_SLOT[index]
-        if slot is not None:
-            by_slot.setdefault(slot, []).append((float(value), row_labels(sock, endpoint, extra)))
+        slot = metrics.SOCKET_SLOTS[index]
+        by_slot.setdefault(slot, []).append((float(value), row_labels(sock, endpoint, extra)))
     return by_slot

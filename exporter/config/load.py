@@ -32,7 +32,7 @@ from exporter.config.otlp import OtlpConfig
 from exporter.config.relay import RelaySettings, resolve_relay
 from exporter.config.yamlnodes import decode, line_of, load_with_lines
 from exporter.core.endpoints import Role, parse_endpoint
-from exporter.core.events import ALL_EVENTS_MASK, EVENT_BY_NAME, Event
+from exporter.core.events import events_mask
 
 
 @dataclass(frozen=True)
@@ -212,7 +212,7 @@ def _resolve_socket(
         connects=tuple(sock.connect),
         options=merged,
         labels={**defaults.labels, **sock.labels},
-        events_mask=_events_mask(names),
+        events_mask=events_mask(names),
         curve_secretkey=secret,
     )
 
@@ -287,12 +287,3 @@ def _curve(
         if value is not None and not Z85_KEY.fullmatch(value):
             fail((*opts, key), "not a valid Z85-encoded CURVE key")
     return secret
-
-
-def _events_mask(names: list[str]) -> int:
-    if "all" in names:
-        return ALL_EVENTS_MASK
-    mask = int(Event.MONITOR_STOPPED)  # always: it resets the connection gauges
-    for name in names:
-        mask |= int(EVENT_BY_NAME[name])
-    return mask

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import struct
+from collections.abc import Iterable
 from enum import IntEnum
 
 
@@ -36,6 +37,22 @@ ALL_EVENTS_MASK = 0xFFFF  # ZMQ_EVENT_ALL for monitor v1
 
 # Event names users write in `events:`; lower-case libzmq names without the prefix.
 EVENT_BY_NAME: dict[str, Event] = {e.name.lower(): e for e in Event}
+
+
+def events_mask(events: Iterable[str | Event]) -> int:
+    """The monitor's event mask for `events` (names of EVENT_BY_NAME or Events; "all":
+    every event). MONITOR_STOPPED is always in it: it resets the connection gauges and
+    tells the reader that the monitor ended. KeyError names an unknown event."""
+    mask = int(Event.MONITOR_STOPPED)
+    for item in events:
+        if isinstance(item, Event):
+            mask |= int(item)
+        elif item == "all":
+            return ALL_EVENTS_MASK
+        else:
+            mask |= int(EVENT_BY_NAME[item])
+    return mask
+
 
 # The event whose value is an errno that we expose as an `errno` label.
 ERRNO_EVENTS = frozenset({Event.BIND_FAILED, Event.ACCEPT_FAILED, Event.CLOSE_FAILED})
