@@ -20,6 +20,7 @@ from bench import (
     connections,
     http,
     ingest,
+    launcher,
     library,
     memory,
     messages,
@@ -240,6 +241,38 @@ def measure_library(p: Profile, out: dict[str, Measure]) -> None:
             },
             "reader_us_per_event": round(result.reader_us_per_event, 2),
             "daemon_engine_us_per_event": round(result.daemon_us_per_event, 2),
+        },
+    )
+
+
+# (window pairs, window seconds, startup runs) of the launcher's measures, per profile.
+LAUNCHER_RUNS = {"smoke": (2, 0.2, 4), "quick": (10, 0.3, 15), "full": (20, 0.5, 40)}
+
+
+def measure_launcher(p: Profile, out: dict[str, Measure]) -> None:
+    pairs, window, runs = LAUNCHER_RUNS[p.name]
+    got = launcher.throughput(pairs, window)
+    out["launcher_app_throughput"] = Measure(
+        round(got.ratio, 4),
+        0.98,
+        ">=",
+        "ratio",
+        {
+            "round_trips_per_second": {"plain": round(got.plain), "launched": round(got.launched)},
+            "instrumented_sockets": got.instrumented_sockets,
+            "window_pairs": got.windows,
+        },
+    )
+    start = launcher.startup(runs)
+    out["launcher_startup_overhead_ms"] = Measure(
+        round(start.overhead_ms, 1),
+        50.0,
+        "<=",
+        "ms",
+        {
+            "plain_ms": round(start.plain_ms, 1),
+            "launched_ms": round(start.launched_ms, 1),
+            "runs": start.runs,
         },
     )
 
@@ -474,7 +507,7 @@ def measure_http(p: Profile, out: dict[str, Measure]) -> None:
 
 STEPS = (
     "pipeline", "scale", "app", "library", "scrape", "otlp", "memory", "overload", "probe",
-    "relay", "relay_scale", "connections", "http", "messages",
+    "relay", "relay_scale", "connections", "http", "messages", "launcher",
 )  # fmt: skip
 
 
@@ -522,6 +555,7 @@ def run(
         "connections": lambda: measure_connections(profile, out),
         "http": lambda: measure_http(profile, out),
         "messages": lambda: measure_messages(profile, out),
+        "launcher": lambda: measure_launcher(profile, out),
     }
     assert tuple(steps) == STEPS
     for name, step in steps.items():

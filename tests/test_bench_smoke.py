@@ -25,6 +25,8 @@ MEASURES = (
     "connections_scrape_cost",
     "message_counting_overhead",
     "http_parse_cost",
+    "launcher_app_throughput",
+    "launcher_startup_overhead_ms",
 )
 
 
@@ -59,6 +61,7 @@ def test_bench_smoke_produces_every_measure(tmp_path: Path) -> None:
     assert doc["relay_scale_rss_per_socket"]["messages"] == 10 * (1 + 20 + 20), doc
     counted = doc["message_counting_overhead"]  # every counted window's messages counted
     assert counted["counted"] == 4 * (2_000 + 200), counted
+    assert doc["launcher_app_throughput"]["instrumented_sockets"] == 2, doc
     assert png.read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
 
 

@@ -9,8 +9,6 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from exporter.config.durations import parse_duration
-
 # name: (option, help). Read by instrument() itself: ZMQ_EXPORTER_RELAY,
 # ZMQ_EXPORTER_RELAY_SERVER_KEY and ZMQ_EXPORTER_MESSAGES (message counting).
 VARIABLES: dict[str, tuple[str, str]] = {
@@ -101,6 +99,10 @@ def load(environ: Mapping[str, str] | None = None) -> LaunchConfig:
     if env.get("ZMQ_EXPORTER_EVENTS"):
         cfg.events = [e.strip() for e in env["ZMQ_EXPORTER_EVENTS"].split(",") if e.strip()]
     if env.get("ZMQ_EXPORTER_HEARTBEAT"):
+        # Imported here: exporter.config loads pydantic (~0.2 s), which the launcher and a
+        # process without this variable need not pay at startup.
+        from exporter.config.durations import parse_duration
+
         try:
             cfg.heartbeat = parse_duration(env["ZMQ_EXPORTER_HEARTBEAT"])
         except ValueError as err:
