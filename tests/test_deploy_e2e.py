@@ -450,6 +450,7 @@ def test_dashboard_connection_health_row_selects_the_connection_families() -> No
         "Connections",
         "Failures",
         "Connection health",
+        "Messages",
         "Exporter",
         "Probes",
     ]
@@ -480,6 +481,33 @@ def test_dashboard_connection_health_row_selects_the_connection_families() -> No
                 assert row_of(panel) == "Exporter", panel["title"]
                 seen["Exporter"] |= names
     assert seen == {"Connection health": connection, "Exporter": sampler}
+
+
+def test_dashboard_messages_row_shows_every_message_family() -> None:
+    """Every message family (library mode's `messages=True`) has a panel in the Messages
+    row, selected by `$instance` and `$socket`, per socket (and relaying process), as a
+    rate; the blocked time as a share of time."""
+    from exporter.core import metrics
+
+    dash = json.loads(DASHBOARD.read_text())
+    rows = sorted((p["gridPos"]["y"], p["title"]) for p in dash["panels"] if p["type"] == "row")
+    families = {f.name for f in metrics.MESSAGE_FAMILIES}
+    seen: set[str] = set()
+    for panel in dash["panels"]:
+        for target in panel.get("targets", []):
+            names = metric_names(target["expr"]) & families
+            if not names:
+                continue
+            row = [t for y, t in rows if y < panel["gridPos"]["y"]][-1]
+            assert row == "Messages", panel["title"]
+            expr = target["expr"]
+            assert 'instance=~"$instance",socket=~"$socket"' in expr, panel["title"]
+            assert "by (instance, process, socket)" in expr and "rate(" in expr, panel["title"]
+            unit = panel["fieldConfig"]["defaults"]["unit"]
+            blocked = metrics.SEND_BLOCKED.name in names
+            assert unit == ("percentunit" if blocked else "Bps" if "bytes" in expr else "short")
+            seen |= names
+    assert seen == families
 
 
 def connections(daemon: Daemon, endpoint: str) -> float | None:

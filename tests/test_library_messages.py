@@ -610,3 +610,9 @@ def test_counts_are_read_while_the_application_sends(
     wait_until(lambda: value(scrape(registry), "zmq_messages_sent_total", socket="live") == 5000)
     assert seen == sorted(seen)
     handle.close()
+
+
+def test_docs_messages_table_is_generated() -> None:
+    from helpers import ROOT
+
+    assert metrics.markdown("messages") in (ROOT / "docs" / "messages.md").read_text()
