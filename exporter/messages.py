@@ -107,10 +107,13 @@ class MessageCounts:
 
 
 def _nbytes(data: Any) -> int:
-    """Payload bytes of what `send` accepts: bytes, a Frame, any buffer."""
+    """Payload bytes of what `send` accepted: bytes, a Frame, any buffer."""
     if isinstance(data, bytes | bytearray | zmq.Frame):
         return len(data)
-    return memoryview(data).nbytes
+    try:
+        return memoryview(data).nbytes
+    except TypeError:  # sent, but not a buffer we can size (a subclass's own type)
+        return 0
 
 
 def _looks(cls: type) -> dict[str, Any]:
@@ -152,7 +155,6 @@ def _sync_class(cls: type[zmq.Socket[Any]], c: MessageCounts, waits: bool) -> ty
     def send(
         self: Any, data: Any, flags: int = 0, copy: bool = True, track: bool = False, **kw: Any
     ) -> Any:
-        n = len(data) if type(data) is bytes else _nbytes(data)
         if kw or not waits or flags & _NOBLOCK:  # kw: routing_id, group (draft sockets)
             result = waiting(self, data, flags, copy, track, kw)
         else:
@@ -161,7 +163,8 @@ def _sync_class(cls: type[zmq.Socket[Any]], c: MessageCounts, waits: bool) -> ty
                 result = base_send(self, data, flags | _NOBLOCK, copy, track)
             except _Again:
                 result = waiting(self, data, flags, copy, track, kw)
-        c.bytes_sent += n
+        # After the send: what pyzmq refuses (a str) raises its own error first.
+        c.bytes_sent += len(data) if type(data) is bytes else _nbytes(data)
         if not flags & _SNDMORE:
             c.sent += 1
         return result

@@ -316,6 +316,8 @@ def test_counted_socket_looks_and_behaves_as_its_own(ctx: Ctx, registry: Collect
     own_repr = repr(sub)
     with pytest.raises(TypeError) as own_error:
         pickle.dumps(sub)
+    with pytest.raises(TypeError) as own_send_error:
+        sub.send("text")  # type: ignore[arg-type]
     # Counting off: the object is untouched.
     handle = exporter.instrument(sub, "plain", registry=registry)
     assert type(sub) is own_class and vars(sub) == own_dict and handle.message_counts is None
@@ -339,6 +341,9 @@ def test_counted_socket_looks_and_behaves_as_its_own(ctx: Ctx, registry: Collect
         assert sub.recv.__doc__ == own_class.recv.__doc__
         with pytest.raises(zmq.Again):  # errors are the socket's own
             sub.recv(zmq.NOBLOCK)
+        with pytest.raises(TypeError) as error:
+            sub.send("text")  # type: ignore[arg-type]
+        assert str(error.value) == str(own_send_error.value)
         # Twice: the same counts, one subclass deep.
         assert message_counting.count(sub) is handle.message_counts
         assert type(sub).__mro__[1] is own_class
