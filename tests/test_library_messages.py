@@ -317,7 +317,7 @@ def test_counted_socket_looks_and_behaves_as_its_own(ctx: Ctx, registry: Collect
     with pytest.raises(TypeError) as own_error:
         pickle.dumps(sub)
     with pytest.raises(TypeError) as own_send_error:
-        sub.send("text")  # type: ignore[arg-type]
+        sub.send("text")  # type: ignore[call-overload]
     # Counting off: the object is untouched.
     handle = exporter.instrument(sub, "plain", registry=registry)
     assert type(sub) is own_class and vars(sub) == own_dict and handle.message_counts is None
@@ -342,7 +342,7 @@ def test_counted_socket_looks_and_behaves_as_its_own(ctx: Ctx, registry: Collect
         with pytest.raises(zmq.Again):  # errors are the socket's own
             sub.recv(zmq.NOBLOCK)
         with pytest.raises(TypeError) as error:
-            sub.send("text")  # type: ignore[arg-type]
+            sub.send("text")  # type: ignore[call-overload]
         assert str(error.value) == str(own_send_error.value)
         # Twice: the same counts, one subclass deep.
         assert message_counting.count(sub) is handle.message_counts
