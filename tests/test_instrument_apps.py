@@ -175,3 +175,90 @@ def test_locust_master_and_workers_under_the_launcher(tmp_path: Path) -> None:
             os.killpg(app.pid, signal.SIGKILL)  # the session this test started
             app.wait(10)
         daemon.stop()
+
+
+JUPYTER_APP = """\
+import json, sys
+from jupyter_client.manager import start_new_kernel
+
+km, kc = start_new_kernel(kernel_name="python3")
+reply = kc.execute_interactive("import os; print(os.getpid())", timeout=60)
+info = km.get_connection_info()
+print(json.dumps({"shell": info["shell_port"], "iopub": info["iopub_port"],
+                  "kernel": km.provisioner.pid, "status": reply["content"]["status"]}),
+      flush=True)
+sys.stdin.readline()
+kc.stop_channels()
+km.shutdown_kernel(now=True)
+"""
+
+
+def test_jupyter_client_and_kernel_under_the_launcher(tmp_path: Path) -> None:
+    """jupyter_client (the application's library: its KernelManager and client create and
+    connect the sockets) starts an ipykernel, a spawned child that inherits the launcher's
+    environment and binds its ROUTERs and XPUB inside ipykernel's own constructors (with
+    bytes endpoints, and zmq.asyncio contexts). Both processes at the sidecar, each
+    socket's gauge equal to the kernel's rows."""
+    pytest.importorskip("ipykernel")
+    pytest.importorskip("jupyter_client")
+    relay = f"ipc://{tmp_path}/relay.sock"
+    script = tmp_path / "app.py"
+    script.write_text(JUPYTER_APP)
+    host = os.uname().nodename
+    with Daemon(_config(relay).replace("3s", "5m")) as daemon:
+        app = subprocess.Popen(
+            [sys.executable, "-m", "exporter.instrument.launcher", "--relay", relay,
+             sys.executable, str(script)],
+            cwd=tmp_path,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=(tmp_path / "app.log").open("wb"),
+            text=True,
+            start_new_session=True,
+        )  # fmt: skip
+        try:
+            assert app.stdout is not None and app.stdin is not None
+            # The kernel's output (its pid, printed by execute_interactive) comes first.
+            line = "x"
+            for _ in range(10):
+                line = app.stdout.readline()
+                if not line or line.startswith("{"):
+                    break
+            assert line.startswith("{"), (tmp_path / "app.log").read_text()
+            info = json.loads(line)
+            assert info["status"] == "ok"  # the application's own view: the kernel works
+            kernel, shell, iopub = info["kernel"], info["shell"], info["iopub"]
+            router = {
+                "process": f"{host}/{kernel}",
+                "socket": f"ROUTER@tcp://127.0.0.1:{shell}",
+                "endpoint": f"tcp://127.0.0.1:{shell}",
+            }
+            xpub = {"process": f"{host}/{kernel}", "socket": f"XPUB@tcp://127.0.0.1:{iopub}"}
+            client = {"process": f"{host}/{app.pid}", "endpoint": f"tcp://127.0.0.1:{shell}"}
+
+            def reported() -> bool:
+                s = daemon.scrape()
+                return (
+                    value(s, "zmq_connections", **router)
+                    == established_in(kernel, local_port=shell)
+                    and value(s, "zmq_connections", **xpub)
+                    == established_in(kernel, local_port=iopub)
+                    and total(s, "zmq_connections", **client) == _owned_established(app.pid, shell)
+                    and total(s, "zmq_connections", **client) >= 1
+                )
+
+            wait_until(reported, timeout=30, what="client and kernel at the sidecar == kernel")
+            s = daemon.scrape()
+            assert (value(s, "zmq_listening", **router), value(s, "zmq_listening", **xpub)) == (
+                1,
+                1,
+            )
+            # No endpoint label is a bytes repr (ipykernel binds/connects with bytes).
+            assert not any("b'" in dict(lbl).get("socket", "") for (_, lbl) in s)
+            app.stdin.write("\n")
+            app.stdin.flush()
+            assert app.wait(30) == 0
+        finally:
+            if app.poll() is None:
+                os.killpg(app.pid, signal.SIGKILL)  # the session this test started
+                app.wait(10)

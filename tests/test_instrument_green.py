@@ -140,6 +140,9 @@ PLAIN_APP = textwrap.dedent(
     s = ctx.socket(zmq.ROUTER)
     exporter.instrument(s, "plain")
     s.bind("tcp://127.0.0.1:*")
+    exporter.instrument_sockets(None)
+    d = ctx.socket(zmq.DEALER)
+    d.connect(s.last_endpoint.decode())
     print("gevent" in sys.modules, flush=True)
     """
 )

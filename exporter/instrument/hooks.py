@@ -182,7 +182,9 @@ def _first_use(sock: zmq.Socket[Any], role: str, endpoint: str) -> library.Instr
 
 
 def _through(role: str) -> Callable[..., Any]:
-    def call(self: zmq.Socket[Any], addr: str, *args: Any, **kwargs: Any) -> Any:
+    def call(self: zmq.Socket[Any], addr: str | bytes, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(addr, bytes):  # pyzmq takes bytes too (ipykernel connects with them)
+            addr = addr.decode()
         key = id(self)
         if key in _busy:  # the Instrumentation's own call: the real one
             result = _originals[role](self, addr, *args, **kwargs)
