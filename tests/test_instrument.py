@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import textwrap
@@ -272,3 +273,61 @@ def test_late_instrumentation_serves_no_wrong_gauge(tmp_path: Path) -> None:
             if app.poll() is None:
                 app.kill()
                 app.wait()
+
+
+HEARTBEAT_APP = textwrap.dedent(
+    """\
+    import sys, time, zmq
+    from prometheus_client import generate_latest
+    router = zmq.Context().socket(zmq.ROUTER)
+    router.bind("tcp://127.0.0.1:*")
+    print(router.last_endpoint.decode(), flush=True)
+    for line in sys.stdin:
+        time.sleep(0.1)
+        text = generate_latest().decode()
+        print([ln for ln in text.splitlines() if ln.startswith("zmq_connections{")][0],
+              flush=True)
+    """
+)
+PEER = (
+    "import sys, time, zmq; d = zmq.Context().socket(zmq.DEALER); d.connect(sys.argv[1]); "
+    "print('up', flush=True); time.sleep(60)"
+)
+
+
+def test_launcher_heartbeat_drops_a_frozen_peer(tmp_path: Path) -> None:
+    """ZMQ_EXPORTER_HEARTBEAT set at creation: a SIGSTOPped peer (its kernel still holds the
+    connection) leaves zmq_connections once the ROUTER's heartbeat times out."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    app = subprocess.Popen(
+        [*LAUNCHER, "--heartbeat", "500ms", sys.executable, "-c", HEARTBEAT_APP],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env,
+    )  # fmt: skip
+    peer = None
+    try:
+        assert app.stdout is not None and app.stdin is not None
+        endpoint = app.stdout.readline().strip()
+        peer = subprocess.Popen(
+            [sys.executable, "-c", PEER, endpoint], stdout=subprocess.PIPE, text=True
+        )
+        assert peer.stdout is not None and peer.stdout.readline().strip() == "up"
+
+        def gauge() -> float:
+            assert app.stdin is not None and app.stdout is not None
+            app.stdin.write("\n")
+            app.stdin.flush()
+            return float(app.stdout.readline().rsplit(" ", 1)[1])
+
+        wait_until(lambda: gauge() == 1, timeout=10, what="the peer connected")
+        os.kill(peer.pid, signal.SIGSTOP)
+        # Timeout 1 s (twice the interval): generous bound for a loaded machine.
+        wait_until(lambda: gauge() == 0, timeout=15, what="the frozen peer dropped")
+        port = int(endpoint.rsplit(":", 1)[1])
+        assert established_in(app.pid, local_port=port) == 0  # the ROUTER closed it
+    finally:
+        if peer is not None:
+            peer.kill()
+            peer.wait()
+        if app.stdin is not None:
+            app.stdin.close()
+        app.wait(15)
