@@ -29,7 +29,8 @@ from exporter.connections.kernel import GoneReason
 from exporter.core import metrics
 from exporter.core.endpoints import EndpointMap
 from exporter.core.events import ERRNO_EVENTS
-from exporter.core.state import SocketState, snapshot_socket
+from exporter.core.state import EngineSnapshot, ReaderStats, SocketState, snapshot_socket
+from exporter.render.prometheus import render_self
 from exporter.render.rows import SOCKET_FAMILIES, socket_rows
 
 from helpers import ROOT, Daemon, http_get, value
@@ -75,20 +76,21 @@ def test_docs_tables_are_the_table() -> None:
         "docs/otlp.md's OTel names table: regenerate it with python -m exporter.core.metrics "
         "--markdown otel"
     )
-    # Every row of every metric table of the docs (the OTLP push's own too) says what the
-    # table says, and every family is in exactly one.
-    table = {f.name: f for f in metrics.DAEMON_FAMILIES}
+    # Every row of every metric table of the docs (the OTLP push's own, /probe's, the
+    # relay's and the message counts' too) says what the table says, and every family is
+    # in exactly one.
+    table = {f.name: f for f in metrics.FAMILIES}
     seen = []
     for rows in (rows for page in DOCS for rows in tables(page.read_text())):
         header = rows[0]
-        if header[:2] != ["metric", "type"]:
+        if not header[0].endswith("metric") or header[1] != "type":
             continue
         for row in rows[1:]:
             cell = row[0].strip("`")
             name, _, braces = cell.partition("{")
             assert name in table, f"docs row {row[0]} is not in the table"
             family = table[name]
-            labels = code_names(row[2]) if header[2] == "extra labels" else (
+            labels = code_names(row[2]) if header[2] in ("extra labels", "labels") else (
                 tuple(re.findall(r"(\w+)=", braces))
             )  # fmt: skip
             assert (row[1], labels) == (family.type, family.labels), row
@@ -302,3 +304,12 @@ def test_table_imports_under_python_O() -> None:
         cwd=ROOT, capture_output=True, text=True, timeout=30, check=True,
     ).stdout  # fmt: skip
     assert out == metrics.markdown("relay")
+
+
+def test_reader_stats_are_self_metrics() -> None:
+    """Every counter the reader keeps is served: the listener sheds and memory trims too."""
+    stats = ReaderStats(listener_sheds=3, memory_trims=2, engine_errors=1)
+    served = {m.name: m.samples[0].value for m in render_self(EngineSnapshot((), stats, True), {})}
+    assert served["zmq_exporter_listener_sheds"] == 3
+    assert served["zmq_exporter_memory_trims"] == 2
+    assert served["zmq_exporter_engine_errors"] == 1

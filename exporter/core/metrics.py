@@ -589,6 +589,24 @@ ENGINE_ERRORS = _self(
     ("zmq_exporter.engine_errors", "{error}"),
     note="Logged once per socket.",
 )
+LISTENER_SHEDS = _self(
+    "zmq_exporter_listener_sheds_total",
+    "counter",
+    "engine",
+    "Times a listener was unbound because an accept failed for want of file descriptors "
+    "or memory; it is bound again once descriptors are free.",
+    ("zmq_exporter.listener_sheds", "{shed}"),
+    note="Library mode cannot shed (the sockets are the application's).",
+)
+MEMORY_TRIMS = _self(
+    "zmq_exporter_memory_trims_total",
+    "counter",
+    "engine",
+    "Times the reader gave freed memory back to the kernel (malloc_trim) after a large "
+    "burst of monitor events.",
+    ("zmq_exporter.memory_trims", "{trim}"),
+    note="At most one every 10 s; glibc only.",
+)
 SOCKETS = _self(
     "zmq_exporter_sockets",
     "gauge",
@@ -748,6 +766,8 @@ ENGINE_FAMILIES: tuple[Family, ...] = (
     MESSAGES_DROPPED,
     ATTACH_FAILURES,
     ENGINE_ERRORS,
+    LISTENER_SHEDS,
+    MEMORY_TRIMS,
     SOCKETS,
 )
 RELOAD_FAMILIES: tuple[Family, ...] = (RELOAD_SUCCESSFUL, RELOAD_SUCCESS_TIME)

@@ -144,6 +144,8 @@ def render_self(snap: EngineSnapshot, build: Mapping[str, str]) -> Iterator[Metr
         (metrics.MESSAGES_DROPPED, stats.messages_dropped),
         (metrics.ATTACH_FAILURES, stats.attach_failures),
         (metrics.ENGINE_ERRORS, stats.engine_errors),
+        (metrics.LISTENER_SHEDS, stats.listener_sheds),
+        (metrics.MEMORY_TRIMS, stats.memory_trims),
         (metrics.SOCKETS, len(snap.sockets)),
     )
     for family, value in pairs:
