@@ -6,6 +6,7 @@ healthy, and scraped."""
 from __future__ import annotations
 
 import fnmatch
+import hashlib
 import importlib.util
 import json
 import os
@@ -507,14 +508,43 @@ def podman_engine(work: Path) -> Engine:
     )
 
 
+def base_cache() -> Path:
+    """Where the debootstrap base image is kept between runs (it is minutes of download
+    and unpacking, and the same for every run): $ZMQ_EXPORTER_TEST_CACHE, else
+    $XDG_CACHE_HOME/zmq-exporter-tests, else ~/.cache/zmq-exporter-tests."""
+    if os.environ.get("ZMQ_EXPORTER_TEST_CACHE"):
+        return Path(os.environ["ZMQ_EXPORTER_TEST_CACHE"])
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg) / "zmq-exporter-tests"
+
+
+def base_archive(mirror: str) -> Path:
+    """The cached base's file, named by everything it is made of: the suite and variant,
+    the mirror, the Containerfile that adds python3, and the CA bundle copied in. Any change
+    of these makes a new name, so a stale base is never used; delete the directory to
+    take Debian's updates."""
+    key = hashlib.sha256()
+    for part in ("bookworm", "minbase", mirror, BASE_CONTAINERFILE):
+        key.update(part.encode() + b"\0")
+    key.update(Path("/etc/ssl/certs/ca-certificates.crt").read_bytes())
+    return base_cache() / f"debian-bookworm-python3-{key.hexdigest()[:16]}.tar"
+
+
 def podman_with_debootstrap_base(work: Path) -> Engine:
     engine = podman_engine(work)
     tool("runc")  # the runtime `run` is given
+    engine.base_image = "localhost/zmq-exporter-test/python:3.11-bookworm"
+    mirror = debian_mirror()
+    archive = base_archive(mirror)
+    started = time.monotonic()
+    if archive.is_file():
+        engine("load", "-i", str(archive), timeout=600)
+        print(f"\n[image] debootstrap base from {archive}: {time.monotonic() - started:.0f} s")
+        return engine
     debootstrap = tool("debootstrap")
     rootfs = work / "rootfs"
-    started = time.monotonic()
     done = subprocess.run(
-        [debootstrap, "--variant=minbase", "bookworm", str(rootfs), debian_mirror()],
+        [debootstrap, "--variant=minbase", "bookworm", str(rootfs), mirror],
         capture_output=True,
         text=True,
         timeout=600,
@@ -536,9 +566,13 @@ def podman_with_debootstrap_base(work: Path) -> Engine:
     context.mkdir()
     shutil.copy("/etc/ssl/certs/ca-certificates.crt", context / "ca-certificates.crt")
     (context / "Containerfile").write_text(BASE_CONTAINERFILE.format(debian=debian))
-    engine.base_image = "localhost/zmq-exporter-test/python:3.11-bookworm"
     engine("build", *engine.build_flags, "-t", engine.base_image, str(context), timeout=600)
     print(f"\n[image] debootstrap base with python3: {time.monotonic() - started:.0f} s")
+    # Kept for the next run: written aside, then renamed (a run cut short leaves no half).
+    archive.parent.mkdir(parents=True, exist_ok=True)
+    partial = archive.with_name(f"{archive.name}.{os.getpid()}.partial")
+    engine("save", "--format", "docker-archive", "-o", str(partial), engine.base_image, timeout=600)
+    partial.rename(archive)
     return engine
 
 
