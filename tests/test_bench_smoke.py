@@ -57,7 +57,10 @@ def test_bench_smoke_produces_every_measure(tmp_path: Path) -> None:
     assert conn["connection_series"] == 12 and conn["sample_duration_s"] > 0, conn
     scale = doc["relay_scale_scrape_cost"]  # every relayed socket reached the sidecar
     assert scale["relayed_sockets"] == 200 and scale["owned_sockets"] == 20, scale
-    assert scale["relayed_us_per_socket"] > 0 and scale["owned_us_per_socket"] > 0, scale
+    # Costs are differences of medians against a base daemon: at smoke size (20 owned
+    # sockets) a loaded machine's noise can exceed them, and the bench reports them floored
+    # at 0 (a ratio that then means nothing), never crashing; its size measures them.
+    assert scale["relayed_us_per_socket"] >= 0 and scale["owned_us_per_socket"] >= 0, scale
     assert doc["relay_scale_rss_per_socket"]["messages"] == 10 * (1 + 20 + 20), doc
     counted = doc["message_counting_overhead"]  # every counted window's messages counted
     assert counted["counted"] == 4 * (2_000 + 200), counted
