@@ -9,7 +9,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from helpers import ROOT
+
+# Slow (the whole bench at smoke size: ~40 s, loaded 2 cores): `tests/run --quick` leaves it out.
+pytestmark = pytest.mark.slow
 
 MEASURES = (
     "pipeline_vs_raw",

@@ -22,6 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -30,6 +31,9 @@ from exporter.config.yamlnodes import load_with_lines
 
 from helpers import ROOT, Daemon
 from testkit import free_port
+
+# Slow (fuzzing: ~18 s, loaded 2 cores): `tests/run --quick` leaves it out.
+pytestmark = pytest.mark.slow
 
 MEMORY_LIMIT = 1024**3  # per worker: a billion laughs that got through would hit this
 EXAMPLE_TIMEOUT = 10.0  # seconds per example in the worker

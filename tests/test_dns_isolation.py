@@ -175,6 +175,7 @@ def _check(result: dict[str, object], exit_seconds: float, log: str) -> None:
     print(f"worst accept latency {worst * 1000:.1f} ms, SIGTERM exit {exit_seconds:.2f} s")
 
 
+@pytest.mark.slow  # a network namespace and a daemon in it: ~7 s
 def test_dead_dns_connect_does_not_stall_other_sockets(dead_dns_netns: str) -> None:
     result, exit_seconds, log = _run_daemon_and_probe(
         dead_dns_netns,
@@ -187,6 +188,7 @@ def test_dead_dns_connect_does_not_stall_other_sockets(dead_dns_netns: str) -> N
     _check(result, exit_seconds, log)
 
 
+@pytest.mark.slow  # a network namespace and a daemon in it: ~7 s
 def test_dead_dns_bind_does_not_stall_other_sockets(dead_dns_netns: str) -> None:
     result, exit_seconds, log = _run_daemon_and_probe(
         dead_dns_netns,

@@ -40,6 +40,9 @@ from helpers import (
     value,
 )
 
+# Slow (network namespaces and link faults, as root: ~7 s): `tests/run --quick` leaves it out.
+pytestmark = pytest.mark.slow
+
 D_ADDR, P_ADDR = "10.99.7.1", "10.99.7.2"
 HEARTBEAT_IVL = 0.2
 HEARTBEAT_TIMEOUT = 1.0

@@ -19,6 +19,8 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
+
 from exporter.logs import FLUSH_TIMEOUT, QUEUE_SIZE
 
 from helpers import ROOT, http_get, parse_metrics, value
@@ -108,6 +110,7 @@ def web_up(web: int, proc: subprocess.Popen[bytes]) -> bool:
         return False
 
 
+@pytest.mark.slow  # events and a churn while stderr stays blocked: ~18 s
 def test_stuck_stderr_keeps_counting_events_and_counts_dropped_lines(tmp_path: Path) -> None:
     target, web = free_port(), free_port()
     out = StuckStderr()

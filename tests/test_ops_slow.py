@@ -11,10 +11,14 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 import zmq
 
 from helpers import Daemon, http_get, value
 from testkit import free_port, wait_until
+
+# Slow (waits out the header deadline: ~12 s, loaded 2 cores): `tests/run --quick` leaves it out.
+pytestmark = pytest.mark.slow
 
 HEADER_TIMEOUT = 10.0  # exporter.web.server.HEADER_TIMEOUT
 

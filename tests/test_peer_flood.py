@@ -19,6 +19,7 @@ import time
 import urllib.request
 from pathlib import Path
 
+import pytest
 import zmq
 
 from exporter.config import parse_config
@@ -27,6 +28,9 @@ from exporter.monitor.reader import TRIM_BURST
 
 from helpers import ROOT, Samples, parse_metrics, total, value
 from testkit import LoadGen, established, free_port, wait_until
+
+# Slow (a flood of peer processes: ~20 s, loaded 2 cores): `tests/run --quick` leaves it out.
+pytestmark = pytest.mark.slow
 
 NOFILE = 256
 SOCKETS = 30

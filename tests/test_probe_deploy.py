@@ -101,6 +101,7 @@ def tmp() -> Iterator[Path]:
     subprocess.run(["rm", "-rf", str(path)], check=False)
 
 
+@pytest.mark.slow  # a real Prometheus scraping /probe: ~12 s
 def test_real_prometheus_probes_through_relabelling(tmp: Path) -> None:
     """prometheus-probe.yml and probe-alerts.yml as shipped, with the targets, the
     exporter's address, the intervals and the alert's `for` made short."""

@@ -11,7 +11,12 @@ import textwrap
 import time
 from pathlib import Path
 
+import pytest
+
 from helpers import ROOT, Daemon, Samples, total, value, wait_until
+
+# Slow (50 sender processes: ~17 s, loaded 2 cores): `tests/run --quick` leaves it out.
+pytestmark = pytest.mark.slow
 
 PROCESSES = 50
 SOCKETS = 20

@@ -47,6 +47,9 @@ from helpers import (
     write_atomic,
 )
 
+# Slow (hundreds of reloads under churn: ~18 s, loaded 2 cores): `tests/run --quick` leaves it out.
+pytestmark = pytest.mark.slow
+
 SIGHUPS = 200
 POSTS = 200
 POST_THREADS = 6

@@ -12,6 +12,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 
+import pytest
 import zmq
 
 from exporter.config import parse_config
@@ -20,6 +21,9 @@ from exporter.monitor.engine import Engine
 
 from helpers import Daemon, value
 from testkit import LoadGen, free_port, wait_until
+
+# Slow (storms of events: ~15 s, loaded 2 cores): `tests/run --quick` leaves it out.
+pytestmark = pytest.mark.slow
 
 STORM = 20_000
 # A deep listen backlog, as a busy ROUTER should have: with libzmq's default of 100, a

@@ -175,6 +175,7 @@ def p99(samples: list[float]) -> float:
     return ordered[min(len(ordered) - 1, math.ceil(0.99 * len(ordered)) - 1)]
 
 
+@pytest.mark.slow  # 1,200 attacking connections for 10 s of probes
 def test_idle_and_slowloris_do_not_lock_out_probes(many_fds: None) -> None:
     with Daemon(CONFIG.format(port=free_port())) as daemon:
         assert daemon.proc is not None
