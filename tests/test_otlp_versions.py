@@ -25,6 +25,9 @@ import pytest
 
 from helpers import ROOT
 
+# Installs from the package index (~30 s): CI runs it, the quick lane does not.
+pytestmark = pytest.mark.slow
+
 OLDEST_API = "1.12.0"  # pyproject.toml: opentelemetry-api>=1.12
 OLDEST_PROTO = "1.20.0"  # pyproject.toml: the otlp extra's opentelemetry-proto>=1.20
 
