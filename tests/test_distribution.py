@@ -27,6 +27,7 @@ import socket
 import subprocess
 import sys
 import tarfile
+import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -436,3 +437,149 @@ def test_units_are_documented() -> None:
     text = (ROOT / "deploy" / "README.md").read_text()
     for needle in ("systemd/zmq-exporter.service", "systemd/zmq-exporter.socket", "docker"):
         assert needle in text, needle
+
+
+# ---- the units under a real systemd (PID 1 of a podman container)
+
+# procps: /bin/kill, which ExecReload runs (in every standard Debian install, not in minbase)
+SYSTEMD_PACKAGES = "systemd,systemd-sysv,procps,python3,python3-venv"
+
+
+def systemd_rootfs(work: Path) -> Path:
+    """Debian bookworm minbase with systemd and python3 (debootstrap from the machine's apt
+    mirror), kept as a tar between runs in the image tests' cache, named by its inputs."""
+    from test_deploy_docker import base_cache, debian_mirror
+
+    mirror = debian_mirror()
+    key = hashlib.sha256(f"bookworm\0minbase\0{SYSTEMD_PACKAGES}\0{mirror}".encode())
+    archive = base_cache() / f"debian-bookworm-systemd-{key.hexdigest()[:16]}.tar"
+    rootfs = work / "rootfs"
+    if not archive.is_file():
+        debootstrap = shutil.which("debootstrap")
+        if debootstrap is None:
+            missing_tool("debootstrap")
+            raise AssertionError("unreachable")  # missing_tool skips or fails
+        fresh = work / "fresh"
+        run(
+            [
+                debootstrap,
+                "--variant=minbase",
+                f"--include={SYSTEMD_PACKAGES}",
+                "bookworm",
+                fresh,
+                mirror,
+            ],
+            timeout=900,
+        )
+        archive.parent.mkdir(parents=True, exist_ok=True)
+        partial = archive.with_name(f"{archive.name}.{os.getpid()}.partial")
+        run(["tar", "-C", fresh, "-cf", partial, "."], timeout=300)
+        partial.rename(archive)  # a run cut short leaves no half archive
+        shutil.rmtree(fresh)
+    rootfs.mkdir()
+    run(["tar", "-C", rootfs, "-xf", archive], timeout=300)
+    return rootfs
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_units_run_under_a_real_systemd(dists: Dists, venv: Path, tmp_path: Path) -> None:
+    """The units as shipped, in a container whose PID 1 is systemd 252 (podman as root,
+    --privileged: the service's sandboxing needs mount namespaces, without it systemd fails
+    the start with 226/NAMESPACE), no network but its own loopback: the socket listens, the
+    first connection starts the service, which serves the config at /etc/zmq-exporter/ as a
+    dynamic user with no capabilities, NoNewPrivileges, a seccomp filter, a read-only /etc
+    and /opt and a writable /run/zmq-exporter; `systemctl reload` reloads, `stop` exits 0."""
+    podman = shutil.which("podman")
+    if os.geteuid() != 0 or podman is None or shutil.which("runc") is None:
+        missing_tool("root with podman and runc (tests/system-packages.txt)")
+        return
+    rootfs = systemd_rootfs(tmp_path)
+    short: Path | None = None
+    try:
+        wheels = rootfs / "wheels"
+        run([venv / "bin" / "pip", "download", "--quiet", "--dest", wheels, dists.wheel])
+        clean = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
+        run(["chroot", rootfs, "python3", "-m", "venv", "/opt/zmq-exporter"], env=clean)
+        pip: list[str | Path] = ["chroot", rootfs, "/opt/zmq-exporter/bin/pip", "install"]
+        pip += ["--quiet", "--no-index"]
+        run([*pip, "--find-links", "/wheels", "zmq-exporter"], env=clean)
+        config = rootfs / "etc" / "zmq-exporter" / "config.yml"
+        config.parent.mkdir()
+        shutil.copy(ROOT / "config" / "zmq-exporter.yml", config)
+        config.chmod(0o644)
+        for unit_file in UNITS.glob("zmq-exporter.*"):
+            shutil.copy(unit_file, rootfs / "etc" / "systemd" / "system")
+        run(["chroot", rootfs, "systemctl", "enable", "zmq-exporter.socket"], env=clean)
+
+        # podman refuses a runroot path longer than 50 characters: a short temp dir.
+        short = Path(tempfile.mkdtemp(prefix="zx-systemd-"))
+        engine: list[str | Path] = [podman, "--root", short / "storage"]
+        engine += ["--runroot", short / "run", "--storage-driver", "vfs"]
+        name = f"zmq-exporter-systemd-{os.getpid()}"
+        start: list[str | Path] = ["run", "-d", "--name", name, "--privileged"]
+        start += ["--systemd=always", "--network", "none", "--runtime", "runc"]
+        start += ["--ulimit", "nofile=4096:4096", "--ulimit", "nproc=4096:4096"]
+        run([*engine, *start, "--rootfs", rootfs, "/sbin/init"], timeout=120)
+        try:
+
+            def inside(*argv: str, timeout: float = 60) -> str:
+                return run([*engine, "exec", name, *argv], timeout=timeout)
+
+            scrape = (
+                "import urllib.request; print(urllib.request.urlopen("
+                "'http://127.0.0.1:19555/metrics', timeout=5).read().decode())"
+            )
+
+            def metrics() -> str:
+                done = subprocess.run(
+                    [*map(str, engine), "exec", name, "python3", "-c", scrape],
+                    capture_output=True,
+                    text=True,
+                    timeout=60,
+                )
+                # The web server answers before the sockets exist: wait for all three.
+                if done.returncode or not all(
+                    f'socket="{n}"' in done.stdout for n in DEFAULT_SOCKETS
+                ):
+                    return ""
+                return done.stdout
+
+            wait_until(metrics, timeout=120, interval=1, what="systemd's socket and the sockets")
+            pid = inside("systemctl", "show", "-p", "MainPID", "--value", "zmq-exporter").strip()
+            assert pid not in ("", "0"), pid
+            status = dict(
+                line.split(":", 1) for line in inside("cat", f"/proc/{pid}/status").splitlines()
+            )
+            uid = int(status["Uid"].split()[0])
+            assert 61184 <= uid <= 65519, status["Uid"]  # systemd's DynamicUser range
+            assert status["NoNewPrivs"].strip() == "1"
+            assert status["Seccomp"].strip() == "2"
+            assert int(status["CapEff"], 16) == 0 and int(status["CapBnd"], 16) == 0
+            owner = inside("stat", "-c", "%u %a", "/run/zmq-exporter").split()
+            assert owner == [str(uid), "755"], owner
+            # In the service's own mount namespace: only /run/zmq-exporter is writable.
+            probe = "for d in /etc /opt /var /run/zmq-exporter; do touch $d/w 2>/dev/null "
+            probe += "&& echo $d; done"
+            writable = inside("nsenter", "-t", pid, "-m", "sh", "-c", probe).split()
+            assert writable == ["/run/zmq-exporter"], writable
+            inside("systemctl", "reload", "zmq-exporter")
+            wait_until(
+                lambda: "config reloaded" in inside("journalctl", "-u", "zmq-exporter"),
+                timeout=30,
+                what="the reload in the journal",
+            )
+            inside("systemctl", "stop", "zmq-exporter.service")
+            shown = inside(
+                "systemctl", "show", "-p", "Result", "-p", "ExecMainStatus", "zmq-exporter"
+            )
+            assert "Result=success" in shown and "ExecMainStatus=0" in shown, shown
+            journal = inside("journalctl", "-u", "zmq-exporter")
+            assert "Traceback" not in journal, journal
+        finally:
+            subprocess.run([*map(str, engine), "rm", "-f", "-t", "10", name], timeout=120)
+            subprocess.run([*map(str, engine), "system", "reset", "-f"], timeout=120)
+    finally:
+        shutil.rmtree(rootfs, ignore_errors=True)
+        if short is not None:
+            shutil.rmtree(short, ignore_errors=True)
