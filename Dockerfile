@@ -45,8 +45,9 @@ COPY config/zmq-exporter.yml /etc/zmq-exporter/config.yml
 USER 10001:10001
 EXPOSE 19555
 # Python, not curl (the slim image has no curl). It reads the daemon's arguments from
-# /proc/1/cmdline, so it follows --web.listen-address and TLS from --web.config.file; with
-# basic auth on, 401 counts as answering (deploy/healthcheck.py).
+# /proc/1/cmdline and checks every --web.listen-address, or with --web.systemd-socket every
+# socket passed, with TLS from --web.config.file; with basic auth on, 401 counts as
+# answering (deploy/healthcheck.py).
 COPY deploy/healthcheck.py /usr/local/lib/zmq-exporter/healthcheck.py
 HEALTHCHECK --interval=30s --timeout=5s --start-period=10s --retries=3 \
     CMD ["python", "/usr/local/lib/zmq-exporter/healthcheck.py"]

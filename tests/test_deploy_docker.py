@@ -723,6 +723,11 @@ def test_image_default_config_is_the_readmes_and_carries_no_pip(engine: Engine, 
             "pip": importlib.util.find_spec("pip") is not None,
             "setuptools": importlib.util.find_spec("setuptools") is not None,
             "check": [check.returncode, check.stdout + check.stderr],
+            "licenses": [
+                open(os.path.join(d, "LICENSE"), "rb").read().hex()
+                for d, _, files in os.walk("/opt/venv")
+                if d.endswith("/licenses") and "zmq_exporter-" in d and "LICENSE" in files
+            ],
             "venv_bytes": sum(
                 os.lstat(os.path.join(d, f)).st_size
                 for d, _, files in os.walk("/opt/venv") for f in files
@@ -736,4 +741,6 @@ def test_image_default_config_is_the_readmes_and_carries_no_pip(engine: Engine, 
     assert (facts["uid"], facts["gid"]) == (UID, UID)
     assert not facts["pip"] and not facts["setuptools"], facts  # left in the builder
     assert facts["check"][0] == 0, facts["check"]
+    # The package's LICENSE is in the image (its dist-info, from pyproject's license-files).
+    assert [bytes.fromhex(h) for h in facts["licenses"]] == [(ROOT / "LICENSE").read_bytes()]
     print(f"\n[image] /opt/venv: {facts['venv_bytes'] / 1e6:.0f} MB")
