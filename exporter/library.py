@@ -436,7 +436,11 @@ def instrument(
             raise
         handle = Instrumentation(name, socket, pair, state, registry, meter_provider)
         if messages if messages is not None else message_counting.enabled_by_env():
-            handle.message_counts = message_counting.count(socket)
+            try:
+                handle.message_counts = message_counting.count(socket)
+            except Exception as err:  # e.g. a class that refuses subclasses
+                # Never fail the application's instrument() for the counting.
+                log.warning("cannot count the messages of %r: %s", name, err)
         process.handles[name] = handle
         handle.relay = relay
         if late is not None:

@@ -268,7 +268,8 @@ def counts(sock: zmq.Socket[Any]) -> MessageCounts | None:
 
 def count(sock: zmq.Socket[Any]) -> MessageCounts:
     """Count `sock`'s messages from now on (from the socket's thread); its counts if it
-    is counted already."""
+    is counted already. If its class cannot be subclassed (or its objects cannot change
+    class), that error, the socket untouched."""
     existing = counts(sock)
     if existing is not None:
         return existing
@@ -277,7 +278,11 @@ def count(sock: zmq.Socket[Any]) -> MessageCounts:
     if isinstance(shadow, zmq.Socket) and shadow is not sock:
         # zmq.asyncio (and other _AsyncSocket flavours): the shadow does the I/O.
         shadow.__class__ = _sync_class(type(shadow), c, waits=False)
-        sock.__class__ = _async_class(type(sock), c)
+        try:
+            sock.__class__ = _async_class(type(sock), c)
+        except BaseException:
+            uncount(shadow)
+            raise
     else:
         sock.__class__ = _sync_class(type(sock), c, waits=True)
     return c

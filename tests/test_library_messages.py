@@ -621,3 +621,26 @@ def test_docs_messages_table_is_generated() -> None:
     from helpers import ROOT
 
     assert metrics.markdown("messages") in (ROOT / "docs" / "messages.md").read_text()
+
+
+def test_a_class_that_cannot_be_swapped_is_left_alone(
+    pair: tuple[Sock, Sock], registry: CollectorRegistry
+) -> None:
+    """A socket whose class refuses to be subclassed (a "final" class) is instrumented
+    without message counts, untouched, with a warning; never an error."""
+
+    class Final(zmq.Socket[bytes]):
+        def __init_subclass__(cls, **kwargs: Any) -> None:
+            raise TypeError(f"{cls.__name__}: Final may not be subclassed")
+
+    mine, _ = pair
+    odd = Final(mine.context, zmq.PAIR)
+    try:
+        with pytest.raises(TypeError):
+            message_counting.count(odd)
+        assert type(odd) is Final
+        handle = exporter.instrument(odd, "odd", registry=registry, messages=True)
+        assert handle.message_counts is None and type(odd) is Final
+        handle.close()
+    finally:
+        odd.close(linger=0)
