@@ -24,7 +24,7 @@ from exporter.relay.wire import (
     encode_socket,
 )
 
-from helpers import ROOT, Daemon, value, wait_until
+from helpers import ROOT, Daemon, total, value, wait_until
 
 LIMITS = RelayLimits()
 COUNTS = (12, 3, 4096, 77, 2, 0.125)  # MessageCounts.values() order
@@ -201,3 +201,72 @@ def test_sidecar_totals_equal_the_senders_across_a_sidecar_restart(tmp_path: Pat
             first.stop()
         if second is not None:
             second.stop()
+
+
+UNMODIFIED = textwrap.dedent(
+    """\
+    import os, sys, zmq
+    ctx = zmq.Context()
+    pull = ctx.socket(zmq.PULL)
+    pull.bind("tcp://127.0.0.1:*")
+    push = ctx.socket(zmq.PUSH)
+    push.connect(pull.last_endpoint.decode())
+    sent = nbytes = 0
+    for i in range(500):
+        if i % 5 == 0:
+            push.send_multipart([b"k", b"v" * i])
+            nbytes += 1 + i
+        else:
+            push.send_string("m" * i)
+            nbytes += i
+        pull.recv_multipart()
+        sent += 1
+    print(os.getpid(), sent, nbytes, type(push).__name__, flush=True)
+    sys.stdin.readline()
+    """
+)
+
+
+def test_launcher_counts_an_unmodified_program(tmp_path: Path) -> None:
+    """ZMQ_EXPORTER_MESSAGES=1 under zmq-exporter-instrument: the sockets an unmodified
+    program creates are counted, and the sidecar's totals are the program's own."""
+    relay = f"ipc://{tmp_path}/relay.sock"
+    script = tmp_path / "unmodified.py"
+    script.write_text(UNMODIFIED)
+    with Daemon(_relay_config(relay)) as daemon:
+        app = subprocess.Popen(
+            [sys.executable, "-m", "exporter.instrument.launcher", "--relay", relay,
+             sys.executable, str(script)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd=tmp_path,
+            env={**os.environ, "PYTHONPATH": str(ROOT), "ZMQ_EXPORTER_MESSAGES": "1"},
+        )  # fmt: skip
+        try:
+            assert app.stdout is not None and app.stdin is not None
+            pid, sent, nbytes, class_name = app.stdout.readline().split()
+            assert class_name == "Socket"  # the application sees its own class name
+            process = f"{os.uname().nodename}/{pid}"
+
+            def relayed() -> tuple[float, ...]:
+                s = daemon.scrape()
+                return tuple(
+                    total(s, name, process=process)
+                    for name in (
+                        "zmq_messages_sent_total",
+                        "zmq_messages_received_total",
+                        "zmq_message_bytes_sent_total",
+                        "zmq_message_bytes_received_total",
+                    )
+                )
+
+            want = (int(sent), int(sent), int(nbytes), int(nbytes))
+            wait_until(lambda: relayed() == want, timeout=20, what=f"relayed == {want}")
+            app.stdin.write("\n")
+            app.stdin.flush()
+            assert app.wait(20) == 0
+        finally:
+            if app.poll() is None:
+                app.kill()
+                app.wait()
