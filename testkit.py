@@ -116,10 +116,15 @@ class LoadGen:
         window: float = 0.0,
         start_at: float | None = None,
         cpus: set[int] | None = None,
+        connect_timeout: float = 1.0,
     ) -> None:
+        """`connect_timeout`: a connect not done by then counts as failed. 1 s is short
+        enough that a stalled listener shows as failures; a test that needs every connect
+        of a burst to complete on a loaded machine (a SYN dropped and retransmitted after
+        1 s) gives more."""
         ports = ",".join(str(p) for p in (port if isinstance(port, list) else [port]))
         args = [sys.executable, str(LOADGEN), "--port", ports, "--count", str(count)]
-        args += ["--deadline", str(deadline), "--connect-timeout", "1"]
+        args += ["--deadline", str(deadline), "--connect-timeout", str(connect_timeout)]
         args += ["--rate", str(rate), "--window", str(window)]
         if start_at is not None:
             args += ["--start-at", str(start_at)]

@@ -21,7 +21,7 @@ import pytest
 import zmq
 import zmq.asyncio
 from prometheus_client import CollectorRegistry, generate_latest
-from test_storm import STORM, PingPong
+from test_storm import STORM, STORM_CONNECT, PingPong
 
 import exporter
 from exporter import library
@@ -151,7 +151,8 @@ def test_storm_never_stalls_the_application_and_counts_exactly(
     ctx: Ctx, registry: CollectorRegistry
 ) -> None:
     """20,000 connects against an instrumented ROUTER while the application's own
-    ping-pong in the same context never misses 200 ms; counts equal the load's tally."""
+    ping-pong in the same context never misses its deadline (test_storm.PingPong); counts equal
+    the load's tally."""
     port = free_port()
     router = ctx.socket(zmq.ROUTER)
     router.setsockopt(zmq.LINGER, 0)
@@ -174,7 +175,7 @@ def test_storm_never_stalls_the_application_and_counts_exactly(
     pinger.start()
     try:
         wait_until(lambda: len(ping.rtts) >= 5, what="ping-pong running")
-        tally = LoadGen(port, STORM, deadline=120).tally()
+        tally = LoadGen(port, STORM, deadline=120, connect_timeout=STORM_CONNECT).tally()
         ping.stop.set()
         pinger.join(10)
         endpoint = f"tcp://127.0.0.1:{port}"
@@ -188,7 +189,7 @@ def test_storm_never_stalls_the_application_and_counts_exactly(
         assert value(m, "zmq_disconnected_total", endpoint=endpoint) == STORM
         wait_until(lambda: established(port) == 0, what="kernel: all closed")
         assert value(m, "zmq_connections", endpoint=endpoint) == 0
-        assert ping.misses == 0, f"{ping.misses} pings missed 200 ms; max {max(ping.rtts)}"
+        assert ping.misses == 0, (ping.misses, ping.deadline, max(ping.rtts))
         assert len(ping.rtts) >= 20
         print(
             f"storm {tally}, pings {len(ping.rtts)}, max rtt {max(ping.rtts) * 1e3:.1f} ms, "

@@ -2,7 +2,7 @@
 
 The load generator keeps its own tally; the exporter's counters must equal it exactly, every
 connection must complete, and - with the monitoring in-process - a ping-pong over TCP through
-another socket of the same context must never miss a 200 ms deadline. A control run with
+another socket of the same context must never miss a 1 s deadline. A control run with
 libzmq's default monitor wiring (unread, default HWM) shows that this test can fail.
 """
 
@@ -26,6 +26,9 @@ from testkit import LoadGen, free_port, wait_until
 pytestmark = pytest.mark.slow
 
 STORM = 20_000
+# Every connect of the storm must complete: on a loaded machine one may take a SYN
+# retransmission (1 s, then 3 s); a stall of the listener shows in the counts and pings.
+STORM_CONNECT = 10.0
 # A deep listen backlog, as a busy ROUTER should have: with libzmq's default of 100, a
 # moment of CPU contention fills the accept queue and the kernel drops SYNs (the client
 # retransmits after 1 s) - a property of the listener, not of monitoring.
@@ -42,7 +45,7 @@ def test_daemon_counts_a_20k_storm_exactly() -> None:
     port = free_port()
     config = STORM_CONFIG.format(port=port)
     with Daemon(config) as daemon:
-        tally = LoadGen(port, STORM, deadline=120).tally()
+        tally = LoadGen(port, STORM, deadline=120, connect_timeout=STORM_CONNECT).tally()
         assert tally.completed == STORM, tally
 
         def settled() -> bool:
@@ -64,7 +67,10 @@ class PingPong:
     """DEALER -> ROUTER echo over TCP loopback in `ctx`; records every round trip."""
 
     ctx: zmq.Context[zmq.Socket[bytes]]
-    deadline: float = 0.2
+    # A round trip later than this is a miss. A stalled context misses for as long as it
+    # stalls (seconds: the control test below); a loaded 2-core machine can hold a thread
+    # back a few hundred ms (3 misses of 200 ms in 1 of 6 runs beside two CPU hogs).
+    deadline: float = 1.0
     rtts: list[float] = field(default_factory=list)
     misses: int = 0
     stop: threading.Event = field(default_factory=threading.Event)
@@ -124,7 +130,7 @@ def test_in_process_storm_never_stalls_the_context(
         engine.apply(settings).result(10)
         pinger.start()
         wait_until(lambda: len(ping.rtts) >= 5, what="ping-pong running")
-        tally = LoadGen(port, STORM, deadline=120).tally()
+        tally = LoadGen(port, STORM, deadline=120, connect_timeout=STORM_CONNECT).tally()
         ping.stop.set()
         pinger.join(10)
 
@@ -140,7 +146,7 @@ def test_in_process_storm_never_stalls_the_context(
         )
         assert tally.completed == STORM, tally
         assert accepted() == STORM
-        assert ping.misses == 0, f"{ping.misses} pings missed 200 ms; max rtt {max(ping.rtts)}"
+        assert ping.misses == 0, (ping.misses, ping.deadline, max(ping.rtts))
         assert len(ping.rtts) >= 20
         print(
             f"storm {tally}, pings {len(ping.rtts)}, max rtt {max(ping.rtts) * 1000:.1f} ms, "
