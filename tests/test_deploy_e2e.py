@@ -25,6 +25,13 @@ queues can be made to grow here and ZmqSlowConsumer cannot be made to fire for r
 logic is proven by deploy/prometheus/alerts_test.yml. Here each connection rule returns
 nothing at its real threshold and, with only its threshold lowered, one row per endpoint
 the daemon serves, with the labels its annotations use.
+
+The Messages row is fed as deploy/README.md and docs/relay.md mean it to be: an application
+process (APP) counts its own sockets in library mode (`instrument(sock, name,
+messages=True, relay=...)`) and relays them to the daemon, which listens on `relay.listen`
+and serves them with a `process` label. It exchanges MESSAGE_RATE messages a second
+PUSH -> PULL over tcp (bounded in count), and its DEALER `app-stalled` (no peer) makes a
+blocking send time out twice a second, so would-block and blocked time are real too.
 """
 
 from __future__ import annotations
@@ -76,6 +83,59 @@ PEER = textwrap.dedent("""\
     """)
 
 
+APP_PROCESS = "e2e-app"  # the application's relay_id: its series' `process` label
+APP_SOCKETS = {"app-out", "app-in", "app-stalled"}
+MESSAGE_RATE = 50  # messages a second the application sends (and receives)
+MESSAGE_BYTES = 100
+STALL = 0.1  # s: the stalled socket's SNDTIMEO, met twice a second (a blocked share of ~0.2)
+APP = textwrap.dedent(f"""\
+    import json, select, sys, time
+    import zmq
+    import exporter
+    relay = sys.argv[1]
+    ctx = zmq.Context()
+    def counted(kind, name):
+        sock = ctx.socket(kind)
+        sock.setsockopt(zmq.LINGER, 0)
+        handle = exporter.instrument(sock, name, registry=None, relay=relay,
+                                     relay_id="{APP_PROCESS}", messages=True)
+        return sock, handle
+    pull, pull_h = counted(zmq.PULL, "app-in")
+    pull_h.bind("tcp://127.0.0.1:0")
+    port = pull.getsockopt_string(zmq.LAST_ENDPOINT).rsplit(":", 1)[1]
+    push, push_h = counted(zmq.PUSH, "app-out")
+    push_h.connect(f"tcp://127.0.0.1:{{port}}")
+    stalled, stalled_h = counted(zmq.DEALER, "app-stalled")  # no peer: sends wait
+    stalled.setsockopt(zmq.SNDTIMEO, {int(STALL * 1000)})
+    tally = dict(sent=0, received=0, bytes_sent=0, bytes_received=0, would_block=0)
+    body = b"m" * {MESSAGE_BYTES}
+    period = 1 / {MESSAGE_RATE}
+    started = time.monotonic()
+    # Bounded: 10 minutes' worth of messages, or until the test says stop (or closes stdin).
+    while tally["sent"] < {MESSAGE_RATE} * 600:
+        if select.select([sys.stdin], [], [], 0)[0]:
+            break
+        push.send(body)
+        tally["sent"] += 1
+        tally["bytes_sent"] += len(body)
+        tally["bytes_received"] += len(pull.recv())
+        tally["received"] += 1
+        if tally["sent"] % ({MESSAGE_RATE} // 2) == 0:
+            try:
+                stalled.send(b"never")
+            except zmq.Again:
+                tally["would_block"] += 1
+        time.sleep(max(0.0, started + tally["sent"] * period - time.monotonic()))
+    print(json.dumps(tally), flush=True)
+    sys.stdin.read()  # keeps relaying the final state until the test closes stdin
+    for handle in (pull_h, push_h, stalled_h):
+        handle.close()
+    for sock in (pull, push, stalled):
+        sock.close()
+    ctx.term()
+    """)
+
+
 def start_peer(endpoint: str) -> subprocess.Popen[bytes]:
     return subprocess.Popen(
         [sys.executable, "-c", PEER, endpoint],
@@ -96,6 +156,19 @@ def stop_peer(peer: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
     for stream in (peer.stdin, peer.stderr):
         if stream is not None:
             stream.close()
+
+
+def stop_app(app: subprocess.Popen[str]) -> None:
+    """Closing stdin stops APP (after its tally line, if it was still sending)."""
+    try:
+        if app.stdin is not None:
+            app.stdin.close()
+        app.wait(10)
+    except (subprocess.TimeoutExpired, BrokenPipeError):
+        app.kill()
+        app.wait(5)
+    if app.stdout is not None:
+        app.stdout.close()
 
 
 def rewrite_for(rules_text: str) -> str:
@@ -188,6 +261,7 @@ class Stack:
     peers: list[subprocess.Popen[bytes]]
     probe_live: str  # probe targets of the zmq_probe job
     probe_dead: str
+    app: subprocess.Popen[str]  # APP, relaying its counted sockets to the daemon
 
 
 @pytest.fixture(scope="module")
@@ -199,6 +273,7 @@ def stack() -> Iterator[Stack]:
     holder.bind(("127.0.0.1", 0))
     holder.listen(1)
     busy = holder.getsockname()[1]
+    relay = f"ipc://{tmp}/relay.sock"
     storm_ep, quiet_ep = f"tcp://127.0.0.1:{storm}", f"tcp://127.0.0.1:{quiet}"
     peers = [start_peer(storm_ep), start_peer(quiet_ep)]
     config = textwrap.dedent(f"""\
@@ -215,11 +290,19 @@ def stack() -> Iterator[Stack]:
             connect: ['tcp://127.0.0.1:{missing}']
             options: {{reconnect_ivl: 1s, reconnect_ivl_max: 30s}}
           - {{name: busy, type: ROUTER, bind: ['tcp://127.0.0.1:{busy}']}}
+        relay: {{listen: ['{relay}'], ipc_mode: "0600"}}
         """)
     daemon = Daemon(config)
     prom: Prometheus | None = None
+    app: subprocess.Popen[str] | None = None
     try:
         daemon.start()
+        app = subprocess.Popen(
+            [sys.executable, "-c", APP, relay],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
         instance = f"127.0.0.1:{daemon.port}"
         rules = tmp / "alerts.yml"
         rules.write_text(rewrite_for(ALERTS.read_text()))
@@ -235,10 +318,12 @@ def stack() -> Iterator[Stack]:
         probe_job["relabel_configs"][-1]["replacement"] = instance  # the exporter itself
         prom_config["scrape_configs"].append(probe_job)
         prom = Prometheus.start(tmp, prom_config)
-        yield Stack(prom, daemon, instance, storm_ep, quiet_ep, peers, quiet_ep, probe_dead)
+        yield Stack(prom, daemon, instance, storm_ep, quiet_ep, peers, quiet_ep, probe_dead, app)
     finally:
         if prom is not None:
             prom.stop()
+        if app is not None:
+            stop_app(app)
         for peer in peers:
             stop_peer(peer)
         assert daemon.stop() == 0
@@ -279,6 +364,13 @@ def dashboard_queries() -> list[tuple[str, str]]:
     return out
 
 
+def message_panels() -> list[tuple[str, str]]:
+    from exporter.core import metrics
+
+    families = {f.name for f in metrics.MESSAGE_FAMILIES}
+    return [(t, e) for t, e in dashboard_queries() if metric_names(e) & families]
+
+
 def test_every_dashboard_and_rule_expression_evaluates(stack: Stack) -> None:
     prom, instance = stack.prom, stack.instance
     # Enough scrapes for every 10 s rate window, and the rules evaluated a few times.
@@ -294,11 +386,13 @@ def test_every_dashboard_and_rule_expression_evaluates(stack: Stack) -> None:
     # Dashboard variables: label_values(zmq_exporter_build_info, instance) and
     # label_values(zmq_socket_info{instance=~"$instance"}, socket).
     assert {s["metric"]["instance"] for s in prom.query("zmq_exporter_build_info")} == {instance}
+    # The daemon's own sockets, and the application's relayed ones with their `process`.
     sockets = {
-        s["metric"]["socket"]
+        (s["metric"].get("process"), s["metric"]["socket"])
         for s in prom.query(substitute('zmq_socket_info{instance=~"$instance"}', instance))
     }
-    assert sockets == {"backend", "worker", "storm", "quiet", "missing", "busy"}
+    own = {"backend", "worker", "storm", "quiet", "missing", "busy"}
+    assert sockets == {(None, n) for n in own} | {(APP_PROCESS, n) for n in APP_SOCKETS}
     # label_values(probe_success, job) and label_values(probe_success{job=~"$probe_job"},
     # instance): the probe job, and each probed target as its instance.
     assert {s["metric"]["job"] for s in prom.query("probe_success")} == {PROBE_JOB}
@@ -321,6 +415,13 @@ def test_every_dashboard_and_rule_expression_evaluates(stack: Stack) -> None:
             empty.append(title)
     # Only the failure counters this setup never produces may be absent.
     assert set(empty) <= {"Accept / close failures /s", "Unknown monitor events /s"}, empty
+    # The Messages row has data, from the relayed application's sockets only.
+    messages = message_panels()
+    assert len(messages) == 6, messages
+    for title, expr in messages:
+        shown = prom.query(substitute(expr, instance))
+        labels = {(s["metric"].get("process"), s["metric"]["socket"]) for s in shown}
+        assert labels == {(APP_PROCESS, n) for n in APP_SOCKETS}, (title, shown)
 
     # The Probes row says what happened: the dead target fails as connect_refused, the live
     # one has a greeting (NULL, ZMTP 3.1) and a handshake time, the dead one none.
@@ -393,6 +494,100 @@ def test_every_dashboard_and_rule_expression_evaluates(stack: Stack) -> None:
     assert queues and all(float(s["value"][1]) < 1048576 for s in queues), queues
     (age,) = prom.query(f'zmq_exporter_connection_sample_age_seconds{{instance="{instance}"}}')
     assert 0 <= float(age["value"][1]) < 60, age
+
+
+def test_messages_row_matches_the_applications_tally(stack: Stack) -> None:
+    """The Messages row's values against what APP did. While it sends: messages out on
+    app-out and in on app-in at about MESSAGE_RATE, exactly MESSAGE_BYTES per message in
+    the bytes panel, would-block on app-stalled only, each costing about STALL of blocked
+    time (a blocked share well below ZmqSendBlockedMostOfTheTime's 0.5). Stopped: the
+    daemon's relayed totals, and Prometheus's latest samples, equal the app's own tally."""
+    from exporter.core import metrics
+
+    prom, instance, app = stack.prom, stack.instance, stack.app
+    panels: dict[str, str] = {}
+    for _, expr in message_panels():
+        (family,) = metric_names(expr)
+        panels[family] = expr
+
+    def per_socket(family: str, at: float | None = None) -> dict[str, float]:
+        """The panel's values, at one evaluation time `at` (default: now)."""
+        when = {} if at is None else {"time": f"{at:.3f}"}
+        data = prom.api("/api/v1/query", query=substitute(panels[family], instance), **when)
+        rows = data["result"]
+        assert {s["metric"].get("process") for s in rows} <= {APP_PROCESS}, rows
+        return {s["metric"]["socket"]: float(s["value"][1]) for s in rows}
+
+    # The rate window (RATE_INTERVAL, 10 s) full of sending: this test may run alone on a
+    # young stack, where a rate over a series younger than its window is too low. 13 samples
+    # in 15 s at the 1 s scrape span more than the window.
+    out = f'{metrics.MESSAGES_SENT.name}{{process="{APP_PROCESS}",socket="app-out"}}'
+    wait_until(
+        lambda: prom.query(f"count_over_time({out}[15s]) >= 13"),
+        timeout=60,
+        interval=0.5,
+        what="app-out's count over a whole rate window in Prometheus",
+    )
+    at = time.time()  # every panel at the same instant: the same samples in each window
+    sent = per_socket(metrics.MESSAGES_SENT.name, at)
+    received = per_socket(metrics.MESSAGES_RECEIVED.name, at)
+    bytes_out = per_socket(metrics.MESSAGE_BYTES_SENT.name, at)
+    bytes_in = per_socket(metrics.MESSAGE_BYTES_RECEIVED.name, at)
+    would_block = per_socket(metrics.SEND_WOULD_BLOCK.name, at)
+    blocked = per_socket(metrics.SEND_BLOCKED.name, at)
+    print(
+        f"\nMessages row: sent {sent}, received {received}, bytes out {bytes_out}, in "
+        f"{bytes_in}, would block {would_block}, blocked share {blocked} "
+        f"(app: {MESSAGE_RATE}/s of {MESSAGE_BYTES} B, a {STALL} s stall twice a second)"
+    )
+    assert MESSAGE_RATE / 3 < sent["app-out"] < MESSAGE_RATE * 1.5, sent
+    assert MESSAGE_RATE / 3 < received["app-in"] < MESSAGE_RATE * 1.5, received
+    assert sent["app-in"] == sent["app-stalled"] == received["app-out"] == 0, (sent, received)
+    # Same counters' samples, same window: the ratio is exact.
+    assert bytes_out["app-out"] == pytest.approx(sent["app-out"] * MESSAGE_BYTES), bytes_out
+    assert bytes_in["app-in"] == pytest.approx(received["app-in"] * MESSAGE_BYTES), bytes_in
+    assert would_block["app-out"] == would_block["app-in"] == 0, would_block
+    assert 0 < would_block["app-stalled"] <= 4, would_block
+    assert blocked["app-out"] == blocked["app-in"] == 0, blocked
+    per_stall = blocked["app-stalled"] / would_block["app-stalled"]
+    assert STALL * 0.9 <= per_stall < STALL * 5, (blocked, would_block)
+    assert 0 < blocked["app-stalled"] < 0.5, blocked
+
+    # Stopped, the app prints its tally; the relay then brings the totals to it exactly.
+    assert app.stdin is not None and app.stdout is not None
+    app.stdin.write("stop\n")
+    app.stdin.flush()
+    line = app.stdout.readline()
+    assert line, f"the app exited {app.poll()}"
+    tally = json.loads(line)
+    assert tally["sent"] > 0 and tally["would_block"] > 0, tally
+    expected = {
+        (metrics.MESSAGES_SENT.name, "app-out"): tally["sent"],
+        (metrics.MESSAGES_RECEIVED.name, "app-in"): tally["received"],
+        (metrics.MESSAGE_BYTES_SENT.name, "app-out"): tally["bytes_sent"],
+        (metrics.MESSAGE_BYTES_RECEIVED.name, "app-in"): tally["bytes_received"],
+        (metrics.SEND_WOULD_BLOCK.name, "app-stalled"): tally["would_block"],
+    }
+
+    def relayed() -> dict[tuple[str, str], float | None]:
+        samples = stack.daemon.scrape()
+        return {
+            (name, sock): value(samples, name, process=APP_PROCESS, socket=sock)
+            for name, sock in expected
+        }
+
+    wait_until(lambda: relayed() == expected, timeout=15, what=f"relayed totals == {tally}")
+
+    def scraped() -> dict[tuple[str, str], float | None]:
+        got: dict[tuple[str, str], float | None] = {}
+        for name, sock in expected:
+            rows = prom.query(
+                f'{name}{{instance="{instance}",process="{APP_PROCESS}",socket="{sock}"}}'
+            )
+            got[name, sock] = float(rows[0]["value"][1]) if len(rows) == 1 else None
+        return got
+
+    wait_until(lambda: scraped() == expected, timeout=15, what=f"Prometheus totals == {tally}")
 
 
 def test_connection_health_row_shows_the_sampled_connections(stack: Stack) -> None:
