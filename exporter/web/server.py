@@ -30,6 +30,14 @@ At most MAX_CONNECTIONS connections are open, over every listener. A new one is 
 refused for an idle or slow one: at the cap the connection waiting longest without a
 complete request (idle, in its handshake, head or body) is closed, or failing that the
 writer stalled longest; evictions are reported to the handler as too_many_connections.
+
+Out of descriptors (peers flooding a monitored bind take them all until the engine sheds
+that listener), accept() fails with EMFILE; Linux reserves the descriptor before it looks
+at the queue, so it does even with nobody waiting, e.g. right after the last free one was
+taken by a probe. The server then closes a descriptor it holds in reserve for this (on
+/dev/null), accepts into it and serves that connection, and takes the reserve again when
+one is free (libev's and nginx's trick). Only a connection that has waited for its
+request for EVICT_ON_EMFILE_AFTER is evicted to free one: never the probe just accepted.
 """
 
 from __future__ import annotations
@@ -39,6 +47,7 @@ import email.utils
 import errno
 import http.client
 import logging
+import os
 import queue
 import re
 import selectors
@@ -66,8 +75,8 @@ IDLE_TIMEOUT = 30.0  # seconds a kept-alive connection may wait for its next req
 WRITE_TIMEOUT = 30.0  # seconds a response may take to be read by the client
 TLS_HANDSHAKE_TIMEOUT = 10.0
 # Open connections, every state included. The web side's descriptors are at most this plus
-# 5 (the listener, the selector, its wake-up pair, a connection accepted before another is
-# evicted); 1,000 idle clients are handled by eviction.
+# 6 (the listener, the selector, its wake-up pair, the reserve, a connection accepted before
+# another is evicted); 1,000 idle clients are handled by eviction.
 MAX_CONNECTIONS = 256
 MAX_OUTPUT_BYTES = 64 * 1024 * 1024  # responses written but not yet read, all connections
 LISTEN_BACKLOG = 1024  # a burst of connects waits in the kernel, not in SYN retries
@@ -127,6 +136,10 @@ _ACCEPT_BATCH = 64  # connections accepted per wake-up, so reads are not starved
 _RECV_SIZE = 64 * 1024
 _TLS_WRITE_CHUNK = 16 * 1024  # an SSL write is retried with the same chunk after EAGAIN
 _PAUSE_ACCEPT = 0.1  # seconds without accepting after EMFILE, so the loop does not spin
+# On EMFILE without a reserve, a connection waiting this long for its request is closed to
+# free a descriptor; a younger one (the probe just accepted) never is.
+EVICT_ON_EMFILE_AFTER = 1.0
+_EXHAUSTED = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 _SERVER = f"zmq-exporter Python/{sys.version.split()[0]}"
 _KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
 MAX_EMPTY_LINES = 4  # ignored before a request line; more is refused
@@ -228,8 +241,8 @@ class HttpServer:
         self.conns: set[_Conn] = set()
         # Evictable connections, the one waiting longest for a complete request first:
         # accepted or done with its last response earliest (a slow trickle of header
-        # bytes does not move a connection back).
-        self.waiting: OrderedDict[_Conn, None] = OrderedDict()
+        # bytes does not move a connection back), with the time that wait started.
+        self.waiting: OrderedDict[_Conn, float] = OrderedDict()
         # Connections writing a response, the one without progress longest first.
         self.writing: OrderedDict[_Conn, float] = OrderedDict()
         self.out_bytes = 0
@@ -243,6 +256,9 @@ class HttpServer:
         self.wake_w.setblocking(False)
         self.stopping = False
         self.accept_paused_until = 0.0
+        # A descriptor held for accept() to use when the process has none left (EMFILE).
+        self.reserve: int | None = None
+        self._take_reserve()
         self.threads: list[threading.Thread] = []
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -275,6 +291,17 @@ class HttpServer:
             listener.close()
         self.wake_r.close()
         self.wake_w.close()
+        self._drop_reserve()
+
+    def _take_reserve(self) -> None:
+        if self.reserve is None and not self.stopping:
+            with contextlib.suppress(OSError):  # none free: tried again later
+                self.reserve = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+
+    def _drop_reserve(self) -> None:
+        reserve, self.reserve = self.reserve, None
+        if reserve is not None:
+            os.close(reserve)
 
     def _wake(self) -> None:
         with contextlib.suppress(OSError):  # full: a wake-up is pending already
@@ -353,12 +380,19 @@ class HttpServer:
                 conn.sock.shutdown(socket.SHUT_WR)
         with contextlib.suppress(OSError):
             conn.sock.close()
+        if self.reserve is None:  # spent on an accept: its descriptor is free now
+            self._take_reserve()
 
-    def _evict(self) -> bool:
+    def _evict(self, min_wait: float = 0.0) -> bool:
         """Close the connection that has waited longest without a complete request, or
-        else the writer that has made no progress for longest."""
-        victim = next(iter(self.waiting), None) or next(iter(self.writing), None)
+        else the writer that has made no progress for longest; only one that has waited
+        or stalled for `min_wait` seconds."""
+        victim = next(iter(self.waiting), None)
+        since = self.waiting[victim] if victim is not None else 0.0
         if victim is None:
+            victim = next(iter(self.writing), None)
+            since = self.writing[victim] if victim is not None else 0.0
+        if victim is None or time.monotonic() - since < min_wait:
             return False
         log.debug("HTTP connection evicted", extra={"peer": victim.peer})
         self.handler.reject("too_many_connections")
@@ -369,6 +403,7 @@ class HttpServer:
         for conn in [c for c in self.conns if c.deadline <= now and c.state != _BUSY]:
             log.debug("HTTP connection timed out", extra={"peer": conn.peer})
             self._close(conn, graceful=conn.state != _WRITING)
+        self._take_reserve()
         if self.accept_paused_until and now >= self.accept_paused_until:
             self.accept_paused_until = 0.0
             for listener in self.listeners:
@@ -377,22 +412,19 @@ class HttpServer:
     # -- accepting -----------------------------------------------------------------------
 
     def _accept(self, listener: socket.socket) -> None:
+        self._take_reserve()  # if spent and not taken back yet
         for _ in range(_ACCEPT_BATCH):
             try:
                 sock, peer = listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as err:
-                if err.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    # Out of descriptors: free one and stop accepting for a moment, or
-                    # the listener stays readable and the loop spins.
-                    log.warning("HTTP accept failed", extra={"err": str(err)})
-                    self._evict()
-                    self.accept_paused_until = time.monotonic() + _PAUSE_ACCEPT
-                    for other in self.listeners:
-                        self.selector.unregister(other)
+                if err.errno not in _EXHAUSTED:
+                    continue  # ECONNABORTED and the like: that client is gone
+                accepted = self._accept_exhausted(listener, err)
+                if accepted is None:
                     return
-                continue  # ECONNABORTED and the like: that client is gone
+                sock, peer = accepted
             if len(self.conns) >= self.max_connections:
                 self._evict()  # the newcomer is not among the candidates yet
             if len(self.conns) >= self.max_connections:
@@ -407,6 +439,31 @@ class HttpServer:
                 continue
             self._add(sock, peer)
 
+    def _accept_exhausted(
+        self, listener: socket.socket, err: OSError
+    ) -> tuple[socket.socket, Any] | None:
+        """accept() failed for want of descriptors (or memory): accept into the reserve.
+        None if there was nobody to accept or it failed again; accepting is then paused
+        for a moment, or the listener stays readable and the loop spins."""
+        if self.reserve is not None:
+            self._drop_reserve()
+            try:
+                return listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return None  # nobody waiting: EMFILE came before the queue was looked at
+            except OSError as again:  # another thread took the descriptor first
+                err = again
+            finally:
+                self._take_reserve()  # none free if the connection took it: later then
+        log.warning("HTTP accept failed", extra={"err": str(err)})
+        # Free one, but never the probe just accepted: only a connection that has waited
+        # long for its request (an idle keep-alive, a slow client).
+        self._evict(EVICT_ON_EMFILE_AFTER)
+        self.accept_paused_until = time.monotonic() + _PAUSE_ACCEPT
+        for other in self.listeners:
+            self.selector.unregister(other)
+        return None
+
     def _add(self, sock: socket.socket, peer: Any) -> None:
         sock.setblocking(False)
         now = time.monotonic()
@@ -420,7 +477,7 @@ class HttpServer:
                 return
         conn = _Conn(sock, peer, self.tls is not None, now)
         self.conns.add(conn)
-        self.waiting[conn] = None
+        self.waiting[conn] = now
         if conn.tls:
             self._handshake(conn)
         else:
@@ -487,7 +544,7 @@ class HttpServer:
         conn.scanned = 0
         conn.request = None
         if refresh:
-            self.waiting[conn] = None  # at the end: its wait starts now
+            self.waiting[conn] = now  # at the end: its wait starts now
         if conn.buf:
             conn.state = _HEAD
             conn.deadline = now + HEADER_TIMEOUT
@@ -730,7 +787,7 @@ class HttpServer:
         elif conn.then == _BODY:
             conn.state = _BODY
             conn.deadline = time.monotonic() + HEADER_TIMEOUT
-            self.waiting[conn] = None
+            self.waiting[conn] = time.monotonic()
             self._read(conn)
         else:
             self._idle(conn, time.monotonic())
