@@ -38,7 +38,8 @@ HOOKED = textwrap.dedent(
     while time.monotonic() < deadline:
         text = generate_latest().decode()
         if ('socket="ROUTER@tcp://127.0.0.1:*"} 4.0' in text
-                and 'zmq_listening{endpoint="tcp://127.0.0.1:*",socket="srv-tcp' in text):
+                and 'zmq_listening{endpoint="tcp://127.0.0.1:*",socket="srv-tcp://127.0.0.1:*"} 1.0'
+                in text):
             break
         time.sleep(0.05)
     print(json.dumps({"ep": ep, "text": text, "pid": os.getpid(),
