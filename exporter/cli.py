@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="PATH",
         help="path of the metrics endpoint (default: %(default)s)",
     )
-    # /probe (issue 17), named like blackbox_exporter's --timeout-offset.
+    # /probe, named like blackbox_exporter's --timeout-offset.
     p.add_argument(
         "--probe.max-concurrent",
         dest="probe_max_concurrent",
@@ -253,7 +253,7 @@ def _run(
             web_config,
             engine_failed,
             otlp,
-            probe_max_concurrent=args.probe_max_concurrent,  # /probe (issue 17)
+            probe_max_concurrent=args.probe_max_concurrent,  # /probe
             probe_timeout_offset=args.probe_timeout_offset,
             max_requests=args.max_requests,
             systemd_socket=args.systemd_socket,

@@ -66,7 +66,7 @@ class Daemon:
         systemd_socket: bool = False,  # --web.systemd-socket: systemd's sockets instead
     ) -> None:
         self.config_file = settings.file
-        # /probe (issue 17): the running config's modules, replaced by a successful reload.
+        # /probe: the running config's modules, replaced by a successful reload.
         self.modules = settings.modules
         self.prober = Prober(lambda: self.modules, probe_max_concurrent, probe_timeout_offset)
         # The web server's connections and a margin stay free of sockets (fdbudget.py).
@@ -77,7 +77,7 @@ class Daemon:
         self._reload_lock = threading.Lock()
         self.last_reload_successful = True
         self.last_reload_success_time = time.time()
-        # relay: (issue 16): relayed sockets join the engine's in every output. Its
+        # relay: relayed sockets join the engine's in every output. Its
         # listener is set at start; a reload does not change it (restart to change it).
         self.relay: RelayServer | None = None
         if settings.relay is not None:
@@ -98,7 +98,7 @@ class Daemon:
                 curve_secret_key=r.curve_secretkey,
                 curve_allowed_clients=r.curve_allowed_clients,
             )
-        # Who is connected (issue 18): the engine's own live fds only (relayed sockets' fds
+        # Who is connected: the engine's own live fds only (relayed sockets' fds
         # belong to other processes), read from the kernel at request time for the API and
         # the status page, and by the sampler thread (`connections.metrics`) for /metrics.
         self.connections = ConnectionTable(self.engine.snapshot)

@@ -11,7 +11,7 @@ the same families and label names, served by one prometheus_client Collector per
 and, with `meter_provider`, by OTel observable instruments named as the daemon's OTLP
 output.
 
-Who is connected (issue 18): `connections_table()` (all instrumented sockets, or one
+Who is connected: `connections_table()` (all instrumented sockets, or one
 socket or endpoint) and `Instrumentation.connections()` return the live connections as the
 daemon's /api/v1/connections rows,
 read by the daemon's ConnectionTable (exporter/connections/table.py)
@@ -127,15 +127,15 @@ class _Process:
     # Names of the sockets shown by each registry / meter provider; replaced, never
     # changed, so scrapes read them without the lock.
     shown: dict[int, frozenset[str]] = field(default_factory=dict)
-    # Relay senders (issue 16), one per relay endpoint: relay.RelaySender.
+    # Relay senders, one per relay endpoint: relay.RelaySender.
     relays: dict[str, Any] = field(default_factory=dict)
     # Names of every instrumented socket (replaced, never changed, like `shown`), and the
-    # connection table over them (issue 18), made on first use.
+    # connection table over them, made on first use.
     instrumented: frozenset[str] = frozenset()
     # Names of the sockets instrumented after they had bound or connected (`_late`).
     late: frozenset[str] = frozenset()
     table: ConnectionTable | None = None
-    # The connection sampler over `table` (issue 18), started by the first collect of a
+    # The connection sampler over `table`, started by the first collect of a
     # registry (or OTel callback) that shows an instrumented socket; never in a child.
     sampler: ConnectionSampler | None = None
 
@@ -640,7 +640,7 @@ def _table() -> ConnectionTable:
 def connections_table(
     socket: str | None = None, endpoint: str | None = None, limit: int | None = None
 ) -> list[dict[str, Any]]:
-    """Who is connected to this application's instrumented sockets (issue 18): one dict
+    """Who is connected to this application's instrumented sockets: one dict
     per live connection, read from the kernel now, in the schema of the daemon's
     `GET /api/v1/connections` rows (docs/connections.md), ordered by socket, endpoint, fd.
 
@@ -675,7 +675,7 @@ def configure_connections(
     per_peer: bool = False,
     max_peers_per_endpoint: int = 50,
 ) -> None:
-    """The connection metrics (issue 18) of every registry and meter provider of this
+    """The connection metrics of every registry and meter provider of this
     process, as the daemon's `connections:` section: the six per-endpoint
     `zmq_connection*` families, read from the kernel every `sample_interval` seconds
     (0.1 to 3600, or a duration such as "500ms") by one background thread, started by

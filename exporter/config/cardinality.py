@@ -7,7 +7,7 @@ series of a socket follow from its endpoints. The figures come from the metrics 
 the series that usually appear later; tests/test_ops_limits.py compares the estimate with
 a scrape.
 
-The connection families (`connections.metrics`, issue 18) are counted as an upper bound:
+The connection families (`connections.metrics`) are counted as an upper bound:
 all six per tcp endpoint, four per ipc endpoint (the RTT families exist only while the
 endpoint has a tcp connection), times `max_peers_per_endpoint + 1` per-peer (`other`), none
 with the metrics off. The sampler's self-metrics are in the fixed part.

@@ -62,7 +62,7 @@ class Settings:
     modules: dict[str, ProbeModule] = field(default_factory=default_modules, compare=False)
     # relay: (exporter/config/relay.py); None: no relay listener.
     relay: RelaySettings | None = field(default=None, repr=False, compare=False)
-    # connections: (issue 18): the per-endpoint connection metrics and their sampler.
+    # connections: the per-endpoint connection metrics and their sampler.
     connections: ConnectionsConfig = field(default=ConnectionsConfig(), compare=False)
 
 

@@ -200,7 +200,7 @@ def _between_millis(low: int, high: int, shown: str) -> AfterValidator:
 
 
 class ConnectionsConfig(_Strict):
-    """Who is connected (issue 18): the per-endpoint metrics read from the kernel by a
+    """Who is connected: the per-endpoint metrics read from the kernel by a
     sampler thread (exporter/connections/sampler.py; docs/connections.md)."""
 
     metrics: bool = True  # the six zmq_connection* families; False: no sampler thread
@@ -218,7 +218,7 @@ class LimitsConfig(_Strict):
     max_series: PositiveInt = 200_000
 
 
-# -- /probe modules (issue 17), as blackbox_exporter's `modules:` --------------------------
+# -- /probe modules, as blackbox_exporter's `modules:` -------------------------------------
 
 MECHANISMS = ("NULL", "PLAIN", "CURVE")
 
@@ -262,7 +262,7 @@ class ModuleConfig(_Strict):
     allowed_targets: list[Annotated[str, Field(min_length=1)]] | None = None
 
 
-# -- relay (issue 16): application processes send their sockets' state (docs/relay.md) --
+# -- relay: application processes send their sockets' state (docs/relay.md) -------------
 
 
 def _relay_endpoint(value: str) -> str:

@@ -1,4 +1,4 @@
-"""The `modules:` section resolved into `ProbeModule`s for /probe (issue 17): checks across
+"""The `modules:` section resolved into `ProbeModule`s for /probe: checks across
 keys and the key and password files read, once, when the config loads.
 
 A module's secrets (CURVE secret key, PLAIN password) are held as bytes and never shown:

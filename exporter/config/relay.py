@@ -1,4 +1,4 @@
-"""The `relay:` section resolved (issue 16; exporter/relay/server.py serves it)."""
+"""The `relay:` section resolved (exporter/relay/server.py serves it)."""
 
 from __future__ import annotations
 

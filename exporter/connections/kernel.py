@@ -1,4 +1,4 @@
-"""Who is connected (issue 18): read one live connection's kernel state from the fd that
+"""Who is connected: read one live connection's kernel state from the fd that
 libzmq reported in a CONNECTED/ACCEPTED monitor event, without disturbing it.
 
 The fd belongs to libzmq's I/O thread, which may close it at any moment; the number can then

@@ -1,4 +1,4 @@
-"""The connection sampler (issue 18): the per-endpoint connection families
+"""The connection sampler: the per-endpoint connection families
 (`metrics.CONNECTION_FAMILIES`) read from the kernel on a thread of their own, never at
 scrape time.
 

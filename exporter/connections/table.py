@@ -1,4 +1,4 @@
-"""The connection table (issue 18): the engine snapshot's live fds read from the kernel with
+"""The connection table: the engine snapshot's live fds read from the kernel with
 `exporter.connections.kernel`: at request time for GET /api/v1/connections and the status page,
 and by the connection sampler's thread (`read_batched`, exporter/connections/sampler.py) for the
 per-endpoint metrics. One read path (`_read`) for all of them.

@@ -415,7 +415,7 @@ SOCKET_FAMILIES: tuple[Family, ...] = (
     SOCKET_INFO,
 )
 
-# -- connection families (issue 18): per endpoint, from the kernel ------------------------
+# -- connection families: per endpoint, from the kernel -----------------------------------
 # Read by the connection sampler (exporter/connections/sampler.py) every
 # `connections.sample_interval`
 # through the connection table's pinned reads (docs/connections.md), never at scrape time.

@@ -1,4 +1,4 @@
-"""/probe: blackbox-style probing of ZeroMQ endpoints (issue 17).
+"""/probe: blackbox-style probing of ZeroMQ endpoints.
 
 One module per step, each behind the one-line `ProbeFn` type of `base`:
 `dns` (tcp:// targets), `connect` (raw TCP or AF_UNIX), `greeting` (the peer's ZMTP

@@ -5,7 +5,7 @@ builds families outside the lock, so a slow scrape never holds up event processi
 /metrics uses `StateCollector.prerender()` instead: the socket families as text from
 `SocketText` (exporter/render/sockettext.py), identical bytes at a fraction of the cost.
 
-The connection families (issue 18) are not read here: the connection sampler
+The connection families are not read here: the connection sampler
 (exporter/connections/sampler.py) renders them once per sample, and `StateCollector` appends the
 latest sample (`ConnectionText`) after the socket families.
 

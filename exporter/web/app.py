@@ -180,11 +180,11 @@ class WebApp:
     max_concurrent_scrapes: int = DEFAULT_MAX_REQUESTS
     # False once the engine thread has died: /-/healthy and /-/ready answer 503.
     is_healthy: Callable[[], bool] = lambda: True
-    # GET /probe (issue 17, exporter/prober): Prober.handle_probe, on a lane of its own
+    # GET /probe (exporter/prober): Prober.handle_probe, on a lane of its own
     # with `max_concurrent_probes` workers (--probe.max-concurrent). None: no /probe.
     probe: ProbeHandler | None = None
     max_concurrent_probes: int = 0
-    # GET /api/v1/connections (issue 18, exporter/connections/table.py): query -> response, in the
+    # GET /api/v1/connections (exporter/connections/table.py): query -> response, in the
     # scrape lane (it reads the kernel, like a scrape). None: no such route.
     connections: Callable[[dict[str, list[str]]], Response] | None = None
 
@@ -263,7 +263,7 @@ class WebHandler:
             LaneSpec("auth", AUTH_WORKERS, AUTH_BACKLOG, "auth_busy"),
         ]
         if app.probe is not None:
-            # /probe (issue 17): a probe may wait out its whole timeout, so probes have
+            # /probe: a probe may wait out its whole timeout, so probes have
             # their own workers and never queue in front of scrapes or health checks.
             workers = max(1, app.max_concurrent_probes)
             lanes.append(LaneSpec("zmtp-probe", workers, 64, "too_many_connections"))

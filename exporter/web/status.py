@@ -20,7 +20,7 @@ def _num(value: float | None, scale: float = 1.0, fmt: str = "{:.0f}") -> str:
 
 
 def render_connections(rows: Sequence[Row], top: int = TOP_CONNECTIONS) -> str:
-    """Who is connected (issue 18): per socket, the `top` connections with the largest
+    """Who is connected: per socket, the `top` connections with the largest
     kernel send queue (a slow consumer first), and a link to the whole table as JSON."""
     by_socket: dict[str, list[Row]] = {}
     for row in rows:
