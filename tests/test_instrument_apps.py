@@ -8,6 +8,7 @@ web API)."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import signal
@@ -17,11 +18,14 @@ import time
 import urllib.request
 from pathlib import Path
 
-import pytest
-
 from helpers import Daemon, established_in, free_port, total, value, wait_until
 
-pytest.importorskip("locust")
+# locust is never imported here: importing it runs gevent's monkey.patch_all() in the
+# pytest process, which turned every later test's threads into greenlets (a test_library
+# storm then hung with the hub blocked in zmq_poll). The applications run in their own
+# processes; the test extra installs them, so a missing one is a failure, not a skip.
+for _app in ("locust", "jupyter_client", "ipykernel"):
+    assert importlib.util.find_spec(_app) is not None, f"{_app} is not installed (test extra)"
 
 LOCUSTFILE = """\
 from locust import User, constant, task
@@ -199,8 +203,6 @@ def test_jupyter_client_and_kernel_under_the_launcher(tmp_path: Path) -> None:
     environment and binds its ROUTERs and XPUB inside ipykernel's own constructors (with
     bytes endpoints, and zmq.asyncio contexts). Both processes at the sidecar, each
     socket's gauge equal to the kernel's rows."""
-    pytest.importorskip("ipykernel")
-    pytest.importorskip("jupyter_client")
     relay = f"ipc://{tmp_path}/relay.sock"
     script = tmp_path / "app.py"
     script.write_text(JUPYTER_APP)

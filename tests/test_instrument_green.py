@@ -5,17 +5,17 @@ patched application in a subprocess, a real sidecar daemon."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
 
-import pytest
+from helpers import ROOT, Daemon, established_in, missing_tool, value, wait_until
 
-from helpers import ROOT, Daemon, established_in, value, wait_until
-
-pytest.importorskip("gevent")
+if importlib.util.find_spec("gevent") is None:
+    missing_tool("gevent (the test extra)")
 
 GREEN_APP = textwrap.dedent(
     """\

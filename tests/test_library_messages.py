@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import array
 import asyncio
+import importlib.util
 import pickle
 import threading
 import time
@@ -25,7 +26,7 @@ import exporter
 from exporter import messages as message_counting
 from exporter.core import metrics
 
-from helpers import Samples, parse_metrics, value
+from helpers import Samples, missing_tool, parse_metrics, value
 from testkit import wait_until
 
 Ctx = zmq.Context[zmq.Socket[bytes]]
@@ -570,7 +571,8 @@ print("OK")
 
 
 def test_green_sockets_count_exactly() -> None:
-    pytest.importorskip("gevent")
+    if importlib.util.find_spec("gevent") is None:
+        missing_tool("gevent (the test extra)")
     import subprocess
     import sys
 
