@@ -5,7 +5,7 @@ source of truth for the alert rules.
     python3 deploy/gen-prometheusrule.py           # regenerate
     python3 deploy/gen-prometheusrule.py --check   # exit 1 if the file is out of date
 
-tests/test_deploy_kubernetes.py runs --check and compares the rules themselves.
+tests/deploy/test_deploy_kubernetes.py runs --check and compares the rules themselves.
 """
 
 from __future__ import annotations

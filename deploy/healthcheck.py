@@ -8,7 +8,7 @@ them from /proc/1/cmdline (the daemon is PID 1: exec-form ENTRYPOINT) and follow
   /proc/1/net/tcp and tcp6);
 - `--web.config.file` with a `tls_server_config` means https.
 Options are read as argparse reads them (`--name=value`, `--name value`, a unique prefix of
-an option name); OPTIONS lists the daemon's options and tests/test_deploy_docker.py keeps it
+an option name); OPTIONS lists the daemon's options and tests/deploy/test_deploy_docker.py keeps it
 equal to the daemon's parser. Exit 0 when healthy, 1 otherwise, one line on stdout
 (docker/podman keep it in the health log).
 

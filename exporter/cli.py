@@ -131,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def default_config() -> str:
     """The embedded default config (package data, a copy of config/zmq-exporter.yml that
-    tests/test_distribution.py keeps identical): the daemon runs on it when no
+    tests/deploy/test_distribution.py keeps identical): the daemon runs on it when no
     --config.file is given, from any directory, as installed from a wheel."""
     return str(resources.files("exporter.config").joinpath(DEFAULT_CONFIG_NAME))
 

@@ -34,7 +34,7 @@ socket list, so `ctx.destroy()` does not close it from the application's thread,
 reader closes it itself when the monitor stops (the socket was closed) or the context is
 being terminated (`ctx.term()`), so `term()` never waits for it.
 
-Misuse, each with a defined outcome (tests/test_library.py):
+Misuse, each with a defined outcome (tests/library/test_library.py):
 - the socket closed without `close()`: its counters stay, its gauges drop to 0 (the
   monitor's MONITOR_STOPPED), until `close()` or until a new socket takes its name;
 - `ctx.term()`/`ctx.destroy()` with instrumented sockets open: the reader closes their

@@ -1,4 +1,4 @@
-"""Measuring client for tests/test_dns_isolation.py, run inside the test's network
+"""Measuring client for tests/monitor/test_dns_isolation.py, run inside the test's network
 namespace (`ip netns exec NS python tests/dns_probe.py URL PORT COUNT`), where the
 daemon's web port and the ROUTER live.
 

@@ -1,6 +1,6 @@
 """Plain TCP peers that hold connections to one port and open a new one whenever one
 closes, until SIGTERM: what it takes to run a process out of file descriptors through a
-monitored bind (tests/test_peer_flood.py runs it as a separate process). Stdlib only.
+monitored bind (tests/monitor/test_peer_flood.py runs it as a separate process). Stdlib only.
 
 Usage: flood_peers.py PORT COUNT
 Prints "opened COUNT" once the first COUNT connects were started, then every second

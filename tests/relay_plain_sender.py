@@ -1,5 +1,5 @@
 """A relay sender written from docs/relay.md alone, with plain pyzmq and json: it does
-not import `exporter` (tests/test_relay.py runs it), as a C++ or Go sender would not.
+not import `exporter` (tests/relay/test_relay.py runs it), as a C++ or Go sender would not.
 
 Usage: relay_plain_sender.py ENDPOINT PROCESS_ID
 Sends hello, one socket's state (a ROUTER with one bind endpoint: 7 accepted, 2

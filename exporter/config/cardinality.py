@@ -4,7 +4,7 @@ Label values come only from the config (socket name, configured endpoint, config
 labels) and from bounded decodings (event, handshake reason/error, errno name), so the
 series of a socket follow from its endpoints. The figures come from the metrics table
 (`exporter.core.metrics`): the series each configured endpoint and socket has from start, plus
-the series that usually appear later; tests/test_ops_limits.py compares the estimate with
+the series that usually appear later; tests/daemon/test_ops_limits.py compares the estimate with
 a scrape.
 
 The connection families (`connections.metrics`) are counted as an upper bound:

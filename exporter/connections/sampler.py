@@ -85,7 +85,7 @@ STOP_TIMEOUT = 2.0
 THREAD_NAME = "zmq-exporter-connection-sampler"  # the daemon's; library mode names its own
 _TRANSPORTS = ("tcp", "ipc")  # the transports whose connections have an fd to read
 # EndpointConnections field per family, in `metrics.CONNECTION_FAMILIES` order
-# (tests/test_metrics_table.py checks both lists, and the reasons of READS_GONE).
+# (tests/core/test_metrics_table.py checks both lists, and the reasons of READS_GONE).
 _FIELDS = (
     "rtt_max_seconds",
     "rtt_avg_seconds",

@@ -2,7 +2,7 @@
 defined once. /metrics (`exporter.render`, `exporter.web.app`, `exporter.daemon`), the OTLP
 instruments, the config's series estimate (`exporter.config.cardinality`), the reserved
 label names and the docs' tables (`python -m exporter.core.metrics --markdown`) all read
-it; tests/test_metrics_table.py compares it with the docs and with a real scrape.
+it; tests/core/test_metrics_table.py compares it with the docs and with a real scrape.
 
 Plain data: it imports only `exporter.core.events`, so the config and tools can read it
 without zmq, prometheus_client or the engine.
@@ -801,7 +801,7 @@ def initial_series(role: Role | None) -> int:
 # -- /probe ------------------------------------------------------------------------------
 # Rendered per probe request by exporter/prober/render.py, never on /metrics (not in
 # DAEMON_FAMILIES). docs/probe.md's table is `python -m exporter.core.metrics --markdown
-# probe` (tests/test_probe_docs.py).
+# probe` (tests/probe/test_probe_docs.py).
 
 PROBE_SUCCESS = _self("probe_success", "gauge", "probe", "1 if the probe succeeded, else 0.")
 PROBE_DURATION = _self(
@@ -873,7 +873,7 @@ PROBE_FAMILIES: tuple[Family, ...] = (
 
 # -- relay -------------------------------------------------------------------------------
 # Served by a daemon with a `relay:` section (exporter/relay/server.py), so not in
-# DAEMON_FAMILIES (docs/metrics.md's table and tests/test_metrics_table.py cover a daemon
+# DAEMON_FAMILIES (docs/metrics.md's table and tests/core/test_metrics_table.py cover a daemon
 # without one). docs/relay.md's table is `python -m exporter.core.metrics --markdown relay`.
 
 RELAY_PROCESSES = _self(

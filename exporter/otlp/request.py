@@ -123,7 +123,7 @@ def _point(
     """One data point as a repeated `data_points` entry, up to its time: the export
     appends the 8 bytes of its collection time (the length prefix counts them). Written
     by hand: the protobuf classes take ~10 us a point, which is every point of an export
-    where every socket changed (tests/test_otlp.py checks it against them)."""
+    where every socket changed (tests/otlp/test_otlp.py checks it against them)."""
     parts = [_DOUBLE, _pack_double(value)]
     if start is not None:  # sums only: the official encoder gives gauges no start time
         parts += (_START, start.to_bytes(8, "little"))

@@ -739,7 +739,7 @@ def test_metric_export_timeout_bounds_each_export(protocol: str) -> None:
 @pytest.mark.parametrize("protocol", ["grpc", "http/protobuf"])
 def test_gzip_compression_arrives(protocol: str) -> None:
     """OTEL_EXPORTER_OTLP_COMPRESSION=gzip is used by both protocols (an invalid value
-    stops both: tests/test_otlp_config.py)."""
+    stops both: tests/otlp/test_otlp_config.py)."""
     rx = Receiver(protocol).start()
     env = base_env(protocol, rx.endpoint, OTEL_EXPORTER_OTLP_COMPRESSION="gzip")
     d = Daemon(router_config(free_port()), env=env).start()

@@ -35,7 +35,7 @@ from exporter.web.live_config import load_web_config
 from helpers import Daemon, open_fds
 from testkit import free_port, wait_until
 
-CORPUS = Path(__file__).parent / "testdata" / "http" / "corpus.txt"
+CORPUS = Path(__file__).parent.parent / "testdata" / "http" / "corpus.txt"
 GO_400 = b"HTTP/1.0 400 Bad Request\r\n\r\nClient sent an HTTP request to an HTTPS server.\n"
 CONFIG = textwrap.dedent("""\
     sockets:

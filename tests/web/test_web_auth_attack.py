@@ -32,7 +32,7 @@ from exporter.web.live_config import load_web_config
 from testkit import free_port, wait_until
 
 NO_SOCKETS = StateCollector(lambda: EngineSnapshot((), ReaderStats(), True), build_labels())
-TOOLKIT = Path(__file__).parent / "testdata" / "webconfigs" / "toolkit"
+TOOLKIT = Path(__file__).parent.parent / "testdata" / "webconfigs" / "toolkit"
 PASSWORD = "right"
 
 

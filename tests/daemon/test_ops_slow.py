@@ -1,6 +1,6 @@
 """Slow and hostile HTTP clients against a real daemon: clients that never read their
 responses, send half a request, or trickle headers (more connections than allowed:
-tests/test_web_capacity.py).
+tests/web/test_web_capacity.py).
 None of them may delay event processing or the other scrapes."""
 
 from __future__ import annotations

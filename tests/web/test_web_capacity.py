@@ -452,7 +452,7 @@ def test_http_behaviour_is_kept() -> None:
         assert raw_exchange(port, [b"GET / HTTP/2.0\r\n\r\n"])[0].startswith(b"HTTP/1.1 505 ")
         odd = raw_exchange(port, [b"POST /-/reload HTTP/1.1\r\nContent-Length: \xb2\r\n\r\n"])
         assert odd[0].startswith(b"HTTP/1.1 400 ")  # "\xb2" is a digit to str.isdigit
-        # Empty lines before a request are ignored (a few: tests/test_web_parsing.py).
+        # Empty lines before a request are ignored (a few: tests/web/test_web_parsing.py).
         # HTTP/1.1 requires a Host header (RFC 9112 3.2).
         ready = raw_exchange(port, [b"\r\n\r\nGET /-/ready HTTP/1.1\r\nHost: x\r\n\r\n"])
         assert ready[0].startswith(b"HTTP/1.1 200 ")

@@ -137,7 +137,7 @@ def test_sdist_carries_license_tests_and_what_they_read(dists: Dists) -> None:
         "tests/helpers.py",
         "tests/run",
         "tests/system-packages.txt",
-        "tests/test_distribution.py",
+        "tests/deploy/test_distribution.py",
         "bench/__main__.py",
         "deploy/healthcheck.py",
         "deploy/systemd/zmq-exporter.service",
@@ -232,9 +232,9 @@ def test_tests_run_from_the_unpacked_sdist(dists: Dists, venv: Path, tmp_path: P
     (tree,) = tmp_path.glob("zmq_exporter-*")
     run([venv / "bin" / "pip", "install", "--quiet", "pytest>=8", "pytest-timeout>=2.3"])
     selected = [
-        "tests/test_config.py",
-        "tests/test_distribution.py::test_license_is_the_official_apache_text",
-        "tests/test_distribution.py::test_embedded_default_is_config_zmq_exporter_yml",
+        "tests/config/test_config.py",
+        "tests/deploy/test_distribution.py::test_license_is_the_official_apache_text",
+        "tests/deploy/test_distribution.py::test_embedded_default_is_config_zmq_exporter_yml",
     ]
     pytest_argv: list[str | Path] = [venv / "bin" / "python", "-m", "pytest", "-q"]
     out = run([*pytest_argv, "-p", "no:cacheprovider", *selected], cwd=tree, timeout=300)

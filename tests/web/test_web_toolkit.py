@@ -36,7 +36,7 @@ from exporter.web.live_config import load_web_config
 
 from testkit import free_port
 
-TOOLKIT = Path(__file__).parent / "testdata" / "webconfigs" / "toolkit"
+TOOLKIT = Path(__file__).parent.parent / "testdata" / "webconfigs" / "toolkit"
 FILES = sorted(p for p in TOOLKIT.iterdir() if p.suffix in (".yml", ".yaml"))
 SERVES, REJECTS = "serves", "rejects"
 NO_SOCKETS = StateCollector(lambda: EngineSnapshot((), ReaderStats(), True), build_labels())

@@ -117,7 +117,7 @@ def test_a_config_that_watches_nothing_is_an_error(tmp_path: Path, text: str, wh
 def test_config_example_documents_the_heartbeat_defaults() -> None:
     from exporter.config.load import CONNECT_DEFAULTS
 
-    example = (Path(__file__).resolve().parent.parent / "config" / "example.yml").read_text()
+    example = (Path(__file__).resolve().parent.parent.parent / "config" / "example.yml").read_text()
     assert "heartbeat_ivl 5s, heartbeat_timeout 15s and handshake_ivl" in example
     assert CONNECT_DEFAULTS.model_dump(exclude_none=True) == {
         "heartbeat_ivl": 5.0,

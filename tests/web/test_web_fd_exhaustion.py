@@ -1,7 +1,7 @@
 """The web server answers while the process has no descriptor free.
 
 Peers flooding a monitored bind take every descriptor until the engine sheds that listener
-(tests/test_peer_flood.py); a probe arriving meanwhile must be answered, not reset. Linux
+(tests/monitor/test_peer_flood.py); a probe arriving meanwhile must be answered, not reset. Linux
 reserves the descriptor before accept() looks at its queue, so with none free accept()
 fails with EMFILE even when nobody waits: the server used to answer that by evicting the
 connection waiting longest, which was the probe it had just accepted with the last free

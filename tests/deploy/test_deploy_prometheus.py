@@ -1,5 +1,5 @@
 """Alert rules and scrape config, checked and unit-tested with promtool (no Prometheus
-server needed; tests/test_deploy_e2e.py runs them against a real one)."""
+server needed; tests/deploy/test_deploy_e2e.py runs them against a real one)."""
 
 from __future__ import annotations
 

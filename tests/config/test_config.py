@@ -16,10 +16,10 @@ from exporter.core.events import ALL_EVENTS_MASK, Event
 
 from helpers import check_in_process, run_cli
 
-DATA = Path(__file__).parent / "testdata" / "configs"
+DATA = Path(__file__).parent.parent / "testdata" / "configs"
 GOOD = sorted((DATA / "good").glob("*.yml"))
 BAD = sorted((DATA / "bad").glob("*.yml"))
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parent.parent.parent
 
 
 def expected(path: Path) -> str:

@@ -38,7 +38,7 @@ PEERS = 370
 ATTACK = 10.0  # seconds the peers hold on
 RSS_BOUND = 100 * 1024 * 1024  # bytes over the baseline, at any time
 LATENCY_BOUND = 1.0  # seconds for /-/healthy and /metrics, each request
-PEERS_SCRIPT = Path(__file__).with_name("flood_peers.py")
+PEERS_SCRIPT = Path(__file__).parent.with_name("flood_peers.py")
 
 
 def _limit_nofile() -> None:

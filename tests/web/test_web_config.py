@@ -46,10 +46,10 @@ from exporter.web.live_config import load_web_config
 from helpers import ROOT, check_in_process, run_cli, write_atomic
 from testkit import free_port, wait_until
 
-DATA = Path(__file__).parent / "testdata" / "webconfigs"
+DATA = Path(__file__).parent.parent / "testdata" / "webconfigs"
 GOOD = sorted((DATA / "good").glob("*.yml"))
 BAD = sorted((DATA / "bad").glob("*.yml"))
-MAIN_CONFIG = Path(__file__).parent / "testdata" / "configs" / "good" / "minimal.yml"
+MAIN_CONFIG = Path(__file__).parent.parent / "testdata" / "configs" / "good" / "minimal.yml"
 PASSWORD = "changeme"  # every hash in good/ is of this password
 VERSION_NAMES = {version: name for name, version in TLS_VERSIONS.items()}
 OPENSSL_NAMES = {"TLS12": "TLSv1.2", "TLS13": "TLSv1.3"}
@@ -432,7 +432,7 @@ def test_users_and_headers_change_without_restart(
         assert "not a bcrypt hash" in str(getattr(errors[0], "err", ""))
         assert "not-a-hash" not in str(getattr(errors[0], "err", ""))
         # Fixed: applied at the next request (the header stays: dropping it would lower
-        # protection, which waits for the file to hold still; tests/test_web_auth_attack.py).
+        # protection, which waits for the file to hold still; tests/web/test_web_auth_attack.py).
         write_atomic(
             file,
             f"basic_auth_users:\n  carol: {hashed('four')}\n"
