@@ -5,7 +5,7 @@
 #     -v "$PWD/config.yml:/etc/zmq-exporter/config.yml:ro" zmq-exporter   # your own
 # podman: `podman build --format docker` (the OCI format drops HEALTHCHECK).
 # PYTHON_IMAGE: any Debian-based image with Python 3.11 as `python` and the venv module;
-# tests/test_deploy_docker.py passes one built with debootstrap where no registry is
+# tests/deploy/test_deploy_docker.py passes one built with debootstrap where no registry is
 # reachable.
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
