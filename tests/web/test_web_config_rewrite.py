@@ -17,46 +17,22 @@ import ssl
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
 from pathlib import Path
 
 import bcrypt
 from pki import Pki, make_pki
-from prometheus_client.registry import CollectorRegistry
+from test_web_config import web_server as serving
 
-from exporter.core.state import EngineSnapshot, ReaderStats
-from exporter.monitor.sockets import build_labels
-from exporter.render.prometheus import StateCollector
-from exporter.web.app import WebApp, WebServer
-from exporter.web.live_config import SETTLE_SECONDS, load_web_config
+from exporter.web.live_config import SETTLE_SECONDS
 
 from helpers import write_atomic
-from testkit import free_port, wait_until
+from testkit import wait_until
 
-NO_SOCKETS = StateCollector(lambda: EngineSnapshot((), ReaderStats(), True), build_labels())
 PATHS = ("/", "/metrics", "/-/healthy", "/-/ready", "/-/reload", "/nothing", "/probe")
 HASH = bcrypt.hashpw(b"right", bcrypt.gensalt(4)).decode()
 USERS = f"basic_auth_users:\n  prom: {HASH}\n  other: {HASH}\n"
 GOOD = {"Authorization": "Basic " + base64.b64encode(b"prom:right").decode()}
 TLS = "tls_server_config:\n  cert_file: server.crt\n  key_file: server.key\n"
-
-
-@contextlib.contextmanager
-def serving(file: Path) -> Iterator[WebServer]:
-    app = WebApp(
-        registry=CollectorRegistry(auto_describe=False),
-        telemetry_path="/metrics",
-        is_ready=lambda: True,
-        landing_page=lambda: "",
-        reload=lambda: (True, ""),
-        state=NO_SOCKETS,
-    )
-    server = WebServer(app, f"127.0.0.1:{free_port()}", load_web_config(str(file)))
-    server.start()
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def connect(port: int, tls: ssl.SSLContext | None) -> http.client.HTTPConnection:
