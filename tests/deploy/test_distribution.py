@@ -105,7 +105,7 @@ def exited_unless_port_taken(proc: subprocess.Popen[bytes], log: Path) -> None:
         return
     text = log.read_text()
     if "cannot listen on" in text and "Address already in use" in text:
-        pytest.skip(f"the default port was taken meanwhile: {text[-300:]}")
+        missing_tool(f"the default port (taken meanwhile: {text[-300:]})")
     raise AssertionError(f"exited {proc.returncode}: {text}")
 
 
@@ -251,7 +251,7 @@ def default_port_free() -> int:
     port = int(DEFAULT_LISTEN.rpartition(":")[2])
     if not port_free(port):
         # README's command listens there, as written: nothing else to try.
-        pytest.skip(f"port {port} is in use; README's first command needs it")
+        missing_tool(f"a free port {port} (README's first command needs it)")
     return port
 
 
@@ -262,7 +262,7 @@ def test_readme_first_command_works_in_a_fresh_clone(
     """The first ```sh block of README.md, run as written by bash in a fresh clone (the
     committed tree), until /metrics shows the default config's sockets; then SIGTERM."""
     if not (ROOT / ".git").exists():
-        pytest.skip("not a git checkout (an unpacked sdist)")
+        missing_tool("a git checkout (this is an unpacked sdist)")
     clone = tmp_path / "clone"
     run(["git", "clone", "--quiet", ROOT, clone])
     readme = (clone / "README.md").read_text()

@@ -209,7 +209,9 @@ LATE = textwrap.dedent(
     ep = router.last_endpoint.decode()
     early = ctx.socket(zmq.DEALER)
     early.connect(ep)
-    time.sleep(0.2)
+    router.RCVTIMEO = 10_000  # connected once its first message arrives
+    early.send(b"hello")
+    router.recv_multipart()
     exporter.instrument(router, "late", relay=sys.argv[1], relay_id="late/1")
     ok = ctx.socket(zmq.DEALER)
     exporter.instrument(ok, "ok", relay=sys.argv[1], relay_id="late/1")

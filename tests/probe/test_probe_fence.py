@@ -33,7 +33,7 @@ from exporter.config.modules import ProbeModule
 from exporter.core.endpoints import shown
 from exporter.prober import Prober
 
-from helpers import parse_metrics, value
+from helpers import missing_tool, parse_metrics, value
 
 Ctx = zmq.Context[zmq.Socket[bytes]]
 RESOLVES_TO_LOOPBACK = "0x7f000001"  # a name to ipaddress, 127.0.0.1 to getaddrinfo
@@ -119,7 +119,7 @@ def test_cidr_blocks_ipv4_and_ipv6(ctx: Ctx, router: int) -> None:
     assert probe(prober, f"tcp://[::ffff:10.0.0.1]:{port}")[0] == 403
     assert probe(prober, f"tcp://10.0.0.1:{port}")[0] == 403
     if not socket.has_ipv6:
-        pytest.skip("no IPv6 here")
+        missing_tool("IPv6")
     six = ctx.socket(zmq.ROUTER)
     six.setsockopt(zmq.LINGER, 0)
     six.setsockopt(zmq.IPV6, 1)
@@ -127,7 +127,7 @@ def test_cidr_blocks_ipv4_and_ipv6(ctx: Ctx, router: int) -> None:
         six_port = six.bind_to_random_port("tcp://[::1]")
     except zmq.ZMQError:
         six.close()
-        pytest.skip("no IPv6 loopback here")
+        missing_tool("the IPv6 loopback ::1")
     try:
         status, body = probe(prober, f"tcp://[::1]:{six_port}")
         assert status == 200 and outcome(body) == (1.0, None), body

@@ -24,7 +24,7 @@ from exporter.relay.wire import (
     encode_socket,
 )
 
-from helpers import ROOT, Daemon, total, value, wait_until
+from helpers import ROOT, Daemon, missing_tool, total, value, wait_until
 
 LIMITS = RelayLimits()
 COUNTS = (12, 3, 4096, 77, 2, 0.125)  # MessageCounts.values() order
@@ -66,7 +66,7 @@ def test_a_daemon_before_the_extension_ignores_it(tmp_path: Path) -> None:
         timeout=30,
     )
     if old.returncode != 0:
-        pytest.skip("not a git checkout with the relay's history")
+        missing_tool("a git checkout with the relay's history")
     (tmp_path / "old_wire.py").write_text(old.stdout)
     check = (
         "import sys; from old_wire import decode, RelayLimits; "
