@@ -112,8 +112,15 @@ class Daemon:
         self.registry.register(_LogCollector())
         self.registry.register(PROCESS_COLLECTOR)
         self.registry.register(PLATFORM_COLLECTOR)
+        # Pushed over OTLP besides the snapshot's sockets and engine: the reload state, the
+        # latest connection sample, and the relayed sockets' message counts (the relay's
+        # self-metrics, like the web server's, stay on /metrics).
+        pushed_extra: list[Collector] = [_ReloadCollector(self), _ConnectionFamilies(self)]
         if self.relay is not None:
+            relayed_messages = self.relay.message_collector()
             self.registry.register(self.relay.collector())
+            self.registry.register(relayed_messages)
+            pushed_extra.append(relayed_messages)
         # OTLP push, when configured (`otlp`: resolved once, by exporter.otlp.export.check_otlp):
         # the same snapshots and rows as /metrics, on a thread of its own.
         self.otlp = (
@@ -121,7 +128,7 @@ class Daemon:
                 otlp,
                 self.snapshot,
                 build_labels(),
-                extra=[_ReloadCollector(self), _ConnectionFamilies(self)],
+                extra=pushed_extra,
             )
             if otlp is not None
             else None

@@ -61,9 +61,13 @@ from exporter.render.rows import row_labels, socket_rows
 SCOPE_NAME = "zmq-exporter"
 SCOPE_VERSION = __version__
 
-# The instruments: the families of the metrics table that are pushed, in its order (the
-# order of the metrics in an export; a family's slot: metrics.PUSHED_SLOT, SOCKET_SLOTS).
-# Counters are monotonic cumulative Sums, gauges Gauges.
+# The instruments, in the order of the metrics in an export: the families of the metrics
+# table a daemon pushes (metrics.PUSHED; a socket family's slot: metrics.SOCKET_SLOTS), then
+# the message families, which a daemon has from its relay's senders (exporter/relay/server.py).
+# A family's slot: _SLOT, by prometheus_client name. Counters are monotonic cumulative Sums,
+# gauges Gauges.
+_INSTRUMENTS: tuple[metrics.Family, ...] = (*metrics.PUSHED, *metrics.MESSAGE_FAMILIES)
+_SLOT: dict[str, int] = {f.metric_name: n for n, f in enumerate(_INSTRUMENTS)}
 
 
 # ---------------------------------------------------------------------------------------
@@ -152,8 +156,8 @@ def _family_parts(family: metrics.Family) -> tuple[bytes, int, bytes]:
     return head, Metric.GAUGE_FIELD_NUMBER, b""
 
 
-_FAMILIES = tuple(_family_parts(f) for f in metrics.PUSHED)
-_IS_SUM = tuple(f.type == "counter" for f in metrics.PUSHED)
+_FAMILIES = tuple(_family_parts(f) for f in _INSTRUMENTS)
+_IS_SUM = tuple(f.type == "counter" for f in _INSTRUMENTS)
 
 # One socket's points: (the snapshot they were built from, start time of its series,
 # (instrument slot, serialized points, their bytes with the time) for each family it has
@@ -316,8 +320,8 @@ class MetricsBuilder:
         ones) and their serialized bytes by slot, each point counted with its time."""
         now = self._time()
         self.last_built = []
-        slots: list[list[bytes]] = [[] for _ in metrics.PUSHED]
-        sizes = [0] * len(metrics.PUSHED)
+        slots: list[list[bytes]] = [[] for _ in _INSTRUMENTS]
+        sizes = [0] * len(_INSTRUMENTS)
         old, entries = self._entries, {}
         for sock in snap.sockets:
             entry = old.get(sock.name)
@@ -332,7 +336,7 @@ class MetricsBuilder:
         for collector in self._extra:
             others.extend(collector.collect())
         for other in others:
-            found = metrics.PUSHED_SLOT.get(other.name)
+            found = _SLOT.get(other.name)
             if found is None:
                 continue  # not pushed (the table says which families are)
             memo: dict[tuple[str, str], bytes] = {}

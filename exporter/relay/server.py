@@ -442,7 +442,13 @@ class RelayServer:
             return {k: p.down_since is None for k, p in self._processes.items()}
 
     def collector(self) -> Collector:
+        """The relay's self-metrics (`metrics.RELAY_FAMILIES`), for /metrics."""
         return _RelayCollector(self)
+
+    def message_collector(self) -> Collector:
+        """The relayed sockets' message counts (`metrics.MESSAGE_FAMILIES`), for /metrics
+        and the OTLP push."""
+        return _RelayMessages(self)
 
 
 def _peer_cred(fd: int) -> tuple[int | None, int | None]:
@@ -486,12 +492,6 @@ class _RelayCollector(Collector):
         now = time.monotonic()
         with server._lock:
             procs = list(server._processes.values())
-            counted = [
-                (name, proc.sockets[name][1].labels, values)
-                for proc in procs
-                for name, values in proc.messages.items()
-                if name in proc.sockets
-            ]
             received = server.stats.received
             rejected = dict(server.stats.rejected)
         connected = sum(1 for p in procs if p.down_since is None)
@@ -511,5 +511,23 @@ class _RelayCollector(Collector):
             out.add_sample(family.name, {"reason": reason}, n)
         yield out
         yield one(metrics.RELAY_STATE_AGE, age)
-        if counted:  # relayed sockets' message counts, labelled as their other series
+
+
+class _RelayMessages(Collector):
+    """The relayed sockets' message counts, labelled as their other series; nothing while
+    no sender counts messages."""
+
+    def __init__(self, server: RelayServer) -> None:
+        self._server = server
+
+    def collect(self) -> Iterator[Metric]:
+        server = self._server
+        with server._lock:
+            counted = [
+                (name, proc.sockets[name][1].labels, values)
+                for proc in server._processes.values()
+                for name, values in proc.messages.items()
+                if name in proc.sockets
+            ]
+        if counted:
             yield from message_families(counted)

@@ -1,19 +1,23 @@
 """Message counts through the relay: the wire format's optional `messages` extension
 (docs/relay.md, "Message counts"): exact at the sidecar, also across a sidecar SIGKILL and
-restart, and senders and daemons of either age keep working together."""
+restart and in its OTLP push, and senders and daemons of either age keep working together."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
+from test_otlp import Export, Receiver, base_env, point, prometheus_name
 
 from exporter.core.endpoints import EndpointMap
+from exporter.core.metrics import MESSAGE_FAMILIES
 from exporter.core.state import SocketSnapshot, SocketState, snapshot_socket
 from exporter.relay.wire import (
     MESSAGES_VERSION,
@@ -115,12 +119,14 @@ APP = textwrap.dedent(
     endpoint = sys.argv[1]
     ctx = zmq.Context()
     pull = ctx.socket(zmq.PULL)
+    exporter.instrument(pull, "pull", registry=None, relay=endpoint, relay_id="app-1",
+                        messages=True)
     port = pull.bind_to_random_port("tcp://127.0.0.1")
     push = ctx.socket(zmq.PUSH)
     h = exporter.instrument(push, "push", registry=None, relay=endpoint, relay_id="app-1",
                             messages=True)
     h.connect(f"tcp://127.0.0.1:{port}")
-    sent = nbytes = 0
+    sent = nbytes = received = nbytes_received = 0
     for line in sys.stdin:
         n = int(line)
         for i in range(n):
@@ -131,11 +137,46 @@ APP = textwrap.dedent(
             else:
                 push.send(body)
                 nbytes += len(body)
-            pull.recv_multipart()
             sent += 1
-        print("sent", sent, nbytes, flush=True)
+            frames = pull.recv_multipart()
+            received += 1
+            nbytes_received += sum(map(len, frames))
+        print("tally", sent, nbytes, received, nbytes_received, flush=True)
     """
 )
+
+
+class Tally(NamedTuple):
+    """The application's own count so far (APP's `tally` line)."""
+
+    sent: int  # by the PUSH socket `push`
+    bytes_sent: int
+    received: int  # by the PULL socket `pull`
+    bytes_received: int
+
+
+def _start_app(tmp_path: Path, endpoint: str) -> subprocess.Popen[str]:
+    """APP, relaying to `endpoint` as process `app-1`; it sends what `_send` asks."""
+    script = tmp_path / "app.py"
+    script.write_text(APP)
+    return subprocess.Popen(
+        [sys.executable, str(script), endpoint],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+
+
+def _send(app: subprocess.Popen[str], n: int) -> Tally:
+    """Have APP send (and receive) `n` more messages; its tally after them."""
+    assert app.stdin is not None and app.stdout is not None
+    app.stdin.write(f"{n}\n")
+    app.stdin.flush()
+    word, *counts = app.stdout.readline().split()
+    assert word == "tally"
+    return Tally(*map(int, counts))
 
 
 def _relay_config(endpoint: str) -> str:
@@ -156,27 +197,13 @@ def _counts(daemon: Daemon) -> tuple[float | None, float | None]:
 
 def test_sidecar_totals_equal_the_senders_across_a_sidecar_restart(tmp_path: Path) -> None:
     endpoint = f"ipc://{tmp_path}/relay.sock"
-    script = tmp_path / "app.py"
-    script.write_text(APP)
     first = Daemon(_relay_config(endpoint)).start()
     second: Daemon | None = None
-    app = subprocess.Popen(
-        [sys.executable, str(script), endpoint],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
-    assert app.stdin is not None and app.stdout is not None
+    app = _start_app(tmp_path, endpoint)
 
     def phase(n: int) -> tuple[int, int]:
-        assert app.stdin is not None and app.stdout is not None
-        app.stdin.write(f"{n}\n")
-        app.stdin.flush()
-        word, sent, nbytes = app.stdout.readline().split()  # the app's own tally
-        assert word == "sent"
-        return int(sent), int(nbytes)
+        tally = _send(app, n)
+        return tally.sent, tally.bytes_sent
 
     try:
         truth = phase(3000)
@@ -201,6 +228,69 @@ def test_sidecar_totals_equal_the_senders_across_a_sidecar_restart(tmp_path: Pat
             first.stop()
         if second is not None:
             second.stop()
+
+
+def _pushed(rx: Receiver, want: dict[tuple[str, str], int]) -> Export | None:
+    """The receiver's latest export if its points of process `app-1` have the values
+    `want` gives by (instrument, socket)."""
+    export = rx.last()
+    if export is None:
+        return None
+    found = {
+        (metric, sock): getattr(point(export, metric, process="app-1", socket=sock), "value", None)
+        for metric, sock in want
+    }
+    return export if found == want else None
+
+
+def test_sidecar_pushes_the_relayed_counts_over_otlp(tmp_path: Path) -> None:
+    """A sidecar with a relay and OTLP push pushes its senders' message counts: the latest
+    export's cumulative sums equal the application's own tally and /metrics, under the
+    table's OTel names and units, one point per socket and family; the relay's
+    self-metrics stay on /metrics."""
+    endpoint = f"ipc://{tmp_path}/relay.sock"
+    rx = Receiver("grpc").start()
+    daemon = Daemon(_relay_config(endpoint), env=base_env("grpc", rx.endpoint)).start()
+    app = _start_app(tmp_path, endpoint)
+    families = {f.otel_name: f for f in MESSAGE_FAMILIES}
+    try:
+        for n in (700, 300):  # the second export's totals go on from the first's
+            tally = _send(app, n)
+            want = {
+                ("zmq.messages_sent", "push"): tally.sent,
+                ("zmq.message_bytes_sent", "push"): tally.bytes_sent,
+                ("zmq.messages_received", "push"): 0,
+                ("zmq.message_bytes_received", "push"): 0,
+                ("zmq.messages_sent", "pull"): 0,
+                ("zmq.message_bytes_sent", "pull"): 0,
+                ("zmq.messages_received", "pull"): tally.received,
+                ("zmq.message_bytes_received", "pull"): tally.bytes_received,
+            }
+            export = wait_until(
+                functools.partial(_pushed, rx, want), timeout=15, what=f"pushed == {tally}"
+            )
+            assert export is not None
+            scraped = daemon.scrape()
+            ours = [q for q in export.points if q.metric in families]
+            assert len(ours) == len(families) * 2  # each family once per socket
+            for q in ours:
+                family = families[q.metric]
+                assert (q.kind, q.monotonic, q.temporality) == ("sum", True, 2)  # CUMULATIVE
+                assert (q.unit, q.description) == (family.otel_unit, family.help)
+                assert prometheus_name(q) == family.name
+                attrs = dict(q.attrs)
+                assert attrs["process"] == "app-1" and attrs["socket"] in ("push", "pull")
+                assert 0 < q.start <= q.time
+                assert q.value == value(scraped, family.name, **attrs)  # app idle: the same
+            assert value(scraped, "zmq_exporter_relay_processes") == 1  # on /metrics only
+            assert not any(prometheus_name(q).startswith("zmq_exporter_relay") for q in ours)
+            assert not any(q.metric.startswith("zmq_exporter.relay") for q in export.points)
+    finally:
+        app.kill()
+        app.wait(5)
+        assert daemon.stop() == 0
+        rx.stop()
+    assert "Traceback" not in daemon.logs()
 
 
 UNMODIFIED = textwrap.dedent(
