@@ -530,6 +530,8 @@ def measure_messages(p: Profile, out: dict[str, Measure]) -> None:
             "windows": result.windows,
             "messages_per_window": per_window,
             "counted": result.counted,
+            "implementation": result.implementation,
+            "counting_cost_us_per_message": result.counting_cost_us,
         },
     )
 

@@ -221,7 +221,7 @@ class Instrumentation:
         self.relay: str | None = None  # the relay endpoint its state is sent to
         self.late: str | None = None  # instrumented after a bind/connect: its last endpoint
         # With instrument(..., messages=True): the socket's message counts (its class is
-        # swapped for a counting subclass until close(); exporter/messages.py).
+        # swapped for a counting subclass until close(); exporter/messages/).
         self.message_counts: message_counting.MessageCounts | None = None
 
     def __repr__(self) -> str:

@@ -932,7 +932,7 @@ RELAY_FAMILIES: tuple[Family, ...] = (
 
 # -- message counts (library mode) -----------------------------------------------------------
 # Counted inside an application by `exporter.instrument(sock, name, messages=True)`
-# (exporter/messages.py) and served on its registry, its meter provider and, relayed, by
+# (exporter/messages/) and served on its registry, its meter provider and, relayed, by
 # the sidecar; the daemon cannot see messages, so not in DAEMON_FAMILIES. One series per socket
 # (`socket` and the configured labels, no `endpoint`), each from the instrument() call.
 # docs/messages.md is `python -m exporter.core.metrics --markdown messages`.

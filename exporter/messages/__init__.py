@@ -29,16 +29,25 @@ What is counted (`MessageCounts`):
   send first tries without waiting; only if that meets backpressure is the wait timed, so
   the usual send reads no clock.
 
+Two implementations of the same wrapper: `exporter/messages/_counting.c` (built at install when a
+C compiler and Python's headers are there; ~20x cheaper per message: no Python frames, and
+RCVMORE read from libzmq itself) and the Python functions below, used when the extension is
+missing, when it found no single libzmq in the process, or when a socket's handle is not
+that libzmq's. They count the same (tests/library/test_library_messages.py runs each path
+on both); `IMPLEMENTATION` says which one this process uses.
+
 Counts are written by the socket's own thread (sockets are not thread-safe) and read by
-scrapes from others: plain int and float attributes, each read whole under the GIL.
+scrapes from others: plain integer and float fields, each read whole under the GIL.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping
-from typing import Any
+from types import ModuleType
+from typing import TYPE_CHECKING, Any
 
 import zmq
 import zmq.backend
@@ -48,6 +57,7 @@ from exporter.core import metrics
 
 __all__ = [
     "ENV_MESSAGES",
+    "IMPLEMENTATION",
     "MessageCounts",
     "count",
     "counts",
@@ -73,25 +83,44 @@ _COUNTS = "_zmq_exporter_message_counts"
 _ORIGINAL = "_zmq_exporter_original_class"
 
 
-class MessageCounts:
+def _load_compiled() -> ModuleType | None:
+    """exporter.messages._counting if it was built and found the process's one libzmq."""
+    try:
+        import exporter.messages._counting as _counting
+    except ImportError:  # installed without a C compiler: the Python wrapper counts
+        return None
+    return _counting if _counting.libzmq is not None else None
+
+
+_compiled = _load_compiled()
+# "compiled" or "python": which wrapper new counted sockets get (see the module docstring).
+IMPLEMENTATION = "compiled" if _compiled is not None else "python"
+
+_FIELDS = ("sent", "received", "bytes_sent", "bytes_received", "would_block", "blocked_seconds")
+
+if TYPE_CHECKING or _compiled is None:
+
+    class _Storage:
+        """The counts' fields (the compiled module's `Counts` when built: C integers)."""
+
+        __slots__ = _FIELDS
+
+        def __init__(self) -> None:
+            self.sent = 0
+            self.received = 0
+            self.bytes_sent = 0
+            self.bytes_received = 0
+            self.would_block = 0
+            self.blocked_seconds = 0.0
+
+else:
+    _Storage = _compiled.Counts
+
+
+class MessageCounts(_Storage):
     """One socket's message counts since `count()` (monotonic, never reset)."""
 
-    __slots__ = (
-        "blocked_seconds",
-        "bytes_received",
-        "bytes_sent",
-        "received",
-        "sent",
-        "would_block",
-    )
-
-    def __init__(self) -> None:
-        self.sent = 0
-        self.received = 0
-        self.bytes_sent = 0
-        self.bytes_received = 0
-        self.would_block = 0
-        self.blocked_seconds = 0.0
+    __slots__ = ()
 
     def values(self) -> tuple[int, int, int, int, int, float]:
         """(sent, received, bytes_sent, bytes_received, would_block, blocked_seconds),
@@ -106,7 +135,7 @@ class MessageCounts:
         )
 
     def __repr__(self) -> str:
-        return "MessageCounts(" + ", ".join(f"{k}={getattr(self, k)}" for k in self.__slots__) + ")"
+        return "MessageCounts(" + ", ".join(f"{k}={getattr(self, k)}" for k in _FIELDS) + ")"
 
 
 def _nbytes(data: Any) -> int:
@@ -119,16 +148,30 @@ def _nbytes(data: Any) -> int:
         return 0
 
 
+# A send's `data` not given (pyzmq's own send will say so).
+_MISSING: Any = object()
+
+
+def _as(wrapper: Callable[..., Any], wrapped: Callable[..., Any]) -> None:
+    """`wrapper` shows `wrapped`'s name, doc and signature (`__wrapped__`), and its errors
+    about arguments name it as pyzmq's (they read the code's qualified name)."""
+    functools.update_wrapper(wrapper, wrapped)
+    code = getattr(wrapper, "__code__", None)
+    if code is not None:
+        wrapper.__code__ = code.replace(co_qualname=wrapped.__qualname__)
+
+
 def _looks(cls: type) -> dict[str, Any]:
     """What pyzmq reads from a socket's exact class, not inherited (`_repr_cls`: the name
     `repr()` shows, e.g. `zmq.Socket`)."""
     return {k: cls.__dict__[k] for k in ("_repr_cls",) if k in cls.__dict__}
 
 
-def _sync_class(cls: type[zmq.Socket[Any]], c: MessageCounts, waits: bool) -> type:
+def _sync_class(cls: type[zmq.Socket[Any]], c: MessageCounts, waits: bool, compiled: bool) -> type:
     """A subclass of `cls` counting into `c`. `waits`: time blocking sends and count
     `zmq.Again` (False for an asyncio socket's shadow, whose sends never wait and whose
-    `Again` are the asyncio layer's own attempts, not the application's)."""
+    `Again` are the asyncio layer's own attempts, not the application's). `compiled`: the
+    compiled wrapper counts (else the Python functions below)."""
     base_send = cls.send
     # pyzmq's own Socket.send only handles routing_id/group (keywords, which go through
     # `base_send`) before calling the compiled send: call that directly, one Python frame
@@ -137,71 +180,95 @@ def _sync_class(cls: type[zmq.Socket[Any]], c: MessageCounts, waits: bool) -> ty
     base_recv = cls.recv
     base_get = cls.get
     base_recv_into: Callable[..., int] | None = getattr(cls, "recv_into", None)
+    namespace: dict[str, Any] = {
+        "__slots__": (),
+        "__module__": cls.__module__,
+        "__qualname__": cls.__qualname__,
+        "__doc__": cls.__doc__,
+        _COUNTS: c,
+        _ORIGINAL: cls,
+        **_looks(cls),
+    }
+    if compiled and _compiled is not None:
+        namespace["send"] = _compiled.Sender(c, base_send, direct_send, _Again, waits)
+        namespace["recv"] = _compiled.Receiver(c, base_recv)
+        if base_recv_into is not None:
+            namespace["recv_into"] = _compiled.Receiver(c, base_recv_into)
+        return type(cls.__name__, (cls,), namespace)
 
-    def waiting(
-        self: Any, data: Any, flags: int, copy: bool, track: bool, kw: dict[str, Any]
-    ) -> Any:
-        """The send as asked, timed unless NOBLOCK (it may wait for room)."""
+    def waiting(self: Any, args: tuple[Any, ...], kw: dict[str, Any], flags: int | None) -> Any:
+        """The send as the application asked it, timed unless NOBLOCK (it may wait for
+        room). `flags`: None when they are not an int (pyzmq will say what it thinks)."""
         if not waits:
-            return base_send(self, data, flags, copy, track, **kw)
-        if flags & _NOBLOCK:
+            return base_send(self, *args, **kw)
+        if flags is not None and flags & _NOBLOCK:
             try:
-                return base_send(self, data, flags, copy, track, **kw)
+                return base_send(self, *args, **kw)
             except _Again:
                 c.would_block += 1
                 raise
         start = _perf()
         try:
-            return base_send(self, data, flags, copy, track, **kw)
+            return base_send(self, *args, **kw)
         except _Again:  # SNDTIMEO expired
             c.would_block += 1
             raise
         finally:
             c.blocked_seconds += _perf() - start
 
+    # `*more, **kw`: a call with more than pyzmq's usual parameters (routing_id, group, or
+    # one it refuses) goes to pyzmq's own method as it came, refused in pyzmq's words.
     def send(
-        self: Any, data: Any, flags: int = 0, copy: bool = True, track: bool = False, **kw: Any
+        self: Any,
+        data: Any = _MISSING,
+        flags: Any = 0,
+        copy: bool = True,
+        track: bool = False,
+        *more: Any,
+        **kw: Any,
     ) -> Any:
-        if kw or not waits or flags & _NOBLOCK:  # kw: routing_id, group (draft sockets)
-            result = waiting(self, data, flags, copy, track, kw)
+        # An int, never an enum: IntFlag's `&` costs a microsecond. None: not a number.
+        known = flags if type(flags) is int else int(flags) if isinstance(flags, int) else None
+        if more or kw or data is _MISSING or known is None or not waits or known & _NOBLOCK:
+            given = () if data is _MISSING else (data, flags, copy, track, *more)
+            result = waiting(self, given, kw, known)
         else:
             # Without waiting first: only a send that meets backpressure reads the clock.
             try:
-                result = direct_send(self, data, flags | _NOBLOCK, copy, track)
+                result = direct_send(self, data, known | _NOBLOCK, copy, track)
             except _Again:
-                result = waiting(self, data, flags, copy, track, kw)
+                result = waiting(self, (data, flags, copy, track), kw, known)
         # After the send: what pyzmq refuses (a str) raises its own error first.
         c.bytes_sent += len(data) if type(data) is bytes else _nbytes(data)
-        if not flags & _SNDMORE:
+        if known is None or not known & _SNDMORE:
             c.sent += 1
         return result
 
-    def recv(self: Any, flags: int = 0, copy: bool = True, track: bool = False) -> Any:
-        # Always as a Frame: its `more` is read from the message itself, where asking the
-        # socket for RCVMORE costs twice a small recv (pyzmq maps the option to its type
-        # through an enum lookup). copy=True returns the Frame's bytes, as pyzmq would.
+    def recv(
+        self: Any, flags: Any = 0, copy: bool = True, track: bool = False, *more: Any, **kw: Any
+    ) -> Any:
+        if more or kw:  # as given; RCVMORE asked of the socket
+            got = base_recv(self, flags, copy, track, *more, **kw)
+            c.bytes_received += len(got)
+            if not base_get(self, _RCVMORE):
+                c.received += 1
+            return got
+        # As a Frame: its `more` is read from the message itself, where asking the socket
+        # for RCVMORE costs twice a small recv (pyzmq maps the option to its type through
+        # an enum lookup). copy=True returns the Frame's bytes, as pyzmq would.
         frame = base_recv(self, flags, False, track)
         c.bytes_received += len(frame)
         if not frame.more:
             c.received += 1
         return frame.bytes if copy else frame
 
-    namespace: dict[str, Any] = {
-        "__slots__": (),
-        "__module__": cls.__module__,
-        "__qualname__": cls.__qualname__,
-        "__doc__": cls.__doc__,
-        "send": send,
-        "recv": recv,
-        _COUNTS: c,
-        _ORIGINAL: cls,
-        **_looks(cls),
-    }
+    namespace["send"] = send
+    namespace["recv"] = recv
     if base_recv_into is not None:
         original_recv_into = base_recv_into
 
-        def recv_into(self: Any, buf: Any, /, *, nbytes: int = 0, flags: int = 0) -> int:
-            size = original_recv_into(self, buf, nbytes=nbytes, flags=flags)
+        def recv_into(self: Any, *args: Any, **kw: Any) -> int:
+            size = original_recv_into(self, *args, **kw)
             c.bytes_received += size
             if not base_get(self, _RCVMORE):
                 c.received += 1
@@ -210,7 +277,7 @@ def _sync_class(cls: type[zmq.Socket[Any]], c: MessageCounts, waits: bool) -> ty
         namespace["recv_into"] = recv_into
     for name in ("send", "recv", "recv_into"):
         if name in namespace:
-            namespace[name].__doc__ = getattr(cls, name).__doc__
+            _as(namespace[name], getattr(cls, name))
     return type(cls.__name__, (cls,), namespace)
 
 
@@ -244,8 +311,8 @@ def _async_class(cls: type[zmq.Socket[Any]], c: MessageCounts) -> type:
     ) -> Any:
         return watch(base_send_multipart(self, msg_parts, flags, copy, track, **kw), _perf())
 
-    send.__doc__ = base_send.__doc__
-    send_multipart.__doc__ = base_send_multipart.__doc__
+    _as(send, base_send)
+    _as(send_multipart, base_send_multipart)
     namespace: dict[str, Any] = {
         "__slots__": (),
         "__module__": cls.__module__,
@@ -277,15 +344,27 @@ def count(sock: zmq.Socket[Any]) -> MessageCounts:
     shadow = getattr(sock, "_shadow_sock", None)
     if isinstance(shadow, zmq.Socket) and shadow is not sock:
         # zmq.asyncio (and other _AsyncSocket flavours): the shadow does the I/O.
-        shadow.__class__ = _sync_class(type(shadow), c, waits=False)
+        shadow.__class__ = _sync_class(type(shadow), c, False, _compiled_can_count(shadow))
         try:
             sock.__class__ = _async_class(type(sock), c)
         except BaseException:
             uncount(shadow)
             raise
     else:
-        sock.__class__ = _sync_class(type(sock), c, waits=True)
+        sock.__class__ = _sync_class(type(sock), c, True, _compiled_can_count(sock))
     return c
+
+
+def _compiled_can_count(sock: zmq.Socket[Any]) -> bool:
+    """Whether the compiled wrapper can count `sock`: the libzmq the extension found is
+    the one that made this socket (it reads the socket's own type through it)."""
+    if _compiled is None:
+        return False
+    try:
+        seen: int = _compiled.socket_type(sock.underlying)
+        return seen == int(sock.type)
+    except zmq.ZMQError:  # closed: the Python wrapper (it will count nothing)
+        return False
 
 
 def uncount(sock: zmq.Socket[Any]) -> None:

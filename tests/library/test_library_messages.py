@@ -49,6 +49,29 @@ def tally(frames: list[list[bytes]]) -> tuple[int, int]:
     return len(frames), sum(len(f) for msg in frames for f in msg)
 
 
+@pytest.fixture(autouse=True, params=["compiled", "python"])
+def implementation(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test on both wrappers (exporter/messages/_counting.c and the Python functions
+    of exporter/messages/__init__.py): they must count alike."""
+    name: str = request.param
+    if name == "compiled":
+        if message_counting.IMPLEMENTATION != "compiled":
+            missing_tool(
+                "exporter.messages._counting (built at install with gcc and Python's headers)"
+            )
+    else:
+        monkeypatch.setattr(message_counting, "_compiled", None)
+    return name
+
+
+# Prepended to a subprocess's script: the wrapper the test's parameter names ("python": as
+# installed without a compiler, the extension absent).
+SELECT = {
+    "compiled": "",
+    "python": "import sys; sys.modules['exporter.messages._counting'] = None\n",
+}
+
+
 @pytest.fixture
 def registry() -> CollectorRegistry:
     return CollectorRegistry()
@@ -570,7 +593,11 @@ print("OK")
 """
 
 
-def test_green_sockets_count_exactly() -> None:
+# Appended to a subprocess's script: it ran the wrapper its parameter names.
+CHECK = "from exporter import messages; assert messages.IMPLEMENTATION == {!r}\n"
+
+
+def test_green_sockets_count_exactly(implementation: str) -> None:
     if importlib.util.find_spec("gevent") is None:
         missing_tool("gevent (the test extra)")
     import subprocess
@@ -580,7 +607,7 @@ def test_green_sockets_count_exactly() -> None:
 
     # Its own interpreter: zmq.green's hub and the suite's threads stay apart.
     proc = subprocess.run(
-        [sys.executable, "-c", GREEN],
+        [sys.executable, "-c", SELECT[implementation] + GREEN + CHECK.format(implementation)],
         capture_output=True,
         text=True,
         timeout=60,
@@ -646,3 +673,138 @@ def test_a_class_that_cannot_be_swapped_is_left_alone(
         handle.close()
     finally:
         odd.close(linger=0)
+
+
+# -- the wrappers themselves -----------------------------------------------------------------
+
+
+def test_the_wrapper_in_use_is_the_parameter(implementation: str, pair: tuple[Sock, Sock]) -> None:
+    mine, _ = pair
+    message_counting.count(mine)
+    try:
+        made = type(mine).__dict__
+        kinds = {type(made[name]).__name__ for name in ("send", "recv", "recv_into")}
+        assert kinds == ({"Sender", "Receiver"} if implementation == "compiled" else {"function"})
+    finally:
+        message_counting.uncount(mine)
+
+
+def test_every_calling_form_counts_and_fails_as_pyzmq(pair: tuple[Sock, Sock]) -> None:
+    """Keywords, positional flags, IntFlag flags, trackers, and the errors of calls pyzmq
+    refuses: the same results and messages as the uncounted socket's, and counts only for
+    what went through."""
+    import inspect
+
+    mine, peer = pair
+    own = {name: inspect.signature(getattr(mine, name)) for name in ("send", "recv", "recv_into")}
+    refused: list[str] = []
+
+    def calls(s: Any) -> None:
+        s.send(data=b"k1")
+        s.send(b"k2", flags=zmq.SNDMORE)
+        s.send(b"k3", zmq.Flag(0), copy=False)
+        tracker = s.send(b"k4" * 100, 0, False, True)
+        assert isinstance(tracker, zmq.MessageTracker)
+        s.send(memoryview(b"k5"), flags=0, copy=True, track=False)
+        bad_calls: list[Callable[[], object]] = [
+            lambda: s.send(b"x", nope=1),
+            lambda: s.send(b"x", 0, True, False, None, None, None),
+            lambda: s.send(),
+            lambda: s.send(b"x", "flags"),
+            lambda: s.send(b"x", 0, data=b"y"),
+            lambda: s.recv(0, True, False, 1),
+        ]
+        for bad in bad_calls:
+            with pytest.raises(Exception) as error:
+                bad()
+            refused.append(f"{type(error.value).__name__}: {error.value}")
+
+    calls(mine)
+    own_refused, refused = refused, []
+    assert [peer.recv_multipart() for _ in range(4)] == [
+        [b"k1"],
+        [b"k2", b"k3"],
+        [b"k4" * 100],
+        [b"k5"],
+    ]
+    counts = message_counting.count(mine)
+    try:
+        assert {n: inspect.signature(getattr(mine, n)) for n in own} == own
+        calls(mine)
+        assert refused == own_refused
+        assert [peer.recv_multipart() for _ in range(4)] == [
+            [b"k1"],
+            [b"k2", b"k3"],
+            [b"k4" * 100],
+            [b"k5"],
+        ]
+        assert (counts.sent, counts.bytes_sent) == (4, 2 + 2 + 2 + 200 + 2)
+        peer.send(b"r1", zmq.SNDMORE)
+        peer.send(b"r22")
+        assert mine.recv(flags=0) == b"r1"
+        frame = mine.recv(copy=False)
+        assert isinstance(frame, zmq.Frame) and frame.bytes == b"r22"
+        with pytest.raises(zmq.Again):
+            mine.recv(flags=zmq.NOBLOCK)
+        peer.send(b"into-me")
+        buf = bytearray(4)
+        assert mine.recv_into(buf, nbytes=4) == 7 and bytes(buf) == b"into"
+        assert (counts.received, counts.bytes_received) == (2, 2 + 3 + 7)
+    finally:
+        message_counting.uncount(mine)
+
+
+def test_no_reference_is_kept_or_lost(pair: tuple[Sock, Sock]) -> None:
+    """The wrapper holds no reference to what it sends or returns, and a socket's made
+    class dies with its counting (reference counts as a leak check: the C wrapper manages
+    them by hand)."""
+    import gc
+    import sys
+    import weakref
+
+    mine, peer = pair
+    payload = b"p" * 50
+    frame = zmq.Frame(b"f" * 50)
+    message_counting.count(mine)
+    made = weakref.ref(type(mine))
+    before = (sys.getrefcount(payload), sys.getrefcount(frame))
+    for _ in range(1000):
+        mine.send(payload)
+        mine.send(frame, copy=False)
+        peer.recv()
+        peer.recv()
+    received = []
+    for _ in range(1000):
+        peer.send(payload)
+        received.append(mine.recv())
+    # Held by the list and by getrefcount's argument only.
+    assert {sys.getrefcount(received[i]) for i in range(10)} == {2}
+    message_counting.uncount(mine)
+    assert (sys.getrefcount(payload), sys.getrefcount(frame)) == before
+    gc.collect()
+    assert made() is None
+
+
+def test_a_shadow_of_another_socket_counts_its_own_frames(
+    ctx: Ctx, pair: tuple[Sock, Sock]
+) -> None:
+    """`type(sock).shadow(address)` of a counted socket's class shares its counts; whether
+    more frames follow is read from the socket the call was made on, not the counted one."""
+    mine, peer = pair
+    a, b = ctx.socket(zmq.PAIR), ctx.socket(zmq.PAIR)
+    try:
+        a.linger = b.linger = 0
+        b.rcvtimeo = 10_000
+        port = a.bind_to_random_port("tcp://127.0.0.1")
+        b.connect(f"tcp://127.0.0.1:{port}")
+        counts = message_counting.count(mine)
+        other = type(mine).shadow(b.underlying)
+        a.send_multipart([b"1", b"22", b"333"])
+        peer.send(b"single")
+        assert other.recv_multipart() == [b"1", b"22", b"333"]
+        assert mine.recv() == b"single"
+        assert (counts.received, counts.bytes_received) == (2, 6 + 6)
+    finally:
+        message_counting.uncount(mine)
+        a.close()
+        b.close()
