@@ -10,7 +10,9 @@
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 # ---- builder: dependencies and the package into a venv (pyzmq ships libzmq in its wheel,
-# so no compiler is needed; the venv is the only thing the runtime stage takes).
+# so no compiler is needed; the venv is the only thing the runtime stage takes). Without a
+# compiler, library mode's compiled message counter (exporter/messages/_counting.c, an
+# optional extension) is not built: the daemon never counts messages itself.
 FROM ${PYTHON_IMAGE} AS builder
 ENV PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PIP_NO_CACHE_DIR=1
