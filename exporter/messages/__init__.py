@@ -150,6 +150,27 @@ def _nbytes(data: Any) -> int:
 
 # A send's `data` not given (pyzmq's own send will say so).
 _MISSING: Any = object()
+_SEND_PARAMETERS = ("data", "flags", "copy", "track")
+_SEND_DEFAULTS = (0, True, False)
+_RECV_DEFAULTS: tuple[Any, ...] = (0, True, False)
+
+
+def _send_arguments(args: tuple[Any, ...], kw: dict[str, Any]) -> tuple[Any, Any, Any, Any, bool]:
+    """(data, flags, copy, track, other) of a send call, read as pyzmq's send binds them;
+    `other`: the call has what pyzmq's own send handles (routing_id, group) or refuses.
+    `data` is `_MISSING` when not given."""
+    slots = [*args[:4], *(_MISSING,) * max(0, 4 - len(args))]
+    other = len(args) > 4
+    for key, value in kw.items():
+        i = _SEND_PARAMETERS.index(key) if key in _SEND_PARAMETERS else -1
+        if i < 0 or slots[i] is not _MISSING:
+            other = True
+        else:
+            slots[i] = value
+    for i, default in enumerate(_SEND_DEFAULTS, start=1):
+        if slots[i] is _MISSING:
+            slots[i] = default
+    return slots[0], slots[1], slots[2], slots[3], other or slots[0] is _MISSING
 
 
 def _as(wrapper: Callable[..., Any], wrapped: Callable[..., Any]) -> None:
@@ -216,43 +237,44 @@ def _sync_class(cls: type[zmq.Socket[Any]], c: MessageCounts, waits: bool, compi
         finally:
             c.blocked_seconds += _perf() - start
 
-    # `*more, **kw`: a call with more than pyzmq's usual parameters (routing_id, group, or
-    # one it refuses) goes to pyzmq's own method as it came, refused in pyzmq's words.
-    def send(
-        self: Any,
-        data: Any = _MISSING,
-        flags: Any = 0,
-        copy: bool = True,
-        track: bool = False,
-        *more: Any,
-        **kw: Any,
-    ) -> Any:
+    # `*args, **kw`, as given: pyzmq's own method binds them (so it refuses what it
+    # refuses, in its words); the usual calls are read here without binding.
+    def send(self: Any, *args: Any, **kw: Any) -> Any:
+        n = len(args)
+        if not kw and n == 1:  # send(data): the usual call
+            data, flags, copy, track, other = args[0], 0, True, False, False
+        elif not kw and n == 2:  # send(data, flags): send_multipart's frames
+            data, flags, copy, track, other = args[0], args[1], True, False, False
+        else:
+            data, flags, copy, track, other = _send_arguments(args, kw)
         # An int, never an enum: IntFlag's `&` costs a microsecond. None: not a number.
         known = flags if type(flags) is int else int(flags) if isinstance(flags, int) else None
-        if more or kw or data is _MISSING or known is None or not waits or known & _NOBLOCK:
-            given = () if data is _MISSING else (data, flags, copy, track, *more)
-            result = waiting(self, given, kw, known)
+        if other or known is None or not waits or known & _NOBLOCK:
+            result = waiting(self, args, kw, known)
         else:
             # Without waiting first: only a send that meets backpressure reads the clock.
             try:
                 result = direct_send(self, data, known | _NOBLOCK, copy, track)
             except _Again:
-                result = waiting(self, (data, flags, copy, track), kw, known)
+                result = waiting(self, args, kw, known)
         # After the send: what pyzmq refuses (a str) raises its own error first.
-        c.bytes_sent += len(data) if type(data) is bytes else _nbytes(data)
+        if data is not _MISSING:
+            c.bytes_sent += len(data) if type(data) is bytes else _nbytes(data)
         if known is None or not known & _SNDMORE:
             c.sent += 1
         return result
 
-    def recv(
-        self: Any, flags: Any = 0, copy: bool = True, track: bool = False, *more: Any, **kw: Any
-    ) -> Any:
-        if more or kw:  # as given; RCVMORE asked of the socket
-            got = base_recv(self, flags, copy, track, *more, **kw)
+    def recv(self: Any, *args: Any, **kw: Any) -> Any:
+        if kw or len(args) > 3:  # as given; RCVMORE asked of the socket
+            got = base_recv(self, *args, **kw)
             c.bytes_received += len(got)
             if not base_get(self, _RCVMORE):
                 c.received += 1
             return got
+        if args:
+            flags, copy, track = args + _RECV_DEFAULTS[len(args) :]
+        else:  # recv(): the usual call
+            flags, copy, track = 0, True, False
         # As a Frame: its `more` is read from the message itself, where asking the socket
         # for RCVMORE costs twice a small recv (pyzmq maps the option to its type through
         # an enum lookup). copy=True returns the Frame's bytes, as pyzmq would.

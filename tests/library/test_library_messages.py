@@ -20,6 +20,8 @@ from typing import Any, cast
 import pytest
 import zmq
 import zmq.asyncio
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, generate_latest
 
 import exporter
@@ -808,3 +810,80 @@ def test_a_shadow_of_another_socket_counts_its_own_frames(
         message_counting.uncount(mine)
         a.close()
         b.close()
+
+
+# Arguments a send may be given, well-formed or not (pyzmq decides which it refuses).
+SEND_VALUES: dict[str, list[Any]] = {
+    "data": [
+        b"",
+        b"abc",
+        bytearray(b"xy"),
+        memoryview(b"0123456789")[::3],
+        array.array("i", [1, 2]),
+        zmq.Frame(b"frame"),
+        "text",
+        None,
+        5,
+    ],
+    "flags": [0, zmq.SNDMORE, zmq.NOBLOCK, zmq.NOBLOCK | zmq.SNDMORE, True, "1", 2**70, -3],
+    "copy": [True, False, None, 0],
+    "track": [False, True],
+}
+EXTRA_KEYWORDS: list[dict[str, Any]] = [{}, {"routing_id": None}, {"group": None}, {"nope": 1}]
+
+
+@st.composite
+def send_calls(draw: st.DrawFn) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """One send call: a prefix of (data, flags, copy, track) positional, some of the rest
+    as keywords, sometimes an extra keyword or one named twice."""
+    values = [draw(st.sampled_from(SEND_VALUES[p])) for p in SEND_VALUES]
+    given = draw(st.integers(0, 4))
+    names = list(SEND_VALUES)
+    keywords = {
+        n: v for n, v in zip(names[given:], values[given:], strict=True) if draw(st.booleans())
+    }
+    keywords.update(draw(st.sampled_from(EXTRA_KEYWORDS)))
+    if given and draw(st.integers(0, 9)) == 0:
+        keywords[names[0]] = values[0]  # data twice
+    return tuple(values[:given]), keywords
+
+
+def outcome(send: Callable[..., object], args: tuple[Any, ...], kw: dict[str, Any]) -> str:
+    try:
+        return type(send(*args, **kw)).__name__
+    except Exception as error:
+        return f"{type(error).__name__}: {error}"
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(calls=st.lists(send_calls(), min_size=1, max_size=6))
+def test_any_send_call_behaves_as_pyzmq_and_counts_what_arrived(
+    pair: tuple[Sock, Sock], calls: list[tuple[tuple[Any, ...], dict[str, Any]]]
+) -> None:
+    """Hypothesis: any send call, well-formed or not, gives the counted socket's caller what
+    the uncounted socket gave (result type, or the error and its words), and the counts are
+    what the peer received: messages and payload bytes, by the peer's own tally (a closing
+    message ends any multipart message left open)."""
+    mine, peer = pair
+    mine.sndtimeo = 200  # a send with no room fails fast instead of waiting 10 s
+    end = b"end-of-example"
+
+    def run() -> tuple[list[str], int, int]:
+        outcomes = [outcome(mine.send, args, kw) for args, kw in calls]
+        zmq.Socket.send(mine, end)  # pyzmq's own send: never counted
+        got: list[list[bytes]] = []
+        while not got or got[-1][-1] != end:
+            got.append(peer.recv_multipart())
+        messages, size = tally(got)
+        return outcomes, messages - 1, size - len(end)
+
+    own_outcomes, _, _ = run()
+    counts = message_counting.count(mine)
+    try:
+        outcomes, messages, size = run()
+        assert outcomes == own_outcomes
+        assert (counts.sent, counts.bytes_sent) == (messages, size)
+    finally:
+        message_counting.uncount(mine)
