@@ -4,19 +4,23 @@ from its first bind/connect on, without touching the code that creates it.
     exporter.instrument_sockets()                      # every pyzmq context
     exporter.instrument_sockets(ctx, name="{type}@{endpoint}", relay="ipc:///run/zx.sock")
 
-How: `zmq.Context.socket` (which zmq.green's and zmq.asyncio's contexts inherit) marks the
-sockets it creates; `zmq.Socket.bind`/`connect` instrument a marked socket on its first call,
-before libzmq sees the endpoint, so the monitor sees the LISTENING/CONNECTED events of every
-connection. The name is known then: by default the socket type and its first endpoint as
-given (`ROUTER@tcp://*:5555`), `#2`, `#3`... for further open sockets of the same type and
-endpoint (an ordinal among those open at the time, so the names of a program that creates its
-sockets in the same order are the same after a restart, and their number is bounded by the
-sockets open at once, and by `max_sockets`). A socket never bound or connected is never
-instrumented (it has nothing to watch). Later binds and connects of an instrumented socket go
-through its `Instrumentation` (labelled as given).
+How: `zmq.Socket.__init__` (which every socket class runs: zmq.green's, zmq.asyncio's, an
+application's subclass; whether made by `ctx.socket(type)` or `zmq.Socket(ctx, type)`) marks
+each new socket whose context a hook applies to; a shadow (`Socket.shadow(address)`,
+`Socket(shadow=...)`, `Socket(other)`, zmq.asyncio's internal `_shadow_sock`) is another
+handle on a socket, never marked itself. `zmq.Socket.bind`/`connect` instrument a marked
+socket on its first call, before libzmq sees the endpoint, so the monitor sees the
+LISTENING/CONNECTED events of every connection. The name is known then: by default the
+socket type and its first endpoint as given (`ROUTER@tcp://*:5555`), `#2`, `#3`... for
+further open sockets of the same type and endpoint (an ordinal among those open at the time,
+so the names of a program that creates its sockets in the same order are the same after a
+restart, and their number is bounded by the sockets open at once, and by `max_sockets`). A
+socket never bound or connected is never instrumented (it has nothing to watch). Later binds
+and connects of an instrumented socket go through its `Instrumentation` (labelled as given).
 
-Sockets the exporter creates for itself (the relay sender's) are left alone: the hook skips
-calls from the exporter's own modules.
+Sockets the exporter creates for itself (the relay sender's, the monitors' PAIRs) are left
+alone: the hook skips sockets whose first caller outside pyzmq is one of the exporter's own
+modules.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ import threading
 import weakref
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 import zmq
@@ -116,36 +121,58 @@ def _free_name(base: str) -> str:
     raise library.InstrumentError(f"no free name for {base!r}")
 
 
+# Frames looked at to find who creates a socket (pyzmq's own and our wrappers are skipped).
+_MAX_CALLER_DEPTH = 64
+
+
 def _from_exporter() -> bool:
-    """Called (two frames up) from the exporter's own modules."""
-    caller = sys._getframe(2).f_globals.get("__name__", "")
-    return (
-        isinstance(caller, str)
-        and caller.startswith("exporter.")
-        and not caller.startswith("exporter.instrument.")
-    )
+    """The socket being created is created by the exporter's own modules: the first caller
+    that is neither pyzmq (`Context.socket`, zmq.asyncio's and zmq.green's `__init__`s) nor
+    exporter.instrument (these wrappers, the launcher's) is one of them."""
+    frame: FrameType | None = sys._getframe(2)
+    for _ in range(_MAX_CALLER_DEPTH):
+        if frame is None:
+            return False
+        module = frame.f_globals.get("__name__", "")
+        if not isinstance(module, str):
+            return False
+        if module == "zmq" or module.startswith(("zmq.", "exporter.instrument.")):
+            frame = frame.f_back
+            continue
+        return module.startswith("exporter.")
+    return False
 
 
-def _hooked_socket(self: zmq.Context[Any], *args: Any, **kwargs: Any) -> Any:
-    sock = _originals["socket"](self, *args, **kwargs)
-    if not _hooks or _from_exporter():
-        return sock
-    for hook in list(_hooks):
-        if hook.applies_to(self):
-            _pending[sock] = hook
-            if hook.heartbeat:
-                _set_heartbeat(sock, hook.heartbeat)
-            break
-    return sock
+def _hooked_init(self: zmq.Socket[Any], *args: Any, **kwargs: Any) -> None:
+    _originals["init"](self, *args, **kwargs)
+    if not _hooks or getattr(self, "_shadow", False):
+        return  # a shadow: the socket it shadows is the one marked (or not)
+    try:
+        if _from_exporter():
+            return
+        context = self.context
+        for hook in list(_hooks):
+            if hook.applies_to(context):
+                _pending[self] = hook
+                if hook.heartbeat:
+                    _set_heartbeat(self, hook.heartbeat)
+                break
+    except Exception:
+        # Never break the application's socket for its instrumentation.
+        log.exception("instrument_sockets: could not look at a new socket")
 
 
 def _set_heartbeat(sock: zmq.Socket[Any], seconds: float) -> None:
     """ZMTP heartbeats (they act only on connections made after they are set): a PING
-    every `seconds`, the connection dropped when nothing came back for twice that."""
+    every `seconds`, the connection dropped when nothing came back for twice that. Set at
+    creation, so an option the application or its context's defaults (`ctx.sockopts`, applied
+    after `__init__` by `Context.socket`) set afterwards wins."""
     ivl = max(1, round(seconds * 1000))
     for option, value in ((zmq.HEARTBEAT_IVL, ivl), (zmq.HEARTBEAT_TIMEOUT, 2 * ivl)):
         try:
-            sock.setsockopt(option, value)
+            # pyzmq's own setter: called from inside `__init__`, before a subclass's
+            # `__init__` has set up what its own `setsockopt` may need.
+            zmq.Socket.setsockopt(sock, option, value)
         except zmq.ZMQError:
             return  # a type without connections (none in libzmq 4.3) or a closed socket
 
@@ -209,10 +236,10 @@ def _install() -> None:
     """Patch pyzmq's classes once per process (idempotent)."""
     if _originals:
         return
-    _originals["socket"] = zmq.Context.socket
+    _originals["init"] = zmq.Socket.__init__
     _originals["bind"] = zmq.Socket.bind
     _originals["connect"] = zmq.Socket.connect
-    zmq.Context.socket = _hooked_socket  # type: ignore[method-assign]
+    zmq.Socket.__init__ = _hooked_init  # type: ignore[method-assign]
     zmq.Socket.bind = _through("bind")  # type: ignore[method-assign]
     zmq.Socket.connect = _through("connect")  # type: ignore[method-assign]
 
@@ -244,8 +271,9 @@ def instrument_sockets(
     max_sockets: int = DEFAULT_MAX_SOCKETS,
     **instrument_kwargs: Any,
 ) -> SocketHook:
-    """Instrument every socket `context` creates (None: every pyzmq context, including
-    zmq.green's and zmq.asyncio's), from its first bind/connect on, as
+    """Instrument every socket of `context` (None: every pyzmq context, including
+    zmq.green's and zmq.asyncio's), created by `ctx.socket(type)` or `zmq.Socket(ctx, type)`
+    (or any subclass's constructor) after this call, from its first bind/connect on, as
     `exporter.instrument(socket, name, ...)` would.
 
     `name`: a format string with `{type}`, `{role}` and `{endpoint}` (the first endpoint,
@@ -255,8 +283,8 @@ def instrument_sockets(
     that) on each socket at creation, so a frozen peer is dropped (off by default).
     `max_sockets`: at most that many sockets instrumented by this hook (the rest are left
     alone, with one warning). Other keyword arguments (`events`, `messages`...) go to
-    `instrument()`. Sockets created before this call, or by `zmq.Socket(ctx, type)` rather
-    than `ctx.socket(type)`, are not affected."""
+    `instrument()`. Sockets created before this call, and shadows (`Socket.shadow()`: another
+    handle on a socket), are not affected."""
     if name is None or (not callable(name) and not isinstance(name, str)):
         raise library.InstrumentError("name must be a format string or a callable")
     if max_sockets < 1:

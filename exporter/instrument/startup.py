@@ -1,6 +1,7 @@
 """What the launcher runs at the start of every Python process of the program (from
 bootstrap/sitecustomize.py): one meta path finder, and nothing else until the program
-imports zmq. Then `zmq.Context.socket` is wrapped so that the program's first socket loads
+imports zmq. Then `zmq.Socket.__init__` is wrapped so that the program's first socket (made
+by `ctx.socket(type)`, `zmq.Socket(ctx, type)` or a subclass) loads
 library mode and `instrument_sockets()` from the environment (env.py): a program that never
 creates a socket pays for neither, and gevent's `monkey.patch_all()`, which programs run
 first, has run before anything of ours starts a thread or imports prometheus_client.
@@ -60,19 +61,19 @@ def _zmq_imported(zmq: ModuleType) -> None:
     with_finder = [f for f in sys.meta_path if isinstance(f, _ZmqFinder)]
     for finder in with_finder:
         sys.meta_path.remove(finder)
-    context = zmq.Context
-    original = context.socket
+    socket_class = zmq.Socket
+    original = socket_class.__init__
 
-    def socket(self: Any, *args: Any, **kwargs: Any) -> Any:
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:
         global _started
-        if context.socket is socket:
-            context.socket = original  # before the hooks wrap the original
+        if socket_class.__init__ is __init__:
+            socket_class.__init__ = original  # before the hooks wrap the original
         if not _started:
             _started = True
             _start()
-        return context.socket(self, *args, **kwargs)
+        socket_class.__init__(self, *args, **kwargs)
 
-    context.socket = socket
+    socket_class.__init__ = __init__
 
 
 def _start() -> None:

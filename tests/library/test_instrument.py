@@ -88,6 +88,109 @@ def test_instrument_sockets_names_and_counts_from_creation() -> None:
             app.wait()
 
 
+DIRECT = textwrap.dedent(
+    """\
+    import json, sys, zmq, zmq.asyncio, exporter
+    from prometheus_client import generate_latest
+
+    class AppSocket(zmq.Socket):                 # an application's own socket class
+        received = 0
+        def __init__(self, ctx, kind):
+            super().__init__(ctx, kind)
+            self.received = 0
+
+    ctx, actx, plain = zmq.Context(), zmq.asyncio.Context(), zmq.Context()
+    hook = exporter.instrument_sockets(ctx, heartbeat=5)
+    ahook = exporter.instrument_sockets(actx, heartbeat=5)
+    router = zmq.Socket(ctx, zmq.ROUTER)         # not through ctx.socket()
+    twins = [zmq.Socket.shadow(router), zmq.Socket(shadow=router.underlying), zmq.Socket(router)]
+    router.bind("tcp://127.0.0.1:*")
+    pull = AppSocket(ctx, zmq.PULL)
+    pull.bind("tcp://127.0.0.1:*")
+    pub = zmq.asyncio.Socket(actx, zmq.PUB)
+    pub.bind("tcp://127.0.0.1:*")
+    adealer = zmq.asyncio.Socket(actx, zmq.DEALER)
+    ep = {"router": router.last_endpoint.decode(), "pull": pull.last_endpoint.decode(),
+          "pub": pub.last_endpoint.decode()}
+    adealer.connect(ep["router"])
+    twins.append(zmq.Socket.shadow(pull))        # shadows of instrumented sockets
+    twins.append(zmq.asyncio.Socket.from_socket(pull))
+    # Peers from a context no hook applies to, made both ways: left alone.
+    peers = [zmq.Socket(plain, zmq.DEALER), plain.socket(zmq.DEALER)]
+    for peer in peers:
+        peer.connect(ep["router"])
+    push = zmq.Socket(plain, zmq.PUSH)
+    push.connect(ep["pull"])
+    sub = zmq.Socket(plain, zmq.SUB)
+    sub.connect(ep["pub"])
+    ivl = {name: s.getsockopt(zmq.HEARTBEAT_IVL) for name, s in
+           (("router", router), ("pull", pull), ("pub", pub), ("adealer", adealer),
+            ("peer", peers[0]), ("push", push))}
+    print(json.dumps({"ep": ep, "ivl": ivl}), flush=True)
+    for line in sys.stdin:                        # one scrape per line
+        print(json.dumps({"text": generate_latest().decode(),
+                          "count": [hook.instrumented, ahook.instrumented]}), flush=True)
+    """
+)
+
+
+def test_sockets_made_by_their_constructor_are_instrumented() -> None:
+    """`zmq.Socket(ctx, type)`, an application's subclass instantiated directly and
+    `zmq.asyncio.Socket(actx, type)` are instrumented at their first bind/connect by the
+    hook of their context (heartbeat set at creation); their shadows (zmq.asyncio's own
+    included) are not instrumented again; a context no hook applies to is left alone."""
+    app = subprocess.Popen(
+        [sys.executable, "-c", DIRECT],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=ROOT,
+    )  # fmt: skip
+    try:
+        assert app.stdout is not None and app.stdin is not None
+        start = json.loads(app.stdout.readline())
+        ep = start["ep"]
+        assert start["ivl"] == {
+            "router": 5000, "pull": 5000, "pub": 5000, "adealer": 5000, "peer": 0, "push": 0
+        }  # fmt: skip
+        expected = {
+            ("ROUTER@tcp://127.0.0.1:*", "tcp://127.0.0.1:*"): 3,  # 2 peers + the asyncio DEALER
+            ("PULL@tcp://127.0.0.1:*", "tcp://127.0.0.1:*"): 1,
+            ("PUB@tcp://127.0.0.1:*", "tcp://127.0.0.1:*"): 1,
+            ("DEALER@" + ep["router"], ep["router"]): 1,
+        }
+        report: dict[str, object] = {}
+
+        def scrape() -> dict[str, object]:
+            assert app.stdin is not None and app.stdout is not None
+            app.stdin.write("\n")
+            app.stdin.flush()
+            return dict(json.loads(app.stdout.readline()))
+
+        def all_connected() -> bool:
+            report.update(scrape())
+            s = parse_metrics(str(report["text"]))
+            return all(
+                value(s, "zmq_connections", socket=name, endpoint=endpoint) == n
+                for (name, endpoint), n in expected.items()
+            )
+
+        wait_until(all_connected, timeout=15, what="every socket's peers connected")
+        s = parse_metrics(str(report["text"]))
+        # Exactly these four sockets: no shadow, no peer, no monitor PAIR of the exporter's.
+        info = {dict(lbl)["socket"] for (name, lbl) in s if name == "zmq_socket_info"}
+        assert info == {name for name, _endpoint in expected}
+        assert report["count"] == [2, 2]
+        for socket in ("ROUTER", "PULL", "PUB"):
+            listening = value(s, "zmq_listening", socket=f"{socket}@tcp://127.0.0.1:*")
+            assert listening == 1, socket
+        router_port = int(ep["router"].rsplit(":", 1)[1])
+        assert established_in(app.pid, local_port=router_port) == 3  # the kernel agrees
+        app.stdin.close()
+        assert app.wait(15) == 0
+    finally:
+        if app.poll() is None:
+            app.kill()
+            app.wait()
+
+
 FAMILY = textwrap.dedent(
     """\
     # An unmodified program: forks a worker, spawns a multiprocessing child; each has sockets.
@@ -142,8 +245,8 @@ def test_launcher_instruments_every_process_of_an_unmodified_program(tmp_path: P
             assert app.stdout is not None and app.stdin is not None
             ep, main_pid, fork_pid, spawn_pid, ivl, got = app.stdout.readline().split()
             assert got == "forked,spawned"
-            # zmq.Socket(ctx, type) is not a creation through the context: not hooked.
-            assert ivl == "0"
+            # zmq.Socket(ctx, type) is hooked too: heartbeat set at creation.
+            assert ivl == "5000"
             host = os.uname().nodename
 
             def three() -> bool:
@@ -183,6 +286,15 @@ def test_launcher_heartbeat_and_bad_values(tmp_path: Path) -> None:
         capture_output=True, text=True, timeout=60, env=env,
     )  # fmt: skip
     assert on.stdout.strip() == "5000", on.stderr
+    # A program whose first socket is made by its constructor starts the hooks too.
+    direct = code.replace(
+        "zmq.Context().socket(zmq.DEALER)", "zmq.Socket(zmq.Context(), zmq.DEALER)"
+    )
+    first = subprocess.run(
+        [*LAUNCHER, "--heartbeat", "5s", sys.executable, "-c", direct],
+        capture_output=True, text=True, timeout=60, env=env,
+    )  # fmt: skip
+    assert first.stdout.strip() == "5000", first.stderr
     off = subprocess.run(
         [*LAUNCHER, sys.executable, "-c", code], capture_output=True, text=True, timeout=60, env=env
     )
