@@ -697,6 +697,15 @@ OTLP_LAST_DURATION = _self(
     "Duration of the last OTLP export call, retries included.",
     unit="seconds",
 )
+OTLP_POINTS_REJECTED = _self(
+    "zmq_exporter_otlp_points_rejected_total",
+    "counter",
+    "otlp",
+    "Data points the OTLP receiver rejected from requests it otherwise accepted (the "
+    "rejected_data_points of its partial-success responses).",
+    note="The export still counts as a success; each partial success is logged with the "
+    "receiver's message.",
+)
 
 # The connection sampler's own (exporter/connections/sampler.py); the reads refused are the
 # connection table's, API and status page reads included.
@@ -773,7 +782,12 @@ ENGINE_FAMILIES: tuple[Family, ...] = (
 RELOAD_FAMILIES: tuple[Family, ...] = (RELOAD_SUCCESSFUL, RELOAD_SUCCESS_TIME)
 LOG_FAMILIES: tuple[Family, ...] = (LOG_MESSAGES_DROPPED,)
 WEB_FAMILIES: tuple[Family, ...] = (SCRAPES, SCRAPE_DURATION, SERIES, HTTP_REJECTED)
-OTLP_FAMILIES: tuple[Family, ...] = (OTLP_EXPORTS, OTLP_LAST_SUCCESS, OTLP_LAST_DURATION)
+OTLP_FAMILIES: tuple[Family, ...] = (
+    OTLP_EXPORTS,
+    OTLP_LAST_SUCCESS,
+    OTLP_LAST_DURATION,
+    OTLP_POINTS_REJECTED,
+)
 
 EVENT_COUNTERS: dict[Event, Family] = {f.event: f for f in SOCKET_FAMILIES if f.event}
 
@@ -914,6 +928,26 @@ RELAY_MESSAGES_REJECTED = _self(
         "unauthorized",
     ),
 )
+# The relay's series budget (`RelayLimits.max_series`) is not a config value: limits.max_series
+# less the config's own estimate, recomputed at each reload; both sides are served so
+# that the headroom can be watched (and alerted on) before states are refused.
+RELAY_SERIES = _self(
+    "zmq_exporter_relay_series",
+    "gauge",
+    "relay",
+    "Relayed series held (of connected processes and of those not yet expired), as counted "
+    "against the relay's series budget.",
+    note="A state that would take it past `zmq_exporter_relay_series_limit` is refused "
+    '(`reason="max_series"`).',
+)
+RELAY_SERIES_LIMIT = _self(
+    "zmq_exporter_relay_series_limit",
+    "gauge",
+    "relay",
+    "The relay's series budget: limits.max_series less the config's own estimate and the "
+    "relay's self-metrics.",
+    note="Each process also has `relay.max_series_per_process`.",
+)
 RELAY_STATE_AGE = _self(
     "zmq_exporter_relay_state_age_seconds",
     "gauge",
@@ -926,6 +960,8 @@ RELAY_FAMILIES: tuple[Family, ...] = (
     RELAY_SOCKETS,
     RELAY_MESSAGES_RECEIVED,
     RELAY_MESSAGES_REJECTED,
+    RELAY_SERIES,
+    RELAY_SERIES_LIMIT,
     RELAY_STATE_AGE,
 )
 

@@ -285,3 +285,4 @@ class _SelfCollector(Collector):
         yield exports
         yield one_sample(metrics.OTLP_LAST_SUCCESS, stats.last_success_time)
         yield one_sample(metrics.OTLP_LAST_DURATION, stats.last_duration)
+        yield one_sample(metrics.OTLP_POINTS_REJECTED, stats.rejected_points)

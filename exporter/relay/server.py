@@ -494,6 +494,7 @@ class _RelayCollector(Collector):
             procs = list(server._processes.values())
             received = server.stats.received
             rejected = dict(server.stats.rejected)
+            series, series_limit = server._series, server.limits.max_series
         connected = sum(1 for p in procs if p.down_since is None)
         age = max((now - p.last_seen for p in procs if p.down_since is None), default=0.0)
 
@@ -510,6 +511,8 @@ class _RelayCollector(Collector):
         for reason, n in rejected.items():
             out.add_sample(family.name, {"reason": reason}, n)
         yield out
+        yield one(metrics.RELAY_SERIES, series)
+        yield one(metrics.RELAY_SERIES_LIMIT, series_limit)
         yield one(metrics.RELAY_STATE_AGE, age)
 
 

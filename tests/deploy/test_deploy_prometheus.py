@@ -19,6 +19,7 @@ EXPORTER_LEVEL = {
     "ZmqExporterAbsent",
     "ZmqExporterConfigReloadFailed",
     "ZmqExporterConnectionSamplerStale",
+    "ZmqExporterRelaySeriesNearLimit",
 }
 # Alerts on library mode's message counts: one series per socket, no endpoint to name.
 SOCKET_LEVEL = {"ZmqSendBlockedMostOfTheTime"}

@@ -109,15 +109,20 @@ class Receiver:
         port: int | None = None,
         max_bytes: int | None = None,
         delay: float = 0.0,
+        reject_metric: str | None = None,
     ) -> None:
         """`max_bytes`: the largest request accepted (gRPC: the server's max receive
         message length, grpc's default 4 MiB unless given; HTTP: larger bodies get 413,
-        unlimited unless given). `delay`: seconds each request takes to be answered."""
+        unlimited unless given). `delay`: seconds each request takes to be answered.
+        `reject_metric`: the points of this instrument are rejected, as a collector whose
+        pipeline drops them does: a partial success naming their number."""
         self.protocol = protocol
         self.port = port or free_port()
         self.max_bytes = max_bytes
         self.delay = delay
+        self.reject_metric = reject_metric
         self.rejected = 0  # HTTP requests refused as too large
+        self.points_rejected = 0  # data points answered as rejected (partial successes)
         self.exports: list[Export] = []
         self._lock = threading.Lock()
         self._grpc: grpc.Server | None = None
@@ -128,12 +133,23 @@ class Receiver:
     def endpoint(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
-    def record(self, body: bytes, headers: dict[str, str]) -> None:
+    def record(
+        self, body: bytes, headers: dict[str, str]
+    ) -> metrics_service_pb2.ExportMetricsServiceResponse:
+        """Keeps the request; the response to send (a partial success if it rejected
+        points, counted before the answer leaves)."""
         request = metrics_service_pb2.ExportMetricsServiceRequest()
         request.ParseFromString(body)
         resource, points = decode(request)
+        rejected = sum(1 for p in points if p.metric == self.reject_metric)
+        response = metrics_service_pb2.ExportMetricsServiceResponse()
+        if rejected:
+            response.partial_success.rejected_data_points = rejected
+            response.partial_success.error_message = f"{rejected} {self.reject_metric} points"
         with self._lock:
             self.exports.append(Export(time.monotonic(), headers, resource, points, len(body)))
+            self.points_rejected += rejected
+        return response
 
     def start(self) -> Receiver:
         if self.protocol == "grpc":
@@ -143,8 +159,7 @@ class Receiver:
                 def Export(self, request: Any, context: Any) -> Any:
                     time.sleep(receiver.delay)
                     headers = {k: str(v) for k, v in context.invocation_metadata()}
-                    receiver.record(request.SerializeToString(), headers)
-                    return metrics_service_pb2.ExportMetricsServiceResponse()
+                    return receiver.record(request.SerializeToString(), headers)
 
             limit = GRPC_DEFAULT_MAX if self.max_bytes is None else self.max_bytes
             server = grpc.server(
@@ -177,8 +192,8 @@ class Receiver:
                         self.end_headers()
                         return
                     time.sleep(receiver.delay)
-                    receiver.record(body, {k.lower(): v for k, v in self.headers.items()})
-                    reply = metrics_service_pb2.ExportMetricsServiceResponse().SerializeToString()
+                    headers = {k.lower(): v for k, v in self.headers.items()}
+                    reply = receiver.record(body, headers).SerializeToString()
                     self.send_response(200)
                     self.send_header("Content-Type", "application/x-protobuf")
                     self.send_header("Content-Length", str(len(reply)))
@@ -210,6 +225,10 @@ class Receiver:
     def count(self) -> int:
         with self._lock:
             return len(self.exports)
+
+    def rejected_points(self) -> int:
+        with self._lock:
+            return self.points_rejected
 
     def last(self) -> Export | None:
         with self._lock:
@@ -465,6 +484,44 @@ def test_receiver_down_then_back(ctx: zmq.Context[zmq.Socket[bytes]], protocol: 
     assert "logger=opentelemetry" not in logs and "Transient error" not in logs, logs
     assert "chttp2" not in logs, logs  # grpc core's own INFO lines are quietened too
     assert "Traceback" not in logs
+
+
+@pytest.mark.parametrize(
+    ("protocol", "reject_metric"),
+    [("grpc", "zmq.accepted"), ("http/protobuf", "zmq.accepted"), ("http/protobuf", None)],
+)
+def test_points_the_receiver_rejects_are_counted_on_metrics(
+    protocol: str, reject_metric: str | None
+) -> None:
+    """zmq_exporter_otlp_points_rejected_total equals the data points the receiver's
+    partial successes named (here: every zmq.accepted point, the ROUTER's bind endpoint's,
+    in every export); 0 while it rejects none. The exports still succeed."""
+    rx = Receiver(protocol, reject_metric=reject_metric).start()
+    d = Daemon(router_config(free_port()), env=base_env(protocol, rx.endpoint)).start()
+    try:
+        wait_until(lambda: rx.count() >= 3, timeout=10, what="three exports")
+
+        def counted() -> tuple[float, int] | None:
+            # Scraped before the receiver's total is read: the daemon counts a rejection
+            # only after the answer, so equal readings are of an export fully handled.
+            scraped = value(d.scrape(), "zmq_exporter_otlp_points_rejected_total")
+            answered = rx.rejected_points()
+            return (scraped, answered) if scraped == answered else None
+
+        got = wait_until(counted, timeout=10, what="counter == points the receiver rejected")
+        assert got is not None
+        samples = d.scrape()
+        assert (value(samples, "zmq_exporter_otlp_exports_total", result="success") or 0) >= 3
+        assert value(samples, "zmq_exporter_otlp_exports_total", result="failure") == 0
+        # One zmq.accepted point (the bind endpoint's) in each of the three or more exports.
+        assert got == (0, 0) if reject_metric is None else got[1] >= 3, got
+    finally:
+        assert d.stop() == 0
+        rx.stop()
+    logs = d.logs()
+    assert ("rejected part of an export" in logs) == (reject_metric is not None), logs
+    if reject_metric is not None:
+        assert "zmq.accepted points" in logs  # the receiver's message
 
 
 class BlackHole:

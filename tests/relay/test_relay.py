@@ -14,6 +14,7 @@ import textwrap
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 import zmq
@@ -730,6 +731,80 @@ def test_fifty_senders_twenty_sockets_each_totals_exact(tmp_path: Path) -> None:
             wait_until(relayed, timeout=30, interval=0.2, what=f"{truth} accepted in total")
         finally:
             for sender in senders:
+                sender.stop()
+
+
+def test_relay_series_gauge_is_the_budget_check_and_drops_when_a_process_expires(
+    tmp_path: Path,
+) -> None:
+    # K senders with known sockets: zmq_exporter_relay_series is the count the server
+    # checks states against (series_of each socket), which is also what the relayed
+    # series on /metrics number; zmq_exporter_relay_series_limit is limits.max_series less
+    # the config's own estimate, as a reload recomputes it. A sender that leaves (bye)
+    # keeps its series (zeroed gauges) until it expires, then the gauge drops by them.
+    from exporter.config.cardinality import FIXED_SERIES
+    from exporter.core.metrics import RELAY_FAMILIES
+    from exporter.relay.server import series_of
+
+    endpoint = _ipc(tmp_path)
+    own = FIXED_SERIES + sum(f.series for f in RELAY_FAMILIES)
+
+    def config(max_series: int) -> str:
+        return f"limits: {{max_series: {max_series}}}\n" + _relay_config(endpoint, expire="3s")
+
+    with Daemon(config(own + 5000)) as daemon:
+        assert daemon.config_path is not None and daemon.proc is not None
+        socket_counts = {"p-0": 2, "p-1": 5, "p-2": 1}
+        senders: dict[str, RelaySender] = {}
+        budget: dict[str, int] = {}
+        try:
+            for process, count in socket_counts.items():
+                socks = tuple(_snap(f"s{n}", accepted=2 + n) for n in range(count))
+                budget[process] = sum(series_of(s) for s in socks)
+                senders[process] = RelaySender(endpoint, _const(socks), process)
+                senders[process].start()
+            held = sum(budget.values())
+
+            def relayed_rows(samples: dict[Any, float]) -> int:
+                return sum(1 for _, labels in samples if any(k == "process" for k, _ in labels))
+
+            def shows(series: int) -> bool:
+                s = daemon.scrape()
+                return value(s, "zmq_exporter_relay_series") == series and value(
+                    s, "zmq_exporter_relay_sockets"
+                ) == sum(socket_counts.values())
+
+            wait_until(lambda: shows(held), timeout=10, what=f"{held} relayed series")
+            print(f"\nrelayed series per process: {budget}")
+            samples = daemon.scrape()
+            assert relayed_rows(samples) == held, (relayed_rows(samples), held)
+            assert value(samples, "zmq_exporter_relay_series_limit") == 5000
+            assert value(samples, "zmq_exporter_relay_processes") == len(socket_counts)
+
+            # p-1 leaves: held (its gauges at 0) until `expire`, then its series go.
+            senders.pop("p-1").stop()
+            wait_until(
+                lambda: value(daemon.scrape(), "zmq_exporter_relay_processes") == 2,
+                timeout=5,
+                what="p-1 down",
+            )
+            assert value(daemon.scrape(), "zmq_exporter_relay_series") == held
+            socket_counts.pop("p-1")
+            held -= budget["p-1"]
+            wait_until(lambda: shows(held), timeout=10, what=f"{held} series after p-1 expired")
+            assert relayed_rows(daemon.scrape()) == held
+
+            # A reload with another limits.max_series: a new budget, the series held stay.
+            daemon.config_path.write_text(config(own + 300))
+            daemon.proc.send_signal(signal.SIGHUP)
+            wait_until(
+                lambda: value(daemon.scrape(), "zmq_exporter_relay_series_limit") == 300,
+                timeout=10,
+                what="the budget after a reload",
+            )
+            assert value(daemon.scrape(), "zmq_exporter_relay_series") == held
+        finally:
+            for sender in senders.values():
                 sender.stop()
 
 
