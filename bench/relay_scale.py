@@ -19,7 +19,8 @@ context) would not fit 2 cores beside the daemon; what the sidecar sees is the s
 connections, 1,000 process ids, 20,000 sockets.
 
 Measured:
-- sidecar RSS per relayed socket (`VmRSS`), against the same daemon before any sender:
+- sidecar RSS per relayed socket (`VmRSS`), against the same daemon before any sender
+  (scraped once, then read when its RSS and thread count hold for 3 reads 50 ms apart):
   once every socket is relayed and scraped, and after churn (`rounds` new states of every
   socket, the sidecar scraped every 0.5 s meanwhile, then scraped twice);
 - a warm scrape's cost per socket (every socket unchanged since the previous scrape),
@@ -41,6 +42,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections import deque
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,6 +104,41 @@ def _config(tmp: Path, name: str, owned: int, relay: bool) -> str:
 def _value(text: str, name: str) -> float:
     m = re.search(rf"^{name} ([0-9.e+]+)$", text, re.M)
     return float(m.group(1)) if m else 0.0
+
+
+# The baseline RSS is read once the daemon has stopped moving after its first scrape (the
+# web worker that served it started, its allocations made): SETTLE_READS reads in a row,
+# SETTLE_STEP_S apart, with the same RSS and thread count, within SETTLE_TIMEOUT_S.
+SETTLE_READS = 3
+SETTLE_STEP_S = 0.05
+SETTLE_TIMEOUT_S = 10.0
+
+
+def _rss_and_threads(daemon: DaemonProcess) -> tuple[int, int]:
+    """(VmRSS in bytes, Threads) of the daemon, from one read of /proc/PID/status."""
+    fields: dict[str, str] = {}
+    with open(f"/proc/{daemon.proc.pid}/status", encoding="ascii") as f:
+        for line in f:
+            key, _, rest = line.partition(":")
+            fields[key] = rest
+    return int(fields["VmRSS"].split()[0]) * 1024, int(fields["Threads"])
+
+
+def _settled_rss(daemon: DaemonProcess) -> int:
+    """The daemon's RSS once SETTLE_READS consecutive reads agree (RSS and thread count);
+    RuntimeError if they do not within SETTLE_TIMEOUT_S (at most ~200 reads)."""
+    recent: deque[tuple[int, int]] = deque(maxlen=SETTLE_READS)
+
+    def settled() -> bool:
+        recent.append(_rss_and_threads(daemon))
+        return len(recent) == SETTLE_READS and len(set(recent)) == 1
+
+    if not wait_until(settled, SETTLE_TIMEOUT_S, SETTLE_STEP_S):
+        raise RuntimeError(
+            f"the sidecar's RSS and threads did not settle in {SETTLE_TIMEOUT_S:g} s: "
+            f"last reads {list(recent)}"
+        )
+    return recent[-1][0]
 
 
 def _timed_scrape(daemon: DaemonProcess) -> tuple[float, int]:
@@ -183,8 +220,7 @@ def run(processes: int, sockets: int, owned: int, rounds: int, scrape_rounds: in
             )
             daemons.append(mine)
             sidecar.scrape()
-            time.sleep(0.5)
-            rss0 = sidecar.rss()
+            rss0 = _settled_rss(sidecar)
 
             def received() -> float:
                 return _value(sidecar.scrape(), "zmq_exporter_relay_messages_received_total")
