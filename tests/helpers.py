@@ -19,10 +19,14 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from prometheus_client.parser import text_string_to_metric_families
 
 from testkit import ROOT, free_port, wait_until
+
+if TYPE_CHECKING:
+    from exporter.web.app import WebApp
 
 # free_port and wait_until are testkit's (shared with bench/); re-exported here for the
 # modules that still import them from helpers (test_otlp*.py, test_reload_under_fire.py,
@@ -86,6 +90,30 @@ def check_in_process(*args: str) -> subprocess.CompletedProcess[str]:
         root.setLevel(level)
     return subprocess.CompletedProcess(
         ["zmq-exporter", *args], code, out.getvalue(), err.getvalue()
+    )
+
+
+def bare_web_app() -> WebApp:
+    """A WebApp with nothing behind it, for tests of the web server itself (TLS, basic auth,
+    web config files): no sockets (an engine snapshot that is empty and ready), an empty
+    registry, /metrics, always ready, an empty landing page, a reload that succeeds."""
+    # Imported here, as check_in_process imports the CLI: most modules that import helpers
+    # run a daemon process and need none of the web stack in the test process.
+    from prometheus_client.registry import CollectorRegistry
+
+    from exporter.core.state import EngineSnapshot, ReaderStats
+    from exporter.monitor.sockets import build_labels
+    from exporter.render.prometheus import StateCollector
+    from exporter.web.app import WebApp
+
+    no_sockets = StateCollector(lambda: EngineSnapshot((), ReaderStats(), True), build_labels())
+    return WebApp(
+        registry=CollectorRegistry(auto_describe=False),
+        telemetry_path="/metrics",
+        is_ready=lambda: True,
+        landing_page=lambda: "",
+        reload=lambda: (True, ""),
+        state=no_sockets,
     )
 
 

@@ -20,18 +20,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import bcrypt
-from prometheus_client.registry import CollectorRegistry
 
-from exporter.core.state import EngineSnapshot, ReaderStats
-from exporter.monitor.sockets import build_labels
-from exporter.render.prometheus import StateCollector
 from exporter.web.app import WebApp, WebServer
 from exporter.web.auth import AUTH_BURST, AUTH_INTERVAL, AddressThrottle
 from exporter.web.live_config import load_web_config
 
+from helpers import bare_web_app
 from testkit import free_port, wait_until
 
-NO_SOCKETS = StateCollector(lambda: EngineSnapshot((), ReaderStats(), True), build_labels())
 TOOLKIT = Path(__file__).parent.parent / "testdata" / "webconfigs" / "toolkit"
 PASSWORD = "right"
 
@@ -44,20 +40,9 @@ def basic(user: str, password: str) -> dict[str, str]:
 GOOD = basic("prom", PASSWORD)
 
 
-def make_app() -> WebApp:
-    return WebApp(
-        registry=CollectorRegistry(auto_describe=False),
-        telemetry_path="/metrics",
-        is_ready=lambda: True,
-        landing_page=lambda: "",
-        reload=lambda: (True, ""),
-        state=NO_SOCKETS,
-    )
-
-
 @contextlib.contextmanager
 def serving(file: Path) -> Iterator[tuple[WebServer, WebApp]]:
-    app = make_app()
+    app = bare_web_app()
     server = WebServer(app, f"127.0.0.1:{free_port()}", load_web_config(str(file)))
     server.start()
     try:

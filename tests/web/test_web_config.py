@@ -32,18 +32,14 @@ from typing import Any
 import bcrypt
 import pytest
 from pki import Pki, make_pki
-from prometheus_client.registry import CollectorRegistry
 
 from exporter.config.errors import ConfigError
 from exporter.config.web import TLS_VERSIONS, WebSettings, load_web_settings, parse_web_settings
-from exporter.core.state import EngineSnapshot, ReaderStats
-from exporter.monitor.sockets import build_labels
-from exporter.render.prometheus import StateCollector
-from exporter.web.app import WebApp, WebServer
+from exporter.web.app import WebServer
 from exporter.web.auth import AuthResult, BasicAuth, HashGate
 from exporter.web.live_config import load_web_config
 
-from helpers import ROOT, check_in_process, run_cli, write_atomic
+from helpers import ROOT, bare_web_app, check_in_process, run_cli, write_atomic
 from testkit import free_port, wait_until
 
 DATA = Path(__file__).parent.parent / "testdata" / "webconfigs"
@@ -349,20 +345,10 @@ def test_config_web_imports_no_runtime_module() -> None:
 
 # -- read per use ------------------------------------------------------------------------
 
-NO_SOCKETS = StateCollector(lambda: EngineSnapshot((), ReaderStats(), True), build_labels())
-
 
 @contextlib.contextmanager
 def web_server(file: Path) -> Iterator[WebServer]:
-    app = WebApp(
-        registry=CollectorRegistry(auto_describe=False),
-        telemetry_path="/metrics",
-        is_ready=lambda: True,
-        landing_page=lambda: "",
-        reload=lambda: (True, ""),
-        state=NO_SOCKETS,
-    )
-    server = WebServer(app, f"127.0.0.1:{free_port()}", load_web_config(str(file)))
+    server = WebServer(bare_web_app(), f"127.0.0.1:{free_port()}", load_web_config(str(file)))
     server.start()
     try:
         yield server

@@ -25,21 +25,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from prometheus_client.registry import CollectorRegistry
 
 from exporter.config.errors import ConfigError
-from exporter.core.state import EngineSnapshot, ReaderStats
-from exporter.monitor.sockets import build_labels
-from exporter.render.prometheus import StateCollector
 from exporter.web.app import WebApp, WebServer
 from exporter.web.live_config import load_web_config
 
+from helpers import bare_web_app
 from testkit import free_port
 
 TOOLKIT = Path(__file__).parent.parent / "testdata" / "webconfigs" / "toolkit"
 FILES = sorted(p for p in TOOLKIT.iterdir() if p.suffix in (".yml", ".yaml"))
 SERVES, REJECTS = "serves", "rejects"
-NO_SOCKETS = StateCollector(lambda: EngineSnapshot((), ReaderStats(), True), build_labels())
 
 
 # -- talking to a served file ------------------------------------------------------------
@@ -280,14 +276,7 @@ def test_every_toolkit_file_has_a_verdict() -> None:
 
 @pytest.fixture
 def app() -> WebApp:
-    return WebApp(
-        registry=CollectorRegistry(auto_describe=False),
-        telemetry_path="/metrics",
-        is_ready=lambda: True,
-        landing_page=lambda: "",
-        reload=lambda: (True, ""),
-        state=NO_SOCKETS,
-    )
+    return bare_web_app()
 
 
 @contextlib.contextmanager
