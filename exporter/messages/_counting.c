@@ -79,14 +79,18 @@ static PyTypeObject CountsType = {
     .tp_new = PyType_GenericNew,
 };
 
-/* ---- what both callables share: forwarding and introspection ------------------------ */
+/* ---- what both callables share: the struct, forwarding, introspection, lifetime ----- */
 
 typedef struct {
     PyObject_HEAD
     vectorcallfunc vectorcall;
     CountsObject *counts;
-    PyObject *base; /* the class's own method: what the application's call reaches */
+    PyObject *base;   /* the class's own method: what the application's call reaches */
+    PyObject *direct; /* Sender: called in the NOBLOCK first try (pyzmq's compiled send) */
+    PyObject *again;  /* Sender: zmq.Again */
+    int waits;        /* Sender: time blocking sends, count zmq.Again */
 } CallableObject;
+
 
 static PyObject *callable_get(PyObject *self, PyObject *obj, PyObject *type) {
     (void)type;
@@ -114,14 +118,71 @@ static PyObject *callable_repr(PyObject *self) {
     return PyUnicode_FromFormat("<counting %R>", ((CallableObject *)self)->base);
 }
 
-/* ---- Sender ------------------------------------------------------------------------ */
+static int callable_traverse(PyObject *op, visitproc visit, void *arg) {
+    CallableObject *self = (CallableObject *)op;
+    Py_VISIT(self->counts);
+    Py_VISIT(self->base);
+    Py_VISIT(self->direct);
+    Py_VISIT(self->again);
+    return 0;
+}
 
-typedef struct {
-    CallableObject head;
-    PyObject *direct; /* called in the NOBLOCK first try (pyzmq's compiled send) */
-    PyObject *again;  /* zmq.Again */
-    int waits;
-} SenderObject;
+static int callable_clear(PyObject *op) {
+    CallableObject *self = (CallableObject *)op;
+    Py_CLEAR(self->counts);
+    Py_CLEAR(self->base);
+    Py_CLEAR(self->direct);
+    Py_CLEAR(self->again);
+    return 0;
+}
+
+static void callable_dealloc(PyObject *op) {
+    PyObject_GC_UnTrack(op);
+    callable_clear(op);
+    Py_TYPE(op)->tp_free(op);
+}
+
+static PyMemberDef callable_members[] = {
+    {"__wrapped__", T_OBJECT, offsetof(CallableObject, base), READONLY, NULL},
+    {"__vectorcalloffset__", T_PYSSIZET, offsetof(CallableObject, vectorcall), READONLY, NULL},
+    {NULL},
+};
+
+static PyObject *callable_make(PyTypeObject *type, vectorcallfunc vectorcall, PyObject *counts,
+                               PyObject *base, PyObject *direct, PyObject *again, int waits) {
+    CallableObject *self = (CallableObject *)type->tp_alloc(type, 0);
+    if (self == NULL) {
+        return NULL;
+    }
+    self->vectorcall = vectorcall;
+    Py_INCREF(counts);
+    self->counts = (CountsObject *)counts;
+    Py_INCREF(base);
+    self->base = base;
+    Py_XINCREF(direct);
+    self->direct = direct;
+    Py_XINCREF(again);
+    self->again = again;
+    self->waits = waits;
+    return (PyObject *)self;
+}
+
+/* Sender and Receiver: method descriptors called with the socket first (no bound method). */
+#define CALLABLE_TYPE(NAME, NEW)                                                             \
+    {                                                                                        \
+        PyVarObject_HEAD_INIT(NULL, 0)                                                       \
+        .tp_name = "exporter.messages._counting." NAME,                                      \
+        .tp_basicsize = sizeof(CallableObject),                                              \
+        .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL |   \
+                    Py_TPFLAGS_METHOD_DESCRIPTOR,                                            \
+        .tp_vectorcall_offset = offsetof(CallableObject, vectorcall),                        \
+        .tp_call = PyVectorcall_Call, .tp_descr_get = callable_get, .tp_repr = callable_repr, \
+        .tp_traverse = callable_traverse, .tp_clear = callable_clear,                        \
+        .tp_dealloc = callable_dealloc, .tp_getset = callable_getset,                        \
+        .tp_members = callable_members, .tp_new = NEW,                                       \
+    }
+
+/* ---- Sender ------------------------------------------------------------------------ */
 
 /* send()'s parameters after the socket: data, flags, copy, track. */
 static const char *const send_params[] = {"data", "flags", "copy", "track"};
@@ -141,15 +202,15 @@ static Py_ssize_t payload_bytes(PyObject *data) {
 }
 
 /* The send as asked (the application's own arguments), timed unless NOBLOCK. */
-static PyObject *send_waiting(SenderObject *self, PyObject *const *args, size_t nargsf,
+static PyObject *send_waiting(CallableObject *self, PyObject *const *args, size_t nargsf,
                               PyObject *kwnames, long flags, int flags_known) {
-    CountsObject *c = self->head.counts;
+    CountsObject *c = self->counts;
     if (!self->waits) {
-        return PyObject_Vectorcall(self->head.base, args, nargsf, kwnames);
+        return PyObject_Vectorcall(self->base, args, nargsf, kwnames);
     }
     int timed = !(flags_known && (flags & ZMQ_NOBLOCK));
     double start = timed ? now() : 0.0;
-    PyObject *result = PyObject_Vectorcall(self->head.base, args, nargsf, kwnames);
+    PyObject *result = PyObject_Vectorcall(self->base, args, nargsf, kwnames);
     if (result == NULL && PyErr_ExceptionMatches(self->again)) {
         c->would_block++; /* NOBLOCK with no room, or SNDTIMEO expired */
     }
@@ -161,7 +222,7 @@ static PyObject *send_waiting(SenderObject *self, PyObject *const *args, size_t 
 
 static PyObject *sender_vectorcall(PyObject *callable, PyObject *const *args, size_t nargsf,
                                    PyObject *kwnames) {
-    SenderObject *self = (SenderObject *)callable;
+    CallableObject *self = (CallableObject *)callable;
     Py_ssize_t nargs = PyVectorcall_NARGS(nargsf);
     /* sock, data, flags, copy, track; `other`: keywords pyzmq's sugar handles itself
        (routing_id, group), or arguments it will refuse: the call goes to it unchanged. */
@@ -226,7 +287,7 @@ static PyObject *sender_vectorcall(PyObject *callable, PyObject *const *args, si
     if (result == NULL) {
         return NULL;
     }
-    CountsObject *c = self->head.counts;
+    CountsObject *c = self->counts;
     if (slot[1] != NULL) {
         c->bytes_sent += (unsigned long long)payload_bytes(slot[1]);
     }
@@ -234,30 +295,6 @@ static PyObject *sender_vectorcall(PyObject *callable, PyObject *const *args, si
         c->sent++;
     }
     return result;
-}
-
-static int sender_traverse(PyObject *op, visitproc visit, void *arg) {
-    SenderObject *self = (SenderObject *)op;
-    Py_VISIT(self->head.counts);
-    Py_VISIT(self->head.base);
-    Py_VISIT(self->direct);
-    Py_VISIT(self->again);
-    return 0;
-}
-
-static int sender_clear(PyObject *op) {
-    SenderObject *self = (SenderObject *)op;
-    Py_CLEAR(self->head.counts);
-    Py_CLEAR(self->head.base);
-    Py_CLEAR(self->direct);
-    Py_CLEAR(self->again);
-    return 0;
-}
-
-static void sender_dealloc(PyObject *op) {
-    PyObject_GC_UnTrack(op);
-    sender_clear(op);
-    Py_TYPE(op)->tp_free(op);
 }
 
 static PyObject *sender_new(PyTypeObject *type, PyObject *args, PyObject *kwargs) {
@@ -268,57 +305,18 @@ static PyObject *sender_new(PyTypeObject *type, PyObject *args, PyObject *kwargs
                                      &counts, &base, &direct, &again, &waits)) {
         return NULL;
     }
-    SenderObject *self = (SenderObject *)type->tp_alloc(type, 0);
-    if (self == NULL) {
-        return NULL;
-    }
-    self->head.vectorcall = sender_vectorcall;
-    Py_INCREF(counts);
-    self->head.counts = (CountsObject *)counts;
-    Py_INCREF(base);
-    self->head.base = base;
-    Py_INCREF(direct);
-    self->direct = direct;
-    Py_INCREF(again);
-    self->again = again;
-    self->waits = waits;
-    return (PyObject *)self;
+    return callable_make(type, sender_vectorcall, counts, base, direct, again, waits);
 }
 
-static PyMemberDef sender_members[] = {
-    {"__wrapped__", T_OBJECT, offsetof(SenderObject, head.base), READONLY, NULL},
-    {"__vectorcalloffset__", T_PYSSIZET, offsetof(SenderObject, head.vectorcall), READONLY,
-     NULL},
-    {NULL},
-};
-
-static PyTypeObject SenderType = {
-    PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "exporter.messages._counting.Sender",
-    .tp_basicsize = sizeof(SenderObject),
-    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL |
-                Py_TPFLAGS_METHOD_DESCRIPTOR,
-    .tp_vectorcall_offset = offsetof(SenderObject, head.vectorcall),
-    .tp_call = PyVectorcall_Call,
-    .tp_descr_get = callable_get,
-    .tp_repr = callable_repr,
-    .tp_traverse = sender_traverse,
-    .tp_clear = sender_clear,
-    .tp_dealloc = sender_dealloc,
-    .tp_getset = callable_getset,
-    .tp_members = sender_members,
-    .tp_new = sender_new,
-};
+static PyTypeObject SenderType = CALLABLE_TYPE("Sender", sender_new);
 
 /* ---- Receiver ---------------------------------------------------------------------- */
-
-typedef CallableObject ReceiverObject;
 
 static PyObject *underlying_name = NULL; /* "underlying", interned at import */
 
 static PyObject *receiver_vectorcall(PyObject *callable, PyObject *const *args, size_t nargsf,
                                      PyObject *kwnames) {
-    ReceiverObject *self = (ReceiverObject *)callable;
+    CallableObject *self = (CallableObject *)callable;
     PyObject *result = PyObject_Vectorcall(self->base, args, nargsf, kwnames);
     if (result == NULL) {
         return NULL;
@@ -365,26 +363,6 @@ static PyObject *receiver_vectorcall(PyObject *callable, PyObject *const *args, 
     return result;
 }
 
-static int receiver_traverse(PyObject *op, visitproc visit, void *arg) {
-    ReceiverObject *self = (ReceiverObject *)op;
-    Py_VISIT(self->counts);
-    Py_VISIT(self->base);
-    return 0;
-}
-
-static int receiver_clear(PyObject *op) {
-    ReceiverObject *self = (ReceiverObject *)op;
-    Py_CLEAR(self->counts);
-    Py_CLEAR(self->base);
-    return 0;
-}
-
-static void receiver_dealloc(PyObject *op) {
-    PyObject_GC_UnTrack(op);
-    receiver_clear(op);
-    Py_TYPE(op)->tp_free(op);
-}
-
 static PyObject *receiver_new(PyTypeObject *type, PyObject *args, PyObject *kwargs) {
     static char *names[] = {"counts", "base", NULL};
     PyObject *counts, *base;
@@ -396,42 +374,10 @@ static PyObject *receiver_new(PyTypeObject *type, PyObject *args, PyObject *kwar
                                      &counts, &base)) {
         return NULL;
     }
-    ReceiverObject *self = (ReceiverObject *)type->tp_alloc(type, 0);
-    if (self == NULL) {
-        return NULL;
-    }
-    self->vectorcall = receiver_vectorcall;
-    Py_INCREF(counts);
-    self->counts = (CountsObject *)counts;
-    Py_INCREF(base);
-    self->base = base;
-    return (PyObject *)self;
+    return callable_make(type, receiver_vectorcall, counts, base, NULL, NULL, 0);
 }
 
-static PyMemberDef receiver_members[] = {
-    {"__wrapped__", T_OBJECT, offsetof(ReceiverObject, base), READONLY, NULL},
-    {"__vectorcalloffset__", T_PYSSIZET, offsetof(ReceiverObject, vectorcall), READONLY,
-     NULL},
-    {NULL},
-};
-
-static PyTypeObject ReceiverType = {
-    PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "exporter.messages._counting.Receiver",
-    .tp_basicsize = sizeof(ReceiverObject),
-    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC | Py_TPFLAGS_HAVE_VECTORCALL |
-                Py_TPFLAGS_METHOD_DESCRIPTOR,
-    .tp_vectorcall_offset = offsetof(ReceiverObject, vectorcall),
-    .tp_call = PyVectorcall_Call,
-    .tp_descr_get = callable_get,
-    .tp_repr = callable_repr,
-    .tp_traverse = receiver_traverse,
-    .tp_clear = receiver_clear,
-    .tp_dealloc = receiver_dealloc,
-    .tp_getset = callable_getset,
-    .tp_members = receiver_members,
-    .tp_new = receiver_new,
-};
+static PyTypeObject ReceiverType = CALLABLE_TYPE("Receiver", receiver_new);
 
 /* ---- finding pyzmq's libzmq ------------------------------------------------------- */
 
