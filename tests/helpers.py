@@ -71,6 +71,23 @@ def run_cli(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]
     )
 
 
+def start_script(
+    script: Path, text: str, *args: str, env: dict[str, str] | None = None
+) -> subprocess.Popen[str]:
+    """Writes `text` to `script` and starts it with this interpreter, the repository on
+    its path, `args` and `env` added: stdin and stdout are pipes (text) for the test to
+    drive it line by line."""
+    script.write_text(text)
+    return subprocess.Popen(
+        [sys.executable, str(script), *args],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
+    )
+
+
 def check_in_process(*args: str) -> subprocess.CompletedProcess[str]:
     """`zmq-exporter --config.check ARGS` through `exporter.cli.main` in this process, as
     `run_cli` would run it (exit code, stdout, stderr) without an interpreter per case: for

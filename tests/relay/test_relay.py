@@ -41,6 +41,7 @@ from helpers import (
     established_in,
     free_port,
     run_cli,
+    start_script,
     total,
     value,
     wait_until,
@@ -324,16 +325,7 @@ APP = textwrap.dedent(
 def _app(
     tmp: Path, endpoint: str, mode: str, n: int, env: dict[str, str] | None = None
 ) -> subprocess.Popen[str]:
-    script = tmp / "app.py"
-    script.write_text(APP)
-    return subprocess.Popen(
-        [sys.executable, str(script), endpoint, mode, str(n)],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT), **(env or {})},
-    )
+    return start_script(tmp / "app.py", APP, endpoint, mode, str(n), env=env)
 
 
 def _line(proc: subprocess.Popen[str], word: str, timeout: float = 20) -> list[str]:
@@ -671,16 +663,7 @@ def test_library_relay_id_conflict_and_close_sends_gone(tmp_path: Path) -> None:
     endpoint = _ipc(tmp_path)
     server = RelayServer((endpoint,))
     server.start()
-    script = tmp_path / "gone_app.py"
-    script.write_text(GONE_APP)
-    app = subprocess.Popen(
-        [sys.executable, str(script), endpoint],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
+    app = start_script(tmp_path / "gone_app.py", GONE_APP, endpoint)
     try:
         assert "lib/1" in " ".join(_line(app, "refused"))
         _line(app, "both")

@@ -28,7 +28,7 @@ from exporter.relay.wire import (
     encode_socket,
 )
 
-from helpers import ROOT, Daemon, missing_tool, total, value, wait_until
+from helpers import ROOT, Daemon, missing_tool, start_script, total, value, wait_until
 
 LIMITS = RelayLimits()
 COUNTS = (12, 3, 4096, 77, 2, 0.125)  # MessageCounts.values() order
@@ -157,16 +157,7 @@ class Tally(NamedTuple):
 
 def _start_app(tmp_path: Path, endpoint: str) -> subprocess.Popen[str]:
     """APP, relaying to `endpoint` as process `app-1`; it sends what `_send` asks."""
-    script = tmp_path / "app.py"
-    script.write_text(APP)
-    return subprocess.Popen(
-        [sys.executable, str(script), endpoint],
-        stdin=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        text=True,
-        cwd=ROOT,
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-    )
+    return start_script(tmp_path / "app.py", APP, endpoint)
 
 
 def _send(app: subprocess.Popen[str], n: int) -> Tally:
