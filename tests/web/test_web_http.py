@@ -26,7 +26,7 @@ from exporter.monitor.sockets import build_labels
 from exporter.render.prometheus import StateCollector
 from exporter.web.app import WebApp, WebServer, accepts_gzip
 
-from helpers import ROOT, Daemon, parse_metrics, value
+from helpers import ROOT, Daemon, bare_web_app, parse_metrics, value
 from testkit import free_port, wait_until
 
 CONFIG = textwrap.dedent("""\
@@ -70,14 +70,7 @@ def get(port: int, path: str = "/metrics", headers: dict[str, str] | None = None
 
 @pytest.fixture
 def server() -> Iterator[WebServer]:
-    app = WebApp(
-        registry=CollectorRegistry(auto_describe=False),
-        telemetry_path="/metrics",
-        is_ready=lambda: True,
-        landing_page=lambda: "",
-        reload=lambda: (True, ""),
-        state=NO_SOCKETS,
-    )
+    app = bare_web_app()
     web = WebServer(app, f"127.0.0.1:{free_port()}")
     web.start()
     yield web

@@ -32,7 +32,7 @@ from exporter.render.prometheus import StateCollector
 from exporter.web.app import WebApp, WebServer
 from exporter.web.live_config import load_web_config
 
-from helpers import Daemon, open_fds
+from helpers import Daemon, bare_web_app, open_fds
 from testkit import free_port, wait_until
 
 CORPUS = Path(__file__).parent.parent / "testdata" / "http" / "corpus.txt"
@@ -532,14 +532,7 @@ def test_malformed_accept_is_served_in_the_text_format(plain: tuple[WebServer, R
     | st.text(max_size=60)
 )
 def test_any_accept_gets_a_format_not_an_exception(accept: str) -> None:
-    app = WebApp(
-        registry=CollectorRegistry(auto_describe=False),
-        telemetry_path="/metrics",
-        is_ready=lambda: True,
-        landing_page=lambda: "",
-        reload=lambda: (True, ""),
-        state=NO_SOCKETS,
-    )
+    app = bare_web_app()
     status, headers, _ = app.metrics(accept, None)
     assert status in (200, 406), (accept, status)
     assert headers["Content-Type"].startswith(("text/plain", "application/openmetrics-text"))
