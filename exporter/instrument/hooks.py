@@ -143,9 +143,16 @@ def _from_exporter() -> bool:
     return False
 
 
+def _is_shadow(args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+    """Whether `zmq.Socket(*args, **kwargs)` makes a shadow, as pyzmq's `__init__` decides
+    from its public parameters: `shadow=` given, or another socket in place of the context
+    (`Socket(other)`; zmq.asyncio's sockets and `Socket.shadow()` pass `shadow=`)."""
+    return bool(kwargs.get("shadow")) or (bool(args) and isinstance(args[0], zmq.Socket))
+
+
 def _hooked_init(self: zmq.Socket[Any], *args: Any, **kwargs: Any) -> None:
     _originals["init"](self, *args, **kwargs)
-    if not _hooks or getattr(self, "_shadow", False):
+    if not _hooks or _is_shadow(args, kwargs):
         return  # a shadow: the socket it shadows is the one marked (or not)
     try:
         if _from_exporter():

@@ -241,8 +241,10 @@ def test_alert_rules_reference_only_served_families() -> None:
 
     from exporter.core import metrics
 
-    # The message families are served by applications (library mode) and relay sidecars.
-    served = {f.name for f in (*metrics.DAEMON_FAMILIES, *metrics.MESSAGE_FAMILIES)} | {"up"}
+    # The message families are served by applications (library mode) and relay sidecars,
+    # the relay's own by a daemon whose relay is on.
+    families = (*metrics.DAEMON_FAMILIES, *metrics.MESSAGE_FAMILIES, *metrics.RELAY_FAMILIES)
+    served = {f.name for f in families} | {"up"}
     rules = [r for g in yaml.safe_load(ALERTS.read_text())["groups"] for r in g["rules"]]
     exprs: list[Any] = [r["expr"] for r in rules]
     dash = json.loads(DASHBOARD.read_text())
