@@ -219,7 +219,10 @@ class OtlpOutput:
                 # cumulative totals of its own series, useful without the rest.
                 result = send(transport, payload, deadline, None if final else interrupt)
                 if result.rejected or result.message:
-                    self.stats.reject(result.rejected, result.message, self.settings.endpoint)
+                    # The receiver's number, bounded by what it could have rejected: a
+                    # counter never goes down, and each point took bytes of the request.
+                    rejected = min(max(result.rejected, 0), len(payload))
+                    self.stats.reject(rejected, result.message, self.settings.endpoint)
                 if not result.ok:
                     failed += 1
                     reason = result.reason

@@ -110,17 +110,20 @@ class Receiver:
         max_bytes: int | None = None,
         delay: float = 0.0,
         reject_metric: str | None = None,
+        claim: int | None = None,
     ) -> None:
         """`max_bytes`: the largest request accepted (gRPC: the server's max receive
         message length, grpc's default 4 MiB unless given; HTTP: larger bodies get 413,
         unlimited unless given). `delay`: seconds each request takes to be answered.
         `reject_metric`: the points of this instrument are rejected, as a collector whose
-        pipeline drops them does: a partial success naming their number."""
+        pipeline drops them does: a partial success naming their number. `claim`: every
+        answer is a partial success naming this number instead (a receiver that lies)."""
         self.protocol = protocol
         self.port = port or free_port()
         self.max_bytes = max_bytes
         self.delay = delay
         self.reject_metric = reject_metric
+        self.claim = claim
         self.rejected = 0  # HTTP requests refused as too large
         self.points_rejected = 0  # data points answered as rejected (partial successes)
         self.exports: list[Export] = []
@@ -142,6 +145,8 @@ class Receiver:
         request.ParseFromString(body)
         resource, points = decode(request)
         rejected = sum(1 for p in points if p.metric == self.reject_metric)
+        if self.claim is not None:
+            rejected = self.claim
         response = metrics_service_pb2.ExportMetricsServiceResponse()
         if rejected:
             response.partial_success.rejected_data_points = rejected
@@ -229,6 +234,11 @@ class Receiver:
     def rejected_points(self) -> int:
         with self._lock:
             return self.points_rejected
+
+    def request_bytes(self) -> int:
+        """Serialized bytes of every request received."""
+        with self._lock:
+            return sum(e.size for e in self.exports)
 
     def last(self) -> Export | None:
         with self._lock:
@@ -522,6 +532,30 @@ def test_points_the_receiver_rejects_are_counted_on_metrics(
     assert ("rejected part of an export" in logs) == (reject_metric is not None), logs
     if reject_metric is not None:
         assert "zmq.accepted points" in logs  # the receiver's message
+
+
+@pytest.mark.parametrize("claim", [-5, 2**62])
+def test_a_receiver_that_lies_about_rejected_points_cannot_break_the_counter(claim: int) -> None:
+    """A partial success naming a negative or a huge number of points: the counter never goes
+    down, and grows by at most the bytes of the requests answered (each point took some)."""
+    rx = Receiver("grpc", claim=claim).start()
+    d = Daemon(router_config(free_port()), env=base_env("grpc", rx.endpoint)).start()
+    try:
+        seen: list[float] = []
+
+        def three_answered() -> bool:
+            seen.append(value(d.scrape(), "zmq_exporter_otlp_points_rejected_total") or 0)
+            return rx.count() >= 3 and seen[-1] > 0 if claim > 0 else rx.count() >= 3
+
+        wait_until(three_answered, timeout=10, what="three exports answered")
+        final = value(d.scrape(), "zmq_exporter_otlp_points_rejected_total") or 0
+        assert seen == sorted(seen) and final >= seen[-1], seen
+        request_bytes = rx.request_bytes()
+        assert final == 0 if claim < 0 else 0 < final <= request_bytes, (final, request_bytes)
+        assert value(d.scrape(), "zmq_exporter_otlp_exports_total", result="failure") == 0
+    finally:
+        assert d.stop() == 0
+        rx.stop()
 
 
 class BlackHole:
