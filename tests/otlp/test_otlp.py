@@ -865,13 +865,20 @@ def test_grpc_endpoint_without_scheme(variables: dict[str, str], arrives: bool) 
     decides plaintext for it."""
     rx = Receiver("grpc").start()
     unset = {"OTEL_EXPORTER_OTLP_INSECURE": "", "OTEL_EXPORTER_OTLP_METRICS_INSECURE": ""}
-    env = base_env("grpc", f"127.0.0.1:{rx.port}", **{**unset, **variables})
+    # A refused TLS handshake is retried (UNAVAILABLE) until the export's deadline: 1 s,
+    # not the default, so the failure is counted soon (it took 6-7.5 s of a 10 s wait).
+    env = base_env(
+        "grpc",
+        f"127.0.0.1:{rx.port}",
+        OTEL_METRIC_EXPORT_TIMEOUT="1000",
+        **{**unset, **variables},
+    )
     d = Daemon(router_config(free_port()), env=env).start()
     result = "success" if arrives else "failure"
     try:
         wait_until(
             lambda: value(d.scrape(), "zmq_exporter_otlp_exports_total", result=result),
-            timeout=10,
+            timeout=30,
             what=f"an export counted as {result}",
         )
         if arrives:
