@@ -19,7 +19,7 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -110,10 +110,11 @@ def check_in_process(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-def bare_web_app() -> WebApp:
+def bare_web_app(**overrides: Any) -> WebApp:
     """A WebApp with nothing behind it, for tests of the web server itself (TLS, basic auth,
     web config files): no sockets (an engine snapshot that is empty and ready), an empty
-    registry, /metrics, always ready, an empty landing page, a reload that succeeds."""
+    registry, /metrics, always ready, an empty landing page, a reload that succeeds;
+    `overrides`: other WebApp arguments (e.g. `is_healthy`)."""
     # Imported here, as check_in_process imports the CLI: most modules that import helpers
     # run a daemon process and need none of the web stack in the test process.
     from prometheus_client.registry import CollectorRegistry
@@ -131,6 +132,7 @@ def bare_web_app() -> WebApp:
         landing_page=lambda: "",
         reload=lambda: (True, ""),
         state=no_sockets,
+        **overrides,
     )
 
 

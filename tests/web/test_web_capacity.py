@@ -29,7 +29,7 @@ from exporter.render.prometheus import StateCollector
 from exporter.web import server as httpserver
 from exporter.web.app import MAX_CONNECTIONS, WebApp, WebServer
 
-from helpers import Daemon, parse_metrics, value
+from helpers import Daemon, bare_web_app, parse_metrics, value
 from testkit import free_port, wait_until
 
 # An engine with no sockets, for WebApps tested without one.
@@ -463,15 +463,7 @@ def test_unhealthy_engine_fails_both_probes() -> None:
     """WebApp.is_healthy (False once the engine thread has died) fails /-/healthy and
     /-/ready; the rest is still served."""
     healthy = threading.Event()
-    app = WebApp(
-        registry=CollectorRegistry(auto_describe=False),
-        telemetry_path="/metrics",
-        is_ready=lambda: True,
-        landing_page=lambda: "",
-        reload=lambda: (True, ""),
-        state=NO_SOCKETS,
-        is_healthy=healthy.is_set,
-    )
+    app = bare_web_app(is_healthy=healthy.is_set)
     server = WebServer(app, f"127.0.0.1:{free_port()}")
     server.start()
     try:
