@@ -423,6 +423,18 @@ def test_every_dashboard_and_rule_expression_evaluates(stack: Stack) -> None:
         labels = {(s["metric"].get("process"), s["metric"]["socket"]) for s in shown}
         assert labels == {(APP_PROCESS, n) for n in APP_SOCKETS}, (title, shown)
 
+    # The Relay row: the one relaying application, its sockets, its series within the budget.
+    def relay_value(name: str) -> float:
+        (sample,) = prom.query(substitute(f'{name}{{instance=~"$instance"}}', instance))
+        return float(sample["value"][1])
+
+    relay_panels = [t for t, e in dashboard_queries() if "zmq_exporter_relay_" in e]
+    assert len(relay_panels) == 7, relay_panels  # 4 panels, 7 queries
+    assert relay_value("zmq_exporter_relay_processes") == 1
+    assert relay_value("zmq_exporter_relay_sockets") == len(APP_SOCKETS)
+    series, limit = (relay_value(f"zmq_exporter_relay_series{s}") for s in ("", "_limit"))
+    assert 0 < series <= limit, (series, limit)
+
     # The Probes row says what happened: the dead target fails as connect_refused, the live
     # one has a greeting (NULL, ZMTP 3.1) and a handshake time, the dead one none.
     probe_panels = {title: expr for title, expr in dashboard_queries() if "probe_" in expr}
@@ -649,6 +661,7 @@ def test_dashboard_connection_health_row_selects_the_connection_families() -> No
         "Messages",
         "Exporter",
         "Probes",
+        "Relay",
     ]
 
     def row_of(panel: dict[str, Any]) -> str:
@@ -704,6 +717,29 @@ def test_dashboard_messages_row_shows_every_message_family() -> None:
             assert unit == ("percentunit" if blocked else "Bps" if "bytes" in expr else "short")
             seen |= names
     assert seen == families
+
+
+def test_dashboard_relay_row_shows_every_relay_family() -> None:
+    """Every family of a daemon's relay has a panel in the Relay row, selected by
+    `$instance`; counters as rates."""
+    from exporter.core import metrics
+
+    dash = json.loads(DASHBOARD.read_text())
+    rows = sorted((p["gridPos"]["y"], p["title"]) for p in dash["panels"] if p["type"] == "row")
+    families = {f.name: f for f in metrics.RELAY_FAMILIES}
+    seen: set[str] = set()
+    for panel in dash["panels"]:
+        for target in panel.get("targets", []):
+            names = metric_names(target["expr"]) & set(families)
+            if not names:
+                continue
+            row = [t for y, t in rows if y < panel["gridPos"]["y"]][-1]
+            assert row == "Relay", panel["title"]
+            assert 'instance=~"$instance"' in target["expr"], panel["title"]
+            counters = [n for n in names if families[n].type == "counter"]
+            assert not counters or "rate(" in target["expr"], panel["title"]
+            seen |= names
+    assert seen == set(families)
 
 
 def connections(daemon: Daemon, endpoint: str) -> float | None:
