@@ -1069,9 +1069,15 @@ DAEMON_FAMILIES: tuple[Family, ...] = tuple(f for f in FAMILIES if f.group not i
 PUSHED: tuple[Family, ...] = tuple(f for f in DAEMON_FAMILIES if f.pushed)
 # An OTel instrument's slot is its family's index in PUSHED: by prometheus_client name
 # (`metric_name`), and for each socket family (all are pushed), in SOCKET_FAMILIES order
-# (the order of the socket rows). The OTLP request and library mode's instruments use them.
+# (the order of the socket rows). Library mode's instruments use them.
 PUSHED_SLOT: dict[str, int] = {f.metric_name: n for n, f in enumerate(PUSHED)}
 SOCKET_SLOTS: tuple[int, ...] = tuple(PUSHED.index(f) for f in SOCKET_FAMILIES)
+# The daemon's OTLP instruments, in the order of an export's metrics: PUSHED (so the same
+# slots), then the message families, which a daemon has from its relay's senders.
+DAEMON_INSTRUMENTS: tuple[Family, ...] = (*PUSHED, *MESSAGE_FAMILIES)
+DAEMON_INSTRUMENT_SLOT: dict[str, int] = {
+    f.metric_name: n for n, f in enumerate(DAEMON_INSTRUMENTS)
+}
 
 
 class TableError(ValueError):

@@ -151,8 +151,8 @@ def _nbytes(data: Any) -> int:
 # A send's `data` not given (pyzmq's own send will say so).
 _MISSING: Any = object()
 _SEND_PARAMETERS = ("data", "flags", "copy", "track")
-_SEND_DEFAULTS = (0, True, False)
-_RECV_DEFAULTS: tuple[Any, ...] = (0, True, False)
+# Defaults of send's and recv's (flags, copy, track).
+_DEFAULTS: tuple[Any, ...] = (0, True, False)
 
 
 def _send_arguments(args: tuple[Any, ...], kw: dict[str, Any]) -> tuple[Any, Any, Any, Any, bool]:
@@ -167,7 +167,7 @@ def _send_arguments(args: tuple[Any, ...], kw: dict[str, Any]) -> tuple[Any, Any
             other = True
         else:
             slots[i] = value
-    for i, default in enumerate(_SEND_DEFAULTS, start=1):
+    for i, default in enumerate(_DEFAULTS, start=1):
         if slots[i] is _MISSING:
             slots[i] = default
     return slots[0], slots[1], slots[2], slots[3], other or slots[0] is _MISSING
@@ -188,6 +188,20 @@ def _looks(cls: type) -> dict[str, Any]:
     return {k: cls.__dict__[k] for k in ("_repr_cls",) if k in cls.__dict__}
 
 
+def _namespace(cls: type, c: MessageCounts) -> dict[str, Any]:
+    """What a counting subclass of `cls` starts from: named and documented as `cls`, no
+    instance dict, its counts and the class to restore."""
+    return {
+        "__slots__": (),
+        "__module__": cls.__module__,
+        "__qualname__": cls.__qualname__,
+        "__doc__": cls.__doc__,
+        _COUNTS: c,
+        _ORIGINAL: cls,
+        **_looks(cls),
+    }
+
+
 def _sync_class(cls: type[zmq.Socket[Any]], c: MessageCounts, waits: bool, compiled: bool) -> type:
     """A subclass of `cls` counting into `c`. `waits`: time blocking sends and count
     `zmq.Again` (False for an asyncio socket's shadow, whose sends never wait and whose
@@ -201,15 +215,7 @@ def _sync_class(cls: type[zmq.Socket[Any]], c: MessageCounts, waits: bool, compi
     base_recv = cls.recv
     base_get = cls.get
     base_recv_into: Callable[..., int] | None = getattr(cls, "recv_into", None)
-    namespace: dict[str, Any] = {
-        "__slots__": (),
-        "__module__": cls.__module__,
-        "__qualname__": cls.__qualname__,
-        "__doc__": cls.__doc__,
-        _COUNTS: c,
-        _ORIGINAL: cls,
-        **_looks(cls),
-    }
+    namespace = _namespace(cls, c)
     if compiled and _compiled is not None:
         namespace["send"] = _compiled.Sender(c, base_send, direct_send, _Again, waits)
         namespace["recv"] = _compiled.Receiver(c, base_recv)
@@ -264,15 +270,20 @@ def _sync_class(cls: type[zmq.Socket[Any]], c: MessageCounts, waits: bool, compi
             c.sent += 1
         return result
 
+    def received(self: Any, size: int) -> None:
+        """A frame taken: its bytes, and a message unless more frames follow (RCVMORE
+        asked of the socket)."""
+        c.bytes_received += size
+        if not base_get(self, _RCVMORE):
+            c.received += 1
+
     def recv(self: Any, *args: Any, **kw: Any) -> Any:
-        if kw or len(args) > 3:  # as given; RCVMORE asked of the socket
+        if kw or len(args) > 3:  # as given
             got = base_recv(self, *args, **kw)
-            c.bytes_received += len(got)
-            if not base_get(self, _RCVMORE):
-                c.received += 1
+            received(self, len(got))
             return got
         if args:
-            flags, copy, track = args + _RECV_DEFAULTS[len(args) :]
+            flags, copy, track = args + _DEFAULTS[len(args) :]
         else:  # recv(): the usual call
             flags, copy, track = 0, True, False
         # As a Frame: its `more` is read from the message itself, where asking the socket
@@ -291,9 +302,7 @@ def _sync_class(cls: type[zmq.Socket[Any]], c: MessageCounts, waits: bool, compi
 
         def recv_into(self: Any, *args: Any, **kw: Any) -> int:
             size = original_recv_into(self, *args, **kw)
-            c.bytes_received += size
-            if not base_get(self, _RCVMORE):
-                c.received += 1
+            received(self, size)
             return size
 
         namespace["recv_into"] = recv_into
@@ -335,17 +344,7 @@ def _async_class(cls: type[zmq.Socket[Any]], c: MessageCounts) -> type:
 
     _as(send, base_send)
     _as(send_multipart, base_send_multipart)
-    namespace: dict[str, Any] = {
-        "__slots__": (),
-        "__module__": cls.__module__,
-        "__qualname__": cls.__qualname__,
-        "__doc__": cls.__doc__,
-        "send": send,
-        "send_multipart": send_multipart,
-        _COUNTS: c,
-        _ORIGINAL: cls,
-        **_looks(cls),
-    }
+    namespace = {**_namespace(cls, c), "send": send, "send_multipart": send_multipart}
     return type(cls.__name__, (cls,), namespace)
 
 

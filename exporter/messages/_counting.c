@@ -184,8 +184,10 @@ static PyObject *callable_make(PyTypeObject *type, vectorcallfunc vectorcall, Py
 
 /* ---- Sender ------------------------------------------------------------------------ */
 
-/* send()'s parameters after the socket: data, flags, copy, track. */
+/* send()'s parameters after the socket: data, flags, copy, track; interned at import, so
+   the usual keyword (a caller's interned name) is found by identity. */
 static const char *const send_params[] = {"data", "flags", "copy", "track"};
+static PyObject *send_param_names[4] = {NULL, NULL, NULL, NULL};
 
 static Py_ssize_t payload_bytes(PyObject *data) {
     if (PyBytes_CheckExact(data)) {
@@ -236,10 +238,14 @@ static PyObject *sender_vectorcall(PyObject *callable, PyObject *const *args, si
         for (Py_ssize_t k = 0; k < nkw; k++) {
             PyObject *name = PyTuple_GET_ITEM(kwnames, k);
             int found = -1;
-            for (int p = 0; p < 4; p++) {
+            for (int p = 0; p < 4 && found < 0; p++) {
+                if (name == send_param_names[p]) {
+                    found = p + 1;
+                }
+            }
+            for (int p = 0; p < 4 && found < 0; p++) { /* a name built at run time */
                 if (PyUnicode_CompareWithASCIIString(name, send_params[p]) == 0) {
                     found = p + 1;
-                    break;
                 }
             }
             if (found < 0 || slot[found] != NULL) {
@@ -465,6 +471,12 @@ PyMODINIT_FUNC PyInit__counting(void) {
     underlying_name = PyUnicode_InternFromString("underlying");
     if (underlying_name == NULL) {
         return NULL;
+    }
+    for (int p = 0; p < 4; p++) {
+        send_param_names[p] = PyUnicode_InternFromString(send_params[p]);
+        if (send_param_names[p] == NULL) {
+            return NULL;
+        }
     }
     PyObject *module = PyModule_Create(&module_def);
     if (module == NULL) {

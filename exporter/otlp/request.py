@@ -61,13 +61,10 @@ from exporter.render.rows import row_labels, socket_rows
 SCOPE_NAME = "zmq-exporter"
 SCOPE_VERSION = __version__
 
-# The instruments, in the order of the metrics in an export: the families of the metrics
-# table a daemon pushes (metrics.PUSHED; a socket family's slot: metrics.SOCKET_SLOTS), then
-# the message families, which a daemon has from its relay's senders (exporter/relay/server.py).
-# A family's slot: _SLOT, by prometheus_client name. Counters are monotonic cumulative Sums,
-# gauges Gauges.
-_INSTRUMENTS: tuple[metrics.Family, ...] = (*metrics.PUSHED, *metrics.MESSAGE_FAMILIES)
-_SLOT: dict[str, int] = {f.metric_name: n for n, f in enumerate(_INSTRUMENTS)}
+# The instruments, in the order of the metrics in an export: metrics.DAEMON_INSTRUMENTS (a
+# socket family's slot: metrics.SOCKET_SLOTS; any family's: DAEMON_INSTRUMENT_SLOT by
+# prometheus_client name). Counters are monotonic cumulative Sums, gauges Gauges.
+_INSTRUMENTS = metrics.DAEMON_INSTRUMENTS
 
 
 # ---------------------------------------------------------------------------------------
@@ -336,7 +333,7 @@ class MetricsBuilder:
         for collector in self._extra:
             others.extend(collector.collect())
         for other in others:
-            found = _SLOT.get(other.name)
+            found = metrics.DAEMON_INSTRUMENT_SLOT.get(other.name)
             if found is None:
                 continue  # not pushed (the table says which families are)
             memo: dict[tuple[str, str], bytes] = {}
